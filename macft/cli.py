@@ -1,0 +1,67 @@
+"""The ``macft`` command: a click group whose subcommands are imported only when they run,
+so ``macft --help`` never imports MLX."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from macft.errors import MacftError
+
+# name -> (module, attribute, one-line summary shown by `macft --help`)
+COMMANDS = {
+    "lora": ("macft.commands.lora", "lora", "Fine-tune a model (LoRA, DoRA, QLoRA, full, prompt/prefix/P-tuning, adapters)."),
+    "data": ("macft.commands.data", "data", "Check and preview a dataset."),
+    "import": ("macft.commands.import_gguf", "import_gguf", "Import a GGUF file as an MLX model directory."),
+    "fuse": ("macft.commands.fuse", "fuse", "Merge a trained adapter into its base model."),
+    "export": ("macft.commands.export", "export", "Export a model or adapter (GGUF, Ollama Modelfile)."),
+    "generate": ("macft.commands.generate", "generate", "Generate text once from a prompt."),
+    "chat": ("macft.commands.chat", "chat", "Chat with a model and adapter in the terminal."),
+    "eval": ("macft.commands.evaluate", "evaluate", "Loss, perplexity and task metrics, base vs tuned."),
+    "estimate": ("macft.commands.estimate", "estimate", "Predict peak training memory and whether it fits."),
+    "recipes": ("macft.commands.recipes", "recipes", "List and show the bundled recipes."),
+    "models": ("macft.commands.models", "models", "List models found on this machine."),
+}
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attribute, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attribute)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MacftError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, summary) for name, (_, _, summary) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(package_name="macft")
+def cli() -> None:
+    """Fine-tune language models locally on Apple Silicon with MLX, and run them in llama.cpp/Ollama.
+
+    \b
+    Quickstart (trains the embedded Gemma 3 270M on a demo task):
+      macft lora
+    """
+
+
+def main() -> None:
+    cli.main(prog_name="macft")
+
+
+if __name__ == "__main__":
+    main()

