@@ -167,10 +167,24 @@ def load_recipe(source: str | Path | None = None, overrides: list[str] | None = 
         if not isinstance(raw, dict):
             raise MacftError(f"{path}: a recipe must be a mapping of sections (model, data, method, train, output).")
         raw.setdefault("name", path.stem)
+        _resolve_data_paths(raw, path.parent)
     recipe = from_dict(raw, where)
     if overrides:
         recipe = apply_overrides(recipe, overrides)
     return validate(recipe)
+
+
+def _resolve_data_paths(raw: dict[str, Any], recipe_dir: Path) -> None:
+    """A relative data path in a recipe file means "next to the recipe" when it exists there,
+    so bundled recipes work from any directory; otherwise it stays relative to where macft runs."""
+    for section, keys in (("data", ("train", "valid", "test")), ("demo", ("prompts",))):
+        values = raw.get(section)
+        if not isinstance(values, dict):
+            continue
+        for key in keys:
+            value = values.get(key)
+            if isinstance(value, str) and not Path(value).is_absolute() and (recipe_dir / value).exists():
+                values[key] = str((recipe_dir / value).resolve())
 
 
 def from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
@@ -261,7 +275,7 @@ def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
     for name, value in raw.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value or {}, where, prefix=f"{prefix}{name}.")
+            values[name] = _build(hint, {} if value is None else value, where, prefix=f"{prefix}{name}.")
         else:
             values[name] = _coerce(value, hint, where, prefix + name)
     return cls(**values)
