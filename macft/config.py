@@ -250,6 +250,10 @@ def validate(recipe: Recipe) -> Recipe:
         (recipe.method.num_virtual_tokens >= 0, "method.num_virtual_tokens must be 0 or more."),
         (recipe.method.prefix_length > 0, "method.prefix_length must be at least 1."),
         (recipe.method.adapter_size > 0, "method.adapter_size must be at least 1."),
+        (
+            not (recipe.data.packing and recipe.method.name in ("prompt", "ptuning", "prefix")),
+            "prompt, P- and prefix tuning need one example per row; set data.packing: false.",
+        ),
         (recipe.train.warmup_steps >= 0, "train.warmup_steps must be 0 or more."),
     ]
     for ok, message in checks:

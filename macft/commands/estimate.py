@@ -1,0 +1,84 @@
+"""`macft estimate`: predict peak training memory from a model's config and say whether it fits."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from macft.config import DEFAULT_MODEL
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "-m", "model_spec", default=DEFAULT_MODEL, show_default=True, help="Hub id, model folder, .gguf file or gemma3-270m.")
+@click.option("--method", type=click.Choice(["lora", "qlora", "dora", "full"]), default="lora", show_default=True)
+@click.option("--batch", "-b", type=click.IntRange(min=1), default=4, show_default=True, help="Batch size.")
+@click.option("--seq", "-s", type=click.IntRange(min=8), default=512, show_default=True, help="Sequence length in tokens.")
+@click.option("--rank", "-r", type=click.IntRange(min=1), default=8, show_default=True, help="LoRA/DoRA rank.")
+@click.option("--targets", default="q_proj,k_proj,v_proj,o_proj", show_default=True, help="Comma-separated adapted modules.")
+@click.option("--grad-checkpoint/--no-grad-checkpoint", default=False, show_default=True)
+@click.option("--loss-chunk", type=click.IntRange(min=0), default=0, show_default=True, help="Positions per loss chunk, as train.loss_chunk_size (0 = automatic).")
+@click.option("--memory", "memory_gb", type=click.FloatRange(min=0.1), default=None, help="Plan for an Apple Silicon Mac with this many GB of RAM (bfloat16 compute) instead of this machine.")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+def estimate(model_spec, method, batch, seq, rank, targets, grad_checkpoint, loss_chunk, memory_gb, as_json):
+    """Predict the peak memory of training MODEL and whether it fits this machine.
+
+    Only the model's config (config.json or GGUF metadata) is read; no weights are loaded.
+
+    \b
+    Examples:
+      macft estimate --model Qwen/Qwen3-0.6B --method qlora --batch 4 --seq 1024
+      macft estimate --model mistralai/Mistral-7B-Instruct-v0.3 --method qlora --memory 16
+      macft estimate --model gemma3-270m --method full --batch 8 --seq 256 --json
+    """
+    from macft.memory import GIB, MAC_SETTINGS, Plan, backend_settings, mac_working_set, read_model_shape
+    from macft.memory import estimate as predict
+
+    if memory_gb is not None:
+        available, settings = mac_working_set(int(memory_gb * GIB)), MAC_SETTINGS
+    else:
+        from macft.backend import machine_memory_bytes
+
+        available, settings = machine_memory_bytes(), backend_settings()
+    plan = Plan(
+        method=method,
+        batch=batch,
+        seq=seq,
+        rank=rank,
+        target_modules=tuple(t.strip() for t in targets.split(",") if t.strip()),
+        grad_checkpoint=grad_checkpoint,
+        loss_chunk_size=loss_chunk,
+        **settings,
+    )
+    result = predict(read_model_shape(model_spec), plan, available)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    render(result, memory_gb)
+
+
+def render(result, memory_gb: float | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from macft.memory import format_bytes
+
+    plan = result.plan
+    where = f"a {memory_gb:g} GB Mac" if memory_gb is not None else "this machine"
+    table = Table(title=f"{result.model} · {plan.method} · batch {plan.batch} × {plan.seq} tokens", title_justify="left")
+    table.add_column("part")
+    table.add_column("memory", justify="right")
+    for name, size in result.parts.items():
+        table.add_row(name, format_bytes(size))
+    table.add_row("[bold]peak[/bold]", f"[bold]{format_bytes(result.total_bytes)}[/bold]")
+    table.add_row(f"available on {where}", format_bytes(result.available_bytes))
+    console = Console(highlight=False)
+    console.print(table)
+    if result.fits:
+        console.print(f"[green]Fits[/green] on {where} with {format_bytes(result.available_bytes - result.total_bytes)} to spare.")
+    else:
+        console.print(f"[red]Does not fit[/red] on {where}; any of these brings it under:")
+        for item in result.suggestions:
+            console.print(f"  • {item}")
+    for note in result.notes:
+        console.print(f"[dim]{note}[/dim]")

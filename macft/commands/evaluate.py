@@ -1,0 +1,67 @@
+"""`macft eval`: loss, perplexity and task metrics on a JSONL file, base vs tuned."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "-m", "model_spec", default=None, help="Hub id, model folder, .gguf file or gemma3-270m (default: the adapter's base, else gemma3-270m).")
+@click.option("--adapter", "-a", default=None, type=click.Path(exists=True), help="A run directory from `macft lora`; scores base and tuned side by side.")
+@click.option("--data", "-d", "data", required=True, type=click.Path(exists=True), help="A .jsonl file, or a folder with test.jsonl (else valid.jsonl).")
+@click.option("--max-examples", "-n", type=click.IntRange(min=0), default=0, show_default=True, help="Evaluate the first N examples (0 = all).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Generation limit per answer.")
+@click.option("--no-generate", is_flag=True, help="Loss and perplexity only (no answers, no task metrics).")
+@click.option("--completion-after", default=None, help='Split {"text"} records after the last occurrence of this marker, e.g. "A:".')
+@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write per-example prompts, references, outputs and scores as JSONL.")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+def evaluate(model_spec, adapter, data, max_examples, max_tokens, no_generate, completion_after, report, as_json):
+    """Evaluate a model (and adapter) on held-out data: masked loss and perplexity over the
+    completions, and exact match / similarity / token F1 of greedy answers.
+
+    \b
+    Examples:
+      macft eval --adapter runs/quickstart --data recipes/data/quickstart/test.jsonl
+      macft eval --adapter runs/wikisql --data data/wikisql --completion-after "A:" -n 100 --report eval.jsonl
+      macft eval -m Qwen/Qwen3-0.6B --data test.jsonl --no-generate --json
+    """
+    from macft.chat import open_model
+    from macft.evaluate import EvalOptions, eval_records, write_report
+    from macft.evaluate import evaluate as run_eval
+
+    records = eval_records(data)
+    opened = open_model(model_spec, adapter)
+    for warning in opened.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    options = EvalOptions(max_examples=max_examples, max_tokens=max_tokens, generate=not no_generate, completion_after=completion_after)
+    result = run_eval(opened.model, opened.tokenizer, records, options, tuned=opened.adapter is not None)
+    if report:
+        write_report(result, report)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    render(result, report)
+
+
+def render(result, report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    names = list(result.scores)
+    table = Table(title=f"{next(iter(result.scores.values())).examples} examples", title_justify="left")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    rows = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"), ("exact match", "exact_match", "{:.1%}"),
+            ("similarity", "similarity", "{:.3f}"), ("token F1", "f1", "{:.3f}")]
+    for label, key, fmt in rows:
+        values = [getattr(result.scores[n], key) for n in names]
+        if all(v is None for v in values):
+            continue
+        table.add_row(label, *("—" if v is None else fmt.format(v) for v in values))
+    console = Console(highlight=False)
+    console.print(table)
+    if report:
+        console.print(f"Per-example report: {report}")

@@ -1,0 +1,54 @@
+"""`macft export gguf`: write a model, or a base with its adapter, as GGUF for llama.cpp and Ollama."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from macft.export.quant_plan import SCHEMES
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def export():
+    """Export a model or adapter (GGUF, Ollama Modelfile)."""
+
+
+@export.command("gguf")
+@click.option("--model", "-m", "model_spec", default=None, help="Model folder (e.g. from `macft fuse`), .gguf file, hub id or gemma3-270m.")
+@click.option("--adapter", "-a", "run_dir", default=None, type=click.Path(exists=True), help="Run directory: export its base with the adapter fused in.")
+@click.option("--quant", "-q", type=click.Choice(list(SCHEMES)), default="f16", show_default=True, help="GGUF weight type (K-quant mixtures as llama-quantize makes them); adapters are always float32.")
+@click.option("--out", "-o", type=click.Path(), default=None, help="Output .gguf file.")
+@click.option("--adapter-only", is_flag=True, help="Write only the LoRA adapter, for llama.cpp --lora / Ollama ADAPTER.")
+@click.option("--ollama", is_flag=True, help="Also write an Ollama Modelfile next to the GGUF.")
+@click.option("--name", default=None, help="general.name stored in the file (default: the file name).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, name, as_json):
+    """Write a GGUF file that llama.cpp and Ollama run, without needing llama.cpp.
+
+    \b
+    Examples:
+      macft export gguf --model fused/quickstart --quant q4_k_m
+      macft export gguf --adapter runs/quickstart --quant q8_0 --ollama
+      macft export gguf --adapter runs/quickstart --adapter-only --ollama
+    """
+    from macft.export.pipeline import export_gguf
+
+    report = export_gguf(
+        model=model_spec, adapter=run_dir, quant=quant, out=out, adapter_only=adapter_only, ollama=ollama, name=name
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    info = report.gguf
+    size = info["size_bytes"] / 2**20
+    if adapter_only:
+        click.echo(f"Wrote LoRA adapter GGUF ({info['pairs']} tensors, rank {info['rank']}, alpha {info['alpha']:g}, {size:.1f} MiB) → {info['path']}")
+    else:
+        types = ", ".join(f"{k} {v}" for k, v in sorted(info["types"].items()))
+        click.echo(f"Wrote {info['quant']} GGUF ({types}; {size:.1f} MiB) in {info['seconds']:.1f}s → {info['path']}")
+    for note in report.notes:
+        click.echo(f"Note: {note}")
+    if report.modelfile:
+        click.echo(f"Modelfile → {report.modelfile}")
+        click.echo(f"Run: {report.ollama_command}")

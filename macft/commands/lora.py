@@ -1,0 +1,145 @@
+"""``macft lora``: fine-tune a model from a recipe, with flags for the usual overrides.
+
+    macft lora                                          # recipes/quickstart.yaml
+    macft lora my.yaml --iters 200 --set train.warmup_steps=20
+    macft lora --model Qwen/Qwen3-0.6B --data data/ --method qlora --rank 16
+    macft lora --resume runs/quickstart-20260101-120000 --iters 160
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from macft.errors import MacftError
+
+METHOD_CHOICES = ["lora", "dora", "qlora", "full", "prompt", "prefix", "ptuning", "adapter"]
+
+
+def flag_changes(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Recipe changes (section -> {key: value}) asked for by first-class flags."""
+    changes: dict[str, dict[str, Any]] = {}
+
+    def put(section: str, key: str, value: Any) -> None:
+        changes.setdefault(section, {})[key] = value
+
+    simple = {
+        "model": ("model", "path"),
+        "data": ("data", "train"),
+        "batch_size": ("train", "batch_size"),
+        "learning_rate": ("train", "learning_rate"),
+        "rank": ("method", "rank"),
+        "quantize_bits": ("model", "quantize_bits"),
+        "out_dir": ("output", "runs_dir"),
+        "name": ("output", "name"),
+        "iters": ("train", "iters"),
+    }
+    for option, (section, key) in simple.items():
+        if options.get(option) is not None:
+            put(section, key, options[option])
+    if options.get("epochs") is not None:
+        put("train", "epochs", options["epochs"])
+        if options.get("iters") is None:
+            put("train", "iters", 0)  # epochs only count when iters is 0
+    method = options.get("method")
+    if method == "qlora":
+        put("method", "name", "lora")
+        put("model", "quantize_bits", options.get("quantize_bits") or 4)
+    elif method is not None:
+        put("method", "name", method)
+    return changes
+
+
+def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[str], options: dict[str, Any]):
+    """The one resolved Recipe, plus notes about values a flag changed in a resumed run."""
+    from macft.config import apply_overrides, load_recipe, validate
+
+    notes: list[str] = []
+    if resume:
+        saved_file = Path(resume).expanduser() / "recipe.yaml"
+        if not saved_file.is_file():
+            raise MacftError(f"Cannot resume: {saved_file} does not exist; pass a run directory made by `macft lora`.")
+        if recipe_name:
+            raise MacftError("Pass either a RECIPE or --resume RUN: a resumed run uses the recipe saved in its folder.")
+        saved = load_recipe(saved_file)
+        recipe = apply_overrides(saved, overrides) if overrides else saved
+    else:
+        saved = None
+        recipe = load_recipe(recipe_name or "quickstart", overrides=overrides)
+    changes = flag_changes(options)
+    recipe = validate(recipe.replace(**changes))
+    if saved is not None:
+        for section in ("model", "data", "method", "train", "output", "demo"):
+            before, after = getattr(saved, section), getattr(recipe, section)
+            for key, value in vars(after).items():
+                if getattr(before, key) != value:
+                    notes.append(f"Overriding the resumed run's {section}.{key}: {getattr(before, key)!r} → {value!r}.")
+        recipe = recipe.replace(output={"resume": str(Path(resume).expanduser())})
+    return recipe, notes
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("recipe", required=False)
+@click.option("--model", "-m", help="Model: a hub id, a model folder, a .gguf file or gemma3-270m.")
+@click.option("--data", "-d", help="Training data: a .jsonl file or a folder with train/valid/test.jsonl.")
+@click.option("--method", type=click.Choice(METHOD_CHOICES), help="Fine-tuning method (qlora = lora on a 4-bit base).")
+@click.option("--iters", type=click.IntRange(min=1), help="Optimizer steps (overrides epochs).")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Passes over the training data.")
+@click.option("--batch-size", type=click.IntRange(min=1))
+@click.option("--learning-rate", "--lr", type=float)
+@click.option("--rank", type=click.IntRange(min=1), help="LoRA/DoRA rank.")
+@click.option("--quantize-bits", type=click.Choice(["4", "8"]), help="Quantize the frozen base at load (QLoRA).")
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue a run from its last checkpoint.")
+@click.option("--out-dir", help="Folder that holds run directories (default: runs).")
+@click.option("--name", help="Run directory name (default: <recipe>-<timestamp>).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override any recipe value; repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON instead of the live view.")
+def lora(recipe: str | None, resume: str | None, overrides: tuple[str, ...], as_json: bool, **options: Any) -> None:
+    """Fine-tune a model. With no RECIPE, runs recipes/quickstart.yaml (Gemma 3 270M, a demo task).
+
+    RECIPE is a YAML file or the name of a bundled recipe; flags and --set override its values.
+    The run directory gets the adapter, checkpoints, metrics, summary.json and loss.png.
+
+    \b
+    Examples:
+      macft lora
+      macft lora quickstart --iters 40 --set train.learning_rate=5e-4
+      macft lora --model Qwen/Qwen3-0.6B --data data/ --method qlora --rank 16
+      macft lora --resume runs/quickstart-20260101-120000
+    """
+    from macft import ui
+    from macft.train.run import run_demo, run_training
+
+    if options.get("quantize_bits") is not None:
+        options["quantize_bits"] = int(options["quantize_bits"])
+    resolved, notes = resolve_recipe(recipe, resume, list(overrides), options)
+    title = f"{resolved.name} · {resolved.method.name}"
+    view = ui.TrainingView(title=title, quiet=as_json)
+    for note in notes:
+        view.on_note(note)
+    with view:
+        outcome = run_training(resolved, view)
+    result = outcome.result
+    if result.stop_reason == "interrupted":
+        message = f"{result.message} Resume with: macft lora --resume {outcome.run_dir}"
+        if as_json:
+            click.echo(json.dumps({**outcome.summary, "resume_command": f"macft lora --resume {outcome.run_dir}"}, indent=2))
+        else:
+            click.echo(message)
+        raise SystemExit(130)
+    demo = run_demo(outcome) if result.stop_reason != "nan" else None
+    if as_json:
+        payload = dict(outcome.summary)
+        if demo is not None:
+            payload["demo"] = {"examples": demo.examples, "total": demo.total, "base_exact": demo.base_exact, "tuned_exact": demo.tuned_exact}
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        ui.show_notes(outcome.notes)
+        ui.show_summary(outcome.summary)
+        if demo is not None:
+            ui.show_demo(demo)
+    if result.stop_reason == "nan":
+        raise MacftError(result.message)

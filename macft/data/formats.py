@@ -1,0 +1,190 @@
+"""Read a JSONL dataset and validate every line into a ``Record`` of one of three kinds.
+
+The format is detected per line, so one file may mix shapes:
+
+    {"text": "..."}                                              -> kind "text"
+    {"prompt": "...", "completion": "..."}                       -> kind "completion"
+    {"instruction": "...", "input": "...", "output": "..."}      -> kind "completion" (Alpaca)
+    {"messages": [{"role": "user", "content": "..."}, ...],
+     "tools": [...]}                                             -> kind "chat"
+       (an assistant message with "weight": 0 is kept as context but not trained on)
+    {"conversations": [{"from": "human", "value": "..."}, ...]}  -> kind "chat" (ShareGPT)
+
+A bad line raises ``MacftError("train.jsonl line 7: <problem>; <what to do>")``.
+
+    records = read_records(Path("data/train.jsonl"))
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from macft.errors import MacftError
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+SHAPES = (
+    '{"text"}, {"prompt","completion"}, {"messages":[...]}, '
+    '{"instruction","input","output"} or {"conversations":[...]}'
+)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated line. ``format`` names the shape it came in; ``kind`` how it is tokenized."""
+
+    kind: str  # "text" | "completion" | "chat"
+    format: str  # "text" | "prompt_completion" | "alpaca" | "chat" | "sharegpt"
+    source: str  # "file:line", for error messages
+    text: str = ""
+    prompt: str = ""
+    completion: str = ""
+    # Without a chat template the prompt is followed directly by the completion; Alpaca's
+    # instruction has no separator of its own, so it gets a blank line before the answer.
+    prompt_suffix: str = ""
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[Any] | None = None
+
+    def as_messages(self) -> list[dict[str, Any]]:
+        """The record as a conversation (a completion becomes one user and one assistant turn)."""
+        if self.kind == "chat":
+            return self.messages
+        return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.completion}]
+
+
+class LineError(ValueError):
+    """A problem with one line; ``read_records`` adds the file name and line number."""
+
+
+def read_records(path: Path) -> list[Record]:
+    """Parse and validate every non-blank line of a JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MacftError(f"Data file {path} does not exist.")
+    records = []
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            source = f"{path.name}:{number}"
+            try:
+                records.append(parse_line(_decode(raw), source))
+            except LineError as exc:
+                raise MacftError(f"{path.name} line {number}: {exc}") from None
+    if not records:
+        raise MacftError(f"{path} is empty; it needs one JSON object per line, e.g. {{\"text\": \"...\"}}.")
+    return records
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")  # tolerate a byte-order mark at the start of the file
+    except UnicodeDecodeError as exc:
+        raise LineError(f"not UTF-8 text (byte {exc.start + 1}); save the file as UTF-8") from None
+
+
+def parse_line(line: str, source: str) -> Record:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise LineError(f"not valid JSON ({exc.msg} at column {exc.colno}); write one JSON object per line") from None
+    if not isinstance(obj, dict):
+        raise LineError(f"expected a JSON object, got {_kind(obj)}; each line must be one of {SHAPES}")
+    if "messages" in obj:
+        return _chat(obj, source)
+    if "conversations" in obj:
+        return _sharegpt(obj, source)
+    if "prompt" in obj or "completion" in obj:
+        prompt = _string(obj, "prompt", allow_empty=True)
+        completion = _string(obj, "completion")
+        return Record("completion", "prompt_completion", source, prompt=prompt, completion=completion)
+    if "instruction" in obj or "output" in obj:
+        return _alpaca(obj, source)
+    if "text" in obj:
+        return Record("text", "text", source, text=_string(obj, "text"))
+    keys = ", ".join(sorted(obj)) or "none"
+    raise LineError(f"unrecognised fields ({keys}); each line must be one of {SHAPES}")
+
+
+def _alpaca(obj: dict, source: str) -> Record:
+    instruction = _string(obj, "instruction")
+    output = _string(obj, "output")
+    extra = _string(obj, "input", allow_empty=True) if obj.get("input") is not None else ""
+    prompt = f"{instruction}\n\n{extra}" if extra else instruction
+    return Record("completion", "alpaca", source, prompt=prompt, completion=output, prompt_suffix="\n\n")
+
+
+def _chat(obj: dict, source: str) -> Record:
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise LineError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+    for i, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            raise LineError(f"message {i} is {_kind(message)}, not an object with 'role' and 'content'")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise LineError(f"message {i} has role {role!r}; use one of {', '.join(CHAT_ROLES)}")
+        content = message.get("content")
+        calls = message.get("tool_calls")
+        if message.get("weight", 1) not in (0, 1) or (role != "assistant" and "weight" in message):
+            raise LineError(f"message {i}: 'weight' may only be 0 or 1, on an assistant message (0 = not trained on)")
+        if calls is not None and (role != "assistant" or not isinstance(calls, list)):
+            raise LineError(f"message {i}: 'tool_calls' must be a list on an assistant message")
+        if content is None and calls:
+            continue
+        if not isinstance(content, str):
+            raise LineError(f"message {i} ({role}) 'content' must be a string, got {_kind(content)}")
+        if role == "assistant" and not content.strip() and not calls:
+            raise LineError(f"message {i} (assistant) is empty; give every assistant turn some content")
+    _require_assistant(messages)
+    tools = obj.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise LineError(f"'tools' must be a list of tool definitions, got {_kind(tools)}")
+    return Record("chat", "chat", source, messages=messages, tools=tools or None)
+
+
+def _sharegpt(obj: dict, source: str) -> Record:
+    turns = obj["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise LineError("'conversations' must be a non-empty list of {\"from\", \"value\"} objects")
+    messages = []
+    for i, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict):
+            raise LineError(f"conversation turn {i} is {_kind(turn)}, not an object with 'from' and 'value'")
+        speaker = turn.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            raise LineError(f"conversation turn {i} is from {speaker!r}; use human, gpt or system")
+        value = turn.get("value")
+        if not isinstance(value, str):
+            raise LineError(f"conversation turn {i} 'value' must be a string, got {_kind(value)}")
+        role = SHAREGPT_ROLES[speaker]
+        if role == "assistant" and not value.strip():
+            raise LineError(f"conversation turn {i} (gpt) is empty; give every gpt turn some text")
+        messages.append({"role": role, "content": value})
+    _require_assistant(messages)
+    return Record("chat", "sharegpt", source, messages=messages)
+
+
+def _require_assistant(messages: list[dict]) -> None:
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
+        raise LineError("the conversation has no assistant turn to train on (weight 0 excludes one); add one")
+
+
+def _string(obj: dict, key: str, allow_empty: bool = False) -> str:
+    if key not in obj:
+        present = ", ".join(sorted(obj))
+        raise LineError(f"missing '{key}' (fields present: {present}); each line must be one of {SHAPES}")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise LineError(f"'{key}' must be a string, got {_kind(value)}")
+    if not allow_empty and not value.strip():
+        raise LineError(f"'{key}' is empty; remove the line or fill it in")
+    return value
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)

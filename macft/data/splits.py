@@ -1,0 +1,129 @@
+"""Find the train/valid/test files of a ``DataConfig``, tokenize them, and hold out validation data.
+
+``data.train`` is a .jsonl file or a folder with ``train.jsonl`` and optionally ``valid.jsonl`` and
+``test.jsonl``; ``data.valid``/``data.test`` may name files. Without validation data,
+``data.split_valid`` > 0 holds out that fraction of train, chosen by ``data.split_seed``.
+Examples longer than ``data.max_seq_length`` tokens keep their start; any left with no trained
+token are dropped (both are counted).
+
+    splits = load_splits(recipe.data, loaded.tokenizer)
+    splits.train[0].tokens, splits.truncated["train"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from macft.config import DataConfig
+from macft.data.formats import read_records
+from macft.data.templates import Encoder, Example
+from macft.errors import MacftError
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    valid: list[Example]
+    test: list[Example]
+    truncated: dict[str, int] = field(default_factory=dict)  # split -> examples cut to max_seq_length
+    dropped: dict[str, int] = field(default_factory=dict)  # split -> examples with nothing left to train on
+    files: dict[str, str] = field(default_factory=dict)  # split -> file it came from ("held out" for split_valid)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {name: len(getattr(self, name)) for name in SPLITS}
+
+    @property
+    def formats(self) -> dict[str, dict[str, int]]:
+        """split -> format -> number of examples."""
+        return {name: dict(Counter(e.format for e in getattr(self, name))) for name in SPLITS}
+
+
+def data_files(data_cfg: DataConfig) -> dict[str, Path]:
+    """The files each split reads; a folder contributes the standard names it holds."""
+    if not data_cfg.train:
+        raise MacftError("No training data: set data.train to a .jsonl file or a folder with train.jsonl.")
+    root = Path(data_cfg.train).expanduser()
+    files: dict[str, Path] = {}
+    if root.is_dir():
+        if not (root / "train.jsonl").is_file():
+            raise MacftError(f"Folder {root} has no train.jsonl; put the training examples there.")
+        files = {name: root / f"{name}.jsonl" for name in SPLITS if (root / f"{name}.jsonl").is_file()}
+    elif root.is_file():
+        files["train"] = root
+    else:
+        raise MacftError(f"Training data {root} does not exist; pass a .jsonl file or a folder with train.jsonl.")
+    for name in ("valid", "test"):
+        value = getattr(data_cfg, name)
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise MacftError(f"data.{name} file {path} does not exist.")
+            files[name] = path
+    return files
+
+
+def read_splits(data_cfg: DataConfig, tokenizer: Any) -> tuple[dict[str, list[Example]], dict[str, str]]:
+    """Tokenize every split at full length, holding out validation data if asked; also return
+    where each split came from."""
+    encoder = Encoder(tokenizer, use_chat_template=data_cfg.use_chat_template, mask_prompt=data_cfg.mask_prompt)
+    files = data_files(data_cfg)
+    examples = {name: [] for name in SPLITS}
+    for name, path in files.items():
+        examples[name] = [encoder.encode(record) for record in read_records(path)]
+    sources = {name: str(path) for name, path in files.items()}
+    if "valid" not in files and data_cfg.split_valid > 0:
+        examples["train"], examples["valid"] = hold_out(examples["train"], data_cfg.split_valid, data_cfg.split_seed)
+        sources["valid"] = f"{data_cfg.split_valid:g} of train held out (seed {data_cfg.split_seed})"
+    return examples, sources
+
+
+def hold_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Split off ``fraction`` of the examples (at least one, never all), keeping file order in both parts."""
+    if len(examples) < 2:
+        raise MacftError("data.split_valid needs at least 2 training examples; add data or a validation file.")
+    count = min(max(1, round(len(examples) * fraction)), len(examples) - 1)
+    chosen = set(np.random.default_rng(seed).permutation(len(examples))[:count].tolist())
+    train = [e for i, e in enumerate(examples) if i not in chosen]
+    valid = [e for i, e in enumerate(examples) if i in chosen]
+    return train, valid
+
+
+def truncate(examples: list[Example], max_seq_length: int) -> tuple[list[Example], int, int]:
+    """Cut examples to ``max_seq_length`` tokens (keeping the start); drop those left with no
+    trained token. Returns (kept, truncated count, dropped count)."""
+    kept, truncated, dropped = [], 0, 0
+    for example in examples:
+        if len(example.tokens) > max_seq_length:
+            truncated += 1
+            example = dataclasses.replace(
+                example, tokens=example.tokens[:max_seq_length], mask=example.mask[:max_seq_length]
+            )
+        if example.num_trained == 0:
+            dropped += 1
+            continue
+        kept.append(example)
+    return kept, truncated, dropped
+
+
+def load_splits(data_cfg: DataConfig, tokenizer: Any) -> Splits:
+    """Read, validate, tokenize, split and truncate the dataset of a recipe."""
+    examples, sources = read_splits(data_cfg, tokenizer)
+    splits = Splits(train=[], valid=[], test=[], files=sources)
+    for name in SPLITS:
+        kept, splits.truncated[name], splits.dropped[name] = truncate(examples[name], data_cfg.max_seq_length)
+        setattr(splits, name, kept)
+    if not splits.train:
+        raise MacftError(
+            f"No training example has a trained token within data.max_seq_length={data_cfg.max_seq_length}; "
+            "raise it or shorten the prompts."
+        )
+    return splits

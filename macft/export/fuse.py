@@ -1,0 +1,220 @@
+"""Merge a trained LoRA/DoRA adapter into its base model and save an MLX model directory.
+
+    result = fuse_adapter("runs/quickstart", out="fused/quickstart")            # float or as the base
+    result = fuse_adapter("runs/qlora", out="fused/q4", quantize_bits=4)        # re-quantized once
+    loaded, adapter_cfg = load_fused("runs/quickstart", dequantize=True)        # in memory (export)
+
+The base recorded in ``adapter_config.json`` is loaded as it was for training (QLoRA bases
+quantized the same way), the method is re-applied with ``macft.methods.load_adapter`` and each
+adapter layer's own ``fuse()`` merges it in float32. A quantized base keeps its untouched layers
+quantized unless ``dequantize`` is asked; ``quantize_bits`` dequantizes everything and quantizes
+the merged model once. The directory (config.json, model.safetensors, the base's tokenizer files)
+opens with ``mlx_lm.load`` and is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from macft.errors import MacftError
+from macft.paths import atomic_path
+
+FUSE_RECORD = "macft_fuse.json"
+IMPORT_RECORD = "macft_import.json"  # written by macft.models.gguf_import
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+@dataclass
+class FuseResult:
+    path: Path
+    base_model: str
+    method: str
+    fused_layers: int
+    quantization: str  # "float", "as base" or "<bits>-bit"
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "path": str(self.path)}
+
+
+def read_adapter_config(run_dir: Path) -> dict:
+    from macft.methods import adapter_files
+
+    _, config_file = adapter_files(Path(run_dir))
+    return json.loads(config_file.read_text())
+
+
+def load_base_for(run_dir: Path, adapter_cfg: dict):
+    """The base model exactly as the adapter was trained on it (a ``LoadedModel``)."""
+    from macft.config import load_recipe
+    from macft.models.load import load_model
+
+    base = adapter_cfg.get("base_model") or {}
+    if not base.get("source"):
+        raise MacftError(f"{run_dir}/adapter_config.json records no base model; it cannot be fused.")
+    options = {}
+    recipe_file = Path(run_dir) / "recipe.yaml"
+    if recipe_file.is_file():
+        recipe = load_recipe(recipe_file)
+        options = {"revision": recipe.model.revision, "dequantize": recipe.model.dequantize, "trust_remote_code": recipe.model.trust_remote_code}
+    loaded = load_model(
+        base["source"],
+        quantize_bits=adapter_cfg.get("quantize_bits"),
+        group_size=adapter_cfg.get("quantize_group_size") or 64,
+        **options,
+    )
+    if base.get("sha256") and loaded.identity["sha256"] != base["sha256"]:
+        raise MacftError(
+            f"The base model '{base['source']}' is not the one this adapter was trained on (its weights changed); "
+            "point the run at the original base."
+        )
+    return loaded
+
+
+def load_fused(run_dir: str | Path, *, dequantize: bool = False):
+    """Base + adapter, merged in memory: returns (LoadedModel with the fused model, adapter config, merged layers)."""
+    from mlx.utils import tree_flatten
+
+    from macft.methods import fuse_model, load_adapter
+
+    run_dir = Path(run_dir)
+    adapter_cfg = read_adapter_config(run_dir)
+    loaded = load_base_for(run_dir, adapter_cfg)
+    base_names = {name for name, _ in tree_flatten(loaded.model.parameters())}
+    model, _ = load_adapter(loaded.model, run_dir)
+    merged = sum(1 for _, m in model.named_modules() if hasattr(m, "fuse") and callable(m.fuse))
+    model = fuse_model(model)
+    extra = sorted({name for name, _ in tree_flatten(model.parameters())} - base_names)
+    if extra:
+        raise MacftError(
+            f"The '{adapter_cfg.get('method')}' method adds weights the base architecture has no place for ('{extra[0]}'), "
+            "so it cannot be merged; use the run directory as an adapter with chat, generate or eval instead."
+        )
+    if dequantize:
+        dequantize_model(model)
+    loaded.model = model
+    return loaded, adapter_cfg, merged
+
+
+def dequantize_model(model) -> None:
+    """Replace every quantized linear/embedding layer with its float32 equivalent."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_unflatten
+
+    from macft.methods.lora import QUANTIZED, float_weight
+
+    swaps = []
+    for path, module in model.named_modules():
+        if not isinstance(module, QUANTIZED):
+            continue
+        weight = float_weight(module).astype(mx.float32)
+        if isinstance(module, nn.QuantizedEmbedding):
+            layer = nn.Embedding(*weight.shape)
+        else:
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+            if "bias" in module:
+                layer.bias = module.bias
+        layer.weight = weight
+        swaps.append((path, layer))
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+
+
+def quantization_entry(model, defaults: dict) -> dict | None:
+    """The config.json ``quantization`` mapping that makes mlx-lm rebuild exactly these quantized layers."""
+    from macft.methods.lora import QUANTIZED
+
+    layers = {
+        path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
+        for path, m in model.named_modules()
+        if isinstance(m, QUANTIZED)
+    }
+    if not layers:
+        return None
+    first = next(iter(layers.values()))
+    return {"group_size": defaults.get("group_size", first["group_size"]), "bits": defaults.get("bits", first["bits"]), "mode": "affine", **layers}
+
+
+def fuse_adapter(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    dequantize: bool = False,
+    quantize_bits: int | None = None,
+    group_size: int = 64,
+) -> FuseResult:
+    """Fuse the adapter in ``run_dir`` and save the merged model to ``out`` (default ``RUN/fused``)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.utils import save_config, save_model
+
+    if dequantize and quantize_bits is not None:
+        raise MacftError("Choose either --dequantize or --quantize, not both.")
+    if quantize_bits is not None and quantize_bits not in (2, 3, 4, 5, 6, 8):
+        raise MacftError("--quantize takes 2, 3, 4, 5, 6 or 8 bits.")
+    start = time.time()
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / "fused"
+    loaded, adapter_cfg, merged = load_fused(run_dir, dequantize=dequantize or quantize_bits is not None)
+    model, config = loaded.model, dict(loaded.config)
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
+    if quantize_bits is not None:
+        nn.quantize(
+            model,
+            group_size=group_size,
+            bits=quantize_bits,
+            class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0,
+        )
+        mx.eval(model.parameters())
+        mode = f"{quantize_bits}-bit"
+    else:
+        mode = "float" if dequantize else "as base"
+    entry = quantization_entry(model, {"group_size": group_size, "bits": quantize_bits} if quantize_bits else {})
+    if entry is not None:
+        config["quantization"] = entry
+    elif mode == "as base":
+        mode = "float"
+    with atomic_path(out) as tmp:
+        save_model(tmp, model)
+        save_config(config, tmp / "config.json")
+        for name in TOKENIZER_FILES:
+            if (loaded.path / name).is_file():
+                shutil.copy(loaded.path / name, tmp / name)
+        record = {
+            "adapter": str(run_dir.resolve()),
+            "method": adapter_cfg.get("method"),
+            "base_model": loaded.identity,
+            "tokenizer_gguf": str(source) if (source := origin_gguf(loaded.path)) else None,
+            "quantization": mode,
+        }
+        (tmp / FUSE_RECORD).write_text(json.dumps(record, indent=2))
+    return FuseResult(out, loaded.identity["source"], adapter_cfg.get("method", "?"), merged, mode, time.time() - start)
+
+
+def origin_gguf(model_dir: Path) -> Path | None:
+    """The GGUF file a model directory came from (a GGUF import, or a fuse of one), if it still exists."""
+    for record_name, key in ((IMPORT_RECORD, "source"), (FUSE_RECORD, "tokenizer_gguf")):
+        try:
+            source = json.loads((Path(model_dir) / record_name).read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+        if source and Path(source).is_file():
+            return Path(source)
+    return None

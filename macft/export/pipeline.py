@@ -1,0 +1,133 @@
+"""``macft export gguf`` as one library call: pick the weights, write the GGUF, optionally a Modelfile.
+
+    report = export_gguf(model="fused/quickstart", quant="q4_k_m")              # a model directory
+    report = export_gguf(adapter="runs/quickstart", quant="q8_0", ollama=True)   # base + adapter, fused
+    report = export_gguf(adapter="runs/quickstart", adapter_only=True)           # LoRA GGUF for --lora
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from macft.errors import MacftError
+
+
+@dataclass
+class ExportReport:
+    gguf: dict  # GGUFResult.to_dict() or AdapterGGUFResult.to_dict()
+    modelfile: str | None = None
+    ollama_command: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def default_out(model: str | None, adapter: str | None, quant: str, adapter_only: bool) -> Path:
+    if adapter is not None:
+        run = Path(adapter)
+        return run / (f"{run.resolve().name}-lora.gguf" if adapter_only else f"{run.resolve().name}-{quant}.gguf")
+    stem = Path(str(model).rstrip("/")).name.removesuffix(".gguf")
+    return Path(f"{stem}-{quant}.gguf")
+
+
+def export_gguf(
+    *,
+    model: str | None = None,
+    adapter: str | None = None,
+    quant: str = "f16",
+    out: str | Path | None = None,
+    adapter_only: bool = False,
+    ollama: bool = False,
+    name: str | None = None,
+) -> ExportReport:
+    from macft.export.fuse import origin_gguf
+
+    if (model is None) == (adapter is None):
+        raise MacftError("Pass exactly one of --model DIR or --adapter RUN.")
+    if adapter_only and adapter is None:
+        raise MacftError("--adapter-only needs --adapter RUN.")
+    out = Path(out) if out is not None else default_out(model, adapter, quant, adapter_only)
+    if out.suffix != ".gguf":
+        raise MacftError(f"The output file should end in .gguf (got {out}).")
+    if adapter_only:
+        return _adapter_only(Path(adapter), out, ollama)
+
+    from macft.export.gguf_writer import write_gguf
+
+    if adapter is not None:
+        from macft.export.fuse import load_fused
+
+        loaded, _, _ = load_fused(adapter, dequantize=True)
+    else:
+        from macft.models.load import load_model
+
+        loaded = load_model(model)
+    source = Path(loaded.identity["source"])
+    tokenizer_gguf = source if source.suffix == ".gguf" and source.is_file() else origin_gguf(loaded.path)
+    result = write_gguf(
+        loaded.model,
+        loaded.config,
+        loaded.family,
+        out,
+        quant,
+        tokenizer_dir=loaded.path,
+        tokenizer_gguf=tokenizer_gguf,
+        name=name,
+    )
+    report = ExportReport(result.to_dict())
+    if tokenizer_gguf is not None:
+        report.notes.append(f"tokenizer copied from {tokenizer_gguf}")
+    if ollama:
+        from macft.export.modelfile import ModelfileSpec
+
+        spec = ModelfileSpec(
+            model=str(out.resolve()),
+            chat_template=getattr(loaded.tokenizer, "chat_template", None),
+            eos_token=getattr(loaded.tokenizer, "eos_token", None),
+            context_length=int(loaded.config.get("max_position_embeddings", 4096)),
+        )
+        _add_modelfile(report, spec, out)
+    return report
+
+
+def _adapter_only(run_dir: Path, out: Path, ollama: bool) -> ExportReport:
+    from macft.export.adapter_gguf import write_adapter_gguf
+
+    result = write_adapter_gguf(run_dir, out)
+    report = ExportReport(result.to_dict())
+    if ollama:
+        from mlx_lm.utils import load_tokenizer
+
+        from macft.export.fuse import origin_gguf, read_adapter_config
+        from macft.export.modelfile import ModelfileSpec
+        from macft.models.load import resolve_model_dir
+
+        base = read_adapter_config(run_dir)["base_model"]
+        base_dir, _ = resolve_model_dir(base["source"])
+        base_gguf = origin_gguf(base_dir)  # GGUF imports (the embedded default too) remember their file
+        if base_gguf is None:
+            report.notes.append(
+                f"the base is not a GGUF file: the Modelfile points FROM at {base_dir}; "
+                "export the base with `macft export gguf --model` for a GGUF base instead"
+            )
+        tokenizer = load_tokenizer(base_dir)
+        spec = ModelfileSpec(
+            model=str(Path(base_gguf or base_dir).resolve()),
+            adapter=str(out.resolve()),
+            chat_template=getattr(tokenizer, "chat_template", None),
+            eos_token=getattr(tokenizer, "eos_token", None),
+        )
+        _add_modelfile(report, spec, out)
+    return report
+
+
+def _add_modelfile(report: ExportReport, spec, out: Path) -> None:
+    from macft.export.modelfile import chat_format, ollama_command, write_modelfile
+
+    path = write_modelfile(spec, out.with_suffix(".Modelfile"))
+    report.modelfile = str(path)
+    report.ollama_command = ollama_command(out.stem.replace("_", "-").lower(), path)
+    if chat_format(spec.chat_template) is None:
+        report.notes.append("unrecognised chat template: the Modelfile relies on the template stored in the GGUF")

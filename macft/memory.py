@@ -1,0 +1,503 @@
+"""The memory planner: predict a training run's peak memory before loading any weights.
+
+The prediction adds up what MLX holds at the peak of one training step: the frozen weights at
+their stored precision, the trainable parameters with their gradients and AdamW moments, the
+activations each layer keeps for the backward pass, the transient buffers of the backward pass
+through one layer, and the logits (batch × positions × vocabulary), which dominate for models with
+a large vocabulary such as Gemma's 262k tokens. Shapes come from ``config.json`` or from GGUF
+metadata (``read_model_shape``), so no weights are loaded.
+
+    shape = read_model_shape("Qwen/Qwen3-0.6B")          # config only, from the hub cache
+    est = estimate(shape, Plan(method="qlora", batch=4, seq=512))
+    print(est.total_bytes, est.fits, est.suggestions)
+    est = check_fits(recipe, loaded)                     # what `macft lora` calls before training
+
+The coefficients below were measured on this code base's models with ``mx.get_peak_memory()``
+on llama- and gemma-shaped models; ``tests/test_memory.py`` re-measures real training steps and
+keeps the prediction within 20% of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from macft.errors import MacftError
+
+GIB = 1024**3
+
+# Per token and layer, the backward pass of a decoder block needs its inputs again: the residual
+# stream and the two norm outputs, the attention input/output, q/k/v after RoPE (h + 2·kv), and the
+# MLP's gate, up and activation (3·I). Measured against MLX: 6·h + 2·kv + 3·I values per token.
+SAVED_HIDDEN = 6
+SAVED_KV = 2
+SAVED_INTERMEDIATE = 3
+# Gemma blocks also normalise the attention and MLP outputs (two more h) and use a tanh-approximated
+# GELU, whose backward keeps more intermediates than SiLU (two more I).
+GEMMA_EXTRA_HIDDEN = 2
+GEMMA_EXTRA_INTERMEDIATE = 2
+# The compiled update step normalises the gradients by the token count and clips them (two more
+# copies of every gradient) and writes AdamW's new moments beside the old ones (two more copies of
+# every trainable weight), after the activations and logits are freed.
+UPDATE_EXTRA_COPIES = 4
+# The backward pass through one block allocates gradients of all of the above at once.
+BACKWARD_HIDDEN = 23
+# Cross-entropy keeps the logits, exp(logits − max) and the softmax gradient, and creates the
+# logits' gradient: four float32 copies of positions × vocabulary.
+LOGIT_COPIES = 4
+# macft's chunked loss (``macft.train.losses``) applies the output head to ``loss_chunk_size``
+# positions at a time. Measured through the trainer's own step, its peak still holds float32
+# copies of the whole batch's logits, not of one chunk (the chunks are evaluated in one graph):
+# two for a frozen head (its gradient is formed in the forward pass); for a trained head (full
+# fine-tuning, under a checkpoint) three with a single chunk, about two and a half with several.
+# A quantized head that is dequantized for the matmul (the CPU path) adds two float copies of its
+# V × h weight.
+FROZEN_HEAD_LOGIT_COPIES = 2.0
+CHUNKED_LOGIT_COPIES = 3.0
+MULTI_CHUNK_LOGIT_COPIES = 2.5
+DEQUANTIZED_HEAD_COPIES = 2
+# Attention without a fused backward materialises the probabilities (kept) and, for the layer in
+# its backward pass, two more batch × heads × L × L buffers.
+ATTENTION_TRANSIENT = 2
+
+METHODS = ("lora", "qlora", "dora", "full", "prompt", "prefix", "ptuning", "adapter")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory depends on, read from a model's configuration."""
+
+    name: str
+    family: str
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+    stored_bits: float | None = None  # bits per weight when the model is stored quantized (GGUF, MLX 4-bit)
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer in one decoder block, by its HF name."""
+        h, i = self.hidden, self.intermediate
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    @property
+    def layer_params(self) -> int:
+        return sum(a * b for a, b in self.module_shapes().values()) + 2 * self.hidden
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.embedding_params + self.hidden
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The training settings memory depends on."""
+
+    method: str = "lora"  # lora, qlora, dora, full (and the small PEFT methods)
+    batch: int = 4
+    seq: int = 512
+    rank: int = 8
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    num_layers: int = -1  # adapt the last N layers; -1 = all
+    quantize_bits: int | None = None  # QLoRA base precision (method "qlora" means 4 when unset)
+    group_size: int = 64
+    grad_checkpoint: bool = False
+    # Positions per loss chunk as train.loss_chunk_size means it (0 = the trainer's automatic size);
+    # None = a plain loss over the whole batch's logits.
+    loss_chunk_size: int | None = 0
+    compute_bytes: int = 4  # float32 on CPU, bfloat16 (2) on Metal/CUDA
+    dequantize_for_matmul: bool = False  # the backend dequantizes quantized weights per matmul (CPU)
+    extra_trainable: int = 0  # parameters of prompt/prefix/adapter methods
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A predicted peak, its parts, and whether it fits ``available_bytes``."""
+
+    model: str
+    plan: Plan
+    parts: dict[str, int]  # name -> bytes, in the order they are explained
+    available_bytes: int
+    notes: list[str] = field(default_factory=list)
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.available_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "plan": dataclasses.asdict(self.plan),
+            "parts": self.parts,
+            "total_bytes": self.total_bytes,
+            "available_bytes": self.available_bytes,
+            "fits": self.fits,
+            "notes": self.notes,
+            "suggestions": self.suggestions,
+        }
+
+
+# ---------------------------------------------------------------------------- reading shapes
+
+
+def shape_from_config(config: dict, name: str = "model") -> ModelShape:
+    """A ``ModelShape`` from an HF/MLX ``config.json`` dict."""
+    if isinstance(config.get("text_config"), dict):  # multimodal wrappers (gemma3) nest the decoder
+        config = {**config, **config["text_config"]}
+    try:
+        hidden = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        shape = ModelShape(
+            name=name,
+            family=str(config.get("model_type", "?")),
+            hidden=hidden,
+            layers=int(config["num_hidden_layers"]),
+            intermediate=int(config["intermediate_size"]),
+            heads=heads,
+            kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            vocab=int(config["vocab_size"]),
+            tied_embeddings=bool(config.get("tie_word_embeddings", True)),
+            stored_bits=_config_bits(config),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MacftError(f"{name}: config.json lacks the field {exc} the memory planner needs.") from None
+    return shape
+
+
+def _config_bits(config: dict) -> float | None:
+    quant = config.get("quantization") or config.get("quantization_config")
+    if isinstance(quant, dict) and "bits" in quant:
+        group = int(quant.get("group_size", 64))
+        return int(quant["bits"]) + 32 / group  # a scale and a bias per group
+    return None
+
+
+def shape_from_gguf(path: Path) -> ModelShape:
+    """A ``ModelShape`` from GGUF metadata; tensors stay memory-mapped and unread."""
+    from macft.models.gguf_import.reader import read_gguf
+
+    gguf = read_gguf(path)
+    arch = gguf.architecture
+    hidden, heads = gguf.arch_key("embedding_length"), gguf.arch_key("attention.head_count")
+    vocab = gguf.arch_key("vocab_size") or len(gguf.metadata.get("tokenizer.ggml.tokens", ()))
+    if not arch or not hidden or not heads or not vocab:
+        raise MacftError(f"{path}: GGUF metadata lacks the architecture, embedding_length, head_count or vocabulary.")
+    matrices = [t for t in gguf.tensors.values() if len(t.shape) > 1]
+    elements = sum(int(np.prod(t.shape)) for t in matrices)
+    bits = 8 * sum(t.nbytes for t in matrices) / elements if elements else None
+    return ModelShape(
+        name=str(gguf.metadata.get("general.name", path.stem)),
+        family=arch,
+        hidden=int(hidden),
+        layers=int(gguf.arch_key("block_count")),
+        intermediate=int(gguf.arch_key("feed_forward_length")),
+        heads=int(heads),
+        kv_heads=int(gguf.arch_key("attention.head_count_kv", heads)),
+        head_dim=int(gguf.arch_key("attention.key_length", int(hidden) // int(heads))),
+        vocab=int(vocab),
+        tied_embeddings="output.weight" not in gguf.tensors,
+        stored_bits=bits if bits is not None and bits < 15 else None,  # F16/F32 files are cast at load
+    )
+
+
+def read_model_shape(spec: str) -> ModelShape:
+    """The shape of a model spec (see ``macft.models.load``) without loading its weights."""
+    from macft.config import DEFAULT_MODEL
+
+    if spec == DEFAULT_MODEL:
+        from macft.models.load import embedded_default_gguf
+
+        return dataclasses.replace(shape_from_gguf(embedded_default_gguf()), name=DEFAULT_MODEL)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise MacftError(f"GGUF file {path} does not exist.")
+        return shape_from_gguf(path)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.exists():
+            raise MacftError(f"{path} has no config.json; pass a model folder, a .gguf file or a hub id.")
+        return shape_from_config(json.loads(config_file.read_text()), name=str(path))
+    if spec.count("/") != 1:
+        raise MacftError(f"Model '{spec}' not found: pass a model folder, a .gguf file, a hub id or '{DEFAULT_MODEL}'.")
+    return shape_from_config(_hub_config(spec), name=spec)
+
+
+def _hub_config(repo_id: str) -> dict:
+    """config.json of a hub model: the local cache first, then a download of that one file."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return json.loads(Path(cached).read_text())
+    try:
+        return json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
+    except Exception as exc:  # the hub client raises many types; the user needs one line
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MacftError(f"Could not read config.json of '{repo_id}' (not cached, download failed: {reason}).") from None
+
+
+# ---------------------------------------------------------------------------- the estimate
+
+
+def adapted_layers(shape: ModelShape, plan: Plan) -> int:
+    return shape.layers if plan.num_layers < 0 else min(plan.num_layers, shape.layers)
+
+
+def trainable_params(shape: ModelShape, plan: Plan) -> int:
+    layers = adapted_layers(shape, plan)
+    if plan.method == "full":
+        # Training every layer includes the embeddings; training the last N layers does not.
+        return shape.params if layers == shape.layers else layers * shape.layer_params
+    if plan.method in ("lora", "qlora", "dora"):
+        modules = shape.module_shapes()
+        per_layer = 0
+        for name in plan.target_modules:
+            fan_in, fan_out = modules.get(name, (shape.hidden, shape.hidden))
+            per_layer += plan.rank * (fan_in + fan_out) + (fan_out if plan.method == "dora" else 0)
+        return layers * per_layer
+    return plan.extra_trainable
+
+
+def weight_bytes(shape: ModelShape, plan: Plan) -> int:
+    """The frozen (or, for full, trained) weights at the precision they are held in."""
+    bits = plan.quantize_bits or (4 if plan.method == "qlora" else None)
+    norms = (2 * shape.layers + 1) * shape.hidden * plan.compute_bytes
+    matrices = shape.params - (2 * shape.layers + 1) * shape.hidden
+    if bits is not None and plan.method != "full":
+        # MLX affine quantization: `bits` per weight plus a scale and a bias per group in the compute dtype.
+        per_weight = bits / 8 + 2 * plan.compute_bytes / plan.group_size
+        return int(matrices * per_weight) + norms
+    if shape.stored_bits is not None and plan.method != "full":
+        return int(matrices * shape.stored_bits / 8) + norms
+    return shape.params * plan.compute_bytes
+
+
+def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None) -> Estimate:
+    """Predict the peak memory of one training step of ``plan`` on a model of ``shape``."""
+    if plan.method not in METHODS:
+        raise MacftError(f"Unknown method '{plan.method}'; choose one of {', '.join(METHODS)}.")
+    if available_bytes is None:
+        from macft.backend import machine_memory_bytes
+
+        available_bytes = machine_memory_bytes()
+    d = plan.compute_bytes
+    tokens = plan.batch * plan.seq
+    trainable = trainable_params(shape, plan)
+    # Adapters are created in float32; a fully trained model keeps its weights' dtype.
+    trainable_bytes = trainable * (d if plan.method == "full" else 4)
+    weights = weight_bytes(shape, plan)
+    if plan.method == "full":
+        weights = max(weights - trainable_bytes, 0)  # counted once, under "trainable"
+
+    gemma = shape.family.startswith("gemma")
+    saved_hidden = SAVED_HIDDEN + (GEMMA_EXTRA_HIDDEN if gemma else 0)
+    saved_intermediate = SAVED_INTERMEDIATE + (GEMMA_EXTRA_INTERMEDIATE if gemma else 0)
+    per_token_layer = (saved_hidden * shape.hidden + SAVED_KV * shape.kv_dim + saved_intermediate * shape.intermediate) * d
+    attention_probs = plan.batch * shape.heads * plan.seq * plan.seq * d
+    layers = shape.layers
+    if plan.grad_checkpoint:
+        # Only each block's input survives the forward pass; one block is recomputed at a time.
+        saved = layers * tokens * shape.hidden * d + tokens * per_token_layer + attention_probs
+    else:
+        saved = layers * (tokens * per_token_layer + attention_probs)
+    backward = tokens * BACKWARD_HIDDEN * shape.hidden * d + ATTENTION_TRANSIENT * attention_probs
+    positions = plan.batch * plan.seq
+    if plan.loss_chunk_size is None:
+        logits = positions * shape.vocab * 4 * LOGIT_COPIES
+    else:
+        from macft.train.losses import auto_chunk_size
+
+        if plan.method != "full":
+            copies = FROZEN_HEAD_LOGIT_COPIES
+        elif auto_chunk_size(shape.vocab, plan.loss_chunk_size) >= positions:
+            copies = CHUNKED_LOGIT_COPIES
+        else:
+            copies = MULTI_CHUNK_LOGIT_COPIES
+        logits = int(positions * shape.vocab * 4 * copies)
+        quantized_head = plan.method != "full" and (
+            plan.quantize_bits is not None or plan.method == "qlora" or shape.stored_bits is not None
+        )
+        if quantized_head and plan.dequantize_for_matmul:
+            logits += DEQUANTIZED_HEAD_COPIES * shape.vocab * shape.hidden * d
+
+    parts = {
+        "weights": weights,
+        "trainable": trainable_bytes,
+        "gradients": trainable_bytes,
+        "optimizer": 2 * trainable_bytes,
+        "activations": saved + backward,
+        "logits": logits,
+        # The optimizer step comes after the backward pass has freed activations and logits; it
+        # raises the peak only when its extra copies outweigh them (full fine-tuning).
+        "update": max(0, UPDATE_EXTRA_COPIES * trainable_bytes - (saved + backward + logits)),
+    }
+    notes = _notes(shape, plan, parts)
+    result = Estimate(shape.name, plan, parts, int(available_bytes), notes)
+    if not result.fits:
+        result = dataclasses.replace(result, suggestions=suggestions(shape, plan, int(available_bytes)))
+    return result
+
+
+def _notes(shape: ModelShape, plan: Plan, parts: dict[str, int]) -> list[str]:
+    notes = []
+    total = sum(parts.values())
+    if parts["logits"] > 0.25 * total:
+        full = plan.batch * plan.seq * shape.vocab * 4
+        notes.append(
+            f"The {shape.vocab:,}-token vocabulary costs {full / GIB:.2f} GiB per float32 copy of the logits "
+            "(batch × seq × vocab × 4 bytes), and a training step holds about three; lower the batch size or "
+            "sequence length to shrink them."
+        )
+    if plan.method == "full":
+        notes.append("Full fine-tuning keeps gradients and two AdamW moments for every weight.")
+    return notes
+
+
+def suggestions(shape: ModelShape, plan: Plan, available_bytes: int) -> list[str]:
+    """Settings that bring ``plan`` under ``available_bytes``, cheapest change first."""
+
+    def fits(**changes: Any) -> bool:
+        candidate = dataclasses.replace(plan, **changes)
+        return estimate(shape, candidate, available_bytes).fits
+
+    found = []
+    if not plan.grad_checkpoint and fits(grad_checkpoint=True):
+        found.append("turn on gradient checkpointing (--set train.grad_checkpoint=true)")
+    if plan.loss_chunk_size is None and fits(loss_chunk_size=0):
+        found.append("compute the loss in chunks (train.loss_chunk_size=0, the default)")
+    for batch in (b for b in (plan.batch // 2, plan.batch // 4, 1) if 0 < b < plan.batch):
+        if fits(batch=batch):
+            found.append(f"lower the batch size to {batch} (--set train.batch_size={batch}; raise train.grad_accumulation to keep the effective batch)")
+            break
+    for seq in (s for s in (plan.seq // 2, plan.seq // 4, 128) if 8 <= s < plan.seq):
+        if fits(seq=seq):
+            found.append(f"shorten sequences to {seq} tokens (--set data.max_seq_length={seq})")
+            break
+    if plan.method in ("lora", "dora") and plan.quantize_bits is None and fits(quantize_bits=4):
+        found.append("use QLoRA: quantize the frozen base to 4 bits (--set model.quantize_bits=4)")
+    if plan.method == "full" and fits(method="lora"):
+        found.append("train LoRA adapters instead of every weight (--set method.name=lora)")
+    if not found:
+        found.append("no single change fits; combine QLoRA, batch size 1, gradient checkpointing and shorter sequences, or pick a smaller model")
+    return found
+
+
+# ---------------------------------------------------------------------------- recipes
+
+
+def mac_working_set(total_bytes: int) -> int:
+    """What Metal lets one process use on an Apple Silicon Mac with ``total_bytes`` of RAM."""
+    return int(total_bytes * (0.75 if total_bytes > 36 * GIB else 2 / 3))
+
+
+def backend_settings() -> dict[str, Any]:
+    """The Plan fields that depend on where this process computes."""
+    from macft.backend import detect
+
+    backend = detect()
+    return {
+        "compute_bytes": 2 if backend.compute_dtype in ("bfloat16", "float16") else 4,
+        "dequantize_for_matmul": backend.dequantize_for_matmul,
+    }
+
+
+MAC_SETTINGS = {"compute_bytes": 2, "dequantize_for_matmul": False}  # Apple Silicon: bfloat16 on Metal
+
+
+def plan_from_recipe(recipe, settings: dict[str, Any] | None = None) -> Plan:
+    """The memory-relevant settings of a ``macft.config.Recipe`` on this backend (or ``settings``)."""
+    method = recipe.method.name
+    if method in ("lora", "dora") and recipe.model.quantize_bits is not None:
+        method_key = "qlora" if method == "lora" else "dora"
+    else:
+        method_key = method
+    return Plan(
+        method=method_key,
+        batch=recipe.train.batch_size,
+        seq=recipe.data.max_seq_length,
+        rank=recipe.method.rank,
+        target_modules=tuple(recipe.method.target_modules),
+        num_layers=recipe.method.num_layers,
+        quantize_bits=recipe.model.quantize_bits,
+        group_size=recipe.model.quantize_group_size,
+        grad_checkpoint=recipe.train.grad_checkpoint,
+        loss_chunk_size=recipe.train.loss_chunk_size,
+        **(settings if settings is not None else backend_settings()),
+    )
+
+
+def estimate_recipe(recipe, available_bytes: int | None = None, settings: dict[str, Any] | None = None) -> Estimate:
+    """Predict a recipe's peak memory from its model's config alone (``settings``: MAC_SETTINGS
+    with ``mac_working_set(...)`` to plan for a Mac from another machine)."""
+    shape = read_model_shape(recipe.model.path)
+    return estimate(shape, plan_from_recipe(recipe, settings), available_bytes)
+
+
+def check_fits(recipe, loaded) -> Estimate:
+    """The estimate for ``recipe`` on an already loaded model (``macft.models.load.LoadedModel``).
+
+    ``macft lora`` calls this before training and warns (or stops) when ``not est.fits``.
+    """
+    shape = shape_from_config(loaded.config, name=loaded.identity.get("source", str(loaded.path)))
+    if shape.stored_bits is None and _is_quantized(loaded.model):
+        shape = dataclasses.replace(shape, stored_bits=_quantized_bits(loaded.model))
+    return estimate(shape, plan_from_recipe(recipe))
+
+
+def _is_quantized(model) -> bool:
+    import mlx.nn as nn
+
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+def _quantized_bits(model) -> float:
+    """Average stored bits per weight of a loaded model's quantized layers (weights, scales and biases)."""
+    import mlx.nn as nn
+
+    bits = elements = 0
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            n = m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
+            elements += n
+            bits += 8 * (m.weight.nbytes + m.scales.nbytes + (m.biases.nbytes if m.biases is not None else 0))
+    return bits / elements if elements else 16.0
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 4 else f"{n / 1024**2:.0f} MiB"

@@ -1,0 +1,135 @@
+"""LoRA and DoRA linear layers over a float or a quantized (QLoRA) frozen base.
+
+LoRA (Hu et al., 2021) adds a trainable low-rank update to a frozen linear layer W₀:
+
+    y = W₀x + b + s·B(A·dropout(x)),   s = α / r,   A: in→r (random),  B: r→out (zero)
+
+so training starts exactly at the base model. DoRA (Liu et al., 2024) splits the adapted weight
+into a direction and a trainable per-output magnitude m (initialised to the row norms of W₀):
+
+    y = m ⊙ (W₀x + s·B(A·dropout(x))) / ‖W₀ + s·(BA)‖_row + b
+
+QLoRA is LoRA whose base is an ``nn.QuantizedLinear``. On CPU, ``mx.quantized_matmul`` is far
+slower than dequantizing the weight and calling the BLAS matmul, so the frozen base is applied
+that way when ``macft.backend.detect().dequantize_for_matmul`` says so. ``fuse()`` merges in
+float32 and returns a float ``nn.Linear``; re-quantizing the merged weight is the fuse command's job.
+
+    layer = LoRALinear.from_base(model.layers[0].self_attn.q_proj, rank=8, alpha=16, dropout=0.05)
+    merged = layer.fuse()
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from macft.backend import detect
+
+
+def linear_dims(layer: nn.Module) -> tuple[int, int]:
+    """(input features, output features) of a float or quantized linear layer."""
+    out_dims, packed = layer.weight.shape
+    if isinstance(layer, nn.QuantizedLinear):
+        return packed * 32 // layer.bits, out_dims
+    return packed, out_dims
+
+
+QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+
+
+def float_weight(layer: nn.Module) -> mx.array:
+    """The layer's weight as a float array (dequantized for a quantized linear or embedding layer)."""
+    if isinstance(layer, QUANTIZED):
+        return mx.dequantize(
+            layer.weight, layer.scales, layer.get("biases"), group_size=layer.group_size, bits=layer.bits, mode=layer.mode
+        )
+    return layer.weight
+
+
+def float_dtype(layer: nn.Module) -> mx.Dtype:
+    """The float dtype the layer computes in (a quantized layer's scales carry it)."""
+    return layer.scales.dtype if isinstance(layer, QUANTIZED) else layer.weight.dtype
+
+
+def apply_base(layer: nn.Module, x: mx.array) -> mx.array:
+    """The frozen base layer's output, dequantizing first where that is the faster path."""
+    if isinstance(layer, nn.QuantizedLinear) and detect().dequantize_for_matmul:
+        y = x @ float_weight(layer).T
+        return y + layer.bias if "bias" in layer else y
+    return layer(x)
+
+
+def float_linear(weight: mx.array, bias: mx.array | None, dtype: mx.Dtype) -> nn.Linear:
+    out_dims, in_dims = weight.shape
+    linear = nn.Linear(in_dims, out_dims, bias=bias is not None)
+    linear.weight = weight.astype(dtype)
+    if bias is not None:
+        linear.bias = bias.astype(dtype)
+    return linear
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update (see the module docstring)."""
+
+    def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0):
+        super().__init__()
+        in_dims, out_dims = linear_dims(base)
+        dtype = float_dtype(base)
+        self.base = base
+        self.rank = rank
+        self.scale = alpha / rank
+        self.enabled = True  # switched off by macft.methods.adapters_disabled to get the base model back
+        self.dropout = nn.Dropout(p=dropout)
+        bound = 1.0 / math.sqrt(in_dims)
+        self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank)).astype(dtype)
+        self.lora_b = mx.zeros((rank, out_dims), dtype=dtype)
+
+    @classmethod
+    def from_base(cls, layer: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> "LoRALinear":
+        return cls(layer, rank, alpha, dropout)
+
+    def delta_weight(self) -> mx.array:
+        """s·(BA) as an (out, in) float32 matrix, the shape of the base weight."""
+        a, b = self.lora_a.astype(mx.float32), self.lora_b.astype(mx.float32)
+        return self.scale * (b.T @ a.T)
+
+    def fuse(self) -> nn.Linear:
+        """A float ``nn.Linear`` computing what this layer computes (merged in float32)."""
+        weight = float_weight(self.base).astype(mx.float32) + self.delta_weight()
+        return float_linear(weight, self.base.get("bias"), float_dtype(self.base))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = apply_base(self.base, x)
+        if not self.enabled:
+            return y
+        update = (self.dropout(x) @ self.lora_a) @ self.lora_b
+        return y + (self.scale * update).astype(y.dtype)
+
+
+class DoRALinear(LoRALinear):
+    """LoRA with a trainable per-output magnitude (see the module docstring)."""
+
+    def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0):
+        super().__init__(base, rank, alpha, dropout)
+        self.magnitude = mx.linalg.norm(float_weight(base).astype(mx.float32), axis=1).astype(float_dtype(base))
+
+    def adapted_weight(self) -> mx.array:
+        return float_weight(self.base).astype(mx.float32) + self.delta_weight()
+
+    def fuse(self) -> nn.Linear:
+        weight = self.adapted_weight()
+        norms = mx.linalg.norm(weight, axis=1, keepdims=True)
+        weight = (self.magnitude.astype(mx.float32)[:, None] / norms) * weight
+        return float_linear(weight, self.base.get("bias"), float_dtype(self.base))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not self.enabled:
+            return apply_base(self.base, x)
+        weight = float_weight(self.base)
+        y = x @ weight.T + ((self.dropout(x) @ self.lora_a) @ self.lora_b) * self.scale
+        # The norm is of the merged weight, so the gradient also flows through it into A and B.
+        norms = mx.linalg.norm(weight.astype(mx.float32) + self.delta_weight(), axis=1)
+        y = y * (self.magnitude / norms.astype(self.magnitude.dtype)).astype(y.dtype)
+        return y + self.base.bias if "bias" in self.base else y

@@ -1,0 +1,103 @@
+"""Write one GGUF file as an MLX model directory that ``mlx_lm.load`` opens.
+
+Weights in a type MLX can hold exactly (see ``quants``) become quantized layers with a per-layer
+``quantization`` entry in config.json; the rest become float tensors. ``dequantize=True`` makes
+every weight float32 (or its own F16/BF16). The directory holds config.json,
+generation_config.json, model.safetensors, the tokenizer files and ``macft_import.json``
+(the per-type summary).
+
+    summary = convert_gguf(read_gguf("model.gguf"), Path("out"), dequantize=False)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from macft.errors import MacftError
+from macft.models.gguf_import.families import Family, family_for
+from macft.models.gguf_import.quants import GROUP_SIZE, quantize_exact, to_float
+from macft.models.gguf_import.reader import GGUFFile
+from macft.models.gguf_import.tokenizer import save_tokenizer, stop_token_ids
+
+SUMMARY_FILE = "macft_import.json"
+
+
+def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_from: Path | None = None) -> dict:
+    """Write the model directory into ``out_dir`` (which must exist); return the tensor summary
+    ``{"exact": {type: count}, "float": {type: count}}``. ``tokenizer_from``: an earlier import of
+    the same file whose tokenizer files are copied instead of rebuilt (tens of seconds for 262k tokens)."""
+    import mlx.core as mx
+
+    family = family_for(gguf)
+    config = family.config(gguf)
+    weights: dict[str, mx.array] = {}
+    per_module: dict[str, dict | bool] = {}
+    exact: Counter[str] = Counter()
+    floats: Counter[str] = Counter()
+    for name, info in gguf.tensors.items():
+        hf = family.hf_name(name)
+        if not hf:
+            continue
+        rows = gguf.rows(name)
+        packed = None
+        if not dequantize and len(info.shape) == 2 and hf.endswith(".weight"):
+            packed = quantize_exact(family.fix_rows(hf, rows, config), info.qtype)
+        module = hf.removesuffix(".weight")
+        if packed is not None:
+            weights[hf] = mx.array(packed.weight)
+            weights[f"{module}.scales"] = mx.array(packed.scales)
+            weights[f"{module}.biases"] = mx.array(packed.biases)
+            per_module[module] = {"group_size": GROUP_SIZE, "bits": packed.bits}
+            exact[info.qtype.name] += 1
+            continue
+        values = family.fix_float(hf, family.fix_rows(hf, to_float(rows, info.qtype, info.shape), config))
+        array = mx.array(np.ascontiguousarray(values))
+        if len(info.shape) == 2 and hf.endswith(".weight"):
+            per_module[module] = False
+            if info.qtype == GGMLQuantizationType.BF16:
+                array = array.astype(mx.bfloat16)  # exact: the values came from bfloat16
+        weights[hf] = array
+        floats[info.qtype.name] += 1
+
+    check_names(family, config, weights)
+    quantized_bits = Counter(entry["bits"] for entry in per_module.values() if entry)
+    if quantized_bits:
+        quantization = {"group_size": GROUP_SIZE, "bits": quantized_bits.most_common(1)[0][0], "mode": "affine", **per_module}
+        config["quantization"] = quantization
+        config["quantization_config"] = quantization
+
+    mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    generation = {"eos_token_id": stop_token_ids(gguf)}
+    if "bos_token_id" in config:
+        generation["bos_token_id"] = config["bos_token_id"]
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    if tokenizer_from is not None and (tokenizer_from / "tokenizer.json").exists():
+        for file in tokenizer_from.glob("tokenizer*.json"):
+            shutil.copyfile(file, out_dir / file.name)
+    else:
+        save_tokenizer(gguf, out_dir)
+    return {"exact": dict(exact), "float": dict(floats)}
+
+
+def check_names(family: Family, config: dict, weights: dict) -> None:
+    """Compare the converted tensors with the parameters mlx-lm's architecture expects."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))  # parameters stay lazy: nothing is allocated
+    expected = {name for name, _ in tree_flatten(model.parameters())}
+    if config.get("tie_word_embeddings"):
+        expected.discard("lm_head.weight")
+    got = {name for name in weights if not name.endswith((".scales", ".biases"))}
+    if missing := sorted(expected - got):
+        raise MacftError(f"This {family.arch} GGUF lacks '{missing[0]}' (and {len(missing) - 1} more) that mlx-lm's {family.model_type} needs.")
+    if extra := sorted(got - expected):
+        raise MacftError(f"This {family.arch} GGUF has '{extra[0]}', which mlx-lm's {family.model_type} has no place for.")

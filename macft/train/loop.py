@@ -1,0 +1,332 @@
+"""The training loop: one ``train()`` around a compiled step, with validation, checkpoints and resume.
+
+    result = train(model, optimizer, train_batches, valid_batches, loss_fn, recipe.train, callback,
+                   checkpoints=Checkpoints(run_dir, recipe, identity))
+
+- ``train_batches(epoch, start)`` yields batches from batch ``start`` of ``epoch`` on, running into
+  later epochs (``macft.data.iterate_batches(..., loop=True)``); each batch carries its ``epoch`` and
+  ``index``, which is the data position a checkpoint records.
+- ``valid_batches()`` yields the validation batches (or is None).
+- ``loss_fn`` has ``prepare(batch) -> arrays`` (host side), ``loss_fn(model, *arrays) ->
+  (loss sum, trained tokens)`` (traced, differentiated) and ``loss_fn.evaluate(model, *arrays)``
+  (the same value for validation); see ``macft.train.losses.ChunkedLoss``.
+- ``config`` is the recipe's ``TrainConfig`` with ``iters`` resolved (> 0).
+- ``callback`` gets ``on_train_report(dict)`` and ``on_valid_report(dict)``; the loop never prints.
+
+The step is two compiled functions, ``grad_step`` (loss and gradients of one batch) and
+``apply_step`` (normalise by the trained tokens of all accumulated batches, clip, update), each
+compiled with ``inputs=state, outputs=state``. If tracing fails for some method the loop runs them
+uncompiled and says so in the result. Dropout's random key is reseeded from (seed, step) before
+every step, so a resumed run draws the same masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable, Iterable, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+from macft.config import TrainConfig
+from macft.train.checkpoint import Checkpoints, Progress
+
+
+class Callback:
+    """Receives the loop's reports; subclass and override what you need."""
+
+    def on_train_report(self, info: dict) -> None:
+        pass
+
+    def on_valid_report(self, info: dict) -> None:
+        pass
+
+    def on_note(self, text: str) -> None:
+        """Something the user should know (a fallback taken, a file written)."""
+
+
+@dataclass
+class TrainResult:
+    progress: Progress
+    stop_reason: str  # "finished", "early_stopping", "nan" or "interrupted"
+    message: str  # one sentence for the user about how the run ended
+    compiled: bool
+    compile_note: str  # why the step runs uncompiled, when it does
+    tokens_per_second: float  # trained tokens per second of step time, compile step excluded
+    peak_memory: int  # bytes, mx.get_peak_memory() over this session
+    last_train_loss: float | None
+    last_val_loss: float | None
+
+
+class Steps:
+    """The compiled (or plain) gradient and update functions for one model and optimizer."""
+
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, loss_fn: Any, grad_clip: float, compile: bool):
+        self.model, self.optimizer = model, optimizer
+        self.compiled = compile
+        self.note = "" if compile else "train.compile is false"
+        loss_and_grad = nn.value_and_grad(model, lambda *arrays: loss_fn(model, *arrays))
+        max_norm = grad_clip if grad_clip > 0 else math.inf
+
+        def grad_step(*arrays):
+            (loss_sum, tokens), grads = loss_and_grad(*arrays)
+            return loss_sum, tokens, grads
+
+        def apply_step(grads, tokens):
+            grads = tree_map(lambda g: g / tokens, grads)
+            grads, norm = optim.clip_grad_norm(grads, max_norm)
+            optimizer.update(model, grads)
+            return norm
+
+        self._plain = (grad_step, apply_step)
+        state = [model.state, optimizer.state, mx.random.state]
+        self._compiled = (mx.compile(grad_step, inputs=state, outputs=state), mx.compile(apply_step, inputs=state, outputs=state))
+        self._tried = not compile
+
+    def grad(self, arrays: tuple) -> tuple[mx.array, mx.array, dict]:
+        if not self.compiled:
+            return self._plain[0](*arrays)
+        if self._tried:
+            return self._compiled[0](*arrays)
+        # The first compiled call traces; a method whose forward cannot be traced falls back.
+        params = self.model.parameters()
+        try:
+            out = self._compiled[0](*arrays)
+            mx.eval(out)
+            self._tried = True
+            return out
+        except Exception as exc:  # mx.compile raises ValueError/RuntimeError depending on the op
+            self.model.update(params)
+            self.compiled = False
+            self.note = f"compilation failed ({str(exc).splitlines()[0][:120]}); running uncompiled"
+            return self._plain[0](*arrays)
+
+    def apply(self, grads: dict, tokens: mx.array) -> mx.array:
+        return (self._compiled[1] if self.compiled else self._plain[1])(grads, tokens)
+
+
+@lru_cache(maxsize=None)
+def _checkpointed_class(base: type) -> type:
+    def __call__(self, x, *args, **kwargs):
+        # Only the block input and its trainable weights go through the checkpoint; masks and
+        # caches are closed over as constants (they need no gradient).
+        def run(params, h):
+            self.update(params)
+            return base.__call__(self, h, *args, **kwargs)
+
+        return mx.checkpoint(run)(self.trainable_parameters(), x)
+
+    return type(f"Checkpointed{base.__name__}", (base,), {"__call__": __call__})
+
+
+def enable_grad_checkpoint(model: nn.Module) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of keeping them.
+    Only these block instances change class; other models of the same architecture are untouched."""
+    for layer in model.layers:
+        if not type(layer).__name__.startswith("Checkpointed"):
+            layer.__class__ = _checkpointed_class(type(layer))
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Turn the first Ctrl-C into a flag the loop checks between steps (so the checkpoint it then
+    writes is consistent); a second Ctrl-C interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    pressed = []
+
+    def handler(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def one_step(steps: Steps, batches: Iterator, loss_fn: Any, accumulation: int) -> tuple[mx.array, mx.array, mx.array, Any]:
+    """One optimizer step over ``accumulation`` batches: (loss sum, trained tokens, gradient norm, last batch)."""
+    loss_sum = tokens = grads = None
+    for _ in range(accumulation):
+        batch = next(batches)
+        micro_loss, micro_tokens, micro_grads = steps.grad(loss_fn.prepare(batch))
+        if grads is None:
+            loss_sum, tokens, grads = micro_loss, micro_tokens, micro_grads
+        else:
+            loss_sum, tokens = loss_sum + micro_loss, tokens + micro_tokens
+            grads = tree_map(mx.add, grads, micro_grads)
+        mx.eval(loss_sum, tokens, grads)  # keep one batch's graph alive at a time
+    norm = steps.apply(grads, tokens)
+    mx.eval(norm, steps.model.state, steps.optimizer.state)
+    return loss_sum, tokens, norm, batch
+
+
+def evaluate(model: nn.Module, batches: Iterable, loss_fn: Any, max_batches: int = -1) -> float:
+    """Mean loss per trained token over ``batches`` (at most ``max_batches`` when positive)."""
+    total, tokens = 0.0, 0.0
+    for i, batch in enumerate(batches):
+        if 0 < max_batches <= i:
+            break
+        loss_sum, count = loss_fn.evaluate(model, *loss_fn.prepare(batch))
+        mx.eval(loss_sum, count)
+        total, tokens = total + loss_sum.item(), tokens + count.item()
+    return total / tokens if tokens else math.nan
+
+
+def train(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    train_batches: Callable[[int, int], Iterator],
+    valid_batches: Callable[[], Iterable] | None,
+    loss_fn: Any,
+    config: TrainConfig,
+    callback: Callback | None = None,
+    *,
+    checkpoints: Checkpoints | None = None,
+    progress: Progress | None = None,
+    batches_per_epoch: int | None = None,
+) -> TrainResult:
+    callback = callback or Callback()
+    progress = progress or Progress()
+    if config.grad_checkpoint:
+        enable_grad_checkpoint(model)
+    optimizer.init(model.trainable_parameters())
+    model.train()
+    steps = Steps(model, optimizer, loss_fn, config.grad_clip, config.compile)
+    batches = train_batches(progress.epoch, progress.index)
+    mx.reset_peak_memory()
+
+    started = time.perf_counter()
+    step_seconds, session_steps = 0.0, 0
+    steady_seconds, steady_tokens = 0.0, 0
+    window = {"loss": 0.0, "tokens": 0, "seconds": 0.0}
+    last_loss = last_val = None
+    stop_reason, message = "finished", ""
+    in_step = False
+
+    def save(kind: str) -> None:
+        if checkpoints is not None:
+            checkpoints.save(kind, model, optimizer if kind == "last" else None, progress)
+
+    with deferred_interrupt() as interrupted:
+        try:
+            while progress.step < config.iters:
+                in_step = True
+                tick = time.perf_counter()
+                mx.random.seed(config.seed * 1_000_003 + progress.step)
+                loss_sum, tokens, norm, batch = one_step(steps, batches, loss_fn, config.grad_accumulation)
+                loss = loss_sum.item() / tokens.item()
+                if not (math.isfinite(loss) and math.isfinite(norm.item())):
+                    stop_reason = "nan"
+                    kept = f"the last good checkpoint is {checkpoints.path('last')}" if checkpoints else "no checkpoint was saved"
+                    message = (
+                        f"Training stopped at step {progress.step + 1}: the loss or gradient became NaN/inf; {kept}. "
+                        "Lower train.learning_rate or check the data."
+                    )
+                    break
+                seconds = time.perf_counter() - tick
+                count = int(tokens.item())
+                progress.step += 1
+                progress.tokens += count
+                progress.epoch, progress.index = batch.epoch, batch.index + 1
+                in_step = False
+                step_seconds += seconds
+                session_steps += 1
+                if session_steps > 1:  # the first step of a session compiles; keep it out of the throughput
+                    steady_seconds += seconds
+                    steady_tokens += count
+                last_loss = loss
+                window["loss"] += loss_sum.item()
+                window["tokens"] += count
+                window["seconds"] += seconds
+
+                step = progress.step
+                if step % config.report_every == 0 or step == config.iters:
+                    epoch = batch.epoch + (batch.index + 1) / batches_per_epoch if batches_per_epoch else batch.epoch
+                    callback.on_train_report(
+                        {
+                            "step": step,
+                            "iters": config.iters,
+                            "epoch": epoch,
+                            "train_loss": window["loss"] / max(window["tokens"], 1),
+                            "learning_rate": optimizer.learning_rate.item(),
+                            "grad_norm": norm.item(),
+                            "tokens_per_second": window["tokens"] / max(window["seconds"], 1e-9),
+                            "tokens": progress.tokens,
+                            "elapsed": progress.elapsed + time.perf_counter() - started,
+                            "eta": (config.iters - step) * step_seconds / session_steps,
+                            "peak_memory": mx.get_peak_memory(),
+                        }
+                    )
+                    window = {"loss": 0.0, "tokens": 0, "seconds": 0.0}
+
+                validate_now = config.eval_every > 0 and step % config.eval_every == 0
+                if valid_batches is not None and (validate_now or step == config.iters):
+                    model.eval()
+                    last_val = evaluate(model, valid_batches(), loss_fn, config.eval_batches)
+                    model.train()
+                    improved = math.isfinite(last_val) and (progress.best_val_loss is None or last_val < progress.best_val_loss)
+                    if improved:
+                        progress.best_val_loss, progress.best_step, progress.evals_since_best = last_val, step, 0
+                        save("best")
+                    else:
+                        progress.evals_since_best += 1
+                    callback.on_valid_report(
+                        {"step": step, "val_loss": last_val, "best_val_loss": progress.best_val_loss, "improved": improved}
+                    )
+                    patience = config.early_stopping_patience
+                    if patience > 0 and progress.evals_since_best >= patience:
+                        stop_reason = "early_stopping"
+                        message = (
+                            f"Stopped early at step {step}: validation loss has not improved for {patience} "
+                            f"evaluations (best {progress.best_val_loss:.4f} at step {progress.best_step})."
+                        )
+                        break
+
+                if config.save_every > 0 and step % config.save_every == 0:
+                    save("last")
+                if interrupted():
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            stop_reason = "interrupted"
+            if in_step:
+                message = f"Interrupted in the middle of step {progress.step + 1}; the last saved checkpoint is kept."
+            else:
+                progress.elapsed += time.perf_counter() - started
+                save("last")
+                message = f"Interrupted after step {progress.step}; saved a checkpoint to resume from."
+            return _result(progress, stop_reason, message, steps, steady_seconds, steady_tokens, last_loss, last_val)
+
+    progress.elapsed += time.perf_counter() - started
+    if stop_reason != "nan":
+        save("last")
+    if stop_reason == "finished":
+        message = f"Finished {progress.step} steps."
+    return _result(progress, stop_reason, message, steps, steady_seconds, steady_tokens, last_loss, last_val)
+
+
+def _result(progress, stop_reason, message, steps, seconds, tokens, last_loss, last_val) -> TrainResult:
+    """``seconds`` and ``tokens`` cover the steps after each session's first (compiling) one."""
+    return TrainResult(
+        progress=progress,
+        stop_reason=stop_reason,
+        message=message,
+        compiled=steps.compiled,
+        compile_note=steps.note,
+        tokens_per_second=tokens / seconds if seconds else 0.0,
+        peak_memory=mx.get_peak_memory(),
+        last_train_loss=last_loss,
+        last_val_loss=last_val,
+    )

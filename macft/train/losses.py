@@ -1,0 +1,210 @@
+"""Masked next-token cross-entropy that never holds the full (batch, seq, vocab) logits.
+
+With Gemma 3's 262,144-token vocabulary the logits dwarf everything else a step keeps, and most
+positions (prompt tokens, padding) are not trained on anyway. So the loss runs the model's body to
+get hidden states, keeps only the trained positions (``selected_positions``, done on the host), and
+applies the output head to them ``chunk_size`` rows at a time:
+
+- a frozen head (LoRA and the PEFT methods) goes through ``frozen_head_loss``, which computes each
+  chunk's gradient with respect to the hidden states during the forward pass (softmax minus
+  one-hot, times the head weight) and keeps only that, so the logits are freed at once and never
+  recomputed;
+- a trainable head (full fine-tuning) runs each chunk under ``mx.checkpoint`` instead, which frees
+  the logits after the forward pass and recomputes them in the backward pass.
+
+    targets, weights, select = selected_positions(batch.targets, batch.loss_mask)
+    loss_sum, tokens = chunked_loss(model, batch.inputs, select, targets, weights, chunk_size=chunk_size)
+
+Both losses return ``(sum of token losses, number of trained tokens)``; the caller divides, so
+gradient accumulation over batches of different sizes weighs every token equally. Any module
+exposes the body/head split either as mlx-lm models do (``model.model`` then ``lm_head`` or the
+tied ``embed_tokens``) or with a ``body_and_head()`` method; ``full_logits_loss`` covers the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from macft.backend import detect
+from macft.methods.lora import QUANTIZED, float_weight
+
+LOGITS_BUDGET = 1 << 26  # logits elements per chunk in auto mode (256 MiB in float32)
+SELECT_MULTIPLE = 64  # pad the selected-position count to this multiple so compiled shapes repeat
+
+
+def auto_chunk_size(vocab: int | None, requested: int = 0) -> int:
+    if requested > 0:
+        return requested
+    if vocab is None:  # the full-logits fallback does not chunk
+        return 1 << 30
+    return max(SELECT_MULTIPLE, (LOGITS_BUDGET // vocab) // SELECT_MULTIPLE * SELECT_MULTIPLE)
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    split = body_and_head(model)
+    return split[1].weight.shape[0] if split else None
+
+
+def body_and_head(model: nn.Module) -> tuple[Callable[[mx.array, Any], mx.array], nn.Module] | None:
+    """(body(inputs, cache) -> hidden states, output head module), or None when not exposed."""
+    if hasattr(model, "body_and_head"):
+        return model.body_and_head()
+    body = model.get("model") if isinstance(model, dict) else None
+    if body is None:
+        return None
+    if "lm_head" in model:
+        return body, model["lm_head"]
+    if "embed_tokens" in body:
+        return body, body["embed_tokens"]
+    return None
+
+
+def project(head: nn.Module, hidden: mx.array) -> mx.array:
+    """Logits from hidden states; a quantized head is dequantized first where that is faster."""
+    if isinstance(head, QUANTIZED) and detect().dequantize_for_matmul:
+        logits = hidden @ float_weight(head).astype(hidden.dtype).T
+        return logits + head.bias if "bias" in head else logits
+    if isinstance(head, (nn.Embedding, nn.QuantizedEmbedding)):
+        return head.as_linear(hidden)
+    return head(hidden)
+
+
+def selected_positions(targets: mx.array, loss_mask: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """The trained positions of a batch, flattened: (targets, weights, indices), padded with
+    zero-weight entries to a multiple of ``SELECT_MULTIPLE`` (the last chunk may be shorter)."""
+    mask = np.asarray(loss_mask).reshape(-1)
+    index = np.flatnonzero(mask > 0).astype(np.int32)
+    padded = max(SELECT_MULTIPLE, -(-len(index) // SELECT_MULTIPLE) * SELECT_MULTIPLE)
+    select = np.zeros(padded, np.int32)
+    select[: len(index)] = index
+    weights = np.zeros(padded, np.float32)
+    weights[: len(index)] = mask[index]
+    flat_targets = np.asarray(targets).reshape(-1)
+    return mx.array(flat_targets[select]), mx.array(weights), mx.array(select)
+
+
+def token_losses(logits: mx.array, targets: mx.array) -> mx.array:
+    logits = logits.astype(mx.float32)
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return mx.logsumexp(logits, axis=-1) - picked
+
+
+def chunked_loss(
+    model: nn.Module,
+    inputs: mx.array,
+    select: mx.array,
+    targets: mx.array,
+    weights: mx.array,
+    *,
+    chunk_size: int,
+    cache: Any = None,
+    training: bool = True,
+) -> tuple[mx.array, mx.array]:
+    """``training=False`` skips the gradient work of the frozen-head path (for validation)."""
+    split = body_and_head(model)
+    if split is None:
+        return full_logits_loss(model, inputs, select, targets, weights, cache=cache)
+    body, head = split
+    hidden = body(inputs, cache)
+    hidden = hidden.reshape(-1, hidden.shape[-1])[select]
+
+    frozen = isinstance(head, (nn.Linear, nn.Embedding, *QUANTIZED)) and not tree_flatten(head.trainable_parameters())
+    if frozen and training:
+        chunk_loss = frozen_head_loss(head)
+    else:
+        chunk_loss = plain_head_loss(head, checkpoint=training and hidden.shape[0] > chunk_size)
+    total = mx.array(0.0, mx.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        end = start + chunk_size
+        total = total + chunk_loss(hidden[start:end], targets[start:end], weights[start:end])
+    return total, weights.sum()
+
+
+def frozen_head_loss(head: nn.Module) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+    """Weighted cross-entropy sum of one chunk through a frozen matrix head, with a custom backward.
+
+    The forward pass also computes d(loss)/d(hidden) = (softmax − one-hot) · w · W and returns it
+    as a second output; the backward pass only scales it. So a chunk costs two matmuls with the
+    head, and its logits never outlive its forward pass.
+    """
+
+    @mx.custom_function
+    def loss_and_hidden_grad(h, t, w):
+        weight = float_weight(head).astype(h.dtype)
+        logits = h @ weight.T
+        if "bias" in head:
+            logits = logits + head.bias
+        logits = logits.astype(mx.float32)
+        lse = mx.logsumexp(logits, axis=-1)
+        picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        loss = ((lse - picked) * w).sum()
+        one_hot = mx.arange(logits.shape[-1])[None, :] == t[:, None]
+        dlogits = (mx.exp(logits - lse[:, None]) - one_hot) * w[:, None]
+        return loss, dlogits.astype(h.dtype) @ weight
+
+    @loss_and_hidden_grad.vjp
+    def backward(primals, cotangents, outputs):
+        _, t, w = primals
+        # Targets and loss weights are data: they get zero cotangents.
+        return cotangents[0] * outputs[1], mx.zeros_like(t), mx.zeros_like(w)
+
+    return lambda h, t, w: loss_and_hidden_grad(h, t, w)[0]
+
+
+def plain_head_loss(head: nn.Module, checkpoint: bool) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+    """Weighted cross-entropy sum of one chunk through any head, differentiated by MLX (under
+    ``mx.checkpoint`` when several chunks must not keep their logits for the backward pass)."""
+
+    def chunk_loss(head_params, h, t, w):
+        # The head's trainable weights are passed in (not closed over) so they get their gradient
+        # through the checkpoint; targets and weights need none.
+        head.update(head_params)
+        t, w = mx.stop_gradient(t), mx.stop_gradient(w)
+        return (token_losses(project(head, h), t) * w).sum()
+
+    # One chunk has nothing to free early, so recomputing its logits would be wasted work.
+    run = mx.checkpoint(chunk_loss) if checkpoint else chunk_loss
+    return lambda h, t, w: run(head.trainable_parameters(), h, t, w)
+
+
+def full_logits_loss(
+    model: nn.Module, inputs: mx.array, select: mx.array, targets: mx.array, weights: mx.array, *, cache: Any = None
+) -> tuple[mx.array, mx.array]:
+    """The same loss from the model's full logits, for modules without a body/head split."""
+    logits = model(inputs, cache=cache)
+    logits = logits.reshape(-1, logits.shape[-1])[select]
+    return (token_losses(logits, targets) * weights).sum(), weights.sum()
+
+
+class ChunkedLoss:
+    """The training loss as the loop uses it: ``prepare(batch)`` on the host, then
+    ``loss(model, *arrays)`` inside the compiled step."""
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size = chunk_size
+
+    def prepare(self, batch: Any) -> tuple[mx.array, ...]:
+        targets, weights, select = selected_positions(batch.targets, batch.loss_mask)
+        arrays = (batch.inputs, select, targets, weights)
+        return arrays if batch.segment_ids is None else (*arrays, batch.segment_ids)
+
+    def __call__(
+        self, model: nn.Module, inputs: mx.array, select: mx.array, targets: mx.array, weights: mx.array, segment_ids: mx.array | None = None
+    ) -> tuple[mx.array, mx.array]:
+        from macft.data import packing_cache
+
+        cache = packing_cache(model, segment_ids)
+        return chunked_loss(model, inputs, select, targets, weights, chunk_size=self.chunk_size, cache=cache)
+
+    def evaluate(self, model: nn.Module, *arrays: mx.array) -> tuple[mx.array, mx.array]:
+        """The same loss without the work only gradients need."""
+        from macft.data import packing_cache
+
+        inputs, select, targets, weights, *segment_ids = arrays
+        cache = packing_cache(model, segment_ids[0] if segment_ids else None)
+        return chunked_loss(model, inputs, select, targets, weights, chunk_size=self.chunk_size, cache=cache, training=False)

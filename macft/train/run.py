@@ -1,0 +1,338 @@
+"""A whole fine-tuning run, from a resolved recipe to a run directory.
+
+    outcome = run_training(recipe, view)          # view: a macft.train.loop.Callback (e.g. macft.ui.TrainingView)
+    demo = run_demo(outcome)                      # base vs tuned answers on held-out prompts
+
+The run directory (``runs/<name>/``) receives ``recipe.yaml``, ``metrics.jsonl``, ``checkpoints/``
+(``last`` for exact resume, ``best`` by validation loss), ``adapters.safetensors`` and
+``adapter_config.json`` (the best checkpoint, or the last when there was no validation),
+``summary.json`` and ``loss.png``. Resuming (``recipe.output.resume``) continues the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_unflatten
+
+from macft.backend import detect
+from macft.config import Recipe, save_recipe
+from macft.errors import MacftError
+from macft.methods import ADAPTER_FILE, adapters_disabled, apply_method, count_parameters, save_adapter
+from macft.methods.lora import float_dtype, float_linear, float_weight
+from macft.paths import atomic_path
+from macft.train.checkpoint import Checkpoints
+from macft.train.loop import Callback, TrainResult, train
+from macft.train.losses import ChunkedLoss, auto_chunk_size, vocab_size
+from macft.train.schedule import build_schedule
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    recipe: Recipe
+    result: TrainResult
+    summary: dict
+    model: nn.Module  # the tuned model (best checkpoint loaded), ready for the demo
+    tokenizer: Any
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DemoResult:
+    examples: list[dict]  # {"prompt", "expected", "base", "tuned"} for the first demo.count prompts
+    total: int  # held-out examples scored
+    base_exact: float  # exact-match rate of the base model
+    tuned_exact: float
+
+
+def run_dir_for(recipe: Recipe) -> Path:
+    """The run folder: the resumed one, or ``<runs_dir>/<name or recipe-timestamp>``."""
+    if recipe.output.resume:
+        folder = Path(recipe.output.resume).expanduser()
+        if not (folder / "checkpoints" / "last").is_dir():
+            raise MacftError(f"Cannot resume: {folder} has no checkpoints/last; pass a run directory made by `macft lora`.")
+        return folder
+    name = recipe.output.name or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = Path(recipe.output.runs_dir).expanduser() / name
+    if (folder / "checkpoints").exists():
+        raise MacftError(f"Run directory {folder} already holds a run; choose another --name or resume it with --resume {folder}.")
+    return folder
+
+
+def make_optimizer(recipe: Recipe, total_steps: int) -> optim.Optimizer:
+    cfg = recipe.train
+    schedule = build_schedule(cfg, total_steps)
+    if cfg.optimizer == "adamw":
+        return optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return optim.Adam(learning_rate=schedule)
+    return optim.SGD(learning_rate=schedule, weight_decay=cfg.weight_decay)
+
+
+class MetricsLog(Callback):
+    """Appends every report to ``metrics.jsonl`` and passes it on to the view."""
+
+    def __init__(self, path: Path, view: Callback, resume_step: int | None):
+        self.path, self.view = path, view
+        if resume_step is not None and path.exists():
+            # Reports written after the checkpoint we resume from are about to be redone.
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def _write(self, kind: str, info: dict) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps({"kind": kind, **info}) + "\n")
+
+    def on_train_report(self, info: dict) -> None:
+        self._write("train", info)
+        self.view.on_train_report(info)
+
+    def on_valid_report(self, info: dict) -> None:
+        self._write("valid", info)
+        self.view.on_valid_report(info)
+
+    def on_note(self, text: str) -> None:
+        self.view.on_note(text)
+
+
+def load_base(recipe: Recipe):
+    """The recipe's base model (``macft.models.load.LoadedModel``), quantized for QLoRA if asked."""
+    from macft.models.load import load_model
+
+    return load_model(
+        recipe.model.path,
+        revision=recipe.model.revision,
+        quantize_bits=recipe.model.quantize_bits,
+        group_size=recipe.model.quantize_group_size,
+        dequantize=recipe.model.dequantize,
+        trust_remote_code=recipe.model.trust_remote_code,
+    )
+
+
+def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
+    from macft.data import batch_order, iterate_batches, load_splits
+
+    view = view or Callback()
+    run_dir = run_dir_for(recipe)
+    cfg = recipe.train
+    mx.random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    loaded = load_base(recipe)
+    splits = load_splits(recipe.data, loaded.tokenizer)
+    check_memory(recipe, loaded, view)
+    model = apply_method(loaded.model, recipe.method, loaded.tokenizer)
+    trainable, total = count_parameters(model)
+    if trainable == 0:
+        raise MacftError(f"Method '{recipe.method.name}' left nothing to train; check method.num_layers and method.target_modules.")
+
+    batching = {"packing": recipe.data.packing, "bucket_by_length": recipe.data.bucket_by_length, "seed": cfg.seed}
+    max_len = recipe.data.max_seq_length
+    per_epoch = len(batch_order(splits.train, cfg.batch_size, max_len, **batching))
+    iters = cfg.iters or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accumulation))
+    recipe = recipe.replace(train={"iters": iters})
+    optimizer = make_optimizer(recipe, iters)
+    loss_fn = ChunkedLoss(auto_chunk_size(vocab_size(model), cfg.loss_chunk_size))
+
+    checkpoints = Checkpoints(run_dir, recipe, loaded.identity)
+    progress = checkpoints.restore(model, optimizer) if recipe.output.resume else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, run_dir / "recipe.yaml")
+    log = MetricsLog(run_dir / "metrics.jsonl", view, progress.step if progress else None)
+
+    def train_batches(epoch: int, start: int):
+        return iterate_batches(splits.train, cfg.batch_size, max_len, epoch=epoch, start=start, loop=True, **batching)
+
+    def valid_batches():
+        return iterate_batches(splits.valid, cfg.batch_size, max_len, **batching)
+
+    result = train(
+        model,
+        optimizer,
+        train_batches,
+        valid_batches if splits.valid else None,
+        loss_fn,
+        recipe.train,
+        log,
+        checkpoints=checkpoints,
+        progress=progress,
+        batches_per_epoch=per_epoch,
+    )
+
+    notes = []
+    best, last = checkpoints.path("best") / ADAPTER_FILE, checkpoints.path("last") / ADAPTER_FILE
+    # The run's adapter: the best by validation loss; after a NaN, the last good checkpoint.
+    source = best if best.exists() else last if result.stop_reason == "nan" and last.exists() else None
+    if source is not None:
+        model.load_weights(str(source), strict=False)
+        notes.append(f"{run_dir / ADAPTER_FILE} holds the {source.parent.name} checkpoint.")
+    if source is not None or result.stop_reason != "nan":
+        save_adapter(model, run_dir, recipe, loaded.identity)
+    else:
+        notes.append("No adapter was saved: training failed before the first checkpoint.")
+    model.eval()
+
+    summary = {
+        "run_dir": str(run_dir),
+        "method": recipe.method.name,
+        "model": loaded.identity,
+        "stop_reason": result.stop_reason,
+        "message": result.message,
+        "steps": result.progress.step,
+        "iters": iters,
+        "best_val_loss": result.progress.best_val_loss,
+        "best_step": result.progress.best_step,
+        "final_train_loss": result.last_train_loss,
+        "final_val_loss": result.last_val_loss,
+        "tokens_seen": result.progress.tokens,
+        "tokens_per_second": result.tokens_per_second,
+        "peak_memory_bytes": result.peak_memory,
+        "train_seconds": result.progress.elapsed,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "backend": detect().describe(),
+        "fast_paths": fast_paths(model, result, loss_fn.chunk_size),
+        "compiled": result.compiled,
+        "compile_note": result.compile_note,
+    }
+    with atomic_path(run_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    plot_note = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    if plot_note:
+        notes.append(plot_note)
+    return RunOutcome(run_dir, recipe, result, summary, model, loaded.tokenizer, notes)
+
+
+def check_memory(recipe: Recipe, loaded: Any, view: Callback) -> None:
+    """Stop before training when the memory planner predicts the run cannot fit."""
+    from macft.memory import check_fits, format_bytes
+
+    est = check_fits(recipe, loaded)
+    if not est.fits:
+        hint = est.suggestions[0] if est.suggestions else "use a smaller batch, sequence length or model"
+        raise MacftError(
+            f"This run needs about {format_bytes(est.total_bytes)} but {format_bytes(est.available_bytes)} is available; {hint} "
+            "(see `macft estimate`)."
+        )
+    view.on_note(f"Predicted peak memory {format_bytes(est.total_bytes)} of {format_bytes(est.available_bytes)} available.")
+
+
+def fast_paths(model: nn.Module, result: TrainResult, chunk_size: int) -> list[str]:
+    """The performance choices this run made, for the summary."""
+    backend = detect()
+    paths = [f"{backend.compute_dtype} compute", f"BLAS {backend.blas}"]
+    paths.append("compiled step" if result.compiled else f"uncompiled step ({result.compile_note})")
+    paths.append(f"chunked loss over trained positions only ({chunk_size} rows per chunk)")
+    quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    if quantized:
+        paths.append("quantized base: dequantize + matmul" if backend.dequantize_for_matmul else "quantized base: quantized_matmul")
+    return paths
+
+
+def plot_losses(metrics: Path, out: Path) -> str | None:
+    """Write the loss curve; return a note when it cannot be drawn."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "loss.png skipped: matplotlib is not installed (pip install matplotlib)."
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.exists() else []
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    valid_rows = [r for r in rows if r["kind"] == "valid"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train_rows], [r["train_loss"] for r in train_rows], label="train")
+    if valid_rows:
+        ax.plot([r["step"] for r in valid_rows], [r["val_loss"] for r in valid_rows], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss per trained token")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return None
+
+
+def demo_records(recipe: Recipe) -> list:
+    """The held-out prompt/completion records the demo answers (demo.prompts, else the test split)."""
+    from macft.data import read_records
+    from macft.data.splits import data_files
+
+    path = Path(recipe.demo.prompts).expanduser() if recipe.demo.prompts else data_files(recipe.data).get("test")
+    if path is None:
+        return []
+    if not path.is_file():
+        raise MacftError(f"demo.prompts file {path} does not exist.")
+    return [r for r in read_records(path) if r.kind == "completion"]
+
+
+def prompt_tokens(tokenizer: Any, record: Any, use_chat_template: bool | None) -> list[int]:
+    """The prompt exactly as training presented it, ready for the model to continue."""
+    has_template = bool(getattr(tokenizer, "has_chat_template", False))
+    if has_template if use_chat_template is None else use_chat_template:
+        ids = tokenizer.apply_chat_template(record.as_messages()[:-1], add_generation_prompt=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    return list(tokenizer.encode(record.prompt + record.prompt_suffix))
+
+
+def dequantize_for_generation(model: nn.Module) -> nn.Module:
+    """Where quantized matmuls are slow (CPU), replace quantized layers by float ones, in place.
+
+    Training dequantizes inside every step to keep memory low; generation runs the model many
+    times, so dequantizing once is the faster trade. Use it when training is over.
+    """
+    if not detect().dequantize_for_matmul:
+        return model
+    swaps = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            swaps.append((path, float_linear(float_weight(module), module.get("bias"), float_dtype(module))))
+        elif isinstance(module, nn.QuantizedEmbedding):
+            embedding = nn.Embedding(*float_weight(module).shape)
+            embedding.weight = float_weight(module).astype(float_dtype(module))
+            swaps.append((path, embedding))
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+        mx.eval(model.parameters())
+    return model
+
+
+def run_demo(outcome: RunOutcome) -> DemoResult | None:
+    """Greedy answers of the base and the tuned model on the held-out prompts, with exact match."""
+    from mlx_lm.generate import batch_generate
+
+    recipe = outcome.recipe
+    records = demo_records(recipe)
+    if not records or recipe.demo.count <= 0:
+        return None
+    prompts = [prompt_tokens(outcome.tokenizer, r, recipe.data.use_chat_template) for r in records]
+    model, tokenizer = dequantize_for_generation(outcome.model), outcome.tokenizer
+    tuned = batch_generate(model, tokenizer, prompts, max_tokens=recipe.demo.max_tokens).texts
+    if any(getattr(m, "enabled", None) is not None for _, m in model.named_modules()):
+        with adapters_disabled(model):
+            base = batch_generate(model, tokenizer, prompts, max_tokens=recipe.demo.max_tokens).texts
+    else:  # full fine-tuning changed the weights themselves: the base has to be loaded again
+        base_model = dequantize_for_generation(load_base(recipe).model)
+        base = batch_generate(base_model, tokenizer, prompts, max_tokens=recipe.demo.max_tokens).texts
+    expected = [r.completion for r in records]
+
+    def exact(answers: list[str]) -> float:
+        return sum(a.strip() == e.strip() for a, e in zip(answers, expected)) / len(expected)
+
+    examples = [
+        {"prompt": r.prompt, "expected": e, "base": b, "tuned": t}
+        for r, e, b, t in list(zip(records, expected, base, tuned))[: recipe.demo.count]
+    ]
+    return DemoResult(examples, len(records), exact(base), exact(tuned))

@@ -1,0 +1,169 @@
+"""Everything macft shows in a terminal; the only module that imports rich.
+
+On a terminal, training shows a live panel (step, epoch, train loss with a sparkline of recent
+reports, validation loss, tokens/s, learning rate, elapsed/ETA, peak memory). When stdout is not a
+terminal (pipes, CI, click's CliRunner) the same reports come out as one plain line each.
+
+    view = TrainingView(title="quickstart · lora")
+    with view:
+        outcome = run_training(recipe, view)
+    show_summary(outcome.summary)
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def console() -> Console:
+    return Console(file=sys.stdout, highlight=False)
+
+
+def sparkline(values: list[float], width: int = 24) -> str:
+    values = values[-width:]
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(SPARKS[int((v - low) / span * (len(SPARKS) - 1))] for v in values)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class TrainingView:
+    """The loop's callback (``macft.train.loop.Callback`` protocol) that renders progress."""
+
+    def __init__(self, title: str = "training", out: Console | None = None, quiet: bool = False):
+        self.title = title
+        self.out = out or console()
+        self.quiet = quiet
+        self.live_mode = self.out.is_terminal and not quiet
+        self.losses: list[float] = []
+        self.last: dict[str, Any] = {}
+        self.valid: dict[str, Any] = {}
+        self.live: Live | None = None
+
+    def __enter__(self) -> "TrainingView":
+        if self.live_mode:
+            self.live = Live(self._panel(), console=self.out, refresh_per_second=4, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+            self.live = None
+
+    def on_note(self, text: str) -> None:
+        if not self.quiet:
+            self.out.print(Text("· " + text, style="dim"))
+
+    def on_train_report(self, info: dict) -> None:
+        self.last = info
+        self.losses.append(info["train_loss"])
+        if self.live is not None:
+            self.live.update(self._panel())
+        elif not self.quiet:
+            self.out.print(
+                f"step {info['step']}/{info['iters']}  loss {info['train_loss']:.4f}  "
+                f"lr {info['learning_rate']:.2e}  {info['tokens_per_second']:.0f} tok/s  "
+                f"peak {format_bytes(info['peak_memory'])}  elapsed {format_seconds(info['elapsed'])}",
+                markup=False,
+            )
+
+    def on_valid_report(self, info: dict) -> None:
+        self.valid = info
+        if self.live is not None:
+            self.live.update(self._panel())
+        elif not self.quiet:
+            mark = " (best)" if info["improved"] else ""
+            self.out.print(f"step {info['step']}  val loss {info['val_loss']:.4f}{mark}", markup=False)
+
+    def _panel(self) -> Table:
+        info = self.last
+        table = Table(title=self.title, show_header=False, box=None, pad_edge=False)
+        table.add_column(style="bold cyan")
+        table.add_column()
+        if not info:
+            table.add_row("status", "starting (the first step compiles)…")
+            return table
+        trend = ""
+        if len(self.losses) > 1:
+            trend = " ↓" if self.losses[-1] < self.losses[-2] else " ↑"
+        table.add_row("step", f"{info['step']}/{info['iters']}  (epoch {info['epoch']:.2f})")
+        table.add_row("train loss", f"{info['train_loss']:.4f}{trend}  {sparkline(self.losses)}")
+        if self.valid:
+            best = self.valid["best_val_loss"]
+            table.add_row("val loss", f"{self.valid['val_loss']:.4f}  (best {best:.4f})" if best is not None else f"{self.valid['val_loss']:.4f}")
+        table.add_row("tokens/s", f"{info['tokens_per_second']:.0f}")
+        table.add_row("learning rate", f"{info['learning_rate']:.2e}")
+        table.add_row("time", f"{format_seconds(info['elapsed'])} elapsed · {format_seconds(info['eta'])} left")
+        table.add_row("peak memory", format_bytes(info["peak_memory"]))
+        return table
+
+
+def show_notes(notes: list[str], out: Console | None = None) -> None:
+    out = out or console()
+    for note in notes:
+        out.print(Text("· " + note, style="dim"))
+
+
+def show_summary(summary: dict, out: Console | None = None) -> None:
+    out = out or console()
+    table = Table(title="Run summary", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    best = summary["best_val_loss"]
+    rows = [
+        ("run", summary["run_dir"]),
+        ("result", summary["message"]),
+        ("steps", f"{summary['steps']}/{summary['iters']}"),
+        ("best val loss", f"{best:.4f} (step {summary['best_step']})" if best is not None else "no validation data"),
+        ("final train loss", f"{summary['final_train_loss']:.4f}" if summary["final_train_loss"] is not None else "-"),
+        ("tokens seen", f"{summary['tokens_seen']:,}"),
+        ("throughput", f"{summary['tokens_per_second']:.0f} trained tokens/s"),
+        ("peak memory", format_bytes(summary["peak_memory_bytes"])),
+        ("time", format_seconds(summary["train_seconds"])),
+        ("trainable", f"{summary['trainable_parameters']:,} of {summary['total_parameters']:,} parameters"),
+        ("backend", summary["backend"]),
+        ("fast paths", "; ".join(summary["fast_paths"])),
+    ]
+    for key, value in rows:
+        table.add_row(key, Text(str(value)))
+    out.print(table)
+
+
+def show_demo(demo: Any, out: Console | None = None) -> None:
+    """Base vs tuned answers (a ``macft.train.run.DemoResult``)."""
+    out = out or console()
+    table = Table(title="Held-out prompts: base vs tuned (greedy)", show_lines=True)
+    for column in ("prompt", "expected", "base", "tuned"):
+        table.add_column(column, overflow="fold")
+    for ex in demo.examples:
+        table.add_row(*(Text(ex[k]) for k in ("prompt", "expected", "base", "tuned")))
+    out.print(table)
+    out.print(
+        f"Exact match on {demo.total} held-out examples: base {demo.base_exact:.0%} → tuned {demo.tuned_exact:.0%}",
+        markup=False,
+    )

@@ -1,0 +1,148 @@
+"""Train every fine-tuning method for the same steps on the same data and compare them.
+
+Each method (LoRA, QLoRA, DoRA, prompt tuning, prefix tuning, P-tuning, bottleneck adapters) runs
+through the library's own ``run_training`` on the embedded Gemma 3 270M and WikiSQL, with the
+same steps, batch size, sequence length and seed; only the learning rate follows the method (soft
+prompts and prefixes need far larger steps than LoRA). It prints a table and the same numbers as
+JSON: trainable parameters, peak memory, training tokens/s and the final validation loss.
+
+    python scripts/compare_methods.py                                  # 30 steps, batch 4, seq 256
+    python scripts/compare_methods.py --methods lora,prompt --steps 10
+    python scripts/compare_methods.py --model path/to/tiny-model --steps 2 --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import macft  # noqa: F401  (loads OpenBLAS before mlx is imported)
+from macft.config import DEFAULT_MODEL, Recipe, apply_overrides, validate
+from macft.paths import PROJECT_ROOT, atomic_path
+
+# method -> (recipe method name, 4-bit base, learning rate). The rates are each method's usual
+# order of magnitude for a short run with AdamW, not tuned on this data.
+METHODS = {
+    "lora": ("lora", False, 2e-4),
+    "qlora": ("lora", True, 2e-4),
+    "dora": ("dora", False, 2e-4),
+    "prompt": ("prompt", False, 3e-2),
+    "prefix": ("prefix", False, 1e-2),
+    "ptuning": ("ptuning", False, 1e-2),
+    "adapter": ("adapter", False, 1e-3),
+}
+DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "data" / "wikisql"
+
+
+def method_recipe(key: str, args: argparse.Namespace, stamp: str) -> Recipe:
+    name, quantized, learning_rate = METHODS[key]
+    recipe = Recipe(name=f"compare-{key}").replace(
+        model={"path": args.model, "quantize_bits": 4 if quantized else None},
+        data={"train": str(args.data), "max_seq_length": args.seq},
+        method={"name": name},
+        train={
+            "iters": args.steps,
+            "batch_size": args.batch_size,
+            "learning_rate": learning_rate,
+            "eval_every": 0,  # validate once, after the last step
+            "save_every": 0,
+            "seed": args.seed,
+        },
+        output={"runs_dir": str(args.runs_dir), "name": f"{key}-{stamp}"},
+    )
+    return validate(apply_overrides(recipe, args.set) if args.set else recipe)
+
+
+def compare(args: argparse.Namespace) -> list[dict]:
+    from macft.train.run import run_training
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    rows = []
+    for key in args.methods:
+        recipe = method_recipe(key, args, stamp)
+        rate = recipe.train.learning_rate
+        print(f"[{key}] training {recipe.train.iters} steps (learning rate {rate:g}) ...", flush=True)
+        summary = run_training(recipe).summary
+        rows.append(
+            {
+                "method": key,
+                "trainable_parameters": summary["trainable_parameters"],
+                "peak_memory_bytes": summary["peak_memory_bytes"],
+                "tokens_per_second": summary["tokens_per_second"],
+                "val_loss": summary["final_val_loss"],
+                "train_loss": summary["final_train_loss"],
+                "learning_rate": recipe.train.learning_rate,
+                "run_dir": summary["run_dir"],
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    header = ("method", "trainable params", "peak memory", "tokens/s", "val loss", "train loss")
+    lines = [
+        (
+            r["method"],
+            f"{r['trainable_parameters']:,}",
+            f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB",
+            f"{r['tokens_per_second']:,.0f}",
+            "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}",
+            "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+
+    def fmt(row: tuple[str, ...]) -> str:
+        # The method name reads left-aligned, the numbers right-aligned.
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, lines)])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model spec (default: the embedded Gemma 3 270M)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train.jsonl and valid.jsonl")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256, help="data.max_seq_length")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs") / "compare")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument(
+        "--set", action="append", default=[], help="recipe override for every run, e.g. train.grad_checkpoint=true"
+    )
+    args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from macft.errors import MacftError
+
+    args = parse_args(argv)
+    try:
+        rows = compare(args)
+    except MacftError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    print()
+    print(table(rows))
+    text = json.dumps(rows, indent=2)
+    print(text)
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

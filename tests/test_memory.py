@@ -1,0 +1,186 @@
+"""The memory planner against measured MLX peaks, config/GGUF shape reading, and `macft estimate`."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes
+
+from macft.cli import cli
+from macft.config import MethodConfig
+from macft.methods import apply_method
+from macft.memory import GIB, Plan, backend_settings, estimate, read_model_shape, shape_from_config
+from macft.models.random_init import family_config
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def build(family: str, hidden: int, layers: int, vocab: int):
+    config = family_config(family, vocab, hidden=hidden, layers=layers)
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(0)
+    model = model_class(args_class.from_dict(config))
+    # As mlx_lm.load does: a checkpoint without lm_head.weight ties the output to the embeddings.
+    weights = {k: v for k, v in tree_flatten(model.parameters()) if k != "lm_head.weight" or not shape_from_config(config).tied_embeddings}
+    weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+    return model, config
+
+
+def measured_peak(family, method, hidden, layers, vocab, batch, seq, chunk, grad_checkpoint) -> int:
+    """Peak bytes of a real training step above what was live before the model was built.
+
+    With ``chunk`` set, the step is the trainer's own (``macft.train.loop.Steps`` compiled, with
+    ``ChunkedLoss``, gradient clipping and AdamW, and ``enable_grad_checkpoint``); with None, a
+    plain ``nn.value_and_grad`` of a cross-entropy over the full logits and an AdamW update. The
+    model is adapted by ``macft.methods.apply_method``, its base quantized to 4 bits for QLoRA the
+    way ``load_model(quantize_bits=4)`` does.
+    """
+    from macft.data import Batch
+    from macft.train.loop import Steps, enable_grad_checkpoint, one_step
+    from macft.train.losses import ChunkedLoss, auto_chunk_size
+
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    model, _ = build(family, hidden, layers, vocab)
+    if method == "qlora":
+        nn.quantize(model, group_size=64, bits=4, class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0)
+    model = apply_method(model, MethodConfig(name="full" if method == "full" else "lora", rank=8, target_modules=ATTENTION))
+    if grad_checkpoint:
+        enable_grad_checkpoint(model)
+    mx.eval(model.parameters())
+    optimizer = optim.AdamW(learning_rate=1e-4)
+    tokens = mx.random.randint(0, vocab, (batch, seq + 1))
+    inputs, targets, mask = tokens[:, :-1], tokens[:, 1:], mx.ones((batch, seq))
+
+    if chunk is None:
+
+        def loss_fn(m):
+            logits = m(inputs).astype(mx.float32)
+            return (nn.losses.cross_entropy(logits, targets) * mask).sum() / mask.sum()
+
+        plain = nn.value_and_grad(model, loss_fn)
+
+        def step():
+            loss, grads = plain(model)
+            optimizer.update(model, grads)
+            mx.eval(loss, model.parameters(), optimizer.state)
+    else:
+        loss = ChunkedLoss(auto_chunk_size(vocab, chunk))
+        steps = Steps(model, optimizer, loss, grad_clip=1.0, compile=True)
+        data = Batch(inputs, targets, mask, None, batch * seq, 0.0)
+
+        def step():
+            loss_sum, _, _, _ = one_step(steps, iter([data]), loss, 1)
+            assert np.isfinite(loss_sum.item())
+
+    for _ in range(3):  # from the second step on, the optimizer's moments are in place: the steady state
+        mx.reset_peak_memory()
+        step()
+    return mx.get_peak_memory() - before
+
+
+# family, method, hidden, layers, vocab, batch, seq, loss chunk (None = plain loss), grad checkpointing
+CASES = [
+    ("llama", "lora", 256, 4, 32000, 2, 128, None, False),
+    ("llama", "qlora", 256, 4, 32000, 4, 128, 0, False),
+    ("llama", "full", 384, 4, 16000, 2, 256, 0, True),
+    ("gemma3", "qlora", 256, 4, 32000, 4, 128, 0, False),
+    ("gemma3", "lora", 256, 4, 32000, 2, 256, 128, True),
+    ("qwen3", "full", 256, 3, 8000, 2, 192, 0, False),
+    ("llama", "lora", 512, 4, 4096, 4, 256, 0, True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_prediction_within_20_percent_of_measured_peak(case):
+    family, method, hidden, layers, vocab, batch, seq, chunk, grad_checkpoint = case
+    measured = measured_peak(*case)
+    shape = shape_from_config(family_config(family, vocab, hidden=hidden, layers=layers))
+    plan = Plan(method=method, batch=batch, seq=seq, rank=8, loss_chunk_size=chunk, grad_checkpoint=grad_checkpoint, **backend_settings())
+    predicted = estimate(shape, plan, available_bytes=64 * GIB).total_bytes
+    assert abs(predicted - measured) / measured < 0.20, (predicted, measured)
+
+
+def test_shape_from_model_dir_and_gguf_agree(tmp_path, tiny_model_dir):
+    import gguf
+
+    shape = read_model_shape(str(tiny_model_dir))
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert (shape.hidden, shape.layers, shape.vocab, shape.kv_heads) == (
+        config["hidden_size"], config["num_hidden_layers"], config["vocab_size"], config["num_key_value_heads"]
+    )
+    # The parameter count the planner derives from the config equals the real model's.
+    model, _ = build("llama", config["hidden_size"], config["num_hidden_layers"], config["vocab_size"])
+    assert shape.params == sum(v.size for _, v in tree_flatten(model.parameters()))
+
+    # The same shape written as GGUF metadata (llama.cpp's key names) reads back identically.
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_embedding_length(shape.hidden)
+    writer.add_block_count(shape.layers)
+    writer.add_feed_forward_length(shape.intermediate)
+    writer.add_head_count(shape.heads)
+    writer.add_head_count_kv(shape.kv_heads)
+    writer.add_token_list([f"t{i}" for i in range(shape.vocab)])
+    writer.add_tensor("token_embd.weight", np.zeros((shape.vocab, shape.hidden), dtype=np.float16))
+    writer.add_tensor("output.weight", np.zeros((shape.vocab, shape.hidden), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    from_gguf = read_model_shape(str(path))
+    for key in ("hidden", "layers", "intermediate", "heads", "kv_heads", "head_dim", "vocab", "tied_embeddings"):
+        assert getattr(from_gguf, key) == getattr(shape, key), key
+
+
+def test_embedded_default_shape_is_gemma3_270m():
+    shape = read_model_shape("gemma3-270m")
+    assert (shape.family, shape.hidden, shape.layers, shape.vocab) == ("gemma3", 640, 18, 262144)
+    assert 260e6 < shape.params < 275e6
+    assert shape.stored_bits is not None and shape.stored_bits < 8  # Q4_K_M
+
+
+def test_suggestions_fix_a_plan_that_does_not_fit():
+    shape = shape_from_config(family_config("llama", 32000, hidden=256, layers=4))
+    plan = Plan(method="lora", batch=16, seq=1024)
+    est = estimate(shape, plan, available_bytes=3 * GIB)
+    assert not est.fits and est.suggestions
+    assert any("batch" in s for s in est.suggestions)
+    # Each suggested batch size really fits.
+    smaller = estimate(shape, Plan(method="lora", batch=1, seq=1024), available_bytes=3 * GIB)
+    assert smaller.fits
+
+
+def test_estimate_cli_json_and_table(tiny_model_dir):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["estimate", "--model", str(tiny_model_dir), "--method", "qlora", "--batch", "2", "--seq", "64", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["total_bytes"] == sum(data["parts"].values()) and data["fits"] is True
+    table = runner.invoke(cli, ["estimate", "--model", str(tiny_model_dir), "--method", "lora", "--batch", "64", "--seq", "4096", "--memory", "1"])
+    assert table.exit_code == 0, table.output
+    assert "does not fit" in table.output.lower() and "batch" in table.output
+    missing = runner.invoke(cli, ["estimate", "--model", "no/such-model-here"])
+    assert missing.exit_code == 1 and "Error:" in missing.output
+
+
+def test_check_fits_uses_the_loaded_model_and_recipe(tiny_model_dir):
+    from macft.config import Recipe
+    from macft.memory import check_fits, plan_from_recipe
+    from macft.models.load import load_model
+
+    recipe = Recipe().replace(model={"path": str(tiny_model_dir), "quantize_bits": 4}, train={"batch_size": 2}, data={"max_seq_length": 64})
+    loaded = load_model(str(tiny_model_dir), quantize_bits=4)
+    result = check_fits(recipe, loaded)
+    assert result.plan == plan_from_recipe(recipe) and result.plan.method == "qlora"
+    assert result.total_bytes == estimate(read_model_shape(str(tiny_model_dir)), result.plan).total_bytes
+    assert result.fits
