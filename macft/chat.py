@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from macft.errors import MacftError
 
@@ -75,9 +75,13 @@ def run_base(adapter: str | Path) -> tuple[str, dict[str, Any]]:
         recipe = load_recipe(recipe_file)
         return recipe.model.path, {**options, "dequantize": recipe.model.dequantize}
     base = config.get("base_model") or {}
-    for spec in (base.get("source"), base.get("path")):
-        if spec and (Path(spec).expanduser().exists() or spec.count("/") == 1 or not spec.startswith((".", "/"))):
-            return spec, options
+    source, model_dir = base.get("source"), base.get("path")
+    if source and (Path(source).expanduser().exists() or not source.startswith((".", "/", "~"))):
+        return source, options  # a path that still exists, a hub id or the embedded default
+    if model_dir and Path(model_dir).is_dir():
+        return model_dir, options  # the MLX directory it was loaded from (e.g. a GGUF import)
+    if source:
+        return source, options
     raise MacftError(f"{adapter} does not say which base model it was trained on; pass --model.")
 
 
@@ -98,9 +102,14 @@ def open_model(model_spec: str | None, adapter: str | Path | None = None) -> Ope
 
 
 def set_adapter(opened: OpenedModel, adapter: str | Path | None) -> None:
-    """Replace the applied adapter (or remove it, for None) on the same base weights."""
-    from macft.methods import load_adapter
+    """Replace the applied adapter (or remove it, for None) on the same base weights.
 
+    A path without adapter files changes nothing; an adapter that fails to load leaves the base.
+    """
+    from macft.methods import adapter_files, load_adapter
+
+    if adapter is not None:
+        adapter_files(Path(adapter))
     base = opened.loaded.model
     for parent, key, original in reversed(opened.replaced):
         parent[key] = original
@@ -109,21 +118,29 @@ def set_adapter(opened: OpenedModel, adapter: str | Path | None) -> None:
     if adapter is None:
         return
     before = _module_slots(base)
-    model, config = load_adapter(base, Path(adapter))
-    after = _module_slots(base)
-    # Remember the outermost base modules the method swapped out; putting them back removes it.
-    changed = sorted((name for name in before if name in after and after[name][2] is not before[name][2]), key=len)
-    kept: list[str] = []
-    for name in changed:
-        if not any(name.startswith(prefix + ".") for prefix in kept):
-            kept.append(name)
-            opened.replaced.append(before[name])
+    try:
+        model, config = load_adapter(base, Path(adapter))
+    except Exception:
+        for parent, key, original in _swapped_out(before, _module_slots(base)):
+            parent[key] = original  # a half-applied adapter must not stay in the base
+        raise
+    opened.replaced = _swapped_out(before, _module_slots(base))
     opened.model, opened.adapter, opened.adapter_config = model, Path(adapter), config
     recorded = (config.get("base_model") or {}).get("sha256")
     if recorded and recorded != opened.loaded.identity.get("sha256"):
         opened.warnings.append(
             f"{adapter} was trained on a different base model ({(config.get('base_model') or {}).get('source', '?')}); its outputs may be meaningless."
         )
+
+
+def _swapped_out(before: dict, after: dict) -> list[tuple[Any, Any, Any]]:
+    """The outermost base modules that a method replaced, as (parent, key, original module)."""
+    changed = sorted((name for name in before if name in after and after[name][2] is not before[name][2]), key=len)
+    kept: list[str] = []
+    for name in changed:
+        if not any(name.startswith(prefix + ".") for prefix in kept):
+            kept.append(name)
+    return [before[name] for name in kept]
 
 
 def _module_slots(model) -> dict[str, tuple[Any, Any, Any]]:
@@ -168,12 +185,24 @@ def stream(model, tokenizer, tokens: list[int], sampling: Sampling) -> Iterator[
     yield from stream_generate(model, tokenizer, tokens, max_tokens=sampling.max_tokens, sampler=sampler)
 
 
-def generate(model, tokenizer, prompt: str, sampling: Sampling = Sampling(), *, system: str | None = None, chat: bool | None = None) -> Generated:
-    """Answer one prompt (via the chat template when ``chat`` is None and the tokenizer has one)."""
+def generate(
+    model,
+    tokenizer,
+    prompt: str,
+    sampling: Sampling = Sampling(),
+    *,
+    system: str | None = None,
+    chat: bool | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> Generated:
+    """Answer one prompt (via the chat template when ``chat`` is None and the tokenizer has one);
+    ``on_text`` receives each piece of text as it is generated."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     pieces, last = [], None
     for last in stream(model, tokenizer, prompt_tokens(tokenizer, messages, chat), sampling):
         pieces.append(last.text)
+        if on_text is not None:
+            on_text(last.text)
     tokens = last.generation_tokens if last is not None else 0
     speed = last.generation_tps if last is not None else 0.0
     return Generated(prompt, "".join(pieces), tokens, speed)

@@ -337,19 +337,18 @@ def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None) 
     else:
         saved = layers * (tokens * per_token_layer + attention_probs)
     backward = tokens * BACKWARD_HIDDEN * shape.hidden * d + ATTENTION_TRANSIENT * attention_probs
-    positions = plan.batch * plan.seq
     if plan.loss_chunk_size is None:
-        logits = positions * shape.vocab * 4 * LOGIT_COPIES
+        logits = tokens * shape.vocab * 4 * LOGIT_COPIES
     else:
         from macft.train.losses import auto_chunk_size
 
         if plan.method != "full":
             copies = FROZEN_HEAD_LOGIT_COPIES
-        elif auto_chunk_size(shape.vocab, plan.loss_chunk_size) >= positions:
+        elif auto_chunk_size(shape.vocab, plan.loss_chunk_size) >= tokens:
             copies = CHUNKED_LOGIT_COPIES
         else:
             copies = MULTI_CHUNK_LOGIT_COPIES
-        logits = int(positions * shape.vocab * 4 * copies)
+        logits = int(tokens * shape.vocab * 4 * copies)
         quantized_head = plan.method != "full" and (
             plan.quantize_bits is not None or plan.method == "qlora" or shape.stored_bits is not None
         )
@@ -381,7 +380,7 @@ def _notes(shape: ModelShape, plan: Plan, parts: dict[str, int]) -> list[str]:
         full = plan.batch * plan.seq * shape.vocab * 4
         notes.append(
             f"The {shape.vocab:,}-token vocabulary costs {full / GIB:.2f} GiB per float32 copy of the logits "
-            "(batch × seq × vocab × 4 bytes), and a training step holds about three; lower the batch size or "
+            "(batch × seq × vocab × 4 bytes), and a training step holds two or three; lower the batch size or "
             "sequence length to shrink them."
         )
     if plan.method == "full":

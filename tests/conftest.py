@@ -17,12 +17,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 WIKISQL = REPO_ROOT.parent / "shared" / "data" / "wikisql"
 
 
-@pytest.fixture(autouse=True)
-def isolated_home(tmp_path_factory, monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home(tmp_path_factory):
+    """One macft home for the session: never the user's, and shared so the 270M GGUF is imported once."""
     home = tmp_path_factory.mktemp("macft-home")
-    monkeypatch.setenv("MACFT_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return home
+    previous = os.environ.get("MACFT_HOME")
+    os.environ["MACFT_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("MACFT_HOME", None)
+    else:
+        os.environ["MACFT_HOME"] = previous
 
 
 @pytest.fixture(scope="session")

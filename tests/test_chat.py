@@ -62,6 +62,8 @@ def test_generate_json_matches_mlx_lm(tiny_model_dir):
     tokenizer = load_model(str(tiny_model_dir)).tokenizer
     assert data["completion"] == reference(tiny_model_dir, None, tokenizer.encode(PROMPT))
     assert data["prompt"] == PROMPT and 0 < data["tokens"] <= 12 and data["tokens_per_second"] > 0
+    streamed = runner.invoke(cli, ["generate", "-m", str(tiny_model_dir), "-p", PROMPT, "-n", "12", "--no-chat"])
+    assert streamed.exit_code == 0 and streamed.output.startswith(data["completion"])
 
 
 def test_generate_with_adapter_finds_its_base(tiny_model_dir, runs):
@@ -95,10 +97,10 @@ def test_adapter_swap_keeps_the_base_weights(tiny_model_dir, runs):
     assert {k: id(v) for k, v in tree_flatten(base.parameters())} == weights_before
 
 
-def test_chat_repl_reset_compare_adapter_quit(tiny_model_dir, runs):
+def test_chat_repl_reset_compare_adapter_quit(tiny_model_dir, runs, tmp_path):
     first, second = runs
     tokenizer = load_model(str(tiny_model_dir)).tokenizer
-    script = "\n".join([PROMPT, "/compare", "/help", "/reset", "/adapter " + str(second), PROMPT, "/adapter none", "/compare", "/bogus", "/quit", "never sent"]) + "\n"
+    script = "\n".join([PROMPT, "/compare", "/help", "/reset", "/adapter " + str(second), "/adapter " + str(tmp_path / "missing"), PROMPT, "/adapter none", "/compare", "/bogus", "/quit", "never sent"]) + "\n"
     result = CliRunner().invoke(
         cli, ["chat", "--adapter", str(first), "--temperature", "0", "-n", "10", "--system", "Be brief."], input=script
     )
@@ -112,7 +114,8 @@ def test_chat_repl_reset_compare_adapter_quit(tiny_model_dir, runs):
     assert f"--- base ---\n{base}\n--- tuned ---\n{tuned_first}" in out  # /compare, plain rendering off-terminal
     assert "/adapter PATH" in out and "(new conversation)" in out
     assert "No adapter is loaded" in out and "Unknown command /bogus" in out
-    assert out.count(">>> ") == 10  # stopped at /quit
+    assert "No adapter weights at" in out  # a bad /adapter path keeps the adapter in use
+    assert out.count(">>> ") == 11  # stopped at /quit
 
 
 def test_chat_history_goes_through_the_template(tiny_model_dir):

@@ -398,7 +398,8 @@ def test_unsupported_architecture_is_named(tmp_path, tiny_models):
         import_gguf(path)
 
 
-def test_reimport_is_cached_by_content(tmp_path, gguf_files):
+def test_reimport_is_cached_by_content(tmp_path, gguf_files, monkeypatch):
+    monkeypatch.setenv("MACFT_HOME", str(tmp_path / "fresh-home"))
     path = gguf_files["qwen3"]["mixed"]
     first = import_gguf_report(path)
     again = import_gguf_report(path)

@@ -27,21 +27,16 @@ def generate(model_spec, adapter, prompt, system, max_tokens, temperature, top_p
       macft generate --adapter runs/quickstart -p "Sentence: Ann is 30 and lives in Oslo.\\nJSON:" --no-chat
       echo "What is MLX?" | macft generate -m Qwen/Qwen3-0.6B -p - --json
     """
-    from macft.chat import Generated, Sampling, open_model, prompt_tokens, stream
+    from macft.chat import Sampling, open_model
+    from macft.chat import generate as answer
 
     if prompt == "-":
         prompt = sys.stdin.read()
     opened = open_model(model_spec, adapter)
     for warning in opened.warnings:
         click.echo(f"Warning: {warning}", err=True)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    tokens = prompt_tokens(opened.tokenizer, messages, chat)
-    pieces, last = [], None
-    for last in stream(opened.model, opened.tokenizer, tokens, Sampling(max_tokens, temperature, top_p)):
-        pieces.append(last.text)
-        if not as_json:
-            click.echo(last.text, nl=False)
-    result = Generated(prompt, "".join(pieces), last.generation_tokens if last else 0, last.generation_tps if last else 0.0)
+    show = None if as_json else (lambda text: click.echo(text, nl=False))
+    result = answer(opened.model, opened.tokenizer, prompt, Sampling(max_tokens, temperature, top_p), system=system, chat=chat, on_text=show)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:

@@ -138,7 +138,7 @@ def _gemma3(gguf: GGUFFile, common: dict) -> dict:
     layers = common["num_hidden_layers"]
     # llama.cpp scales queries by 1/sqrt(head_dim), except for the 62-layer 27B model
     scalar = common["hidden_size"] // common["num_attention_heads"] if layers == 62 else head_dim
-    extra = {
+    return {
         "head_dim": head_dim,
         "query_pre_attn_scalar": scalar,
         "rope_local_base_freq": float(gguf.arch_key("rope.freq_base_swa", 10000.0)),
@@ -146,7 +146,6 @@ def _gemma3(gguf: GGUFFile, common: dict) -> dict:
         "sliding_window_pattern": _gemma3_pattern(gguf),
         "architectures": ["Gemma3ForCausalLM"],
     }
-    return extra
 
 
 def _gemma3_pattern(gguf: GGUFFile) -> int:
