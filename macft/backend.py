@@ -56,6 +56,13 @@ def load_openblas() -> str | None:
     return None
 
 
+def missing_blas_hint() -> str | None:
+    """The install hint when this is Linux and no OpenBLAS could be loaded (and it was not turned off)."""
+    if not sys.platform.startswith("linux") or os.environ.get("MACFT_OPENBLAS") == "0":
+        return None
+    return None if load_openblas() else OPENBLAS_HINT
+
+
 @dataclass(frozen=True)
 class Backend:
     """What this process computes on, and the choices that follow from it."""

@@ -24,6 +24,9 @@ COMMANDS = {
     "models": ("macft.commands.models", "models", "List models found on this machine."),
 }
 
+# Commands that run a model, and so are ~20x slower on Linux without OpenBLAS.
+COMPUTE_COMMANDS = {"lora", "generate", "chat", "eval", "fuse", "export", "data"}
+
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -50,13 +53,18 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="macft")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Fine-tune language models locally on Apple Silicon with MLX, and run them in llama.cpp/Ollama.
 
     \b
     Quickstart (trains the embedded Gemma 3 270M on a demo task):
       macft lora
     """
+    from macft.backend import missing_blas_hint
+
+    if ctx.invoked_subcommand in COMPUTE_COMMANDS and (hint := missing_blas_hint()):
+        click.echo(f"note: {hint}", err=True)
 
 
 def main() -> None:

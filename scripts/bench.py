@@ -222,6 +222,9 @@ def system_config(system: str, base: dict, models: dict) -> dict:
     cfg = dict(base, system=system)
     cfg["model_dir"] = models["native"] if system == "mlx_lm-stock" else models["float32"]
     cfg["blas"] = "reference" if system == "mlx_lm-stock" else "openblas"
+    if system == "mlx_lm-stock":
+        cfg["steps"] = min(cfg["steps"], cfg.pop("stock_steps"))  # ~2 tokens/s: a few steps measure it
+    cfg.pop("stock_steps", None)
     if system == "macft-qlora":
         cfg["quantize_bits"] = 4
     if system == "macft-packed":
@@ -264,6 +267,7 @@ def main() -> None:
     parser.add_argument("--model", default="gemma3-270m", help="gemma3-270m, tiny-llama, or a model folder")
     parser.add_argument("--systems", default="macft,macft-qlora,mlx_lm,mlx_lm-stock")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--stock-steps", type=int, default=3, help="steps for mlx_lm-stock, which is ~10x slower")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
@@ -283,7 +287,8 @@ def main() -> None:
     models = prepare_models(args.model, scratch)
     systems = args.systems.split(",")
     base = {"data": str(args.data), "steps": args.steps, "batch": args.batch, "seq": args.seq, "rank": args.rank,
-            "scale": args.scale, "layers": args.layers, "lr": args.lr, "scratch": str(scratch)}
+            "scale": args.scale, "layers": args.layers, "lr": args.lr, "scratch": str(scratch),
+            "stock_steps": args.stock_steps}
     settings = [dict(base)]
     if args.scaling:
         settings += [dict(base, seq=s) for s in (128, 512) if s != args.seq]

@@ -187,3 +187,25 @@ def test_fuse_model_refuses_modules_that_cannot_merge(tiny_model_dir):
     model.model.extra = SoftThing()
     with pytest.raises(MacftError, match="SoftThing"):
         fuse_model(model)
+
+
+def test_dequantized_matmul_matches_plain_autodiff():
+    """The memory-lean CPU path for a quantized base gives plain autodiff's values and gradients."""
+    from macft.methods.lora import dequantized_matmul, float_weight
+
+    mx.random.seed(3)
+    layer = nn.QuantizedLinear(256, 128, bias=False, group_size=64, bits=4)
+    x = mx.random.normal((5, 256))
+    upstream = mx.random.normal((5, 128))
+
+    def ours(inputs):
+        return (dequantized_matmul(layer, inputs) * upstream).sum()
+
+    def reference(inputs):
+        return ((inputs @ float_weight(layer).T) * upstream).sum()
+
+    value, grad = mx.value_and_grad(ours)(x)
+    ref_value, ref_grad = mx.value_and_grad(reference)(x)
+    np.testing.assert_allclose(np.array(value), np.array(ref_value), rtol=1e-5)
+    np.testing.assert_allclose(np.array(grad), np.array(ref_grad), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(mx.compile(mx.grad(ours))(x)), np.array(ref_grad), rtol=1e-5, atol=1e-5)

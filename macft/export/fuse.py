@@ -161,8 +161,9 @@ def fuse_adapter(
 ) -> FuseResult:
     """Fuse the adapter in ``run_dir`` and save the merged model to ``out`` (default ``RUN/fused``)."""
     import mlx.core as mx
-    import mlx.nn as nn
     from mlx_lm.utils import save_config, save_model
+
+    from macft.models.load import quantize_model
 
     if dequantize and quantize_bits is not None:
         raise MacftError("Choose either --dequantize or --quantize, not both.")
@@ -176,12 +177,7 @@ def fuse_adapter(
     config.pop("quantization", None)
     config.pop("quantization_config", None)
     if quantize_bits is not None:
-        nn.quantize(
-            model,
-            group_size=group_size,
-            bits=quantize_bits,
-            class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0,
-        )
+        quantize_model(model, quantize_bits, group_size)
         mx.eval(model.parameters())
         mode = f"{quantize_bits}-bit"
     else:

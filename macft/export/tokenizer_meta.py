@@ -79,13 +79,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, *, vocab_size: int, 
         vocab = gguf.LlamaHfVocab(model_dir)
     except (FileNotFoundError, TypeError):
         raise MacftError(f"The tokenizer in {model_dir} is neither byte-level BPE nor SentencePiece; GGUF export cannot describe it.") from None
-    tokens, scores, types = _pad([(t, s, int(k)) for t, s, k in vocab.all_tokens()], vocab_size)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    _add_special(writer, model_dir, vocab_size, merges=False, family=family)
+    _write_sentencepiece(writer, [(t, s, int(k)) for t, s, k in vocab.all_tokens()], model_dir, vocab_size, family)
     return "llama"
 
 
@@ -172,6 +166,11 @@ def _add_sentencepiece(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int
         if token_id < len(entries):
             kind = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
             entries[token_id] = (content.encode("utf-8"), -1000.0, int(kind))
+    _write_sentencepiece(writer, entries, model_dir, vocab_size, family)
+
+
+def _write_sentencepiece(writer: gguf.GGUFWriter, entries: list, model_dir: Path, vocab_size: int, family: str) -> None:
+    """The keys of a SentencePiece (``llama``) vocabulary from (token, score, type) entries."""
     tokens, scores, types = _pad(entries, vocab_size)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")

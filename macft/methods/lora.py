@@ -56,9 +56,32 @@ def float_dtype(layer: nn.Module) -> mx.Dtype:
 def apply_base(layer: nn.Module, x: mx.array) -> mx.array:
     """The frozen base layer's output, dequantizing first where that is the faster path."""
     if isinstance(layer, nn.QuantizedLinear) and detect().dequantize_for_matmul:
-        y = x @ float_weight(layer).T
+        y = dequantized_matmul(layer, x)
         return y + layer.bias if "bias" in layer else y
     return layer(x)
+
+
+def dequantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
+    """``x @ W.T`` for a frozen quantized layer through a float copy of W that lives one matmul long.
+
+    Plain autodiff would keep every layer's dequantized weight until the backward pass, a float
+    copy of the whole model; here the backward pass dequantizes again. ``mx.depends`` on the
+    cotangent makes that a separate node, which compilation cannot merge with the forward one.
+    """
+
+    @mx.custom_function
+    def matmul(inputs):
+        return inputs @ float_weight(layer).T
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        weight = mx.depends(layer.weight, cotangent)
+        again = mx.dequantize(
+            weight, layer.scales, layer.get("biases"), group_size=layer.group_size, bits=layer.bits, mode=layer.mode
+        )
+        return (cotangent @ again,)
+
+    return matmul(x)
 
 
 def float_linear(weight: mx.array, bias: mx.array | None, dtype: mx.Dtype) -> nn.Linear:

@@ -134,7 +134,6 @@ def load_model(
     """Load a model and tokenizer, cast float weights to this backend's compute dtype, and
     optionally quantize the frozen base (QLoRA)."""
     import mlx.core as mx
-    import mlx.nn as nn
     from mlx_lm.utils import load_model as mlx_load_model
     from mlx_lm.utils import load_tokenizer
 
@@ -148,16 +147,23 @@ def load_model(
     family = model_family(config)
     cast_floats(model, compute_dtype())
     if quantize_bits is not None:
-        nn.quantize(
-            model,
-            group_size=group_size,
-            bits=quantize_bits,
-            class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0,
-        )
+        quantize_model(model, quantize_bits, group_size)
     mx.eval(model.parameters())
     tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
     identity = {"source": spec, "path": str(model_dir), "family": family, "sha256": sha}
     return LoadedModel(model, tokenizer, Path(model_dir), config, identity)
+
+
+def quantize_model(model, bits: int, group_size: int) -> None:
+    """MLX affine quantization of every layer that supports it and whose rows split into groups."""
+    import mlx.nn as nn
+
+    nn.quantize(
+        model,
+        group_size=group_size,
+        bits=bits,
+        class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0,
+    )
 
 
 def cast_floats(model, dtype) -> None:
