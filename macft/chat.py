@@ -88,6 +88,7 @@ def run_base(adapter: str | Path) -> tuple[str, dict[str, Any]]:
 def open_model(model_spec: str | None, adapter: str | Path | None = None) -> OpenedModel:
     """Load ``model_spec`` (or the adapter's recorded base when it is None) and apply ``adapter``."""
     from macft.config import DEFAULT_MODEL
+    from macft.methods.lora import dequantize_for_generation
     from macft.models.load import load_model
 
     options: dict[str, Any] = {}
@@ -95,6 +96,7 @@ def open_model(model_spec: str | None, adapter: str | Path | None = None) -> Ope
         recorded, options = run_base(adapter)
         model_spec = model_spec or recorded
     loaded = load_model(model_spec or DEFAULT_MODEL, **options)
+    dequantize_for_generation(loaded.model)
     opened = OpenedModel(loaded, loaded.model)
     if adapter is not None:
         set_adapter(opened, adapter)

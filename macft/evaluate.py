@@ -151,10 +151,12 @@ def example_loss(model, tokens: list[int], mask: list[bool]) -> tuple[float, int
     return float((losses * weights).sum().item()), int(sum(mask[1:]))
 
 
-def answer(model, tokenizer, prompt_tokens: list[int], max_tokens: int) -> str:
-    from macft.chat import Sampling, stream
+def answers(model, tokenizer, prompts: list[list[int]], max_tokens: int) -> list[str]:
+    """Greedy answers, generated as one batch: on a CPU, decoding one prompt at a time is bound by
+    reading the output matrix once per token, so a batch costs little more than one answer."""
+    from mlx_lm.generate import batch_generate
 
-    return "".join(r.text for r in stream(model, tokenizer, prompt_tokens, Sampling(max_tokens=max_tokens)))
+    return list(batch_generate(model, tokenizer, prompts, max_tokens=max_tokens).texts) if prompts else []
 
 
 def score_model(model, tokenizer, items: list[Item], options: EvalOptions) -> tuple[Scores, list[dict[str, Any]]]:
@@ -162,11 +164,12 @@ def score_model(model, tokenizer, items: list[Item], options: EvalOptions) -> tu
     for item in items:
         loss_sum, n = example_loss(model, item.tokens, item.mask)
         total, count = total + loss_sum, count + n
-        row: dict[str, Any] = {"loss": loss_sum / n}
-        if options.generate and item.reference is not None:
-            output = answer(model, tokenizer, item.prompt_tokens, options.max_tokens)
-            row.update(output=output, exact=exact_match(output, item.reference), similarity=similarity(output, item.reference), f1=token_f1(output, item.reference))
-        rows.append(row)
+        rows.append({"loss": loss_sum / n})
+    answerable = [i for i, item in enumerate(items) if options.generate and item.reference is not None]
+    outputs = answers(model, tokenizer, [items[i].prompt_tokens for i in answerable], options.max_tokens)
+    for i, output in zip(answerable, outputs):
+        reference = items[i].reference
+        rows[i].update(output=output, exact=exact_match(output, reference), similarity=similarity(output, reference), f1=token_f1(output, reference))
     mean = total / count
     scores = Scores(loss=mean, perplexity=math.exp(min(mean, 700.0)), tokens=count, examples=len(items))
     scored = [r for r in rows if "output" in r]

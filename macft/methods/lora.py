@@ -24,6 +24,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 from macft.backend import detect
 
@@ -91,6 +92,28 @@ def float_linear(weight: mx.array, bias: mx.array | None, dtype: mx.Dtype) -> nn
     if bias is not None:
         linear.bias = bias.astype(dtype)
     return linear
+
+
+def dequantize_for_generation(model: nn.Module) -> nn.Module:
+    """Where quantized matmuls are slow (CPU), replace quantized layers by float ones, in place.
+
+    Training dequantizes inside every step to keep memory low; generation runs the model many
+    times, so dequantizing once is the faster trade. Use it when training is over.
+    """
+    if not detect().dequantize_for_matmul:
+        return model
+    swaps = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            swaps.append((path, float_linear(float_weight(module), module.get("bias"), float_dtype(module))))
+        elif isinstance(module, nn.QuantizedEmbedding):
+            embedding = nn.Embedding(*float_weight(module).shape)
+            embedding.weight = float_weight(module).astype(float_dtype(module))
+            swaps.append((path, embedding))
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+        mx.eval(model.parameters())
+    return model
 
 
 class LoRALinear(nn.Module):

@@ -22,13 +22,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_unflatten
 
 from macft.backend import detect
 from macft.config import Recipe, save_recipe
 from macft.errors import MacftError
 from macft.methods import ADAPTER_FILE, adapters_disabled, apply_method, count_parameters, save_adapter
-from macft.methods.lora import float_dtype, float_linear, float_weight
+from macft.methods.lora import dequantize_for_generation
 from macft.paths import atomic_path
 from macft.train.checkpoint import Checkpoints
 from macft.train.loop import Callback, TrainResult, train
@@ -285,28 +284,6 @@ def prompt_tokens(tokenizer: Any, record: Any, use_chat_template: bool | None) -
         ids = tokenizer.apply_chat_template(record.as_messages()[:-1], add_generation_prompt=True)
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
     return list(tokenizer.encode(record.prompt + record.prompt_suffix))
-
-
-def dequantize_for_generation(model: nn.Module) -> nn.Module:
-    """Where quantized matmuls are slow (CPU), replace quantized layers by float ones, in place.
-
-    Training dequantizes inside every step to keep memory low; generation runs the model many
-    times, so dequantizing once is the faster trade. Use it when training is over.
-    """
-    if not detect().dequantize_for_matmul:
-        return model
-    swaps = []
-    for path, module in model.named_modules():
-        if isinstance(module, nn.QuantizedLinear):
-            swaps.append((path, float_linear(float_weight(module), module.get("bias"), float_dtype(module))))
-        elif isinstance(module, nn.QuantizedEmbedding):
-            embedding = nn.Embedding(*float_weight(module).shape)
-            embedding.weight = float_weight(module).astype(float_dtype(module))
-            swaps.append((path, embedding))
-    if swaps:
-        model.update_modules(tree_unflatten(swaps))
-        mx.eval(model.parameters())
-    return model
 
 
 def run_demo(outcome: RunOutcome) -> DemoResult | None:
