@@ -40,11 +40,17 @@ def linear_dims(layer: nn.Module) -> tuple[int, int]:
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
-def float_weight(layer: nn.Module) -> mx.array:
-    """The layer's weight as a float array (dequantized for a quantized linear or embedding layer)."""
+def float_weight(layer: nn.Module, packed: mx.array | None = None) -> mx.array:
+    """The layer's weight as a float array (dequantized for a quantized linear or embedding layer;
+    ``packed`` stands in for ``layer.weight``, e.g. to make the dequantization depend on another array)."""
     if isinstance(layer, QUANTIZED):
         return mx.dequantize(
-            layer.weight, layer.scales, layer.get("biases"), group_size=layer.group_size, bits=layer.bits, mode=layer.mode
+            layer.weight if packed is None else packed,
+            layer.scales,
+            layer.get("biases"),
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
         )
     return layer.weight
 
@@ -76,11 +82,7 @@ def dequantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
-        weight = mx.depends(layer.weight, cotangent)
-        again = mx.dequantize(
-            weight, layer.scales, layer.get("biases"), group_size=layer.group_size, bits=layer.bits, mode=layer.mode
-        )
-        return (cotangent @ again,)
+        return (cotangent @ float_weight(layer, packed=mx.depends(layer.weight, cotangent)),)
 
     return matmul(x)
 

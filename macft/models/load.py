@@ -63,10 +63,11 @@ def resolve_model_dir(spec: str, *, revision: str | None = None, dequantize: boo
     if path.suffix == ".gguf":
         if not path.is_file():
             raise MacftError(f"GGUF file {path} does not exist.")
-        from macft.models.gguf_import import import_gguf
+        from macft.models.gguf_import import import_gguf_report
 
-        model_dir = import_gguf(path, dequantize=dequantize)
-        return model_dir, weights_hash(model_dir)
+        # The import already hashed the GGUF file; hashing the imported weights again would read them twice.
+        report = import_gguf_report(path, dequantize=dequantize)
+        return report.path, report.sha256
     if path.is_dir():
         if not (path / "config.json").exists():
             raise MacftError(f"{path} is not a model directory (no config.json); pass a model folder, a .gguf file or a hub id.")
