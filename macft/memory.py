@@ -51,16 +51,15 @@ BACKWARD_HIDDEN = 23
 # logits' gradient: four float32 copies of positions × vocabulary.
 LOGIT_COPIES = 4
 # macft's chunked loss (``macft.train.losses``) applies the output head to ``loss_chunk_size``
-# positions at a time. Measured through the trainer's own step, its peak still holds float32
-# copies of the whole batch's logits, not of one chunk (the chunks are evaluated in one graph):
-# two for a frozen head (its gradient is formed in the forward pass); for a trained head (full
-# fine-tuning, under a checkpoint) three with a single chunk, about two and a half with several.
-# A quantized head that is dequantized for the matmul (the CPU path) adds two float copies of its
-# V × h weight.
-FROZEN_HEAD_LOGIT_COPIES = 2.0
+# positions at a time. A frozen head (every method but full fine-tuning) is applied one vocabulary
+# slice at a time with a running log-sum-exp, so its peak holds three float32 copies of one
+# block of chunk rows × slice (the logits, their exponentials and the product's input), not of the
+# batch's logits; a quantized head is dequantized a slice at a time, inside the same budget. A
+# trained head (full fine-tuning, under a checkpoint) still forms the whole batch's logits: three
+# float32 copies with a single chunk, about two and a half with several.
+FROZEN_HEAD_BLOCK_COPIES = 3.0
 CHUNKED_LOGIT_COPIES = 3.0
 MULTI_CHUNK_LOGIT_COPIES = 2.5
-DEQUANTIZED_HEAD_COPIES = 2
 # Attention without a fused backward materialises the probabilities (kept) and, for the layer in
 # its backward pass, two more batch × heads × L × L buffers.
 ATTENTION_TRANSIENT = 2
@@ -135,7 +134,6 @@ class Plan:
     # None = a plain loss over the whole batch's logits.
     loss_chunk_size: int | None = 0
     compute_bytes: int = 4  # float32 on CPU, bfloat16 (2) on Metal/CUDA
-    dequantize_for_matmul: bool = False  # the backend dequantizes quantized weights per matmul (CPU)
     extra_trainable: int = 0  # parameters of prompt/prefix/adapter methods
 
 
@@ -340,20 +338,15 @@ def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None) 
     if plan.loss_chunk_size is None:
         logits = tokens * shape.vocab * 4 * LOGIT_COPIES
     else:
-        from macft.train.losses import auto_chunk_size
+        from macft.train.losses import auto_chunk_size, auto_vocab_slice
 
+        rows = auto_chunk_size(shape.vocab, plan.loss_chunk_size)
         if plan.method != "full":
-            copies = FROZEN_HEAD_LOGIT_COPIES
-        elif auto_chunk_size(shape.vocab, plan.loss_chunk_size) >= tokens:
-            copies = CHUNKED_LOGIT_COPIES
+            block = min(rows, tokens) * auto_vocab_slice(shape.vocab, min(rows, tokens))
+            logits = int(block * 4 * FROZEN_HEAD_BLOCK_COPIES)
         else:
-            copies = MULTI_CHUNK_LOGIT_COPIES
-        logits = int(tokens * shape.vocab * 4 * copies)
-        quantized_head = plan.method != "full" and (
-            plan.quantize_bits is not None or plan.method == "qlora" or shape.stored_bits is not None
-        )
-        if quantized_head and plan.dequantize_for_matmul:
-            logits += DEQUANTIZED_HEAD_COPIES * shape.vocab * shape.hidden * d
+            copies = CHUNKED_LOGIT_COPIES if rows >= tokens else MULTI_CHUNK_LOGIT_COPIES
+            logits = int(tokens * shape.vocab * 4 * copies)
 
     parts = {
         "weights": weights,
@@ -430,13 +423,10 @@ def backend_settings() -> dict[str, Any]:
     from macft.backend import detect
 
     backend = detect()
-    return {
-        "compute_bytes": 2 if backend.compute_dtype in ("bfloat16", "float16") else 4,
-        "dequantize_for_matmul": backend.dequantize_for_matmul,
-    }
+    return {"compute_bytes": 2 if backend.compute_dtype in ("bfloat16", "float16") else 4}
 
 
-MAC_SETTINGS = {"compute_bytes": 2, "dequantize_for_matmul": False}  # Apple Silicon: bfloat16 on Metal
+MAC_SETTINGS = {"compute_bytes": 2}  # Apple Silicon: bfloat16 on Metal
 
 
 def plan_from_recipe(recipe, settings: dict[str, Any] | None = None) -> Plan:

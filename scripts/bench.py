@@ -15,6 +15,7 @@ Systems:
     python scripts/bench.py                                   # Gemma 3 270M, 20 steps, batch 4, seq 256
     python scripts/bench.py --model tiny-llama --steps 30
     python scripts/bench.py --scaling --systems macft,mlx_lm  # tokens/s and memory vs seq and batch
+    python scripts/bench.py --grad-checkpoint --systems macft,macft-qlora,mlx_lm-stock
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def worker_macft(cfg: dict, started: float) -> dict:
         f"output.runs_dir={cfg['scratch']}",
         f"output.name={cfg['system']}-b{cfg['batch']}-s{cfg['seq']}",
         "demo.count=0",
+        f"train.grad_checkpoint={str(cfg.get('grad_checkpoint', False)).lower()}",
     ]
     if cfg.get("quantize_bits"):
         overrides.append(f"model.quantize_bits={cfg['quantize_bits']}")
@@ -134,6 +136,7 @@ def worker_mlx_lm(cfg: dict, started: float) -> dict:
         save_every=10**9,
         adapter_path=str(Path(cfg["scratch"]) / "mlx_lm"),
         seed=0,
+        grad_checkpoint=cfg.get("grad_checkpoint", False),
     )
     reports: list[dict] = []
     totals = {"tokens": 0, "seconds": 0.0}
@@ -275,6 +278,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--data", type=Path, default=WIKISQL)
+    parser.add_argument("--grad-checkpoint", action="store_true", help="recompute each layer in the backward pass (all systems)")
     parser.add_argument("--scaling", action="store_true", help="also sweep seq (128/256/512) and batch (2/4/8)")
     parser.add_argument("--out", type=Path, default=ROOT / "scripts" / "results" / "bench.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -288,7 +292,7 @@ def main() -> None:
     systems = args.systems.split(",")
     base = {"data": str(args.data), "steps": args.steps, "batch": args.batch, "seq": args.seq, "rank": args.rank,
             "scale": args.scale, "layers": args.layers, "lr": args.lr, "scratch": str(scratch),
-            "stock_steps": args.stock_steps}
+            "stock_steps": args.stock_steps, "grad_checkpoint": args.grad_checkpoint}
     settings = [dict(base)]
     if args.scaling:
         settings += [dict(base, seq=s) for s in (128, 512) if s != args.seq]
@@ -298,7 +302,7 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d"), "runs": []}
     for setting in settings:
         print(f"\n== {args.model}: batch {setting['batch']}, seq {setting['seq']}, rank {setting['rank']}, "
-              f"{setting['layers']} layers, {setting['steps']} steps")
+              f"{setting['layers']} layers, {setting['steps']} steps" + (", gradient checkpointing" if args.grad_checkpoint else ""))
         rows = []
         for system in systems:
             result = spawn(system, system_config(system, setting, models))

@@ -40,19 +40,29 @@ def linear_dims(layer: nn.Module) -> tuple[int, int]:
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
-def float_weight(layer: nn.Module, packed: mx.array | None = None) -> mx.array:
-    """The layer's weight as a float array (dequantized for a quantized linear or embedding layer;
-    ``packed`` stands in for ``layer.weight``, e.g. to make the dequantization depend on another array)."""
+def float_weight(
+    layer: nn.Module, packed: mx.array | None = None, rows: tuple[int, int] | None = None, index: mx.array | None = None
+) -> mx.array:
+    """The layer's weight as a float array (dequantized for a quantized linear or embedding layer).
+
+    ``rows=(start, end)`` or ``index`` (an array of row numbers) take only those rows, dequantizing
+    only them; ``packed`` stands in for ``layer.weight``, e.g. to make the dequantization depend on
+    another array."""
+    weight = layer.weight if packed is None else packed
+    pick = slice(*rows) if rows is not None else index
+    if pick is not None:
+        weight = weight[pick]
     if isinstance(layer, QUANTIZED):
+        biases = layer.get("biases")
         return mx.dequantize(
-            layer.weight if packed is None else packed,
-            layer.scales,
-            layer.get("biases"),
+            weight,
+            layer.scales if pick is None else layer.scales[pick],
+            biases if biases is None or pick is None else biases[pick],
             group_size=layer.group_size,
             bits=layer.bits,
             mode=layer.mode,
         )
-    return layer.weight
+    return weight
 
 
 def float_dtype(layer: nn.Module) -> mx.Dtype:

@@ -33,8 +33,10 @@ from mlx.utils import tree_flatten
 from macft.backend import detect
 from macft.methods.lora import QUANTIZED, float_weight
 
-LOGITS_BUDGET = 1 << 26  # logits elements per chunk in auto mode (256 MiB in float32)
+LOGITS_BUDGET = 1 << 24  # logits elements per block of rows × vocabulary slice (64 MiB in float32)
+AUTO_CHUNK_ROWS = 512  # trained positions per loss chunk in auto mode
 SELECT_MULTIPLE = 64  # pad the selected-position count to this multiple so compiled shapes repeat
+SLICE_MULTIPLE = 1024  # vocabulary slices are a multiple of this many rows of the head
 
 
 def auto_chunk_size(vocab: int | None, requested: int = 0) -> int:
@@ -42,7 +44,13 @@ def auto_chunk_size(vocab: int | None, requested: int = 0) -> int:
         return requested
     if vocab is None:  # the full-logits fallback does not chunk
         return 1 << 30
-    return max(SELECT_MULTIPLE, (LOGITS_BUDGET // vocab) // SELECT_MULTIPLE * SELECT_MULTIPLE)
+    return AUTO_CHUNK_ROWS
+
+
+def auto_vocab_slice(vocab: int, rows: int) -> int:
+    """Head rows per slice so that one block of logits stays within ``LOGITS_BUDGET``."""
+    size = max(SLICE_MULTIPLE, LOGITS_BUDGET // max(rows, 1) // SLICE_MULTIPLE * SLICE_MULTIPLE)
+    return min(vocab, size)
 
 
 def vocab_size(model: nn.Module) -> int | None:
@@ -102,10 +110,12 @@ def chunked_loss(
     weights: mx.array,
     *,
     chunk_size: int,
+    vocab_slice: int = 0,
     cache: Any = None,
     training: bool = True,
 ) -> tuple[mx.array, mx.array]:
-    """``training=False`` skips the gradient work of the frozen-head path (for validation)."""
+    """``training=False`` skips the gradient work of the frozen-head path (for validation);
+    ``vocab_slice`` is the head rows per slice (0: ``auto_vocab_slice``)."""
     split = body_and_head(model)
     if split is None:
         return full_logits_loss(model, inputs, select, targets, weights, cache=cache)
@@ -113,39 +123,98 @@ def chunked_loss(
     hidden = body(inputs, cache)
     hidden = hidden.reshape(-1, hidden.shape[-1])[select]
 
-    frozen = isinstance(head, (nn.Linear, nn.Embedding, *QUANTIZED)) and not tree_flatten(head.trainable_parameters())
-    if frozen and training:
-        chunk_loss = frozen_head_loss(head)
+    matrix_head = isinstance(head, (nn.Linear, nn.Embedding, *QUANTIZED))
+    trained_head = bool(tree_flatten(head.trainable_parameters()))
+    if matrix_head and not (training and trained_head):
+        rows = vocab_slice or auto_vocab_slice(head.weight.shape[0], min(chunk_size, hidden.shape[0]))
+        chunk_loss = frozen_head_loss(head, rows, with_gradient=training)
     else:
         chunk_loss = plain_head_loss(head, checkpoint=training and hidden.shape[0] > chunk_size)
     total = mx.array(0.0, mx.float32)
     for start in range(0, hidden.shape[0], chunk_size):
         end = start + chunk_size
-        total = total + chunk_loss(hidden[start:end], targets[start:end], weights[start:end])
+        # Chained so that one chunk's logits are freed before the next chunk's are computed; MLX
+        # would otherwise be free to schedule all chunks at once.
+        chunk = hidden[start:end] if start == 0 else mx.depends(hidden[start:end], total)
+        total = total + chunk_loss(chunk, targets[start:end], weights[start:end])
     return total, weights.sum()
 
 
-def frozen_head_loss(head: nn.Module) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+def head_slice(head: nn.Module, start: int, end: int) -> tuple[mx.array, mx.array | None, dict | None]:
+    """Rows ``start:end`` of a matrix head: (float weight or packed weight, bias, quantized-matmul
+    arguments). The float weight is dequantized unless the backend multiplies quantized weights
+    directly, in which case the packed rows and their scales come back instead."""
+    bias = head.bias[start:end] if "bias" in head else None
+    if isinstance(head, QUANTIZED) and not detect().dequantize_for_matmul:
+        quantized = {
+            "scales": head.scales[start:end],
+            "biases": head["biases"][start:end] if "biases" in head else None,
+            "group_size": head.group_size,
+            "bits": head.bits,
+            "mode": head.mode,
+        }
+        return head.weight[start:end], bias, quantized
+    return float_weight(head, rows=(start, end)), bias, None
+
+
+def frozen_head_loss(head: nn.Module, vocab_slice: int, with_gradient: bool = True) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
     """Weighted cross-entropy sum of one chunk through a frozen matrix head, with a custom backward.
 
-    The forward pass also computes d(loss)/d(hidden) = (softmax − one-hot) · w · W and returns it
-    as a second output; the backward pass only scales it. So a chunk costs two matmuls with the
-    head, and its logits never outlive its forward pass.
+    The head is applied ``vocab_slice`` rows at a time with a running log-sum-exp (as flash
+    attention does over keys), so neither the chunk's full logits nor a dequantized copy of a
+    quantized head ever exist. The same pass also accumulates d(loss)/d(hidden) =
+    (softmax − one-hot) · w · W, rescaled whenever the running maximum grows, and returns it as a
+    second output; the backward pass only scales it. So a slice costs two matmuls with the head,
+    and nothing is recomputed.
     """
+    vocab = head.weight.shape[0]
+
+    def times_head(x: mx.array, weight: mx.array, quantized: dict | None, transpose: bool) -> mx.array:
+        if quantized is not None:
+            return mx.quantized_matmul(x, weight, transpose=transpose, **quantized)
+        return x @ (weight.astype(x.dtype).T if transpose else weight.astype(x.dtype))
+
+    def picked_rows(t: mx.array) -> mx.array:
+        return float_weight(head, index=t)
+
+    def forward(h, t, w):
+        peak = norm = grad = None
+        for start in range(0, vocab, vocab_slice):
+            if grad is not None:  # keep one slice alive at a time
+                h = mx.depends(h, grad)
+            elif norm is not None:
+                h = mx.depends(h, norm)
+            weight, bias, quantized = head_slice(head, start, min(start + vocab_slice, vocab))
+            logits = times_head(h, weight, quantized, transpose=True).astype(mx.float32)
+            if bias is not None:
+                logits = logits + bias
+            new_peak = logits.max(axis=-1) if peak is None else mx.maximum(peak, logits.max(axis=-1))
+            shifted = mx.exp(logits - new_peak[:, None])
+            if peak is None:
+                norm = shifted.sum(axis=-1)
+            else:
+                rescale = mx.exp(peak - new_peak)
+                norm = norm * rescale + shifted.sum(axis=-1)
+            if with_gradient:
+                part = times_head(shifted.astype(h.dtype), weight, quantized, transpose=False)
+                grad = part if grad is None else grad * rescale[:, None].astype(h.dtype) + part
+            peak = new_peak
+        target_rows = picked_rows(t).astype(h.dtype)
+        picked = (h * target_rows).sum(axis=-1).astype(mx.float32)
+        if "bias" in head:
+            picked = picked + head.bias[t]
+        loss = ((peak + mx.log(norm) - picked) * w).sum()
+        if not with_gradient:
+            return loss, None
+        hidden_grad = (grad / norm[:, None].astype(h.dtype) - target_rows) * w[:, None].astype(h.dtype)
+        return loss, hidden_grad
+
+    if not with_gradient:
+        return lambda h, t, w: forward(h, t, w)[0]
 
     @mx.custom_function
     def loss_and_hidden_grad(h, t, w):
-        weight = float_weight(head).astype(h.dtype)
-        logits = h @ weight.T
-        if "bias" in head:
-            logits = logits + head.bias
-        logits = logits.astype(mx.float32)
-        lse = mx.logsumexp(logits, axis=-1)
-        picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        loss = ((lse - picked) * w).sum()
-        one_hot = mx.arange(logits.shape[-1])[None, :] == t[:, None]
-        dlogits = (mx.exp(logits - lse[:, None]) - one_hot) * w[:, None]
-        return loss, dlogits.astype(h.dtype) @ weight
+        return forward(h, t, w)
 
     @loss_and_hidden_grad.vjp
     def backward(primals, cotangents, outputs):
