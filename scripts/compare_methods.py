@@ -40,7 +40,7 @@ DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "data" / "wikisql"
 def method_recipe(key: str, args: argparse.Namespace, stamp: str) -> Recipe:
     name, quantized, learning_rate = METHODS[key]
     recipe = Recipe(name=f"compare-{key}").replace(
-        model={"path": args.model, "quantize_bits": 4 if quantized else None},
+        model={"path": args.model, "dequantize": True, "quantize_bits": 4 if quantized else None},
         data={"train": str(args.data), "max_seq_length": args.seq},
         method={"name": name},
         train={
