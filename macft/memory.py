@@ -3,9 +3,10 @@
 The prediction adds up what MLX holds at the peak of one training step: the frozen weights at
 their stored precision, the trainable parameters with their gradients and AdamW moments, the
 activations each layer keeps for the backward pass, the transient buffers of the backward pass
-through one layer, and the logits (batch × positions × vocabulary), which dominate for models with
-a large vocabulary such as Gemma's 262k tokens. Shapes come from ``config.json`` or from GGUF
-metadata (``read_model_shape``), so no weights are loaded.
+through one layer, and the logits: for macft's own loss one block of positions × vocabulary slice,
+for a plain loss or a trained head the whole batch × positions × vocabulary, which dominates for
+models with a large vocabulary such as Gemma's 262k tokens. Shapes come from ``config.json`` or
+from GGUF metadata (``read_model_shape``), so no weights are loaded.
 
     shape = read_model_shape("Qwen/Qwen3-0.6B")          # config only, from the hub cache
     est = estimate(shape, Plan(method="qlora", batch=4, seq=512))

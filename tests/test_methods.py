@@ -156,6 +156,37 @@ def test_save_load_adapter_roundtrip(tiny_model_dir, tmp_path, method, bits):
     np.testing.assert_allclose(base, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_quantized_layers_outside_adapters_take_the_dequantized_path(tiny_model_dir):
+    """QLoRA on attention only: on CPU the untouched quantized MLP layers also dequantize then
+    multiply (not MLX's slow CPU quantized_matmul), with quantized_matmul's values and gradients."""
+    from macft.backend import detect
+    from macft.methods.lora import DequantizingLinear
+
+    mx.random.seed(0)
+    model = apply_method(load_model(str(tiny_model_dir), quantize_bits=4).model, MethodConfig(rank=4))
+    for _, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            randomize_adapter(m)
+    routed = [m for _, m in model.named_modules() if isinstance(m, DequantizingLinear)]
+    assert bool(routed) == detect().dequantize_for_matmul
+    if not routed:
+        pytest.skip("this backend multiplies quantized weights directly")
+    assert isinstance(model.model.layers[0].mlp.gate_proj, DequantizingLinear)
+    inputs = mx.array([[2, 10, 20, 30, 40, 50]])
+
+    def loss_and_grads():
+        return nn.value_and_grad(model, lambda x: model(x).astype(mx.float32).square().mean())(inputs)
+
+    loss, grads = loss_and_grads()
+    for layer in routed:
+        layer.__class__ = nn.QuantizedLinear  # back to MLX's own quantized_matmul
+    reference_loss, reference_grads = loss_and_grads()
+    assert abs(loss.item() - reference_loss.item()) < 1e-5 * abs(reference_loss.item())
+    for (name, value), (_, reference) in zip(tree_flatten(grads), tree_flatten(reference_grads)):
+        reference = np.array(reference)
+        np.testing.assert_allclose(np.array(value), reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max(), err_msg=name)
+
+
 def test_fuse_model_matches_adapter(tiny_model_dir):
     mx.random.seed(0)
     loaded = load_model(str(tiny_model_dir))

@@ -51,8 +51,10 @@ def test_chunked_loss_matches_numpy_and_full_logits(tiny_models, family, bits):
             m.lora_b = 0.2 * mx.random.normal(m.lora_b.shape)
     batch = next(iterate_batches(random_examples(3, length=40, prompt=9), 3, 64))
     chunk = 16  # 93 trained positions -> several chunks and a padded tail
+    vocab_slice = 100  # several vocabulary slices with a shorter last one (and one slice in ChunkedLoss)
+    assert model.model.embed_tokens.weight.shape[0] % vocab_slice
     arrays = (batch.inputs, *reorder(selected_positions(batch.targets, batch.loss_mask)))
-    loss_sum, tokens = chunked_loss(model, *arrays, chunk_size=chunk)
+    loss_sum, tokens = chunked_loss(model, *arrays, chunk_size=chunk, vocab_slice=vocab_slice)
     expected = numpy_loss(np.array(model(batch.inputs)), np.array(batch.targets), np.array(batch.loss_mask))
     assert tokens.item() == batch.num_tokens
     assert abs(loss_sum.item() / tokens.item() - expected) < 1e-5
@@ -63,13 +65,40 @@ def test_chunked_loss_matches_numpy_and_full_logits(tiny_models, family, bits):
     def grads(fn):
         return dict(tree_flatten(nn.value_and_grad(model, lambda *a: fn(model, *a)[0])(*arrays)[1]))
 
-    chunked = grads(lambda m, *a: chunked_loss(m, *a, chunk_size=chunk))
+    chunked = grads(lambda m, *a: chunked_loss(m, *a, chunk_size=chunk, vocab_slice=vocab_slice))
     full = grads(full_logits_loss)
     assert chunked.keys() == full.keys() and chunked
     for name in chunked:
         reference = np.array(full[name])
         # Gradients of a sum over ~90 tokens: float32 rounding scales with their size.
         np.testing.assert_allclose(np.array(chunked[name]), reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max())
+
+
+def test_quantized_head_slices_through_quantized_matmul(tiny_models, monkeypatch):
+    """On Metal/CUDA the head's slices go through quantized_matmul instead of a dequantized copy:
+    the same loss and gradients as the CPU's dequantize-then-matmul path."""
+    import dataclasses
+
+    from macft.train import losses
+
+    mx.random.seed(0)
+    model = apply_method(load_model(str(tiny_models["llama"]), quantize_bits=4).model, MethodConfig(rank=4))
+    batch = next(iterate_batches(random_examples(3, length=40, prompt=9), 3, 64))
+    arrays = (batch.inputs, *reorder(selected_positions(batch.targets, batch.loss_mask)))
+
+    def loss_and_grads():
+        fn = nn.value_and_grad(model, lambda *a: chunked_loss(model, *a, chunk_size=32, vocab_slice=128)[0])
+        loss, grads = fn(*arrays)
+        return loss.item(), dict(tree_flatten(grads))
+
+    dequantized = loss_and_grads()
+    gpu_like = dataclasses.replace(losses.detect(), dequantize_for_matmul=False)
+    monkeypatch.setattr(losses, "detect", lambda: gpu_like)
+    quantized = loss_and_grads()
+    assert abs(quantized[0] - dequantized[0]) < 1e-3 * abs(dequantized[0])
+    for name, reference in dequantized[1].items():
+        reference = np.array(reference)
+        np.testing.assert_allclose(np.array(quantized[1][name]), reference, rtol=1e-3, atol=1e-4 * np.abs(reference).max())
 
 
 def reorder(selected):

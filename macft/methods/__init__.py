@@ -29,7 +29,7 @@ from macft.config import MethodConfig, Recipe
 from macft.errors import MacftError
 from macft.methods.bottleneck import apply_adapters
 from macft.methods.full import apply_full
-from macft.methods.lora import DoRALinear, LoRALinear
+from macft.methods.lora import DoRALinear, LoRALinear, route_quantized_matmuls
 from macft.methods.prefix import apply_prefix_tuning
 from macft.methods.prompt import apply_prompt_tuning
 from macft.paths import atomic_path
@@ -84,7 +84,7 @@ def apply_method(model: nn.Module, method_cfg: MethodConfig, tokenizer=None) -> 
     """Freeze the base, insert the method and return the module to train (called like the base)."""
     if method_cfg.name not in METHODS:
         raise MacftError(f"Unknown method '{method_cfg.name}'; choose from {', '.join(sorted(METHODS))}.")
-    return METHODS[method_cfg.name](model, method_cfg, tokenizer)
+    return route_quantized_matmuls(METHODS[method_cfg.name](model, method_cfg, tokenizer))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -78,6 +78,26 @@ def apply_base(layer: nn.Module, x: mx.array) -> mx.array:
     return layer(x)
 
 
+class DequantizingLinear(nn.QuantizedLinear):
+    """A frozen quantized linear layer outside any adapter that multiplies through its dequantized
+    weight, like an adapted layer's base (``route_quantized_matmuls`` swaps it in)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return apply_base(self, x)
+
+
+def route_quantized_matmuls(model: nn.Module) -> nn.Module:
+    """Where dequantize-then-matmul is the faster path (CPU), make every quantized linear layer of
+    ``model`` take it, in place. Adapted layers already do; this covers the layers a method leaves
+    alone (QLoRA on attention only, prompt tuning on a quantized base), which would otherwise run
+    MLX's slow CPU ``quantized_matmul`` in every training step."""
+    if detect().dequantize_for_matmul:
+        for _, module in model.named_modules():
+            if type(module) is nn.QuantizedLinear:
+                module.__class__ = DequantizingLinear
+    return model
+
+
 def dequantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
     """``x @ W.T`` for a frozen quantized layer through a float copy of W that lives one matmul long.
 

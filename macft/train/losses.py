@@ -5,12 +5,15 @@ positions (prompt tokens, padding) are not trained on anyway. So the loss runs t
 get hidden states, keeps only the trained positions (``selected_positions``, done on the host), and
 applies the output head to them ``chunk_size`` rows at a time:
 
-- a frozen head (LoRA and the PEFT methods) goes through ``frozen_head_loss``, which computes each
-  chunk's gradient with respect to the hidden states during the forward pass (softmax minus
-  one-hot, times the head weight) and keeps only that, so the logits are freed at once and never
-  recomputed;
+- a frozen head (LoRA and the PEFT methods) goes through ``frozen_head_loss``, which applies the
+  head one vocabulary slice at a time with a running log-sum-exp and forms the chunk's gradient with
+  respect to the hidden states in the same pass (softmax minus one-hot, times the head weight), so
+  at most one block of rows × slice logits exists at a time and nothing is recomputed; a quantized
+  head is dequantized (or, on Metal/CUDA, multiplied quantized) one slice at a time as well;
 - a trainable head (full fine-tuning) runs each chunk under ``mx.checkpoint`` instead, which frees
   the logits after the forward pass and recomputes them in the backward pass.
+
+Chunks are chained with ``mx.depends`` so that MLX evaluates them one after another.
 
     targets, weights, select = selected_positions(batch.targets, batch.loss_mask)
     loss_sum, tokens = chunked_loss(model, batch.inputs, select, targets, weights, chunk_size=chunk_size)
@@ -174,16 +177,11 @@ def frozen_head_loss(head: nn.Module, vocab_slice: int, with_gradient: bool = Tr
             return mx.quantized_matmul(x, weight, transpose=transpose, **quantized)
         return x @ (weight.astype(x.dtype).T if transpose else weight.astype(x.dtype))
 
-    def picked_rows(t: mx.array) -> mx.array:
-        return float_weight(head, index=t)
-
     def forward(h, t, w):
         peak = norm = grad = None
         for start in range(0, vocab, vocab_slice):
-            if grad is not None:  # keep one slice alive at a time
-                h = mx.depends(h, grad)
-            elif norm is not None:
-                h = mx.depends(h, norm)
+            if norm is not None:  # finish the previous slice first: one slice alive at a time
+                h = mx.depends(h, norm if grad is None else grad)
             weight, bias, quantized = head_slice(head, start, min(start + vocab_slice, vocab))
             logits = times_head(h, weight, quantized, transpose=True).astype(mx.float32)
             if bias is not None:
@@ -199,7 +197,7 @@ def frozen_head_loss(head: nn.Module, vocab_slice: int, with_gradient: bool = Tr
                 part = times_head(shifted.astype(h.dtype), weight, quantized, transpose=False)
                 grad = part if grad is None else grad * rescale[:, None].astype(h.dtype) + part
             peak = new_peak
-        target_rows = picked_rows(t).astype(h.dtype)
+        target_rows = float_weight(head, index=t).astype(h.dtype)
         picked = (h * target_rows).sum(axis=-1).astype(mx.float32)
         if "bias" in head:
             picked = picked + head.bias[t]
