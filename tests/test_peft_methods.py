@@ -321,6 +321,14 @@ def test_compare_script_reports_every_method(tiny_models, tmp_path, capsys):
     assert all(r["peak_memory_bytes"] > 0 and r["tokens_per_second"] > 0 and r["val_loss"] > 0 for r in rows.values())
     assert "trainable params" in capsys.readouterr().out
 
+    # Re-running some rows into the same file keeps the others; the base row is the untrained model.
+    argv[argv.index("--methods") + 1] = "base,prefix"
+    assert script.main(argv) == 0
+    again = json.loads(out.read_text())
+    assert [r["method"] for r in again] == ["base", "prefix", "adapter"]
+    assert again[2] == rows["adapter"] and again[1]["run_dir"] != rows["prefix"]["run_dir"]
+    assert again[0]["trainable_parameters"] == 0 and again[0]["val_loss"] > 0 and again[0]["tokens_per_second"] is None
+
 
 @pytest.mark.parametrize("name", PEFT)
 def test_chat_can_take_the_method_off_and_put_it_back(tiny_models, tmp_path, name):

@@ -102,13 +102,15 @@ def dequantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
     """``x @ W.T`` for a frozen quantized layer through a float copy of W that lives one matmul long.
 
     Plain autodiff would keep every layer's dequantized weight until the backward pass, a float
-    copy of the whole model; here the backward pass dequantizes again. ``mx.depends`` on the
-    cotangent makes that a separate node, which compilation cannot merge with the forward one.
+    copy of the whole model; here the backward pass dequantizes again. ``mx.depends`` ties each
+    dequantization to the array that arrives just before it is needed (the input going forward,
+    the cotangent going back): that keeps the backward one a separate node, which compilation
+    cannot merge with the forward one, and stops MLX from dequantizing every layer up front.
     """
 
     @mx.custom_function
     def matmul(inputs):
-        return inputs @ float_weight(layer).T
+        return inputs @ float_weight(layer, packed=mx.depends(layer.weight, inputs)).T
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):

@@ -143,10 +143,12 @@ def chunked_loss(
     return total, weights.sum()
 
 
-def head_slice(head: nn.Module, start: int, end: int) -> tuple[mx.array, mx.array | None, dict | None]:
+def head_slice(head: nn.Module, start: int, end: int, after: mx.array) -> tuple[mx.array, mx.array | None, dict | None]:
     """Rows ``start:end`` of a matrix head: (float weight or packed weight, bias, quantized-matmul
     arguments). The float weight is dequantized unless the backend multiplies quantized weights
-    directly, in which case the packed rows and their scales come back instead."""
+    directly, in which case the packed rows and their scales come back instead. A dequantization
+    waits for ``after`` (the previous slice's result): otherwise MLX may dequantize every slice,
+    the whole head, before using the first."""
     bias = head.bias[start:end] if "bias" in head else None
     if isinstance(head, QUANTIZED) and not detect().dequantize_for_matmul:
         quantized = {
@@ -157,7 +159,8 @@ def head_slice(head: nn.Module, start: int, end: int) -> tuple[mx.array, mx.arra
             "mode": head.mode,
         }
         return head.weight[start:end], bias, quantized
-    return float_weight(head, rows=(start, end)), bias, None
+    packed = mx.depends(head.weight, after) if isinstance(head, QUANTIZED) else None
+    return float_weight(head, packed=packed, rows=(start, end)), bias, None
 
 
 def frozen_head_loss(head: nn.Module, vocab_slice: int, with_gradient: bool = True) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
@@ -182,7 +185,7 @@ def frozen_head_loss(head: nn.Module, vocab_slice: int, with_gradient: bool = Tr
         for start in range(0, vocab, vocab_slice):
             if norm is not None:  # finish the previous slice first: one slice alive at a time
                 h = mx.depends(h, norm if grad is None else grad)
-            weight, bias, quantized = head_slice(head, start, min(start + vocab_slice, vocab))
+            weight, bias, quantized = head_slice(head, start, min(start + vocab_slice, vocab), after=h)
             logits = times_head(h, weight, quantized, transpose=True).astype(mx.float32)
             if bias is not None:
                 logits = logits + bias
@@ -197,7 +200,7 @@ def frozen_head_loss(head: nn.Module, vocab_slice: int, with_gradient: bool = Tr
                 part = times_head(shifted.astype(h.dtype), weight, quantized, transpose=False)
                 grad = part if grad is None else grad * rescale[:, None].astype(h.dtype) + part
             peak = new_peak
-        target_rows = float_weight(head, index=t).astype(h.dtype)
+        target_rows = float_weight(head, packed=mx.depends(head.weight, peak), index=t).astype(h.dtype)
         picked = (h * target_rows).sum(axis=-1).astype(mx.float32)
         if "bias" in head:
             picked = picked + head.bias[t]

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten
 
 from macft.backend import detect
 from macft.config import Recipe, save_recipe
@@ -31,7 +32,7 @@ from macft.methods.lora import dequantize_for_generation
 from macft.paths import atomic_path
 from macft.train.checkpoint import Checkpoints
 from macft.train.loop import Callback, TrainResult, train
-from macft.train.losses import ChunkedLoss, auto_chunk_size, vocab_size
+from macft.train.losses import ChunkedLoss, auto_chunk_size, auto_vocab_slice, body_and_head, vocab_size
 from macft.train.schedule import build_schedule
 
 
@@ -230,7 +231,10 @@ def fast_paths(model: nn.Module, result: TrainResult, chunk_size: int) -> list[s
     backend = detect()
     paths = [f"{backend.compute_dtype} compute", f"BLAS {backend.blas}"]
     paths.append("compiled step" if result.compiled else f"uncompiled step ({result.compile_note})")
-    paths.append(f"chunked loss over trained positions only ({chunk_size} rows per chunk)")
+    split = body_and_head(model)
+    frozen_head = split is not None and not tree_flatten(split[1].trainable_parameters())
+    slices = f" × {auto_vocab_slice(vocab_size(model), chunk_size)}-token vocabulary slices" if frozen_head else ""
+    paths.append(f"chunked loss over trained positions only ({chunk_size} rows{slices} per block)")
     quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
     if quantized:
         paths.append("quantized base: dequantize + matmul" if backend.dequantize_for_matmul else "quantized base: quantized_matmul")
