@@ -14,7 +14,8 @@ Systems:
 
     python scripts/bench.py                                   # Gemma 3 270M, 20 steps, batch 4, seq 256
     python scripts/bench.py --model tiny-llama --steps 30
-    python scripts/bench.py --scaling --systems macft,mlx_lm  # tokens/s and memory vs seq and batch
+    python scripts/bench.py --scaling --systems macft,mlx_lm  # tokens/s and memory vs batch size
+    python scripts/bench.py --seq-scaling --systems macft,mlx_lm --steps 3   # ... vs sequence length
     python scripts/bench.py --grad-checkpoint --systems macft,macft-qlora,mlx_lm-stock
 """
 
@@ -202,6 +203,16 @@ def prepare_models(name: str, scratch: Path) -> dict[str, str]:
     return {"native": str(native), "float32": str(fp32)}
 
 
+def joined_rows(source: Path, per_row: int, out: Path) -> Path:
+    """A copy of a text dataset (train and valid) whose rows each join ``per_row`` consecutive rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid"):
+        texts = [json.loads(line)["text"] for line in (source / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+        rows = ["\n\n".join(texts[i : i + per_row]) for i in range(0, len(texts), per_row)]
+        (out / f"{split}.jsonl").write_text("".join(json.dumps({"text": row}) + "\n" for row in rows))
+    return out
+
+
 def spawn(system: str, cfg: dict) -> dict:
     env = dict(os.environ)
     if system == "mlx_lm-stock":
@@ -279,7 +290,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--data", type=Path, default=WIKISQL)
     parser.add_argument("--grad-checkpoint", action="store_true", help="recompute each layer in the backward pass (all systems)")
-    parser.add_argument("--scaling", action="store_true", help="also sweep seq (128/256/512) and batch (2/4/8)")
+    parser.add_argument("--scaling", action="store_true", help="also sweep the batch size (2/4/8)")
+    parser.add_argument(
+        "--seq-scaling", action="store_true",
+        help="instead sweep the maximum length (256/512/1024, batch 1) over rows of joined examples that fill it",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "scripts" / "results" / "bench.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-config", help=argparse.SUPPRESS)
@@ -293,10 +308,15 @@ def main() -> None:
     base = {"data": str(args.data), "steps": args.steps, "batch": args.batch, "seq": args.seq, "rank": args.rank,
             "scale": args.scale, "layers": args.layers, "lr": args.lr, "scratch": str(scratch),
             "stock_steps": args.stock_steps, "grad_checkpoint": args.grad_checkpoint}
-    settings = [dict(base)]
+    settings = [] if args.seq_scaling else [dict(base)]
     if args.scaling:
-        settings += [dict(base, seq=s) for s in (128, 512) if s != args.seq]
         settings += [dict(base, batch=b) for b in (2, 8) if b != args.batch]
+    if args.seq_scaling:
+        # WikiSQL rows are 58-210 tokens long, so a longer maximum alone changes nothing: each
+        # row here joins enough consecutive examples to fill about that many tokens.
+        for seq in (256, 512, 1024):
+            data = joined_rows(args.data, max(1, seq // 100), scratch / f"rows-{seq}")
+            settings.append(dict(base, seq=seq, batch=1, data=str(data)))
 
     report = {"machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores", "model": args.model,
               "date": time.strftime("%Y-%m-%d"), "runs": []}

@@ -34,7 +34,7 @@ METHODS = {
     "dora": ("dora", False, 2e-4, {}),
     "prompt": ("prompt", False, 3e-2, {"init_text": INSTRUCTION}),
     "prefix": ("prefix", False, 1e-2, {}),
-    "ptuning": ("ptuning", False, 1e-2, {"init_text": INSTRUCTION}),
+    "ptuning": ("ptuning", False, 1e-3, {"init_text": INSTRUCTION}),
     "adapter": ("adapter", False, 1e-3, {}),
 }
 BASE = "base"  # the untrained model's validation loss, for reference
