@@ -29,7 +29,7 @@ from macft.config import MethodConfig, Recipe
 from macft.errors import MacftError
 from macft.methods.bottleneck import apply_adapters
 from macft.methods.full import apply_full
-from macft.methods.lora import DoRALinear, LoRALinear, route_quantized_matmuls
+from macft.methods.lora import DequantizingLinear, DoRALinear, LoRALinear, route_quantized_matmuls
 from macft.methods.prefix import apply_prefix_tuning
 from macft.methods.prompt import apply_prompt_tuning
 from macft.paths import atomic_path
@@ -185,9 +185,14 @@ def load_adapter(model: nn.Module, path: Path) -> tuple[nn.Module, dict]:
 def fuse_model(model: nn.Module) -> nn.Module:
     """Replace every adapter layer by its merged plain layer; the result has no adapter left."""
     modules = model.named_modules()
-    # Any module a method inserted that cannot merge itself (soft prompts, prefixes, bottlenecks) blocks fusing.
+    # Any module a method inserted that cannot merge itself (soft prompts, prefixes, bottlenecks) blocks
+    # fusing; a DequantizingLinear is a base layer computing on its fast path, not an insertion.
     blocking = sorted(
-        {type(m).__name__ for _, m in modules if type(m).__module__.startswith("macft.methods") and not hasattr(m, "fuse")}
+        {
+            type(m).__name__
+            for _, m in modules
+            if type(m).__module__.startswith("macft.methods") and not hasattr(m, "fuse") and not isinstance(m, DequantizingLinear)
+        }
     )
     if blocking:
         raise MacftError(
