@@ -370,7 +370,9 @@ def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None) 
 def _notes(shape: ModelShape, plan: Plan, parts: dict[str, int]) -> list[str]:
     notes = []
     total = sum(parts.values())
-    if parts["logits"] > 0.25 * total:
+    # Only a plain loss or a trained head holds the batch's logits; macft's sliced loss holds one block.
+    batch_logits = plan.loss_chunk_size is None or plan.method == "full"
+    if batch_logits and parts["logits"] > 0.25 * total:
         full = plan.batch * plan.seq * shape.vocab * 4
         notes.append(
             f"The {shape.vocab:,}-token vocabulary costs {full / GIB:.2f} GiB per float32 copy of the logits "

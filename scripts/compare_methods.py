@@ -64,20 +64,14 @@ def base_row(args: argparse.Namespace) -> dict:
     """The untrained base model's loss on the validation batches every method is scored on."""
     from macft.data import iterate_batches, load_splits
     from macft.train.loop import evaluate
-    from macft.train.losses import ChunkedLoss, auto_chunk_size, vocab_size
-    from macft.train.run import load_base
+    from macft.train.run import batching_options, load_base, training_loss
 
     recipe = method_recipe("lora", args, "base")
     print(f"[{BASE}] validation loss of the untrained model ...", flush=True)
     loaded = load_base(recipe)
     valid = load_splits(recipe.data, loaded.tokenizer).valid
-    cfg = recipe.train
-    batches = iterate_batches(
-        valid, cfg.batch_size, recipe.data.max_seq_length,
-        packing=recipe.data.packing, bucket_by_length=recipe.data.bucket_by_length, seed=cfg.seed,
-    )
-    loss_fn = ChunkedLoss(auto_chunk_size(vocab_size(loaded.model), cfg.loss_chunk_size))
-    val_loss = evaluate(loaded.model, batches, loss_fn, cfg.eval_batches)
+    batches = iterate_batches(valid, recipe.train.batch_size, recipe.data.max_seq_length, **batching_options(recipe))
+    val_loss = evaluate(loaded.model, batches, training_loss(loaded.model, recipe), recipe.train.eval_batches)
     return {"method": BASE, "trainable_parameters": 0, "peak_memory_bytes": None, "tokens_per_second": None,
             "val_loss": val_loss, "train_loss": None, "learning_rate": None, "run_dir": None}
 

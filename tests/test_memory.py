@@ -149,6 +149,17 @@ def test_embedded_default_shape_is_gemma3_270m():
     assert shape.stored_bits is not None and shape.stored_bits < 8  # Q4_K_M
 
 
+def test_logits_note_only_where_the_batch_logits_are_held():
+    """A 262k vocabulary on a small model: the plain loss holds batch × seq × vocab logits and says
+    so; macft's sliced loss holds one block, so the advice to shrink the batch would be wrong."""
+    shape = shape_from_config(family_config("gemma3", 262144, hidden=256, layers=2))
+    plain = estimate(shape, Plan(method="lora", batch=4, seq=512, loss_chunk_size=None), available_bytes=64 * GIB)
+    sliced = estimate(shape, Plan(method="lora", batch=4, seq=512), available_bytes=64 * GIB)
+    assert any("copy of the logits" in note for note in plain.notes)
+    assert not any("copy of the logits" in note for note in sliced.notes)
+    assert sliced.parts["logits"] < plain.parts["logits"] / 10
+
+
 def test_suggestions_fix_a_plan_that_does_not_fit():
     shape = shape_from_config(family_config("llama", 32000, hidden=256, layers=4))
     plan = Plan(method="lora", batch=16, seq=1024)

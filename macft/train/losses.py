@@ -126,9 +126,7 @@ def chunked_loss(
     hidden = body(inputs, cache)
     hidden = hidden.reshape(-1, hidden.shape[-1])[select]
 
-    matrix_head = isinstance(head, (nn.Linear, nn.Embedding, *QUANTIZED))
-    trained_head = bool(tree_flatten(head.trainable_parameters()))
-    if matrix_head and not (training and trained_head):
+    if sliced_head(head, training):
         rows = vocab_slice or auto_vocab_slice(head.weight.shape[0], min(chunk_size, hidden.shape[0]))
         chunk_loss = frozen_head_loss(head, rows, with_gradient=training)
     else:
@@ -141,6 +139,24 @@ def chunked_loss(
         chunk = hidden[start:end] if start == 0 else mx.depends(hidden[start:end], total)
         total = total + chunk_loss(chunk, targets[start:end], weights[start:end])
     return total, weights.sum()
+
+
+def sliced_head(head: nn.Module, training: bool = True) -> bool:
+    """Whether the loss applies ``head`` in vocabulary slices: a plain or quantized matrix that takes
+    no gradient (frozen, or any matrix head when only scoring)."""
+    matrix_head = isinstance(head, (nn.Linear, nn.Embedding, *QUANTIZED))
+    return matrix_head and not (training and tree_flatten(head.trainable_parameters()))
+
+
+def describe_loss(model: nn.Module, chunk_size: int) -> str:
+    """How training applies this model's loss, for the run summary."""
+    split = body_and_head(model)
+    if split is None:
+        return "loss over the full logits (the model exposes no output head)"
+    if not sliced_head(split[1]):
+        return f"chunked loss over trained positions only ({chunk_size} rows per chunk)"
+    smallest = auto_vocab_slice(split[1].weight.shape[0], chunk_size)
+    return f"chunked loss over trained positions only (up to {chunk_size} rows × vocabulary slices of at least {smallest} tokens)"
 
 
 def head_slice(head: nn.Module, start: int, end: int, after: mx.array) -> tuple[mx.array, mx.array | None, dict | None]:

@@ -22,7 +22,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
 
 from macft.backend import detect
 from macft.config import Recipe, save_recipe
@@ -32,7 +31,7 @@ from macft.methods.lora import dequantize_for_generation
 from macft.paths import atomic_path
 from macft.train.checkpoint import Checkpoints
 from macft.train.loop import Callback, TrainResult, train
-from macft.train.losses import ChunkedLoss, auto_chunk_size, auto_vocab_slice, body_and_head, vocab_size
+from macft.train.losses import ChunkedLoss, auto_chunk_size, describe_loss, vocab_size
 from macft.train.schedule import build_schedule
 
 
@@ -119,6 +118,16 @@ def load_base(recipe: Recipe):
     )
 
 
+def batching_options(recipe: Recipe) -> dict[str, Any]:
+    """How a run groups its examples into batches (``macft.data.iterate_batches`` keywords)."""
+    return {"packing": recipe.data.packing, "bucket_by_length": recipe.data.bucket_by_length, "seed": recipe.train.seed}
+
+
+def training_loss(model: nn.Module, recipe: Recipe) -> ChunkedLoss:
+    """The loss a run trains and validates ``model`` with."""
+    return ChunkedLoss(auto_chunk_size(vocab_size(model), recipe.train.loss_chunk_size))
+
+
 def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
     from macft.data import batch_order, iterate_batches, load_splits
 
@@ -135,13 +144,13 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
     if trainable == 0:
         raise MacftError(f"Method '{recipe.method.name}' left nothing to train; check method.num_layers and method.target_modules.")
 
-    batching = {"packing": recipe.data.packing, "bucket_by_length": recipe.data.bucket_by_length, "seed": cfg.seed}
+    batching = batching_options(recipe)
     max_len = recipe.data.max_seq_length
     per_epoch = len(batch_order(splits.train, cfg.batch_size, max_len, **batching))
     iters = cfg.iters or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accumulation))
     recipe = recipe.replace(train={"iters": iters})
     optimizer = make_optimizer(recipe, iters)
-    loss_fn = ChunkedLoss(auto_chunk_size(vocab_size(model), cfg.loss_chunk_size))
+    loss_fn = training_loss(model, recipe)
 
     checkpoints = Checkpoints(run_dir, recipe, loaded.identity)
     progress = checkpoints.restore(model, optimizer) if recipe.output.resume else None
@@ -231,10 +240,7 @@ def fast_paths(model: nn.Module, result: TrainResult, chunk_size: int) -> list[s
     backend = detect()
     paths = [f"{backend.compute_dtype} compute", f"BLAS {backend.blas}"]
     paths.append("compiled step" if result.compiled else f"uncompiled step ({result.compile_note})")
-    split = body_and_head(model)
-    frozen_head = split is not None and not tree_flatten(split[1].trainable_parameters())
-    slices = f" × {auto_vocab_slice(vocab_size(model), chunk_size)}-token vocabulary slices" if frozen_head else ""
-    paths.append(f"chunked loss over trained positions only ({chunk_size} rows{slices} per block)")
+    paths.append(describe_loss(model, chunk_size))
     quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
     if quantized:
         paths.append("quantized base: dequantize + matmul" if backend.dequantize_for_matmul else "quantized base: quantized_matmul")
