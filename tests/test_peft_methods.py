@@ -323,6 +323,7 @@ def test_compare_script_reports_every_method(tiny_models, tmp_path, capsys):
 
     # Re-running some rows into the same file keeps the others; the base row is the untrained model.
     argv[argv.index("--methods") + 1] = "base,prefix"
+    argv[argv.index("--runs-dir") + 1] = str(tmp_path / "rerun")  # run names carry only the second
     assert script.main(argv) == 0
     again = json.loads(out.read_text())
     assert [r["method"] for r in again] == ["base", "prefix", "adapter"]
