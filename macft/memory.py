@@ -23,8 +23,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -293,6 +294,11 @@ def trainable_params(shape: ModelShape, plan: Plan) -> int:
     return plan.extra_trainable
 
 
+def quantized_base(shape: ModelShape, plan: Plan) -> bool:
+    """Whether the frozen base is held quantized (QLoRA, or a quantized model as it was stored)."""
+    return plan.method != "full" and bool(plan.quantize_bits or plan.method == "qlora" or shape.stored_bits)
+
+
 def weight_bytes(shape: ModelShape, plan: Plan) -> int:
     """The frozen (or, for full, trained) weights at the precision they are held in."""
     bits = plan.quantize_bits or (4 if plan.method == "qlora" else None)
@@ -343,8 +349,12 @@ def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None) 
 
         rows = auto_chunk_size(shape.vocab, plan.loss_chunk_size)
         if plan.method != "full":
-            block = min(rows, tokens) * auto_vocab_slice(shape.vocab, min(rows, tokens))
-            logits = int(block * 4 * FROZEN_HEAD_BLOCK_COPIES)
+            vocab_slice = auto_vocab_slice(shape.vocab, min(rows, tokens))
+            logits = int(min(rows, tokens) * vocab_slice * 4 * FROZEN_HEAD_BLOCK_COPIES)
+            if quantized_base(shape, plan):
+                # A quantized head is dequantized one slice at a time (on CPU; Metal multiplies
+                # the packed slice directly, so there this slightly overestimates).
+                logits += vocab_slice * shape.hidden * d
         else:
             copies = CHUNKED_LOGIT_COPIES if rows >= tokens else MULTI_CHUNK_LOGIT_COPIES
             logits = int(tokens * shape.vocab * 4 * copies)
@@ -461,15 +471,35 @@ def estimate_recipe(recipe, available_bytes: int | None = None, settings: dict[s
     return estimate(shape, plan_from_recipe(recipe, settings), available_bytes)
 
 
-def check_fits(recipe, loaded) -> Estimate:
-    """The estimate for ``recipe`` on an already loaded model (``macft.models.load.LoadedModel``).
-
-    ``macft lora`` calls this before training and warns (or stops) when ``not est.fits``.
-    """
+def loaded_shape(loaded) -> ModelShape:
+    """The shape of an already loaded model (``macft.models.load.LoadedModel``), with the stored
+    bits of its quantized weights."""
     shape = shape_from_config(loaded.config, name=loaded.identity.get("source", str(loaded.path)))
     if shape.stored_bits is None and _is_quantized(loaded.model):
         shape = dataclasses.replace(shape, stored_bits=_quantized_bits(loaded.model))
-    return estimate(shape, plan_from_recipe(recipe))
+    return shape
+
+
+def check_fits(recipe, loaded) -> Estimate:
+    """The estimate for ``recipe`` on an already loaded model.
+
+    ``macft lora`` calls this before training and warns (or stops) when ``not est.fits``.
+    """
+    return estimate(loaded_shape(loaded), plan_from_recipe(recipe))
+
+
+def step_budget(shape: ModelShape, plan: Plan) -> Callable[[int, int], int]:
+    """``budget(batch, length)``: the predicted peak of one training step of ``plan`` on a batch of
+    that many rows padded to that many tokens, which the trainer makes MLX's memory limit. MLX
+    waits for memory once over the limit, so a step needing more than predicted runs slower but
+    still runs; its real peak lands a little above the limit (the allocation that crossed it)."""
+
+    @lru_cache(maxsize=None)
+    def budget(batch: int, length: int) -> int:
+        step = dataclasses.replace(plan, batch=batch, seq=length)
+        return estimate(shape, step, available_bytes=1 << 62).total_bytes
+
+    return budget
 
 
 def _is_quantized(model) -> bool:

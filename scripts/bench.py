@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -276,33 +277,8 @@ def print_table(rows: list[dict], reference_names: list[str]) -> None:
                 )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gemma3-270m", help="gemma3-270m, tiny-llama, or a model folder")
-    parser.add_argument("--systems", default="macft,macft-qlora,mlx_lm,mlx_lm-stock")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--stock-steps", type=int, default=3, help="steps for mlx_lm-stock, which is ~10x slower")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--scale", type=float, default=20.0)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--data", type=Path, default=WIKISQL)
-    parser.add_argument("--grad-checkpoint", action="store_true", help="recompute each layer in the backward pass (all systems)")
-    parser.add_argument("--scaling", action="store_true", help="also sweep the batch size (2/4/8)")
-    parser.add_argument(
-        "--seq-scaling", action="store_true",
-        help="instead sweep the maximum length (256/512/1024, batch 1) over rows of joined examples that fill it",
-    )
-    parser.add_argument("--out", type=Path, default=ROOT / "scripts" / "results" / "bench.json")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--worker-config", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        return run_worker(args.worker, json.loads(args.worker_config))
-
-    scratch = Path(tempfile.mkdtemp(prefix="macft-bench-"))
+def run_all(args: argparse.Namespace, scratch: Path) -> dict:
+    """Every setting × system, each system in its own process; the report to write."""
     models = prepare_models(args.model, scratch)
     systems = args.systems.split(",")
     base = {"data": str(args.data), "steps": args.steps, "batch": args.batch, "seq": args.seq, "rank": args.rank,
@@ -330,6 +306,40 @@ def main() -> None:
             print(f"  {system}: {json.dumps(result)[:160]}", flush=True)
         print_table(rows, [s for s in ("mlx_lm", "mlx_lm-stock") if s in systems])
         report["runs"].append({"settings": {k: v for k, v in setting.items() if k != "scratch"}, "rows": rows})
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gemma3-270m", help="gemma3-270m, tiny-llama, or a model folder")
+    parser.add_argument("--systems", default="macft,macft-qlora,mlx_lm,mlx_lm-stock")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--stock-steps", type=int, default=3, help="steps for mlx_lm-stock, which is ~10x slower")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--scale", type=float, default=20.0)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--data", type=Path, default=WIKISQL)
+    parser.add_argument("--grad-checkpoint", action="store_true", help="recompute each layer in the backward pass (all systems)")
+    parser.add_argument("--scaling", action="store_true", help="also sweep the batch size (2/4/8)")
+    parser.add_argument(
+        "--seq-scaling", action="store_true",
+        help="instead sweep the maximum length (256/512/1024, batch 1) over rows of joined examples that fill it",
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "scripts" / "results" / "bench.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-config", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return run_worker(args.worker, json.loads(args.worker_config))
+
+    scratch = Path(tempfile.mkdtemp(prefix="macft-bench-"))
+    try:
+        report = run_all(args, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # a float32 copy of the model lives there
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out}")

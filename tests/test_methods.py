@@ -240,3 +240,14 @@ def test_dequantized_matmul_matches_plain_autodiff():
     np.testing.assert_allclose(np.array(value), np.array(ref_value), rtol=1e-5)
     np.testing.assert_allclose(np.array(grad), np.array(ref_grad), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.array(mx.compile(mx.grad(ours))(x)), np.array(ref_grad), rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_count_of_a_quantized_base_is_its_logical_size(tiny_model_dir):
+    """QLoRA's summary reports the base's real parameter count, not its packed uint32 words."""
+    from macft.methods import count_parameters
+
+    config = MethodConfig(rank=4)
+    float_model = apply_method(load_model(str(tiny_model_dir)).model, config)
+    quantized_model = apply_method(load_model(str(tiny_model_dir), quantize_bits=4).model, config)
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in quantized_model.named_modules())
+    assert count_parameters(quantized_model) == count_parameters(float_model)

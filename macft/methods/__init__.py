@@ -29,9 +29,10 @@ from macft.config import MethodConfig, Recipe
 from macft.errors import MacftError
 from macft.methods.bottleneck import apply_adapters
 from macft.methods.full import apply_full
-from macft.methods.lora import DequantizingLinear, DoRALinear, LoRALinear, route_quantized_matmuls
+from macft.methods.lora import QUANTIZED, DequantizingLinear, DoRALinear, LoRALinear, route_quantized_matmuls
 from macft.methods.prefix import apply_prefix_tuning
 from macft.methods.prompt import apply_prompt_tuning
+from macft.methods.recompute import RecomputingMLP, recompute_gated_activations
 from macft.paths import atomic_path
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -81,16 +82,29 @@ METHODS: dict[str, Callable[[nn.Module, MethodConfig, Any], nn.Module]] = {
 
 
 def apply_method(model: nn.Module, method_cfg: MethodConfig, tokenizer=None) -> nn.Module:
-    """Freeze the base, insert the method and return the module to train (called like the base)."""
+    """Freeze the base, insert the method and return the module to train (called like the base).
+
+    The returned module also trains lean: quantized layers multiply through dequantized weights
+    where that is faster, and gated MLPs recompute their activation in the backward pass."""
     if method_cfg.name not in METHODS:
         raise MacftError(f"Unknown method '{method_cfg.name}'; choose from {', '.join(sorted(METHODS))}.")
-    return route_quantized_matmuls(METHODS[method_cfg.name](model, method_cfg, tokenizer))
+    model = route_quantized_matmuls(METHODS[method_cfg.name](model, method_cfg, tokenizer))
+    recompute_gated_activations(model)
+    return model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
+    """(trainable, total) parameter counts; a quantized weight counts as the weights it packs (its
+    scales and biases are part of its storage, not parameters)."""
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    bits = {path: m.bits for path, m in model.named_modules() if isinstance(m, QUANTIZED)}
+    total = 0
+    for name, value in tree_flatten(model.parameters()):
+        path, _, leaf = name.rpartition(".")
+        if path not in bits:
+            total += value.size
+        elif leaf == "weight":
+            total += value.size * 32 // bits[path]
     return trainable, total
 
 
@@ -186,12 +200,12 @@ def fuse_model(model: nn.Module) -> nn.Module:
     """Replace every adapter layer by its merged plain layer; the result has no adapter left."""
     modules = model.named_modules()
     # Any module a method inserted that cannot merge itself (soft prompts, prefixes, bottlenecks) blocks
-    # fusing; a DequantizingLinear is a base layer computing on its fast path, not an insertion.
+    # fusing; a DequantizingLinear or RecomputingMLP is a base layer on a training fast path, not an insertion.
     blocking = sorted(
         {
             type(m).__name__
             for _, m in modules
-            if type(m).__module__.startswith("macft.methods") and not hasattr(m, "fuse") and not isinstance(m, DequantizingLinear)
+            if type(m).__module__.startswith("macft.methods") and not hasattr(m, "fuse") and not isinstance(m, (DequantizingLinear, RecomputingMLP))
         }
     )
     if blocking:

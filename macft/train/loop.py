@@ -11,6 +11,7 @@
   (loss sum, trained tokens)`` (traced, differentiated) and ``loss_fn.evaluate(model, *arrays)``
   (the same value for validation); see ``macft.train.losses.ChunkedLoss``.
 - ``config`` is the recipe's ``TrainConfig`` with ``iters`` resolved (> 0).
+- ``memory_budget(batch, length)`` (optional) caps the memory of each step (see ``Steps``).
 - ``callback`` gets ``on_train_report(dict)`` and ``on_valid_report(dict)``; the loop never prints.
 
 The step is two compiled functions, ``grad_step`` (loss and gradients of one batch) and
@@ -67,10 +68,25 @@ class TrainResult:
 
 
 class Steps:
-    """The compiled (or plain) gradient and update functions for one model and optimizer."""
+    """The compiled (or plain) gradient and update functions for one model and optimizer.
 
-    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, loss_fn: Any, grad_clip: float, compile: bool):
+    ``memory_budget(batch, length)``, when given, is the memory a batch of that shape may use
+    (``macft.memory.step_budget``); each gradient step holds MLX's memory limit there. MLX
+    allocates the buffers of the work it schedules well ahead of computing it, and only waits
+    when active memory is over the limit: without one, a step holds several times what its graph
+    needs at once (every vocabulary slice of the loss, for instance)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: optim.Optimizer,
+        loss_fn: Any,
+        grad_clip: float,
+        compile: bool,
+        memory_budget: Callable[[int, int], int] | None = None,
+    ):
         self.model, self.optimizer = model, optimizer
+        self.memory_budget = memory_budget
         self.compiled = compile
         self.note = "" if compile else "train.compile is false"
         loss_and_grad = nn.value_and_grad(model, lambda *arrays: loss_fn(model, *arrays))
@@ -92,6 +108,8 @@ class Steps:
         self._tried = not compile
 
     def grad(self, arrays: tuple) -> tuple[mx.array, mx.array, dict]:
+        if self.memory_budget is not None:
+            mx.set_memory_limit(self.memory_budget(*arrays[0].shape[:2]))
         if not self.compiled:
             return self._plain[0](*arrays)
         if self._tried:
@@ -133,6 +151,16 @@ def enable_grad_checkpoint(model: nn.Module) -> None:
     for layer in model.layers:
         if not type(layer).__name__.startswith("Checkpointed"):
             layer.__class__ = _checkpointed_class(type(layer))
+
+
+@contextmanager
+def kept_memory_limit() -> Iterator[None]:
+    """Restore MLX's memory limit on the way out (the steps move it)."""
+    previous = mx.get_memory_limit()
+    try:
+        yield
+    finally:
+        mx.set_memory_limit(previous)
 
 
 @contextmanager
@@ -197,6 +225,7 @@ def train(
     checkpoints: Checkpoints | None = None,
     progress: Progress | None = None,
     batches_per_epoch: int | None = None,
+    memory_budget: Callable[[int, int], int] | None = None,
 ) -> TrainResult:
     callback = callback or Callback()
     progress = progress or Progress()
@@ -204,7 +233,7 @@ def train(
         enable_grad_checkpoint(model)
     optimizer.init(model.trainable_parameters())
     model.train()
-    steps = Steps(model, optimizer, loss_fn, config.grad_clip, config.compile)
+    steps = Steps(model, optimizer, loss_fn, config.grad_clip, config.compile, memory_budget)
     batches = train_batches(progress.epoch, progress.index)
     mx.reset_peak_memory()
 
@@ -220,7 +249,7 @@ def train(
         if checkpoints is not None:
             checkpoints.save(kind, model, optimizer if kind == "last" else None, progress)
 
-    with deferred_interrupt() as interrupted:
+    with deferred_interrupt() as interrupted, kept_memory_limit():
         try:
             while progress.step < config.iters:
                 in_step = True

@@ -36,7 +36,10 @@ from mlx.utils import tree_flatten
 from macft.backend import detect
 from macft.methods.lora import QUANTIZED, float_weight
 
-LOGITS_BUDGET = 1 << 24  # logits elements per block of rows × vocabulary slice (64 MiB in float32)
+# Logits elements per block of rows × vocabulary slice (16 MiB in float32). MLX allocates the
+# buffers of work it has scheduled ahead of computing it, so several blocks are alive at once:
+# small blocks keep that cheap, and the matmuls stay large enough to run at full speed.
+LOGITS_BUDGET = 1 << 22
 AUTO_CHUNK_ROWS = 512  # trained positions per loss chunk in auto mode
 SELECT_MULTIPLE = 64  # pad the selected-position count to this multiple so compiled shapes repeat
 SLICE_MULTIPLE = 1024  # vocabulary slices are a multiple of this many rows of the head

@@ -26,8 +26,10 @@ import numpy as np
 from macft.backend import detect
 from macft.config import Recipe, save_recipe
 from macft.errors import MacftError
+from macft.memory import loaded_shape, plan_from_recipe, step_budget
 from macft.methods import ADAPTER_FILE, adapters_disabled, apply_method, count_parameters, save_adapter
 from macft.methods.lora import dequantize_for_generation
+from macft.methods.recompute import RecomputingMLP
 from macft.paths import atomic_path
 from macft.train.checkpoint import Checkpoints
 from macft.train.loop import Callback, TrainResult, train
@@ -175,6 +177,7 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
         checkpoints=checkpoints,
         progress=progress,
         batches_per_epoch=per_epoch,
+        memory_budget=step_budget(loaded_shape(loaded), plan_from_recipe(recipe)),
     )
 
     notes = []
@@ -241,6 +244,10 @@ def fast_paths(model: nn.Module, result: TrainResult, chunk_size: int) -> list[s
     paths = [f"{backend.compute_dtype} compute", f"BLAS {backend.blas}"]
     paths.append("compiled step" if result.compiled else f"uncompiled step ({result.compile_note})")
     paths.append(describe_loss(model, chunk_size))
+    paths.append("memory limit held at each step's predicted peak")
+    recomputed = sum(isinstance(m, RecomputingMLP) for _, m in model.named_modules())
+    if recomputed:
+        paths.append(f"gated MLP activation recomputed in the backward pass ({recomputed} layers)")
     quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
     if quantized:
         paths.append("quantized base: dequantize + matmul" if backend.dequantize_for_matmul else "quantized base: quantized_matmul")

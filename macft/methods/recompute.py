@@ -1,0 +1,81 @@
+"""Gated MLPs whose activation is recomputed in the backward pass instead of kept for it.
+
+Every supported family computes its MLP as ``down(act(gate(x)) * up(x))``. Plain autodiff keeps
+each intermediate of ``act`` until the backward pass: Gemma's tanh-GELU alone holds about four
+arrays of the MLP's width per token and layer, a third of a LoRA step's activation memory. Here
+the pair (gate, up) is all that is kept, and the backward pass recomputes the activation from it,
+an elementwise cost that is small next to the layer's matmuls. Values and gradients are those of
+mlx-lm's own MLP (tests/test_recompute.py checks both).
+
+    replaced = recompute_gated_activations(model)   # in place; returns the number of MLPs swapped
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# mlx-lm MLP classes (module.ClassName) and the activation each applies to its gate.
+GATED_MLPS: dict[str, Callable[[mx.array], mx.array]] = {
+    "gemma3_text.MLP": nn.gelu_approx,
+    "llama.MLP": nn.silu,
+    "qwen2.MLP": nn.silu,
+    "qwen3.MLP": nn.silu,
+    "phi3.MLP": nn.silu,
+}
+
+
+def class_key(cls: type) -> str:
+    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+
+@cache
+def gated_product(activation: Callable[[mx.array], mx.array]) -> Callable[[mx.array, mx.array], mx.array]:
+    """``activation(gate) * up`` whose backward pass recomputes ``activation(gate)``."""
+
+    @mx.custom_function
+    def product(gate, up):
+        return activation(gate) * up
+
+    @product.vjp
+    def product_vjp(primals, cotangent, output):
+        # Depending on the cotangent makes the recomputation a node of its own: compilation would
+        # otherwise merge it with the forward one and keep that one's intermediates alive again.
+        gate, up = mx.depends(list(primals), [cotangent])
+        (activated,), (gate_grad,) = mx.vjp(activation, [gate], [cotangent * up])
+        return gate_grad, cotangent * activated
+
+    return product
+
+
+class RecomputingMLP:
+    """Mixed into an mlx-lm MLP class: the same computation through ``gated_product``."""
+
+    product: Callable[[mx.array, mx.array], mx.array]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "gate_up_proj" in self:  # Phi-3 packs both projections in one matrix
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.product(gate, up))
+
+
+@cache
+def recomputing_class(cls: type) -> type:
+    """The mlx-lm MLP class ``cls`` with ``RecomputingMLP`` mixed in."""
+    product = staticmethod(gated_product(GATED_MLPS[class_key(cls)]))
+    return type(f"Recomputing{cls.__name__}", (RecomputingMLP, cls), {"product": product})
+
+
+def recompute_gated_activations(model: nn.Module) -> int:
+    """Swap every known gated MLP of ``model`` for its recomputing form, in place; return how many."""
+    replaced = 0
+    for _, module in model.named_modules():
+        if class_key(type(module)) in GATED_MLPS:
+            module.__class__ = recomputing_class(type(module))
+            replaced += 1
+    return replaced
