@@ -26,7 +26,7 @@ import numpy as np
 from macft.backend import detect
 from macft.config import Recipe, save_recipe
 from macft.errors import MacftError
-from macft.memory import loaded_shape, plan_from_recipe, step_budget
+from macft.memory import Estimate, estimate, format_bytes, loaded_shape, plan_from_recipe, step_budget
 from macft.methods import ADAPTER_FILE, adapters_disabled, apply_method, count_parameters, save_adapter
 from macft.methods.lora import dequantize_for_generation
 from macft.methods.recompute import RecomputingMLP
@@ -140,7 +140,9 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
     np.random.seed(cfg.seed)
     loaded = load_base(recipe)
     splits = load_splits(recipe.data, loaded.tokenizer)
-    check_memory(recipe, loaded, view)
+    # One shape and plan serve the fit check and, per batch shape, each step's memory limit.
+    shape, plan = loaded_shape(loaded), plan_from_recipe(recipe)
+    check_memory(estimate(shape, plan), view)
     model = apply_method(loaded.model, recipe.method, loaded.tokenizer)
     trainable, total = count_parameters(model)
     if trainable == 0:
@@ -177,7 +179,7 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
         checkpoints=checkpoints,
         progress=progress,
         batches_per_epoch=per_epoch,
-        memory_budget=step_budget(loaded_shape(loaded), plan_from_recipe(recipe)),
+        memory_budget=step_budget(shape, plan),
     )
 
     notes = []
@@ -224,11 +226,8 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
     return RunOutcome(run_dir, recipe, result, summary, model, loaded.tokenizer, notes)
 
 
-def check_memory(recipe: Recipe, loaded: Any, view: Callback) -> None:
+def check_memory(est: Estimate, view: Callback) -> None:
     """Stop before training when the memory planner predicts the run cannot fit."""
-    from macft.memory import check_fits, format_bytes
-
-    est = check_fits(recipe, loaded)
     if not est.fits:
         hint = est.suggestions[0] if est.suggestions else "use a smaller batch, sequence length or model"
         raise MacftError(
