@@ -15,8 +15,7 @@ from typing import Any
 import click
 
 from macft.errors import MacftError
-
-METHOD_CHOICES = ["lora", "dora", "qlora", "full", "prompt", "prefix", "ptuning", "adapter"]
+from macft.method_registry import CLI_CHOICES
 
 
 def flag_changes(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -54,8 +53,10 @@ def flag_changes(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[str], options: dict[str, Any]):
-    """The one resolved Recipe, plus notes about values a flag changed in a resumed run."""
+    """The one resolved Recipe, plus notes about values a flag changed: in a resumed run, and the
+    learning rate when a flag changed the method but not the learning rate."""
     from macft.config import apply_overrides, load_recipe, validate
+    from macft.train.method_fit import with_method_learning_rate
 
     notes: list[str] = []
     if resume:
@@ -68,10 +69,19 @@ def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[
         recipe = apply_overrides(saved, overrides) if overrides else saved
     else:
         saved = None
-        recipe = load_recipe(recipe_name or "quickstart", overrides=overrides)
+        written = load_recipe(recipe_name or "quickstart")
+        recipe = apply_overrides(written, overrides) if overrides else written
     changes = flag_changes(options)
     recipe = validate(recipe.replace(**changes))
-    if saved is not None:
+    if saved is None:
+        # A learning rate written for one method misleads another (LoRA's 2e-4 wrecks full fine-tuning).
+        rate_given = options.get("learning_rate") is not None or any(o.partition("=")[0].strip() == "train.learning_rate" for o in overrides)
+        if recipe.method.name != written.method.name and not rate_given and written.train.learning_rate is not None:
+            recipe, note = with_method_learning_rate(
+                recipe.replace(train={"learning_rate": None}), replaced=(written.method.name, written.train.learning_rate)
+            )
+            notes.append(note)
+    else:
         for section in ("model", "data", "method", "train", "output", "demo"):
             before, after = getattr(saved, section), getattr(recipe, section)
             for key, value in vars(after).items():
@@ -81,15 +91,28 @@ def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[
     return recipe, notes
 
 
+def epochs_value(ctx, param, value: str | None) -> float | str | None:
+    """``--epochs 2``, ``--epochs 0.5`` or ``--epochs auto``."""
+    if value is None or value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if number <= 0:
+        raise click.BadParameter(f"'{value}' is not a positive number or 'auto'.")
+    return number
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("recipe", required=False)
 @click.option("--model", "-m", help="Model: a hub id, a model folder, a .gguf file or gemma3-270m.")
 @click.option("--data", "-d", help="Training data: a .jsonl file or a folder with train/valid/test.jsonl.")
-@click.option("--method", type=click.Choice(METHOD_CHOICES), help="Fine-tuning method (qlora = lora on a 4-bit base).")
+@click.option("--method", type=click.Choice(CLI_CHOICES), help="Fine-tuning method (qlora = lora on a 4-bit base).")
 @click.option("--iters", type=click.IntRange(min=1), help="Optimizer steps (overrides epochs).")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Passes over the training data.")
+@click.option("--epochs", callback=epochs_value, help="Passes over the training data, or 'auto' (1-5 by data size and method, early stopping with validation data).")
 @click.option("--batch-size", type=click.IntRange(min=1))
-@click.option("--learning-rate", "--lr", type=float)
+@click.option("--learning-rate", "--lr", type=float, help="Peak learning rate (default: the method's usual one; see the README's method table).")
 @click.option("--rank", type=click.IntRange(min=1), help="LoRA/DoRA rank.")
 @click.option("--quantize-bits", type=click.Choice(["4", "8"]), help="Quantize the frozen base at load (QLoRA).")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue a run from its last checkpoint.")
@@ -130,7 +153,8 @@ def lora(recipe: str | None, resume: str | None, overrides: tuple[str, ...], as_
         else:
             click.echo(message)
         raise SystemExit(130)
-    demo = run_demo(outcome) if result.stop_reason != "nan" else None
+    failed = result.stop_reason in ("nan", "diverged")
+    demo = run_demo(outcome) if not failed else None
     if as_json:
         payload = dict(outcome.summary)
         if demo is not None:
@@ -141,5 +165,5 @@ def lora(recipe: str | None, resume: str | None, overrides: tuple[str, ...], as_
         ui.show_summary(outcome.summary)
         if demo is not None:
             ui.show_demo(demo)
-    if result.stop_reason == "nan":
+    if failed:
         raise MacftError(result.message)

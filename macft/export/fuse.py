@@ -92,8 +92,11 @@ def load_fused(run_dir: str | Path, *, dequantize: bool = False):
 
     from macft.methods import fuse_model, load_adapter
 
+    from macft.method_registry import method_spec
+
     run_dir = Path(run_dir)
     adapter_cfg = read_adapter_config(run_dir)
+    method_spec(adapter_cfg.get("method", "lora")).refuse_fusing()  # before loading any weights
     loaded = load_base_for(run_dir, adapter_cfg)
     base_names = {name for name, _ in tree_flatten(loaded.model.parameters())}
     model, _ = load_adapter(loaded.model, run_dir)

@@ -12,6 +12,8 @@
   (the same value for validation); see ``macft.train.losses.ChunkedLoss``.
 - ``config`` is the recipe's ``TrainConfig`` with ``iters`` resolved (> 0).
 - ``memory_budget(batch, length)`` (optional) caps the memory of each step (see ``Steps``).
+- ``divergence`` (optional, ``macft.train.divergence.DivergenceWatch``) stops a run whose loss climbs
+  in its first steps (stop reason "diverged"; no checkpoint of the climbing weights is written).
 - ``callback`` gets ``on_train_report(dict)`` and ``on_valid_report(dict)``; the loop never prints.
 
 The step is two compiled functions, ``grad_step`` (loss and gradients of one batch) and
@@ -39,6 +41,7 @@ from mlx.utils import tree_map
 
 from macft.config import TrainConfig
 from macft.train.checkpoint import Checkpoints, Progress
+from macft.train.divergence import DivergenceWatch
 
 
 class Callback:
@@ -57,7 +60,7 @@ class Callback:
 @dataclass
 class TrainResult:
     progress: Progress
-    stop_reason: str  # "finished", "early_stopping", "nan" or "interrupted"
+    stop_reason: str  # "finished", "early_stopping", "nan", "diverged" or "interrupted"
     message: str  # one sentence for the user about how the run ended
     compiled: bool
     compile_note: str  # why the step runs uncompiled, when it does
@@ -226,6 +229,7 @@ def train(
     progress: Progress | None = None,
     batches_per_epoch: int | None = None,
     memory_budget: Callable[[int, int], int] | None = None,
+    divergence: DivergenceWatch | None = None,
 ) -> TrainResult:
     callback = callback or Callback()
     progress = progress or Progress()
@@ -264,6 +268,9 @@ def train(
                         f"Training stopped at step {progress.step + 1}: the loss or gradient became NaN/inf; {kept}. "
                         "Lower train.learning_rate or check the data."
                     )
+                    break
+                if divergence is not None and (diverged := divergence.check(progress.step + 1, loss)):
+                    stop_reason, message = "diverged", diverged
                     break
                 seconds = time.perf_counter() - tick
                 count = int(tokens.item())
@@ -339,7 +346,7 @@ def train(
             return _result(progress, stop_reason, message, steps, steady_seconds, steady_tokens, last_loss, last_val)
 
     progress.elapsed += time.perf_counter() - started
-    if stop_reason != "nan":
+    if stop_reason not in ("nan", "diverged"):
         save("last")
     if stop_reason == "finished":
         message = f"Finished {progress.step} steps."

@@ -32,8 +32,10 @@ from macft.methods.lora import dequantize_for_generation
 from macft.methods.recompute import RecomputingMLP
 from macft.paths import atomic_path
 from macft.train.checkpoint import Checkpoints
+from macft.train.divergence import DivergenceWatch
 from macft.train.loop import Callback, TrainResult, train
 from macft.train.losses import ChunkedLoss, auto_chunk_size, describe_loss, vocab_size
+from macft.train.method_fit import choose_epochs, learning_rate_warning, with_method_learning_rate
 from macft.train.schedule import build_schedule
 
 
@@ -135,6 +137,10 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
 
     view = view or Callback()
     run_dir = run_dir_for(recipe)
+    recipe, lr_note = with_method_learning_rate(recipe)
+    for line in (lr_note, learning_rate_warning(recipe)):
+        if line:
+            view.on_note(line)
     cfg = recipe.train
     mx.random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -151,6 +157,11 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
     batching = batching_options(recipe)
     max_len = recipe.data.max_seq_length
     per_epoch = len(batch_order(splits.train, cfg.batch_size, max_len, **batching))
+    if not cfg.iters:
+        recipe, epochs_note = choose_epochs(recipe, len(splits.train), per_epoch, has_valid=bool(splits.valid))
+        if epochs_note:
+            view.on_note(epochs_note)
+        cfg = recipe.train
     iters = cfg.iters or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accumulation))
     recipe = recipe.replace(train={"iters": iters})
     optimizer = make_optimizer(recipe, iters)
@@ -180,16 +191,18 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
         progress=progress,
         batches_per_epoch=per_epoch,
         memory_budget=step_budget(shape, plan),
+        divergence=DivergenceWatch(cfg.learning_rate, recipe.method.name),
     )
 
     notes = []
     best, last = checkpoints.path("best") / ADAPTER_FILE, checkpoints.path("last") / ADAPTER_FILE
-    # The run's adapter: the best by validation loss; after a NaN, the last good checkpoint.
-    source = best if best.exists() else last if result.stop_reason == "nan" and last.exists() else None
+    failed = result.stop_reason in ("nan", "diverged")
+    # The run's adapter: the best by validation loss; after a NaN or divergence, the last good checkpoint.
+    source = best if best.exists() else last if failed and last.exists() else None
     if source is not None:
         model.load_weights(str(source), strict=False)
         notes.append(f"{run_dir / ADAPTER_FILE} holds the {source.parent.name} checkpoint.")
-    if source is not None or result.stop_reason != "nan":
+    if source is not None or not failed:
         save_adapter(model, run_dir, recipe, loaded.identity)
     else:
         notes.append("No adapter was saved: training failed before the first checkpoint.")
