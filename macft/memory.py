@@ -243,7 +243,9 @@ def shape_from_gguf(path: Path) -> ModelShape:
 def read_model_shape(spec: str) -> ModelShape:
     """The shape of a model spec (see ``macft.models.load``) without loading its weights."""
     from macft.config import DEFAULT_MODEL
+    from macft.discovery import resolve_app_model
 
+    spec = resolve_app_model(spec)  # ollama:NAME / lmstudio:NAME -> their GGUF file
     if spec == DEFAULT_MODEL:
         from macft.models.load import embedded_default_gguf
 

@@ -106,7 +106,7 @@ def epochs_value(ctx, param, value: str | None) -> float | str | None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("recipe", required=False)
-@click.option("--model", "-m", help="Model: a hub id, a model folder, a .gguf file or gemma3-270m.")
+@click.option("--model", "-m", help="Model: a hub id, a model folder, a .gguf file, ollama:NAME[:TAG], lmstudio:NAME or gemma3-270m.")
 @click.option("--data", "-d", help="Training data: a .jsonl file or a folder with train/valid/test.jsonl.")
 @click.option("--method", type=click.Choice(CLI_CHOICES), help="Fine-tuning method (qlora = lora on a 4-bit base).")
 @click.option("--iters", type=click.IntRange(min=1), help="Optimizer steps (overrides epochs).")
@@ -131,6 +131,7 @@ def lora(recipe: str | None, resume: str | None, overrides: tuple[str, ...], as_
       macft lora
       macft lora quickstart --iters 40 --set train.learning_rate=5e-4
       macft lora --model Qwen/Qwen3-0.6B --data data/ --method qlora --rank 16
+      macft lora --model ollama:qwen3:0.6b --data data/ --epochs auto
       macft lora --resume runs/quickstart-20260101-120000
     """
     from macft import ui

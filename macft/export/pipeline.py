@@ -3,6 +3,8 @@
     report = export_gguf(model="fused/quickstart", quant="q4_k_m")              # a model directory
     report = export_gguf(adapter="runs/quickstart", quant="q8_0", ollama=True)   # base + adapter, fused
     report = export_gguf(adapter="runs/quickstart", adapter_only=True)           # LoRA GGUF for --lora
+    report = export_gguf(adapter="runs/quickstart", quant="q4_k_m", ollama="my-model")  # + `ollama create my-model`
+    report = export_gguf(adapter="runs/quickstart", quant="q4_k_m", lm_studio=True)     # into LM Studio's models folder
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class ExportReport:
     gguf: dict  # GGUFResult.to_dict() or AdapterGGUFResult.to_dict()
     modelfile: str | None = None
     ollama_command: str | None = None
+    ollama_created: bool = False  # `ollama create` ran and succeeded
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -39,16 +42,26 @@ def export_gguf(
     quant: str = "f16",
     out: str | Path | None = None,
     adapter_only: bool = False,
-    ollama: bool = False,
+    ollama: bool | str = False,
+    lm_studio: bool = False,
     name: str | None = None,
 ) -> ExportReport:
+    """``ollama``: True writes a Modelfile and the ``ollama create`` command to run; a model name also
+    runs it when Ollama is installed. ``lm_studio`` writes the GGUF into LM Studio's models folder."""
     from macft.export.fuse import origin_gguf
 
     if (model is None) == (adapter is None):
         raise MacftError("Pass exactly one of --model DIR or --adapter RUN.")
     if adapter_only and adapter is None:
         raise MacftError("--adapter-only needs --adapter RUN.")
+    if lm_studio and (adapter_only or out is not None):
+        raise MacftError("--lm-studio writes a whole model into LM Studio's folder; drop --adapter-only and --out.")
     out = Path(out) if out is not None else default_out(model, adapter, quant, adapter_only)
+    if lm_studio:
+        from macft.export.apps import lm_studio_path
+
+        out = lm_studio_path(out.name)
+        out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix != ".gguf":
         raise MacftError(f"The output file should end in .gguf (got {out}).")
     if adapter_only:
@@ -88,11 +101,13 @@ def export_gguf(
             eos_token=getattr(loaded.tokenizer, "eos_token", None),
             context_length=int(loaded.config.get("max_position_embeddings", 4096)),
         )
-        _add_modelfile(report, spec, out)
+        _add_modelfile(report, spec, out, ollama)
+    if lm_studio:
+        report.notes.append(f"LM Studio lists it as {out.parent.parent.name}/{out.parent.name}")
     return report
 
 
-def _adapter_only(run_dir: Path, out: Path, ollama: bool) -> ExportReport:
+def _adapter_only(run_dir: Path, out: Path, ollama: bool | str) -> ExportReport:
     from macft.export.adapter_gguf import write_adapter_gguf
 
     result = write_adapter_gguf(run_dir, out)
@@ -119,15 +134,24 @@ def _adapter_only(run_dir: Path, out: Path, ollama: bool) -> ExportReport:
             chat_template=getattr(tokenizer, "chat_template", None),
             eos_token=getattr(tokenizer, "eos_token", None),
         )
-        _add_modelfile(report, spec, out)
+        _add_modelfile(report, spec, out, ollama)
     return report
 
 
-def _add_modelfile(report: ExportReport, spec, out: Path) -> None:
+def _add_modelfile(report: ExportReport, spec, out: Path, ollama: bool | str) -> None:
+    from macft.export.apps import ADAPTER_VERSIONS_NOTE, ollama_create, ollama_model_name
     from macft.export.modelfile import chat_format, ollama_command, write_modelfile
 
     path = write_modelfile(spec, out.with_suffix(".Modelfile"))
     report.modelfile = str(path)
-    report.ollama_command = ollama_command(out.stem.replace("_", "-").lower(), path)
     if chat_format(spec.chat_template) is None:
         report.notes.append("unrecognised chat template: the Modelfile relies on the template stored in the GGUF")
+    if spec.adapter:
+        report.notes.append(ADAPTER_VERSIONS_NOTE)
+    if not isinstance(ollama, str) or not ollama:
+        report.ollama_command = ollama_command(out.stem.replace("_", "-").lower(), path)
+        return
+    created = ollama_create(ollama_model_name(ollama), path)
+    report.ollama_command, report.ollama_created = created.command, created.ran
+    if not created.ran:
+        report.notes.append("the `ollama` command is not installed here; run the command below where Ollama is")

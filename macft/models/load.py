@@ -6,6 +6,7 @@ GGUF files are imported first (``macft.models.gguf_import``) and cached by conte
     loaded = load_model("gemma3-270m")              # the embedded Gemma 3 270M
     loaded = load_model("path/to/model.gguf", quantize_bits=4)
     loaded = load_model("Qwen/Qwen3-0.6B")           # downloaded from the hub
+    loaded = load_model("ollama:qwen3:0.6b")         # the GGUF Ollama runs (also lmstudio:NAME)
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def embedded_default_gguf() -> Path:
 
 def resolve_model_dir(spec: str, *, revision: str | None = None, dequantize: bool = False) -> tuple[Path, str]:
     """Map a model spec to an MLX model directory; also return the content hash that names it."""
+    from macft.discovery import resolve_app_model
+
+    spec = resolve_app_model(spec)  # ollama:NAME / lmstudio:NAME -> their GGUF file
     if spec == DEFAULT_MODEL:
         spec = str(embedded_default_gguf())
     path = Path(spec).expanduser()
