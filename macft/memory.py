@@ -244,6 +244,7 @@ def read_model_shape(spec: str) -> ModelShape:
     """The shape of a model spec (see ``macft.models.load``) without loading its weights."""
     from macft.config import DEFAULT_MODEL
     from macft.discovery import resolve_app_model
+    from macft.models.gguf_import.reader import is_gguf_file
 
     spec = resolve_app_model(spec)  # ollama:NAME / lmstudio:NAME -> their GGUF file
     if spec == DEFAULT_MODEL:
@@ -251,7 +252,7 @@ def read_model_shape(spec: str) -> ModelShape:
 
         return dataclasses.replace(shape_from_gguf(embedded_default_gguf()), name=DEFAULT_MODEL)
     path = Path(spec).expanduser()
-    if path.suffix == ".gguf":
+    if is_gguf_file(path):
         if not path.is_file():
             raise MacftError(f"GGUF file {path} does not exist.")
         return shape_from_gguf(path)

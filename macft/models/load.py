@@ -59,12 +59,13 @@ def embedded_default_gguf() -> Path:
 def resolve_model_dir(spec: str, *, revision: str | None = None, dequantize: bool = False) -> tuple[Path, str]:
     """Map a model spec to an MLX model directory; also return the content hash that names it."""
     from macft.discovery import resolve_app_model
+    from macft.models.gguf_import.reader import is_gguf_file
 
     spec = resolve_app_model(spec)  # ollama:NAME / lmstudio:NAME -> their GGUF file
     if spec == DEFAULT_MODEL:
         spec = str(embedded_default_gguf())
     path = Path(spec).expanduser()
-    if path.suffix == ".gguf":
+    if is_gguf_file(path):
         if not path.is_file():
             raise MacftError(f"GGUF file {path} does not exist.")
         from macft.models.gguf_import import import_gguf_report

@@ -1,7 +1,7 @@
 """Catch a learning rate that is too high in the first steps, before it wrecks the model.
 
     watch = DivergenceWatch(learning_rate=2e-4, method="full")
-    message = watch.check(step=3, loss=9.8)    # None, or one line naming the learning rate to try
+    message = watch.check(step=3, loss=9.8)    # None, or one line naming the learning rate to try (a tenth)
 
 A finite loss that climbs well above where it started is what a too-high learning rate looks like
 (full fine-tuning at LoRA's 2e-4 takes Gemma 3 270M's validation loss from 2 to 11 in three steps);
@@ -35,12 +35,8 @@ class DivergenceWatch:
         if step > WATCHED_STEPS or loss <= self.start_loss * RISE_FACTOR + RISE_MARGIN:
             return None
         spec = method_spec(self.method)
+        usual = f", and {spec.title} usually trains at {spec.learning_rate:g}" if self.learning_rate > spec.learning_rate else ""
         return (
             f"Training stopped at step {step}: the loss rose from {self.start_loss:.2f} to {loss:.2f}, so learning rate "
-            f"{self.learning_rate:g} is too high for {spec.title}; try --lr {suggested_learning_rate(self.learning_rate, self.method):g}."
+            f"{self.learning_rate:g} is too high for {spec.title}; try --lr {self.learning_rate / 10:g}{usual}."
         )
-
-
-def suggested_learning_rate(rate: float, method: str) -> float:
-    """A tenth of the rate that diverged, or the method's usual default when that is lower still."""
-    return min(rate / 10, method_spec(method).learning_rate)
