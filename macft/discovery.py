@@ -163,10 +163,15 @@ def ollama_entries() -> list[tuple[str, Path]]:
 
 
 def _ollama() -> list[LocalModel]:
+    return _described(ollama_entries(), "ollama")
+
+
+def _described(entries: list[tuple[str, Path]], source: str) -> list[LocalModel]:
+    """Each (name, GGUF file) described; unreadable files are skipped."""
     found = []
-    for name, blob in ollama_entries():
+    for name, path in entries:
         try:
-            found.append(describe_gguf(blob, name, "ollama"))
+            found.append(describe_gguf(path, name, source))
         except (MacftError, OSError):
             continue
     return found
@@ -188,13 +193,7 @@ def lm_studio_entries() -> list[tuple[str, Path]]:
 
 
 def _lm_studio() -> list[LocalModel]:
-    found = []
-    for name, path in lm_studio_entries():
-        try:
-            found.append(describe_gguf(path, name, "lm-studio"))
-        except (MacftError, OSError):
-            continue
-    return found
+    return _described(lm_studio_entries(), "lm-studio")
 
 
 # ---------------------------------------------------------------------------- --model ollama:NAME, lmstudio:NAME
