@@ -38,6 +38,15 @@ class MethodSpec:
     fusable: bool  # can be merged into the base weights (fuse, full-model GGUF export)
     not_fusable_because: str = ""  # the one-line refusal when it cannot
 
+    def check_options(self, keys: list[str], where: str) -> None:
+        """Refuse ``method.*`` settings this method never reads (``--rank`` with prompt tuning, say)."""
+        from macft.errors import MacftError
+
+        unused = [k for k in keys if k != "name" and k not in self.options]
+        if unused:
+            reads = ", ".join(f"method.{o}" for o in self.options)
+            raise MacftError(f"{where} sets method.{unused[0]}, which {self.title} does not use; it reads {reads}.")
+
     def refuse_fusing(self) -> None:
         from macft.errors import MacftError
 

@@ -67,6 +67,10 @@ def test_registry_is_the_one_list_of_methods():
         assert set(spec.options) <= set(MethodConfig.__dataclass_fields__), spec.name
         assert spec.fusable or spec.not_fusable_because, spec.name
     assert method_spec("qlora") is METHODS["lora"]
+    unused = lora("--method", "prompt", "--rank", 16)  # a flag the chosen method never reads
+    assert unused.exit_code == 1 and "sets method.rank, which prompt tuning does not use; it reads method.num_virtual_tokens" in said(unused)
+    unused = lora("--set", "method.prefix_length=3")  # the quickstart recipe is LoRA
+    assert unused.exit_code == 1 and "method.prefix_length, which LoRA does not use" in said(unused)
     help_text = CliRunner().invoke(cli, ["lora", "-h"]).output + CliRunner().invoke(cli, ["estimate", "-h"]).output
     assert all(help_text.count(name) >= 2 for name in ("ptuning", "prefix", "adapter", "qlora"))
 

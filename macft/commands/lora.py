@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from macft.errors import MacftError
-from macft.method_registry import CLI_CHOICES
+from macft.method_registry import CLI_CHOICES, method_spec
 
 
 def flag_changes(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -73,6 +73,8 @@ def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[
         recipe = apply_overrides(written, overrides) if overrides else written
     changes = flag_changes(options)
     recipe = validate(recipe.replace(**changes))
+    method_keys = [o.partition("=")[0].strip().removeprefix("method.") for o in overrides if o.strip().startswith("method.")]
+    method_spec(recipe.method.name).check_options([*changes.get("method", {}), *method_keys], "The command line")
     if saved is None:
         # A learning rate written for one method misleads another (LoRA's 2e-4 wrecks full fine-tuning).
         rate_given = options.get("learning_rate") is not None or any(o.partition("=")[0].strip() == "train.learning_rate" for o in overrides)
