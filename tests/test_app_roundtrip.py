@@ -79,6 +79,9 @@ def test_ollama_names_resolve_like_macft_models(ollama_store):
     with pytest.raises(MacftError, match="no such model"):
         resolve_app_model("ollama:tinyllama")  # the tag defaults to latest, which this store lacks
     assert resolve_app_model("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"  # other specs pass through
+    imported = run_cli("import", "ollama:tinyllama:1b", "--json")
+    assert imported.exit_code == 0, imported.output
+    assert json.loads(imported.output[imported.output.index("{") :])["source"] == str(blob)
 
 
 def test_train_on_an_ollama_model_and_hand_it_back(ollama_store, stub_ollama, data_dir, tmp_path):
