@@ -147,15 +147,15 @@ def test_switching_method_uses_its_learning_rate_and_warns_outside_the_range(lor
 
 
 def test_epochs_auto_is_chosen_printed_and_saved(lora_recipe, tmp_path, data_dir):
-    out = lora(lora_recipe, "--epochs", "auto", "--name", "auto", "--set", "train.report_every=100")
+    out = lora(lora_recipe, "--epochs", "auto", "--name", "auto", "--set", "train.report_every=100", "--set", "train.batch_size=10")
     assert out.exit_code == 0, out.output
-    # 20 examples: LoRA's 1000 examples would take 50 passes, so the 5-epoch cap; 5 batches of 4 per epoch.
+    # 20 examples: LoRA's 1000 examples would take 50 passes, so the 5-epoch cap; 2 batches of 10 per epoch.
     assert "--epochs auto: 5 epochs over 20 examples for LoRA" in said(out)
-    assert "validating every 2 steps and stopping after 3 without improvement" in said(out)
+    assert "validating every step and stopping after 3 without improvement" in said(out)
     train = saved_recipe(tmp_path, "auto")["train"]
-    assert (train["epochs"], train["iters"], train["eval_every"], train["early_stopping_patience"]) == (5.0, 25, 2, 3)
+    assert (train["epochs"], train["iters"], train["eval_every"], train["early_stopping_patience"]) == (5.0, 10, 1, 3)
     summary = json.loads((tmp_path / "runs" / "auto" / "summary.json").read_text())
-    assert summary["stop_reason"] in ("finished", "early_stopping") and summary["steps"] <= 25
+    assert summary["stop_reason"] in ("finished", "early_stopping") and summary["steps"] <= 10
 
     (data_dir / "valid.jsonl").unlink()
     rows = [{"prompt": f"{i}?", "completion": f" {i}"} for i in range(300)]

@@ -56,7 +56,6 @@ def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[
     """The one resolved Recipe, plus notes about values a flag changed: in a resumed run, and the
     learning rate when a flag changed the method but not the learning rate."""
     from macft.config import apply_overrides, load_recipe, validate
-    from macft.train.method_fit import with_method_learning_rate
 
     notes: list[str] = []
     if resume:
@@ -76,13 +75,9 @@ def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[
     method_keys = [o.partition("=")[0].strip().removeprefix("method.") for o in overrides if o.strip().startswith("method.")]
     method_spec(recipe.method.name).check_options([*changes.get("method", {}), *method_keys], "The command line")
     if saved is None:
-        # A learning rate written for one method misleads another (LoRA's 2e-4 wrecks full fine-tuning).
         rate_given = options.get("learning_rate") is not None or any(o.partition("=")[0].strip() == "train.learning_rate" for o in overrides)
-        if recipe.method.name != written.method.name and not rate_given and written.train.learning_rate is not None:
-            recipe, note = with_method_learning_rate(
-                recipe.replace(train={"learning_rate": None}), replaced=(written.method.name, written.train.learning_rate)
-            )
-            notes.append(note)
+        recipe, note = switched_method_rate(written, recipe, rate_given)
+        notes.extend([note] if note else [])
     else:
         for section in ("model", "data", "method", "train", "output", "demo"):
             before, after = getattr(saved, section), getattr(recipe, section)
@@ -91,6 +86,17 @@ def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[
                     notes.append(f"Overriding the resumed run's {section}.{key}: {getattr(before, key)!r} → {value!r}.")
         recipe = recipe.replace(output={"resume": str(Path(resume).expanduser())})
     return recipe, notes
+
+
+def switched_method_rate(written, recipe, rate_given: bool):
+    """When flags switched the recipe file's method but set no learning rate, the new method's default
+    (a rate written for one method misleads another: LoRA's 2e-4 wrecks full fine-tuning)."""
+    from macft.train.method_fit import with_method_learning_rate
+
+    if rate_given or recipe.method.name == written.method.name or written.train.learning_rate is None:
+        return recipe, None
+    replaced = (written.method.name, written.train.learning_rate)
+    return with_method_learning_rate(recipe.replace(train={"learning_rate": None}), replaced=replaced)
 
 
 def epochs_value(ctx, param, value: str | None) -> float | str | None:

@@ -63,5 +63,6 @@ def choose_epochs(recipe: Recipe, examples: int, batches_per_epoch: int, has_val
         every = max(1, steps // AUTO_VALIDATIONS)
         patience = recipe.train.early_stopping_patience or AUTO_PATIENCE
         changes |= {"eval_every": every, "early_stopping_patience": patience}
-        note += f", validating every {every} steps and stopping after {patience} without improvement"
+        cadence = "every step" if every == 1 else f"every {every} steps"
+        note += f", validating {cadence} and stopping after {patience} without improvement"
     return recipe.replace(train=changes), note + "."
