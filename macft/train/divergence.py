@@ -4,7 +4,8 @@
     message = watch.check(step=3, loss=9.8)    # None, or one line naming the learning rate to try (a tenth)
 
 A finite loss that climbs well above where it started is what a too-high learning rate looks like
-(full fine-tuning at LoRA's 2e-4 takes Gemma 3 270M's validation loss from 2 to 11 in three steps);
+(full fine-tuning of Gemma 3 270M at LoRA's 2e-4 on the quickstart task: training loss 1.21 at step 1,
+12.68 at step 2);
 the NaN check only fires once the numbers overflow, long after the weights are ruined.
 """
 
