@@ -122,6 +122,8 @@ def test_train_on_an_ollama_model_and_hand_it_back(ollama_store, stub_ollama, da
     assert "the `ollama` command is not installed here" in said(by_hand)
     assert f"Run: ollama create mine-tuned -f {modelfile}" in said(by_hand)
     assert len(stub_ollama.read_text().splitlines()) == 2  # the stub was not called again
+    bad = run_cli("export", "gguf", "--adapter", run, "--ollama", "my model!")
+    assert bad.exit_code == 1 and "'my model!' is not a valid Ollama model name" in said(bad)
 
 
 def test_export_into_lm_studio_and_read_it_back(ollama_store, data_dir, tmp_path, tiny_model_dir):

@@ -59,12 +59,13 @@ def ollama_model_name(name: str) -> str:
 
 def ollama_create(name: str, modelfile: Path) -> OllamaCreate:
     """Run ``ollama create NAME -f MODELFILE`` when ``ollama`` is on PATH; otherwise return the command to run."""
-    command = ["ollama", "create", name, "-f", str(modelfile)]
-    shown = " ".join(command)
+    from macft.export.modelfile import ollama_command
+
+    shown = ollama_command(name, modelfile)
     executable = shutil.which("ollama")
     if executable is None:
         return OllamaCreate(False, shown, "")
-    done = subprocess.run([executable, *command[1:]], capture_output=True, text=True)
+    done = subprocess.run([executable, "create", name, "-f", str(modelfile)], capture_output=True, text=True)
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     last = lines[-1].strip() if lines else ""
     if done.returncode != 0:

@@ -54,6 +54,10 @@ def export_gguf(
         raise MacftError("Pass exactly one of --model DIR or --adapter RUN.")
     if adapter_only and adapter is None:
         raise MacftError("--adapter-only needs --adapter RUN.")
+    if isinstance(ollama, str) and ollama:
+        from macft.export.apps import ollama_model_name
+
+        ollama = ollama_model_name(ollama)  # a bad name fails before the export, not after
     if lm_studio and (adapter_only or out is not None):
         raise MacftError("--lm-studio writes a whole model into LM Studio's folder; drop --adapter-only and --out.")
     out = Path(out) if out is not None else default_out(model, adapter, quant, adapter_only)
@@ -139,7 +143,7 @@ def _adapter_only(run_dir: Path, out: Path, ollama: bool | str) -> ExportReport:
 
 
 def _add_modelfile(report: ExportReport, spec, out: Path, ollama: bool | str) -> None:
-    from macft.export.apps import ADAPTER_VERSIONS_NOTE, ollama_create, ollama_model_name
+    from macft.export.apps import ADAPTER_VERSIONS_NOTE, ollama_create
     from macft.export.modelfile import chat_format, ollama_command, write_modelfile
 
     path = write_modelfile(spec, out.with_suffix(".Modelfile"))
@@ -151,7 +155,7 @@ def _add_modelfile(report: ExportReport, spec, out: Path, ollama: bool | str) ->
     if not isinstance(ollama, str) or not ollama:
         report.ollama_command = ollama_command(out.stem.replace("_", "-").lower(), path)
         return
-    created = ollama_create(ollama_model_name(ollama), path)
+    created = ollama_create(ollama, path)
     report.ollama_command, report.ollama_created = created.command, created.ran
     if not created.ran:
         report.notes.append("the `ollama` command is not installed here; run the command below where Ollama is")
