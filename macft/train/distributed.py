@@ -22,7 +22,8 @@ import hashlib
 import json
 import os
 import socket
-import threading
+import subprocess
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -147,35 +148,37 @@ def peer_addresses() -> str:
 def connect(timeout: float | None = None) -> World:
     """Join the other ranks, or return a one-rank World when no launcher started this process.
 
-    MLX waits for its peers for as long as it takes; a host that is down or unreachable would
-    hang every rank, so the wait is bounded and ends in a one-line error."""
+    MLX waits for its peers for as long as it takes, holding the interpreter, so a host that is
+    down or unreachable would hang every rank: a watchdog process ends this one with a one-line
+    error if the ranks have not met within ``timeout`` seconds."""
     if not launched():
         return World()
     backend = launcher_backend()
     if not mx.distributed.is_available(backend):
         raise MacftError(f"mlx.launch asked for the {backend} backend, which this MLX build lacks; launch with --backend ring.")
     timeout = timeout if timeout is not None else float(os.environ.get("MACFT_CONNECT_TIMEOUT", CONNECT_TIMEOUT))
-    joined: list = []
-
-    def join() -> None:
-        try:
-            joined.append(mx.distributed.init(strict=True, backend=backend))
-        except Exception as exc:  # noqa: BLE001 - reported on the main thread below
-            joined.append(exc)
-
-    # A daemon thread: when the peers never answer, the process can still exit with the error.
-    thread = threading.Thread(target=join, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not joined:
-        raise MacftError(
-            f"Could not reach the other ranks within {timeout:.0f} s ({peer_addresses()}); check that every host is up, "
-            "reachable on those addresses and running the same command (MACFT_CONNECT_TIMEOUT sets the wait)."
-        )
-    if isinstance(joined[0], Exception):
-        raise MacftError(f"Could not start distributed training ({backend}): {str(joined[0]).splitlines()[0]}.")
-    group = joined[0]
+    message = (
+        f"Error: Could not reach the other ranks within {timeout:g} s ({peer_addresses()}); check that every host is up, "
+        "reachable on those addresses and running the same command (MACFT_CONNECT_TIMEOUT sets the wait)."
+    )
+    watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(timeout), message, str(os.getpid())], stdin=subprocess.PIPE)
+    try:
+        group = mx.distributed.init(strict=True, backend=backend)
+    except Exception as exc:  # noqa: BLE001 - any failure to start is the user's to fix
+        raise MacftError(f"Could not start distributed training ({backend}): {str(exc).splitlines()[0]}.") from None
+    finally:
+        watchdog.stdin.close()  # the watchdog exits on end of input
+        watchdog.wait()
     return World(rank=group.rank(), size=group.size(), group=group, backend=backend)
+
+
+# Waits for its input to end; if it has not after argv[1] seconds, prints argv[2] and kills argv[3].
+WATCHDOG = """import os, select, signal, sys
+if not select.select([sys.stdin], [], [], float(sys.argv[1]))[0]:
+    sys.stderr.write(sys.argv[2] + "\\n")
+    sys.stderr.flush()
+    os.kill(int(sys.argv[3]), signal.SIGKILL)
+"""
 
 
 def digest(value: Any) -> str:
@@ -229,7 +232,7 @@ def check_same(world: World, facts: dict[str, str]) -> None:
             raise SystemExit(1)
         key = differ[0]
         raise MacftError(
-            f"Rank {rank} ({report['host']}) has a different {key} than rank 0 ({reports[0]['host']}): "
+            f"Rank {rank} ({report['host']}) differs from rank 0 ({reports[0]['host']}) in its {key}: "
             f"{report['facts'].get(key)} vs {reports[0]['facts'].get(key)}; every rank needs the same macft, MLX, recipe, data and base model."
         )
 
