@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from macft.config import save_recipe
 from macft.data import iterate_batches, load_splits
 from macft.memory import Plan, estimate, read_model_shape, replica_bytes
 from macft.models.load import load_model
@@ -33,17 +34,16 @@ STEP_TIMEOUT = 120  # seconds any one multi-process run may take on a loaded 2-c
 TRAIN = {"batch_size": 8, "learning_rate": 2e-3, "lr_schedule": "constant", "eval_every": 4, "save_every": 2}
 
 
-def recipe_flags(model_dir: Path, data_dir: Path, runs: Path, name: str, iters: int) -> list[str]:
-    """CLI flags for the recipe ``reference_recipe`` builds in-process."""
-    sets = {**{f"train.{k}": v for k, v in TRAIN.items()}, "train.report_every": 1, "method.dropout": 0, "data.max_seq_length": 64}
-    flags = ["--model", str(model_dir), "--data", str(data_dir), "--rank", "4", "--iters", str(iters)]
-    flags += ["--out-dir", str(runs), "--name", name, "--json"]
-    return flags + [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
-
-
 def reference_recipe(model_dir, data_dir, tmp_path, iters):
     recipe = tiny_recipe(model_dir, data_dir, tmp_path, iters=iters, report_every=1, **TRAIN)
     return recipe.replace(method={"dropout": 0.0}, output={"name": "reference"})
+
+
+def recipe_flags(model_dir: Path, data_dir: Path, runs: Path, name: str, iters: int) -> list[str]:
+    """``macft lora`` arguments for the recipe ``reference_recipe`` builds in-process."""
+    path = runs.parent / f"recipe-{name}-{data_dir.name}.yaml"
+    save_recipe(reference_recipe(model_dir, data_dir, runs.parent, iters), path)
+    return [str(path), "--out-dir", str(runs), "--name", name, "--json"]
 
 
 def free_ports(n: int) -> list[int]:
@@ -135,7 +135,7 @@ def test_two_ranks_match_one_rank_through_a_dead_rank_and_a_resume(tiny_model_di
     done = checkpoint_step(runs / "cut")
     assert done >= 4 and done % TRAIN["save_every"] == 0
     iters = done + 6
-    resumed = launch(["--resume", str(runs / "cut"), "--iters", str(iters)])
+    resumed = launch(["--resume", str(runs / "cut"), "--iters", str(iters), "--json"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads(resumed.stdout[resumed.stdout.index("{") :])
     assert summary["ranks"] == 2 and summary["steps"] == iters and summary["stop_reason"] == "finished"

@@ -73,7 +73,8 @@ class World:
         if self.size == 1:
             return tree
         flat = []
-        for key, value in tree_flatten(tree):
+        # In key order: the same tree restored from a file and built in memory list keys differently.
+        for key, value in sorted(tree_flatten(tree), key=lambda item: item[0]):
             # A sum in which only rank 0 contributes is a copy of rank 0's value, bit for bit.
             value = mx.distributed.all_sum(value if self.main else mx.zeros_like(value), group=self.group)
             mx.eval(value)
