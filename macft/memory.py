@@ -416,7 +416,8 @@ def _replica_notes(parts: dict[str, int], available_bytes: int) -> list[str]:
     return [
         f"The model, its trainable weights, gradients and optimizer state alone need {format_bytes(replica)} per machine: "
         "data parallelism gives every Mac a whole copy, so more Macs cannot fit this run. Splitting the model itself "
-        "is the next step (MLX's tensor-parallel sharded linear layers or pipeline parallelism), which macft does not do yet."
+        "is the next step (MLX's fully sharded modules, tensor-parallel sharded linear layers or pipeline parallelism), "
+        "which macft does not do yet."
     ]
 
 
