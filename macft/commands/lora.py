@@ -154,8 +154,8 @@ def lora(
     with view:
         outcome = run_training(resolved, view, world)
     result = outcome.result
-    if not world.main:  # rank 0 reports for every rank
-        raise SystemExit({"interrupted": 130, "nan": 1}.get(result.stop_reason, 0))
+    if not world.main:  # rank 0 reports for every rank; a failing status here would make mlx.launch stop it first
+        return
     if result.stop_reason == "interrupted":
         message = f"{result.message} Resume with: macft lora --resume {outcome.run_dir}"
         if as_json:

@@ -7,6 +7,7 @@ and relays their output; it stops every rank when one fails.
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -53,8 +54,29 @@ def launch_ranks(hosts: str | None, hostfile: str | None, argv: list[str] | None
         raise MacftError(f"--hostfile {hostfile} does not exist; write one as the README shows (mlx.launch's JSON format).")
     where = ["--hostfile", hostfile] if hostfile else ["--hosts", hosts]
     command = [launcher(), *where, "--starting-port", str(free_port()), "--", *rank_command(sys.argv[1:] if argv is None else argv)]
-    process = subprocess.Popen(command)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:  # Ctrl-C reached the ranks too; they save a checkpoint and stop
-        return process.wait()
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1)
+    return relay_status(process)
+
+
+# mlx.launch exits with 0 whatever its ranks do, and reports a failed rank on its standard error.
+RANK_FAILED = re.compile(r"Node with rank \d+ (?:exited with code (-?\d+)|was killed)")
+
+
+def relay_status(process: subprocess.Popen) -> int:
+    """Pass mlx.launch's standard error through; return the first failing rank's status (or 0)."""
+    status = 0
+    while True:
+        try:
+            line = process.stderr.readline()
+        except KeyboardInterrupt:  # Ctrl-C reached the ranks too; they save a checkpoint and stop
+            continue
+        if not line:
+            break
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        failed = RANK_FAILED.search(line)
+        if failed and not status:
+            code = int(failed.group(1) or 1)
+            status = code if code > 0 else 1
+    process.wait()
+    return status or process.returncode
