@@ -185,22 +185,23 @@ def run_training(recipe: Recipe, view: Callback | None = None, world: World | No
     def valid_batches():
         return map(world.share, iterate_batches(splits.valid, cfg.batch_size, max_len, **batching))
 
-    kept = f"The last complete checkpoint is {checkpoints.path('last')}; resume with: macft lora --resume {run_dir}" if checkpoints else "Rank 0 keeps the last complete checkpoint."
-    with peer_errors(world, kept):
-        result = train(
-            model,
-            optimizer,
-            train_batches,
-            valid_batches if splits.valid else None,
-            loss_fn,
-            recipe.train,
-            log,
-            checkpoints=checkpoints,
-            progress=progress,
-            batches_per_epoch=per_epoch,
-            memory_budget=step_budget(shape, plan),
-            world=world,
-        )
+    kept = "Rank 0 keeps the last complete checkpoint."
+    if checkpoints:
+        kept = f"The last complete checkpoint is {checkpoints.path('last')}; resume with: macft lora --resume {run_dir}"
+    result = peer_errors(world, kept)(train)(
+        model,
+        optimizer,
+        train_batches,
+        valid_batches if splits.valid else None,
+        loss_fn,
+        recipe.train,
+        log,
+        checkpoints=checkpoints,
+        progress=progress,
+        batches_per_epoch=per_epoch,
+        memory_budget=step_budget(shape, plan),
+        world=world,
+    )
     if not world.main:
         return RunOutcome(None, recipe, result, {}, model, loaded.tokenizer)
 
