@@ -229,3 +229,13 @@ def test_estimate_command_shows_ranks(tiny_model_dir):
     assert per_rank["plan"]["ranks"] == 2 and per_rank["total_bytes"] == single["total_bytes"]
     shown = CliRunner().invoke(estimate_command, [*args, "--ranks", "2"])
     assert shown.exit_code == 0 and "over 2 ranks" in shown.output and "per rank: 4 rows" in shown.output
+
+
+def test_live_view_and_launcher_arguments():
+    from macft.train.launch import rank_command
+    from macft.ui import throughput
+
+    assert throughput({"tokens_per_second": 300.0, "ranks": 2}) == "300 tok/s total · 150 per rank × 2 ranks"
+    assert throughput({"tokens_per_second": 300.0, "ranks": 1}) == "300 tok/s"
+    argv = ["lora", "r.yaml", "--hosts", "a,b", "--iters", "3", "--hostfile=h.json", "--json"]
+    assert rank_command(argv) == [sys.executable, "-m", "macft.cli", "lora", "r.yaml", "--iters", "3", "--json"]
