@@ -88,7 +88,7 @@ def run_base(adapter: str | Path) -> tuple[str, dict[str, Any]]:
 def open_model(model_spec: str | None, adapter: str | Path | None = None) -> OpenedModel:
     """Load ``model_spec`` (or the adapter's recorded base when it is None) and apply ``adapter``."""
     from macft.config import DEFAULT_MODEL
-    from macft.methods.lora import dequantize_for_generation
+    from macft.models.quantized import dequantize_for_generation
     from macft.models.load import load_model
 
     options: dict[str, Any] = {}
@@ -169,9 +169,9 @@ def _module_slots(model) -> dict[str, tuple[Any, Any, Any]]:
 def prompt_tokens(tokenizer, messages: list[dict[str, str]], use_chat_template: bool | None = None) -> list[int]:
     """Token ids for ``messages``: through the chat template (with the assistant turn opened) when
     the tokenizer has one, else the system text and the last user message as plain text."""
-    if use_chat_template is None:
-        use_chat_template = bool(getattr(tokenizer, "has_chat_template", False))
-    if use_chat_template:
+    from macft.data.templates import uses_chat_template
+
+    if uses_chat_template(tokenizer, use_chat_template):
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
     system = next((m["content"] for m in messages if m["role"] == "system"), "")
     user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from macft.errors import MacftError
+from macft.families import lookup
 
 GIB = 1024**3
 
@@ -39,10 +40,7 @@ GIB = 1024**3
 SAVED_HIDDEN = 6
 SAVED_KV = 2
 SAVED_INTERMEDIATE = 3
-# Gemma blocks also normalise the attention and MLP outputs (two more h) and use a tanh-approximated
-# GELU, whose backward keeps more intermediates than SiLU (two more I).
-GEMMA_EXTRA_HIDDEN = 2
-GEMMA_EXTRA_INTERMEDIATE = 2
+# A family's record may add to these (Gemma's extra norms and tanh-GELU: macft/families/gemma3.py).
 # The compiled update step normalises the gradients by the token count and clips them (two more
 # copies of every gradient) and writes AdamW's new moments beside the old ones (two more copies of
 # every trainable weight), after the activations and logits are freed.
@@ -330,9 +328,9 @@ def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None) 
     if plan.method == "full":
         weights = max(weights - trainable_bytes, 0)  # counted once, under "trainable"
 
-    gemma = shape.family.startswith("gemma")
-    saved_hidden = SAVED_HIDDEN + (GEMMA_EXTRA_HIDDEN if gemma else 0)
-    saved_intermediate = SAVED_INTERMEDIATE + (GEMMA_EXTRA_INTERMEDIATE if gemma else 0)
+    family = lookup(shape.family)  # what the family's blocks keep beyond the common ones
+    saved_hidden = SAVED_HIDDEN + (family.saved_extra_hidden if family else 0)
+    saved_intermediate = SAVED_INTERMEDIATE + (family.saved_extra_intermediate if family else 0)
     per_token_layer = (saved_hidden * shape.hidden + SAVED_KV * shape.kv_dim + saved_intermediate * shape.intermediate) * d
     attention_probs = plan.batch * shape.heads * plan.seq * plan.seq * d
     layers = shape.layers

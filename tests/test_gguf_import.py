@@ -20,8 +20,9 @@ from click.testing import CliRunner
 from gguf import GGMLQuantizationType as Q
 
 from macft.errors import MacftError
+from macft.families import FAMILIES
+from macft.families.llama import llama3_rope_scaling
 from macft.models.gguf_import import import_gguf, import_gguf_report
-from macft.models.gguf_import.families import llama3_rope_scaling
 from macft.models.gguf_import.quants import EXACT_BITS, pack, quantize_exact
 from macft.models.gguf_import.reader import read_gguf
 
@@ -50,7 +51,7 @@ def write_gguf(model_dir: Path, out: Path, quant=lambda name, shape: Q.F32, arch
     """Write a tiny HF/MLX model directory as GGUF; ``quant(gguf_name, shape)`` picks each 2-D tensor's
     type; ``vocab`` replaces the model's own byte-level BPE vocabulary (see ``bpe_vocab``)."""
     config = json.loads((model_dir / "config.json").read_text())
-    family = {"gemma3_text": "gemma3"}.get(config["model_type"], config["model_type"])
+    family = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe"}.get(config["model_type"], config["model_type"])
     arch = arch or family
     weights = {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(model_dir / "model.safetensors")).items()}
     layers = config["num_hidden_layers"]
@@ -68,9 +69,13 @@ def write_gguf(model_dir: Path, out: Path, quant=lambda name, shape: Q.F32, arch
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config["rope_theta"])
     writer.add_rope_dimension_count(head_dim)
-    if family in ("gemma3", "qwen3"):
+    if family in ("gemma3", "qwen3", "qwen3moe"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if "num_experts" in config:
+        writer.add_expert_count(config["num_experts"])
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
     if family == "gemma3":
         writer.add_sliding_window(config["sliding_window"])
         writer.add_sliding_window_pattern([(i + 1) % config["sliding_window_pattern"] != 0 for i in range(layers)])
@@ -100,7 +105,8 @@ def write_gguf(model_dir: Path, out: Path, quant=lambda name, shape: Q.F32, arch
     for name, value in weights.items():
         if name in ("model.embed_tokens.weight", "lm_head.weight") and value.shape[0] != n_tokens:
             value = np.resize(value, (n_tokens, value.shape[1]))  # another vocabulary: reuse random rows
-        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        # gguf-py knows HF's stacked expert names ("mlp.experts.up_proj"), not mlx-lm's "switch_mlp"
+        target = names.get_name(name.replace(".switch_mlp.", ".experts."), try_suffixes=(".weight", ".bias"))
         assert target is not None, name
         if family == "gemma3" and "norm" in name:
             value = value + 1.0
@@ -324,15 +330,16 @@ def test_half_precision_tensors_keep_their_values(tiny_models, tmp_path):
 
 def _hf_module(family: str, gguf_name: str, params: dict) -> str:
     """The mlx-lm module path whose GGUF name (by gguf-py's own map) is ``gguf_name``."""
-    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == family)
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == FAMILIES[family].gguf_arch)
     layers = 1 + max(int(k.split(".")[2]) for k in params if k.startswith("model.layers."))
     names = gguf.get_tensor_name_map(arch, layers)
     modules = {k.rsplit(".", 1)[0] for k in params}
-    return next(m for m in modules if names.get_name(m + ".weight", try_suffixes=(".weight",)) == gguf_name.rsplit(".", 1)[0] + ".weight")
+    stem = gguf_name.rsplit(".", 1)[0] + ".weight"
+    return next(m for m in modules if names.get_name(m.replace(".switch_mlp.", ".experts.") + ".weight", try_suffixes=(".weight",)) == stem)
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3", "qwen3_moe"])
 def test_tiny_models_agree_with_llama_cpp(family, gguf_files):
     from mlx_lm import load
 
@@ -451,7 +458,7 @@ def test_embedded_gemma_agrees_with_llama_cpp(tmp_path):
     is slow; the values are the imported ones, bit for bit."""
     from mlx_lm.generate import generate_step
 
-    from macft.export.fuse import dequantize_model
+    from macft.models.quantized import dequantize_model
     from macft.models.load import embedded_default_gguf, load_model
 
     source = embedded_default_gguf()
@@ -462,7 +469,7 @@ def test_embedded_gemma_agrees_with_llama_cpp(tmp_path):
     for text in samples:
         assert tokenizer.encode(text) == vocab.tokenize(text.encode(), add_bos=True, special=True), text
 
-    dequantize_model(model)
+    dequantize_model(model, mx.float32)
     wikisql = Path(__file__).resolve().parent.parent.parent / "shared/data/wikisql/valid.jsonl"
     text = wikisql.read_text()[:1500] if wikisql.exists() else " ".join(SAMPLE_TEXTS) * 8
     ids = tokenizer.encode(text)[:300]

@@ -106,39 +106,18 @@ def load_fused(run_dir: str | Path, *, dequantize: bool = False):
             "so it cannot be merged; use the run directory as an adapter with chat, generate or eval instead."
         )
     if dequantize:
-        dequantize_model(model)
+        import mlx.core as mx
+
+        from macft.models.quantized import dequantize_model
+
+        dequantize_model(model, mx.float32)
     loaded.model = model
     return loaded, adapter_cfg, merged
 
 
-def dequantize_model(model) -> None:
-    """Replace every quantized linear/embedding layer with its float32 equivalent."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_unflatten
-
-    from macft.methods.lora import QUANTIZED, float_weight
-
-    swaps = []
-    for path, module in model.named_modules():
-        if not isinstance(module, QUANTIZED):
-            continue
-        weight = float_weight(module).astype(mx.float32)
-        if isinstance(module, nn.QuantizedEmbedding):
-            layer = nn.Embedding(*weight.shape)
-        else:
-            layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
-            if "bias" in module:
-                layer.bias = module.bias
-        layer.weight = weight
-        swaps.append((path, layer))
-    if swaps:
-        model.update_modules(tree_unflatten(swaps))
-
-
 def quantization_entry(model, defaults: dict) -> dict | None:
     """The config.json ``quantization`` mapping that makes mlx-lm rebuild exactly these quantized layers."""
-    from macft.methods.lora import QUANTIZED
+    from macft.models.quantized import QUANTIZED
 
     layers = {
         path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}

@@ -18,17 +18,7 @@ from typing import Any
 
 from macft.config import DEFAULT_MODEL
 from macft.errors import MacftError
-
-SUPPORTED_MODEL_TYPES = {
-    "gemma3_text": "gemma3",
-    "gemma3": "gemma3",
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "phi3": "phi3",
-}
-
+from macft.families import for_model_type
 
 @dataclass
 class LoadedModel:
@@ -116,11 +106,8 @@ def weights_hash(model_dir: Path) -> str:
 
 
 def model_family(config: dict) -> str:
-    model_type = config.get("model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        known = ", ".join(sorted(set(SUPPORTED_MODEL_TYPES.values())))
-        raise MacftError(f"Model type '{model_type}' is not supported; supported families: {known}.")
-    return SUPPORTED_MODEL_TYPES[model_type]
+    """macft's name of the family ``config.json`` describes; a clear error for unsupported types."""
+    return for_model_type(config.get("model_type", "?")).name
 
 
 def load_model(

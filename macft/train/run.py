@@ -25,10 +25,11 @@ import numpy as np
 
 from macft.backend import detect
 from macft.config import Recipe, save_recipe
+from macft.data.templates import uses_chat_template
 from macft.errors import MacftError
 from macft.memory import Estimate, estimate, format_bytes, loaded_shape, plan_from_recipe, step_budget
 from macft.methods import ADAPTER_FILE, adapters_disabled, apply_method, count_parameters, save_adapter
-from macft.methods.lora import dequantize_for_generation
+from macft.models.quantized import dequantize_for_generation
 from macft.methods.recompute import RecomputingMLP
 from macft.paths import atomic_path
 from macft.train.checkpoint import Checkpoints
@@ -295,8 +296,7 @@ def demo_records(recipe: Recipe) -> list:
 
 def prompt_tokens(tokenizer: Any, record: Any, use_chat_template: bool | None) -> list[int]:
     """The prompt exactly as training presented it, ready for the model to continue."""
-    has_template = bool(getattr(tokenizer, "has_chat_template", False))
-    if has_template if use_chat_template is None else use_chat_template:
+    if uses_chat_template(tokenizer, use_chat_template):
         ids = tokenizer.apply_chat_template(record.as_messages()[:-1], add_generation_prompt=True)
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
     return list(tokenizer.encode(record.prompt + record.prompt_suffix))
