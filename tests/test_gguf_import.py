@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from pathlib import Path
 
 import gguf
@@ -25,6 +26,7 @@ from macft.families.llama import llama3_rope_scaling
 from macft.models.gguf_import import import_gguf, import_gguf_report
 from macft.models.gguf_import.quants import EXACT_BITS, pack, quantize_exact
 from macft.models.gguf_import.reader import read_gguf
+from macft.models.load import load_model
 
 try:
     import llama_cpp
@@ -341,12 +343,11 @@ def _hf_module(family: str, gguf_name: str, params: dict) -> str:
 @needs_llama_cpp
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3", "qwen3_moe"])
 def test_tiny_models_agree_with_llama_cpp(family, gguf_files):
-    from mlx_lm import load
-
     path = gguf_files[family]["f32"]
-    model, tokenizer = load(str(import_gguf(path)))
+    loaded = load_model(str(path))  # macft's loader: transformers alone would NFC-normalize qwen2 text
+    model, tokenizer = loaded.model, loaded.tokenizer
     reference = llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, n_threads=2, verbose=False, type_k=0, type_v=0)
-    for text in SAMPLE_TEXTS:
+    for text in SAMPLE_TEXTS + VARIED_TEXTS:
         assert tokenizer.encode(text) == reference.tokenize(text.encode(), add_bos=True, special=True), text
     ids = tokenizer.encode(SAMPLE_TEXTS[0])
     reference.eval(ids)
@@ -363,6 +364,44 @@ def test_sentencepiece_vocabulary_matches_llama_cpp(space_prefix, tiny_models, t
     reference = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     for text in SAMPLE_TEXTS + ["<|user|>\nHi<|end|>", "no\u00a0break 12345"]:
         assert tokenizer.encode(text) == reference.tokenize(text.encode(), add_bos=True, special=True), text
+
+
+VARIED_TEXTS = [
+    "Tiếng Việt có dấu: Nguyễn Trãi, người Việt",
+    unicodedata.normalize("NFD", "Tiếng Việt có dấu: Nguyễn Trãi, người Việt"),  # combining marks
+    "e\u0301 a\u0300b \u0301x 1\u0301 ",
+    "हिन्दी भाषा, عربي, Ελληνικά, русский, 한국어",
+    "x 12 345 6789 3.14159 1234567",
+    "  runs   of\t\tspaces\n\n\n  and 😀🚀👩‍👩‍👧 emoji",
+]
+
+
+@needs_llama_cpp
+def test_llama3_vocabulary_takes_whole_words_like_llama_cpp(tiny_models, tmp_path):
+    """A Llama 3 (llama-bpe) vocabulary holds whole words its merges would not build, such as Vietnamese
+    ones; llama.cpp takes those whole, and so must the tokenizer rebuilt on import."""
+    from mlx_lm.utils import load_tokenizer
+
+    byte_char = _byte_level_chars()
+    vocab = bpe_vocab(tiny_models["llama"], "llama")
+    words = [" Việt", " Nguyễn", "\u0323\u0302"]  # the last: the marks of a decomposed "ệ", one regex piece
+    vocab["pre"] = "llama-bpe"
+    vocab["tokens"] = vocab["tokens"] + ["".join(byte_char[b] for b in w.encode()) for w in words]
+    vocab["types"] = vocab["types"] + [1] * len(words)
+    path = write_gguf(tiny_models["llama"], tmp_path / "llama3.gguf", vocab=vocab)
+    tokenizer = load_tokenizer(import_gguf(path))
+    reference = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    whole = len(vocab["tokens"]) - len(words)
+    assert reference.tokenize(" Việt".encode(), add_bos=False) == [whole]  # llama.cpp does take it whole
+    for text in SAMPLE_TEXTS + VARIED_TEXTS:
+        assert tokenizer.encode(text) == reference.tokenize(text.encode(), add_bos=True, special=True), text
+
+
+def _byte_level_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (byte-level BPE spells every token with these)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
 
 
 def test_llama3_rope_scaling_is_recovered():

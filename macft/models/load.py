@@ -126,6 +126,8 @@ def load_model(
     from mlx_lm.utils import load_tokenizer
 
     from macft.backend import compute_dtype
+    from macft.models.gguf_import.convert import SUMMARY_FILE
+    from macft.models.gguf_import.tokenizer import read_bytes_as_given
 
     model_dir, sha = resolve_model_dir(spec, revision=revision, dequantize=dequantize)
     try:
@@ -138,6 +140,8 @@ def load_model(
         quantize_model(model, quantize_bits, group_size)
     mx.eval(model.parameters())
     tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+    if (Path(model_dir) / SUMMARY_FILE).is_file():  # a GGUF import tokenizes as llama.cpp does
+        read_bytes_as_given(tokenizer)
     identity = {"source": spec, "path": str(model_dir), "family": family, "sha256": sha}
     return LoadedModel(model, tokenizer, Path(model_dir), config, identity)
 
