@@ -59,42 +59,16 @@ def read_adapter_config(run_dir: Path) -> dict:
     return json.loads(config_file.read_text())
 
 
-def load_base_for(run_dir: Path, adapter_cfg: dict):
-    """The base model exactly as the adapter was trained on it (a ``LoadedModel``)."""
-    from macft.config import load_recipe
-    from macft.models.load import load_model
-
-    base = adapter_cfg.get("base_model") or {}
-    if not base.get("source"):
-        raise MacftError(f"{run_dir}/adapter_config.json records no base model; it cannot be fused.")
-    options = {}
-    recipe_file = Path(run_dir) / "recipe.yaml"
-    if recipe_file.is_file():
-        recipe = load_recipe(recipe_file)
-        options = {"revision": recipe.model.revision, "dequantize": recipe.model.dequantize, "trust_remote_code": recipe.model.trust_remote_code}
-    loaded = load_model(
-        base["source"],
-        quantize_bits=adapter_cfg.get("quantize_bits"),
-        group_size=adapter_cfg.get("quantize_group_size") or 64,
-        **options,
-    )
-    if base.get("sha256") and loaded.identity["sha256"] != base["sha256"]:
-        raise MacftError(
-            f"The base model '{base['source']}' is not the one this adapter was trained on (its weights changed); "
-            "point the run at the original base."
-        )
-    return loaded
-
-
 def load_fused(run_dir: str | Path, *, dequantize: bool = False):
     """Base + adapter, merged in memory: returns (LoadedModel with the fused model, adapter config, merged layers)."""
     from mlx.utils import tree_flatten
 
     from macft.methods import fuse_model, load_adapter
+    from macft.run_base import load_run_base
 
     run_dir = Path(run_dir)
     adapter_cfg = read_adapter_config(run_dir)
-    loaded = load_base_for(run_dir, adapter_cfg)
+    loaded = load_run_base(run_dir)
     base_names = {name for name, _ in tree_flatten(loaded.model.parameters())}
     model, _ = load_adapter(loaded.model, run_dir)
     merged = sum(1 for _, m in model.named_modules() if hasattr(m, "fuse") and callable(m.fuse))

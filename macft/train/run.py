@@ -36,6 +36,7 @@ from macft.train.checkpoint import Checkpoints
 from macft.train.loop import Callback, TrainResult, train
 from macft.train.losses import ChunkedLoss, auto_chunk_size, describe_loss, vocab_size
 from macft.train.schedule import build_schedule
+from macft.train.summary import RunSummary
 
 
 @dataclass
@@ -43,7 +44,7 @@ class RunOutcome:
     run_dir: Path
     recipe: Recipe
     result: TrainResult
-    summary: dict
+    summary: RunSummary
     model: nn.Module  # the tuned model (best checkpoint loaded), ready for the demo
     tokenizer: Any
     notes: list[str] = field(default_factory=list)
@@ -196,31 +197,31 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
         notes.append("No adapter was saved: training failed before the first checkpoint.")
     model.eval()
 
-    summary = {
-        "run_dir": str(run_dir),
-        "method": recipe.method.name,
-        "model": loaded.identity,
-        "stop_reason": result.stop_reason,
-        "message": result.message,
-        "steps": result.progress.step,
-        "iters": iters,
-        "best_val_loss": result.progress.best_val_loss,
-        "best_step": result.progress.best_step,
-        "final_train_loss": result.last_train_loss,
-        "final_val_loss": result.last_val_loss,
-        "tokens_seen": result.progress.tokens,
-        "tokens_per_second": result.tokens_per_second,
-        "peak_memory_bytes": result.peak_memory,
-        "train_seconds": result.progress.elapsed,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "backend": detect().describe(),
-        "fast_paths": fast_paths(model, result, loss_fn.chunk_size),
-        "compiled": result.compiled,
-        "compile_note": result.compile_note,
-    }
+    summary = RunSummary(
+        run_dir=str(run_dir),
+        method=recipe.method.name,
+        model=loaded.identity,
+        stop_reason=result.stop_reason,
+        message=result.message,
+        steps=result.progress.step,
+        iters=iters,
+        best_val_loss=result.progress.best_val_loss,
+        best_step=result.progress.best_step,
+        final_train_loss=result.last_train_loss,
+        final_val_loss=result.last_val_loss,
+        tokens_seen=result.progress.tokens,
+        tokens_per_second=result.tokens_per_second,
+        peak_memory_bytes=result.peak_memory,
+        train_seconds=result.progress.elapsed,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        backend=detect().describe(),
+        fast_paths=fast_paths(model, result, loss_fn.chunk_size),
+        compiled=result.compiled,
+        compile_note=result.compile_note,
+    )
     with atomic_path(run_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.write_text(json.dumps(summary.to_dict(), indent=2))
     plot_note = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     if plot_note:
         notes.append(plot_note)
