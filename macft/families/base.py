@@ -12,7 +12,8 @@ Nothing here imports MLX or gguf-py: the CLI's help, the planner and the registr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 
@@ -21,7 +22,18 @@ from macft.errors import MacftError
 if TYPE_CHECKING:
     from gguf import GGUFWriter
 
-    from macft.models.gguf_import.reader import GGUFFile
+
+class GGUFFile(Protocol):
+    """What a record reads from a GGUF file (``macft.models.gguf_import.reader.GGUFFile`` has it)."""
+
+    path: Path
+    architecture: str
+    metadata: dict[str, Any]
+    tensors: dict[str, Any]
+
+    def arch_key(self, key: str, default: Any = None) -> Any: ...
+
+    def rows(self, name: str) -> np.ndarray: ...
 
 # per-block GGUF name -> mlx-lm name under model.layers.N (most families add to or change a few)
 LAYER_NAMES: Mapping[str, str] = {

@@ -25,10 +25,9 @@ import numpy as np
 
 from macft.backend import detect
 from macft.config import Recipe, save_recipe
-from macft.data.templates import uses_chat_template
 from macft.errors import MacftError
 from macft.memory import Estimate, estimate, format_bytes, loaded_shape, plan_from_recipe, step_budget
-from macft.methods import ADAPTER_FILE, adapters_disabled, apply_method, count_parameters, save_adapter
+from macft.methods import ADAPTER_FILE, apply_method, count_parameters, save_adapter
 from macft.models.quantized import dequantize_for_generation
 from macft.methods.recompute import RecomputingMLP
 from macft.paths import atomic_path
@@ -295,38 +294,27 @@ def demo_records(recipe: Recipe) -> list:
     return [r for r in read_records(path) if r.kind == "completion"]
 
 
-def prompt_tokens(tokenizer: Any, record: Any, use_chat_template: bool | None) -> list[int]:
-    """The prompt exactly as training presented it, ready for the model to continue."""
-    if uses_chat_template(tokenizer, use_chat_template):
-        ids = tokenizer.apply_chat_template(record.as_messages()[:-1], add_generation_prompt=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    return list(tokenizer.encode(record.prompt + record.prompt_suffix))
-
-
 def run_demo(outcome: RunOutcome) -> DemoResult | None:
-    """Greedy answers of the base and the tuned model on the held-out prompts, with exact match."""
-    from mlx_lm.generate import batch_generate
+    """Greedy answers of the base and the tuned model on the held-out prompts, with exact match,
+    scored by ``macft.evaluate`` exactly as ``macft eval`` scores them."""
+    from macft.evaluate import EvalOptions, evaluate
 
     recipe = outcome.recipe
     records = demo_records(recipe)
     if not records or recipe.demo.count <= 0:
         return None
-    prompts = [prompt_tokens(outcome.tokenizer, r, recipe.data.use_chat_template) for r in records]
+    options = EvalOptions(max_tokens=recipe.demo.max_tokens, use_chat_template=recipe.data.use_chat_template, max_seq_length=recipe.data.max_seq_length)
     model, tokenizer = dequantize_for_generation(outcome.model), outcome.tokenizer
-    tuned = batch_generate(model, tokenizer, prompts, max_tokens=recipe.demo.max_tokens).texts
     if any(getattr(m, "enabled", None) is not None for _, m in model.named_modules()):
-        with adapters_disabled(model):
-            base = batch_generate(model, tokenizer, prompts, max_tokens=recipe.demo.max_tokens).texts
+        result = evaluate(model, tokenizer, records, options, tuned=True)
+        base, tuned = result, result
     else:  # full fine-tuning changed the weights themselves: the base has to be loaded again
-        base_model = dequantize_for_generation(load_base(recipe).model)
-        base = batch_generate(base_model, tokenizer, prompts, max_tokens=recipe.demo.max_tokens).texts
-    expected = [r.completion for r in records]
-
-    def exact(answers: list[str]) -> float:
-        return sum(a.strip() == e.strip() for a, e in zip(answers, expected)) / len(expected)
-
+        tuned = evaluate(model, tokenizer, records, options)
+        base = evaluate(dequantize_for_generation(load_base(recipe).model), tokenizer, records, options)
+    base_column, tuned_column = ("base", "tuned") if base is tuned else ("base", "base")
     examples = [
-        {"prompt": r.prompt, "expected": e, "base": b, "tuned": t}
-        for r, e, b, t in list(zip(records, expected, base, tuned))[: recipe.demo.count]
+        {"prompt": row["prompt"], "expected": row["reference"], "base": row[f"{base_column}_output"], "tuned": tuned_row[f"{tuned_column}_output"]}
+        for row, tuned_row in list(zip(base.rows, tuned.rows))[: recipe.demo.count]
     ]
-    return DemoResult(examples, len(records), exact(base), exact(tuned))
+    total = base.scores["base"].generated
+    return DemoResult(examples, total, base.scores[base_column].exact_match, tuned.scores[tuned_column].exact_match)
