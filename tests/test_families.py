@@ -153,3 +153,25 @@ def test_qwen3_moe_bf16_export_matches_mlx(wide_moe, tmp_path):
     ours = gguf_logits(export(model_dir, tmp_path / "bf16.gguf", "bf16"), ids)
     assert np.abs(ours - reference).max() < 0.02 * np.abs(reference).max()
     assert (ours.argmax(-1) == reference.argmax(-1)).all()
+
+
+def test_memory_planner_counts_qwen3_moe_experts(tiny_models, tmp_path):
+    """The planner's parameter counts for a mixture-of-experts model, from config.json and from GGUF
+    metadata, against the real model (and LoRA on every expert against apply_method's)."""
+    from mlx.utils import tree_flatten
+
+    from macft.config import MethodConfig
+    from macft.memory import Plan, read_model_shape, trainable_params
+    from macft.methods import apply_method
+
+    model_dir = tiny_models["qwen3_moe"]
+    loaded = load_model(str(model_dir))
+    actual = sum(v.size for k, v in tree_flatten(loaded.model.parameters()) if "_norm." not in k or "layernorm" in k)
+    gguf_file = export_gguf(model=str(model_dir), quant="f16", out=tmp_path / "moe.gguf", name="tiny").gguf["path"]
+    for shape in (read_model_shape(str(model_dir)), read_model_shape(gguf_file)):
+        assert (shape.experts, shape.experts_per_token, shape.intermediate) == (4, 2, 64)
+        assert shape.params == actual  # q_norm/k_norm (head_dim each) are the planner's only omission
+    targets = ("q_proj", "v_proj", *EXPERTS)
+    model = apply_method(loaded.model, MethodConfig(name="lora", rank=4, target_modules=targets))
+    adapted = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    assert trainable_params(read_model_shape(str(model_dir)), Plan(method="lora", rank=4, target_modules=targets)) == adapted

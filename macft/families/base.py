@@ -74,6 +74,10 @@ def _no_hparams(writer: GGUFWriter, config: dict) -> None:
     return None
 
 
+def _no_shape_facts(config: dict) -> dict:
+    return {}
+
+
 def _no_tensors(config: dict) -> Iterator[tuple[str, np.ndarray]]:
     return iter(())
 
@@ -104,6 +108,8 @@ class Family:
     # Training: mlx-lm MLP class ("module.Class") -> mlx.nn activation name it applies to its gate
     gated_mlps: Mapping[str, str] = field(default_factory=dict)
     chat_format: ChatFormat | None = None  # the format this family's chat templates write
+    # Memory planner: shape facts config.json spells its own way (experts), as ModelShape fields
+    planner_shape: Callable[[dict], dict] = _no_shape_facts
     # Memory planner: values kept per token and layer beyond the common decoder block's
     saved_extra_hidden: int = 0
     saved_extra_intermediate: int = 0

@@ -53,6 +53,14 @@ def export_hparams(writer, config: dict) -> None:
     writer.add_expert_feed_forward_length(int(config["moe_intermediate_size"]))
 
 
+def planner_shape(config: dict) -> dict:
+    return {
+        "intermediate": int(config["moe_intermediate_size"]),
+        "experts": int(config["num_experts"]),
+        "experts_per_token": int(config["num_experts_per_tok"]),
+    }
+
+
 FAMILY = Family(
     name="qwen3_moe",
     model_types=("qwen3_moe",),
@@ -72,4 +80,5 @@ FAMILY = Family(
     writes_head_dim=True,
     gated_mlps={"qwen3_moe.MLP": "silu"},  # dense blocks; the experts' SwitchGLU keeps mlx-lm's own
     chat_format=CHATML,
+    planner_shape=planner_shape,
 )
