@@ -115,7 +115,7 @@ def write_gguf(model_dir: Path, out: Path, quant=lambda name, shape: Q.F32, arch
         if family == "llama" and (".q_proj." in name or ".k_proj." in name):
             n = heads if ".q_proj." in name else kv_heads
             value = value.reshape(n, 2, value.shape[0] // n // 2, *value.shape[1:]).swapaxes(1, 2).reshape(value.shape)
-        qtype = quant(target, value.shape) if value.ndim == 2 else Q.F32
+        qtype = quant(target, value.shape) if value.ndim >= 2 else Q.F32
         if qtype in (Q.F32, Q.F16):
             writer.add_tensor(target, np.ascontiguousarray(value, dtype=np.float32 if qtype == Q.F32 else np.float16))
         else:
@@ -298,7 +298,7 @@ def test_quantized_import_is_exact(family_model_dir, gguf_files):
         module = _hf_module(family, name, params)
         assert config["quantization"][module]["bits"] == EXACT_BITS[info.qtype]
         got = np.array(mx.dequantize(params[f"{module}.weight"], params[f"{module}.scales"], params[f"{module}.biases"], group_size=32, bits=EXACT_BITS[info.qtype]))
-        expected = gguf.quants.dequantize(gguf_file.rows(name), info.qtype)
+        expected = gguf.quants.dequantize(gguf_file.rows(name), info.qtype).reshape(got.shape)  # 3-D: experts
         if family == "llama" and name.split(".")[-2] in ("attn_q", "attn_k"):
             n = config["num_attention_heads"] if "attn_q" in name else config["num_key_value_heads"]
             got = got.reshape(n, 2, got.shape[0] // n // 2, -1).swapaxes(1, 2).reshape(got.shape)

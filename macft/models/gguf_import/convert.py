@@ -47,19 +47,20 @@ def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_f
             continue
         rows = gguf.rows(name)
         packed = None
-        if not dequantize and len(info.shape) == 2 and hf.endswith(".weight"):
+        if not dequantize and len(info.shape) in (2, 3) and hf.endswith(".weight"):  # 3-D: stacked experts
             packed = quantize_exact(family.import_rows(hf, rows, config), info.qtype)
         module = hf.removesuffix(".weight")
         if packed is not None:
-            weights[hf] = mx.array(packed.weight)
-            weights[f"{module}.scales"] = mx.array(packed.scales)
-            weights[f"{module}.biases"] = mx.array(packed.biases)
+            stacked = (*info.shape[:-1], -1)
+            weights[hf] = mx.array(packed.weight.reshape(stacked))
+            weights[f"{module}.scales"] = mx.array(packed.scales.reshape(stacked))
+            weights[f"{module}.biases"] = mx.array(packed.biases.reshape(stacked))
             per_module[module] = {"group_size": GROUP_SIZE, "bits": packed.bits}
             exact[info.qtype.name] += 1
             continue
         values = family.import_float(hf, family.import_rows(hf, to_float(rows, info.qtype, info.shape), config))
         array = mx.array(np.ascontiguousarray(values))
-        if len(info.shape) == 2 and hf.endswith(".weight"):
+        if len(info.shape) in (2, 3) and hf.endswith(".weight"):
             per_module[module] = False
             if info.qtype == GGMLQuantizationType.BF16:
                 array = array.astype(mx.bfloat16)  # exact: the values came from bfloat16
