@@ -27,6 +27,8 @@ class RunSummary:
     final_val_loss: float | None
     tokens_seen: int
     tokens_per_second: float
+    ranks: int  # data-parallel processes (1: one machine)
+    distributed_backend: str  # "single process", or the mx.distributed backend
     peak_memory_bytes: int
     train_seconds: float
     trainable_parameters: int
