@@ -93,11 +93,14 @@ def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[
 @click.option("--rank", type=click.IntRange(min=1), help="LoRA/DoRA rank.")
 @click.option("--quantize-bits", type=click.Choice(["4", "8"]), help="Quantize the frozen base at load (QLoRA).")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue a run from its last checkpoint.")
+@click.option("--allow-changed-inputs", is_flag=True, help="With --resume: continue even though the base model or data changed since the checkpoint.")
 @click.option("--out-dir", help="Folder that holds run directories (default: runs).")
 @click.option("--name", help="Run directory name (default: <recipe>-<timestamp>).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override any recipe value; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON instead of the live view.")
-def lora(recipe: str | None, resume: str | None, overrides: tuple[str, ...], as_json: bool, **options: Any) -> None:
+def lora(
+    recipe: str | None, resume: str | None, overrides: tuple[str, ...], as_json: bool, allow_changed_inputs: bool, **options: Any
+) -> None:
     """Fine-tune a model. With no RECIPE, runs recipes/quickstart.yaml (Gemma 3 270M, a demo task).
 
     RECIPE is a YAML file or the name of a bundled recipe; flags and --set override its values.
@@ -121,7 +124,7 @@ def lora(recipe: str | None, resume: str | None, overrides: tuple[str, ...], as_
     for note in notes:
         view.on_note(note)
     with view:
-        outcome = run_training(resolved, view)
+        outcome = run_training(resolved, view, allow_changed_inputs=allow_changed_inputs)
     result = outcome.result
     if result.stop_reason == "interrupted":
         message = f"{result.message} Resume with: macft lora --resume {outcome.run_dir}"
@@ -130,7 +133,7 @@ def lora(recipe: str | None, resume: str | None, overrides: tuple[str, ...], as_
         else:
             click.echo(message)
         raise SystemExit(130)
-    demo = run_demo(outcome) if result.stop_reason != "nan" else None
+    demo = None if result.failed else run_demo(outcome)
     if as_json:
         payload = dict(outcome.summary)
         if demo is not None:
@@ -141,5 +144,5 @@ def lora(recipe: str | None, resume: str | None, overrides: tuple[str, ...], as_
         ui.show_summary(outcome.summary)
         if demo is not None:
             ui.show_demo(demo)
-    if result.stop_reason == "nan":
+    if result.failed:
         raise MacftError(result.message)

@@ -22,6 +22,7 @@ import numpy as np
 from macft.errors import MacftError
 from macft.export import families
 from macft.export.fuse import read_adapter_config
+from macft.outputs import GGUF_COMMAND_KEY
 from macft.paths import atomic_path
 
 ALTERNATIVE = "use `macft fuse --adapter RUN` or a full GGUF export (`macft export gguf --adapter RUN`) instead"
@@ -92,6 +93,7 @@ def write_adapter_gguf(run_dir: str | Path, out: Path) -> AdapterGGUFResult:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        writer.add_string(GGUF_COMMAND_KEY, "export gguf")
         for prefix in prefixes:
             # "model.layers.0.self_attn.q_proj" (the LoRA layer) -> "blk.0.attn_q.weight"
             target = families.gguf_name(f"{prefix}.weight", name_map)

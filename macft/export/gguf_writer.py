@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType as Q
 from macft.errors import MacftError
 from macft.export import families, kquants, tokenizer_meta
 from macft.export.quant_plan import SCHEMES, tensor_type
+from macft.outputs import GGUF_COMMAND_KEY
 from macft.paths import atomic_path
 
 
@@ -94,6 +95,7 @@ def write_gguf(
         writer.add_name(name or out.stem)
         writer.add_file_type(int(scheme.file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_string(GGUF_COMMAND_KEY, "export gguf")
         families.add_hparams(writer, config, family)
         writer.add_vocab_size(vocab_size)
         if tokenizer_gguf is not None:

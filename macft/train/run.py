@@ -24,15 +24,18 @@ import mlx.optimizers as optim
 import numpy as np
 
 from macft.backend import detect
+from macft.chat_template import template_tokens
 from macft.config import Recipe, save_recipe
 from macft.errors import MacftError
 from macft.memory import Estimate, estimate, format_bytes, loaded_shape, plan_from_recipe, step_budget
 from macft.methods import ADAPTER_FILE, adapters_disabled, apply_method, count_parameters, save_adapter
 from macft.methods.lora import dequantize_for_generation
 from macft.methods.recompute import RecomputingMLP
-from macft.paths import atomic_path
+from macft.paths import atomic_path, recover
 from macft.train.checkpoint import Checkpoints
+from macft.train.guard import LossGuard
 from macft.train.loop import Callback, TrainResult, train
+from macft.train.rundir import claim_run_dir
 from macft.train.losses import ChunkedLoss, auto_chunk_size, describe_loss, vocab_size
 from macft.train.schedule import build_schedule
 
@@ -60,14 +63,12 @@ def run_dir_for(recipe: Recipe) -> Path:
     """The run folder: the resumed one, or ``<runs_dir>/<name or recipe-timestamp>``."""
     if recipe.output.resume:
         folder = Path(recipe.output.resume).expanduser()
+        recover(folder / "checkpoints" / "last")  # a save killed between its two renames left it aside
         if not (folder / "checkpoints" / "last").is_dir():
             raise MacftError(f"Cannot resume: {folder} has no checkpoints/last; pass a run directory made by `macft lora`.")
         return folder
     name = recipe.output.name or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder = Path(recipe.output.runs_dir).expanduser() / name
-    if (folder / "checkpoints").exists():
-        raise MacftError(f"Run directory {folder} already holds a run; choose another --name or resume it with --resume {folder}.")
-    return folder
+    return Path(recipe.output.runs_dir).expanduser() / name
 
 
 def make_optimizer(recipe: Recipe, total_steps: int) -> optim.Optimizer:
@@ -130,16 +131,25 @@ def training_loss(model: nn.Module, recipe: Recipe) -> ChunkedLoss:
     return ChunkedLoss(auto_chunk_size(vocab_size(model), recipe.train.loss_chunk_size))
 
 
-def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
-    from macft.data import batch_order, iterate_batches, load_splits
-
-    view = view or Callback()
+def run_training(recipe: Recipe, view: Callback | None = None, *, allow_changed_inputs: bool = False) -> RunOutcome:
+    """Train in the recipe's run directory, which this process holds exclusively until training ends.
+    A resume refuses a base model or data that changed since the checkpoint unless ``allow_changed_inputs``."""
     run_dir = run_dir_for(recipe)
+    with claim_run_dir(run_dir, resume=bool(recipe.output.resume)):
+        return _train_in(run_dir, recipe, view or Callback(), allow_changed_inputs)
+
+
+def _train_in(run_dir: Path, recipe: Recipe, view: Callback, allow_changed_inputs: bool) -> RunOutcome:
+    from macft.data import batch_order, iterate_batches, load_splits
+    from macft.data.splits import data_fingerprint
+
     cfg = recipe.train
     mx.random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     loaded = load_base(recipe)
     splits = load_splits(recipe.data, loaded.tokenizer)
+    for note in data_notes(splits):
+        view.on_note(note)
     # One shape and plan serve the fit check and, per batch shape, each step's memory limit.
     shape, plan = loaded_shape(loaded), plan_from_recipe(recipe)
     check_memory(estimate(shape, plan), view)
@@ -156,11 +166,13 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
     optimizer = make_optimizer(recipe, iters)
     loss_fn = training_loss(model, recipe)
 
-    checkpoints = Checkpoints(run_dir, recipe, loaded.identity)
-    progress = checkpoints.restore(model, optimizer) if recipe.output.resume else None
-    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = Checkpoints(run_dir, recipe, loaded.identity, data_fingerprint(recipe.data))
+    progress = None
+    if recipe.output.resume:
+        check_resume_inputs(checkpoints, run_dir, allow_changed_inputs, view)
+        progress = checkpoints.restore(model, optimizer)
     save_recipe(recipe, run_dir / "recipe.yaml")
-    log = MetricsLog(run_dir / "metrics.jsonl", view, progress.step if progress else None)
+    log = MetricsLog(run_dir / "metrics.jsonl", view, progress.step if progress else 0)
 
     def train_batches(epoch: int, start: int):
         return iterate_batches(splits.train, cfg.batch_size, max_len, epoch=epoch, start=start, loop=True, **batching)
@@ -180,16 +192,17 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
         progress=progress,
         batches_per_epoch=per_epoch,
         memory_budget=step_budget(shape, plan),
+        guard=LossGuard(vocab_size(model)),
     )
 
     notes = []
     best, last = checkpoints.path("best") / ADAPTER_FILE, checkpoints.path("last") / ADAPTER_FILE
     # The run's adapter: the best by validation loss; after a NaN, the last good checkpoint.
-    source = best if best.exists() else last if result.stop_reason == "nan" and last.exists() else None
+    source = best if best.exists() else last if result.failed and last.exists() else None
     if source is not None:
         model.load_weights(str(source), strict=False)
         notes.append(f"{run_dir / ADAPTER_FILE} holds the {source.parent.name} checkpoint.")
-    if source is not None or result.stop_reason != "nan":
+    if source is not None or not result.failed:
         save_adapter(model, run_dir, recipe, loaded.identity)
     else:
         notes.append("No adapter was saved: training failed before the first checkpoint.")
@@ -224,6 +237,40 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
     if plot_note:
         notes.append(plot_note)
     return RunOutcome(run_dir, recipe, result, summary, model, loaded.tokenizer, notes)
+
+
+def check_resume_inputs(checkpoints: Checkpoints, run_dir: Path, allow: bool, view: Callback) -> None:
+    """A resume continues the same run only on the same base weights and data."""
+    changed = " and ".join(checkpoints.changed_inputs())
+    if not changed:
+        return
+    if not allow:
+        raise MacftError(
+            f"Cannot resume {run_dir}: {changed} changed since its last checkpoint, so it would not continue the same run; "
+            "restore them, start a new run, or pass --allow-changed-inputs to continue anyway."
+        )
+    view.on_note(f"Resuming although {changed} changed since the last checkpoint (--allow-changed-inputs).")
+
+
+def data_notes(splits) -> list[str]:
+    """What the user should know about the examples before training: cut, dropped, no validation, overlap."""
+    from macft.data.splits import overlap_count
+
+    notes = []
+    for name in ("train", "valid"):
+        truncated, dropped = splits.truncated.get(name, 0), splits.dropped.get(name, 0)
+        if truncated or dropped:
+            notes.append(
+                f"{name}: {truncated} examples cut to data.max_seq_length, {dropped} dropped with no trained token left "
+                "(`macft data check` shows which; raise data.max_seq_length to keep them)."
+            )
+    if not splits.valid:
+        notes.append(
+            "No validation data: the adapter is the last step's, not the best one; add valid.jsonl or set data.split_valid=0.1."
+        )
+    elif shared := overlap_count(splits.train, splits.valid):
+        notes.append(f"{shared} of {len(splits.valid)} validation examples also appear in train, so validation loss flatters the model.")
+    return notes
 
 
 def check_memory(est: Estimate, view: Callback) -> None:
@@ -297,8 +344,7 @@ def prompt_tokens(tokenizer: Any, record: Any, use_chat_template: bool | None) -
     """The prompt exactly as training presented it, ready for the model to continue."""
     has_template = bool(getattr(tokenizer, "has_chat_template", False))
     if has_template if use_chat_template is None else use_chat_template:
-        ids = tokenizer.apply_chat_template(record.as_messages()[:-1], add_generation_prompt=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return template_tokens(tokenizer, record.as_messages()[:-1], add_generation_prompt=True, where=record.source)
     return list(tokenizer.encode(record.prompt + record.prompt_suffix))
 
 
