@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from macft.errors import MacftError
+from macft.errors import DiskFullError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = PROJECT_ROOT / "recipes"
@@ -53,7 +53,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
             yield tmp
         except (OSError, RuntimeError) as exc:
             if is_disk_full(exc):
-                raise MacftError(disk_full_message(target)) from None
+                raise DiskFullError(disk_full_message(target, exc)) from None
             raise
         if target.is_dir() and not target.is_symlink():
             old = target.with_name(f".{target.name}.{pid}.old")
@@ -108,12 +108,16 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("no space left" in text or text.startswith("[write]"))
 
 
-def disk_full_message(target: Path) -> str:
+def disk_full_message(target: Path, exc: BaseException) -> str:
+    reason = "the file size limit (ulimit -f) was reached" if getattr(exc, "errno", None) == errno.EFBIG else "the disk is full"
     try:
         free = f" ({shutil.disk_usage(Path(target).parent).free / 2**20:.0f} MiB free)"
     except OSError:
         free = ""
-    return f"Could not write {target}: the disk is full{free}; free some space and run the command again (the previous {Path(target).name}, if any, is intact)."
+    return (
+        f"Could not write {target}: {reason}{free}; free some space and run the command again "
+        f"(the previous {Path(target).name}, if any, is intact)."
+    )
 
 
 def _remove(path: Path) -> None:

@@ -48,8 +48,13 @@ def check_exportable(adapter_cfg: dict, weight_names: list[str]) -> None:
     method = adapter_cfg.get("method")
     if method == "dora":
         raise MacftError(f"llama.cpp's LoRA adapters have no place for DoRA's magnitude vectors; {ALTERNATIVE}.")
-    if method != "lora":
-        raise MacftError(f"llama.cpp adapters are LoRA only and this run used '{method}'; {ALTERNATIVE}.")
+    if method == "full":
+        raise MacftError(f"llama.cpp adapters are LoRA only and this run trained the full weights; {ALTERNATIVE}.")
+    if method != "lora":  # soft prompts, prefixes and bottlenecks can neither be fused nor carried by llama.cpp
+        raise MacftError(
+            f"llama.cpp has no form for a '{method}' adapter, neither as an adapter file nor merged into the weights; "
+            "use the run directory with `macft chat`, `generate` or `eval --adapter RUN`, or train with --method lora to export."
+        )
     heads = [n for n in weight_names if n.startswith(("lm_head.", "model.embed_tokens."))]
     if heads:
         raise MacftError(f"The adapter changes the embedding/output head ('{heads[0]}'), which llama.cpp adapters cannot carry; {ALTERNATIVE}.")

@@ -135,6 +135,7 @@ def load_model(
     """Load a model and tokenizer, cast float weights to this backend's compute dtype, and
     optionally quantize the frozen base (QLoRA)."""
     import mlx.core as mx
+    from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model as mlx_load_model
     from mlx_lm.utils import load_tokenizer
 
@@ -146,6 +147,7 @@ def load_model(
     except ValueError as exc:
         raise MacftError(f"Could not build the model in {model_dir}: {str(exc).splitlines()[0]}") from None
     family = model_family(config)
+    check_finite(tree_flatten(model.parameters()), model_dir)
     cast_floats(model, compute_dtype())
     if quantize_bits is not None:
         quantize_model(model, quantize_bits, group_size)
@@ -153,6 +155,16 @@ def load_model(
     tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
     identity = {"source": spec, "path": str(model_dir), "family": family, "sha256": sha}
     return LoadedModel(model, tokenizer, Path(model_dir), config, identity)
+
+
+def check_finite(weights, source) -> None:
+    """Refuse weights holding NaN or inf (a damaged file), naming the first such tensor; one cheap
+    reduction per float tensor (quantized weights are integers: their scales and biases are checked)."""
+    import mlx.core as mx
+
+    for name, value in weights:
+        if mx.issubdtype(value.dtype, mx.floating) and not mx.all(mx.isfinite(value)).item():
+            raise MacftError(f"{source}: tensor '{name}' holds NaN or infinite values; the file is damaged, so download or export it again.")
 
 
 def quantize_model(model, bits: int, group_size: int) -> None:

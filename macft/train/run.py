@@ -26,7 +26,7 @@ import numpy as np
 from macft.backend import detect
 from macft.chat_template import template_tokens
 from macft.config import Recipe, save_recipe
-from macft.errors import MacftError
+from macft.errors import DiskFullError, MacftError
 from macft.memory import Estimate, estimate, format_bytes, loaded_shape, plan_from_recipe, step_budget
 from macft.methods import ADAPTER_FILE, adapters_disabled, apply_method, count_parameters, save_adapter
 from macft.methods.lora import dequantize_for_generation
@@ -136,7 +136,12 @@ def run_training(recipe: Recipe, view: Callback | None = None, *, allow_changed_
     A resume refuses a base model or data that changed since the checkpoint unless ``allow_changed_inputs``."""
     run_dir = run_dir_for(recipe)
     with claim_run_dir(run_dir, resume=bool(recipe.output.resume)):
-        return _train_in(run_dir, recipe, view or Callback(), allow_changed_inputs)
+        try:
+            return _train_in(run_dir, recipe, view or Callback(), allow_changed_inputs)
+        except DiskFullError as exc:
+            if not (run_dir / "checkpoints" / "last").is_dir():
+                raise
+            raise DiskFullError(f"{exc} Then continue with: macft lora --resume {run_dir}") from None
 
 
 def _train_in(run_dir: Path, recipe: Recipe, view: Callback, allow_changed_inputs: bool) -> RunOutcome:
