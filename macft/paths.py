@@ -101,10 +101,11 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """An OSError for a full disk or quota, or MLX's RuntimeError for a failed write (it keeps no errno)."""
-    if isinstance(exc, OSError):
-        return exc.errno in DISK_FULL_ERRNOS
+    """An OSError for a full disk or quota, or a short write reported without an errno: numpy's
+    ``tofile`` ("8192 requested and 6144 written") and MLX's RuntimeError ("[write] Unable to write")."""
     text = str(exc).lower()
+    if isinstance(exc, OSError):
+        return exc.errno in DISK_FULL_ERRNOS or exc.errno is None and re.fullmatch(r"\d+ requested and \d+ written", text) is not None
     return isinstance(exc, RuntimeError) and ("no space left" in text or text.startswith("[write]"))
 
 

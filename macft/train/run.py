@@ -87,9 +87,11 @@ class MetricsLog(Callback):
     def __init__(self, path: Path, view: Callback, resume_step: int | None):
         self.path, self.view = path, view
         if resume_step is not None and path.exists():
-            # Reports written after the checkpoint we resume from are about to be redone.
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            # Reports written after the checkpoint we resume from are about to be redone (a process
+            # killed mid-append may also have left half a line).
+            kept = [line for line in path.read_text().splitlines() if (row := _parsed(line)) and row.get("step", 0) <= resume_step]
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
 
     def _write(self, kind: str, info: dict) -> None:
         with self.path.open("a") as fh:
@@ -105,6 +107,14 @@ class MetricsLog(Callback):
 
     def on_note(self, text: str) -> None:
         self.view.on_note(text)
+
+
+def _parsed(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def load_base(recipe: Recipe):
