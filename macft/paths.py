@@ -55,7 +55,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
             if is_disk_full(exc):
                 raise DiskFullError(disk_full_message(target, exc)) from None
             raise
-        if target.is_dir() and not target.is_symlink():
+        if (target.is_dir() or tmp.is_dir() and target.exists()) and not target.is_symlink():
+            # a folder cannot be renamed over (or onto a file): move the old one aside first
             old = target.with_name(f".{target.name}.{pid}.old")
             _remove(old)
             target.rename(old)

@@ -11,6 +11,7 @@ GGUF files are imported first (``macft.models.gguf_import``) and cached by conte
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,8 +163,12 @@ def check_finite(weights, source) -> None:
     reduction per float tensor (quantized weights are integers: their scales and biases are checked)."""
     import mlx.core as mx
 
-    for name, value in weights:
-        if mx.issubdtype(value.dtype, mx.floating) and not mx.all(mx.isfinite(value)).item():
+    floats = [(name, value) for name, value in weights if mx.issubdtype(value.dtype, mx.floating)]
+    # One pass and one evaluation for all tensors: a NaN or inf makes the float32 sum non-finite; a
+    # finite tensor whose sum overflows is told apart by the exact check.
+    sums = mx.stack([mx.sum(value.astype(mx.float32)) for _, value in floats]) if floats else mx.array([])
+    for (name, value), total in zip(floats, sums.tolist()):
+        if not math.isfinite(total) and not mx.all(mx.isfinite(value)).item():
             raise MacftError(f"{source}: tensor '{name}' holds NaN or infinite values; the file is damaged, so download or export it again.")
 
 
