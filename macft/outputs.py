@@ -29,6 +29,7 @@ def check_output(
     inputs: Iterable[Path | str | None] = (),
     force: bool = False,
     folder: bool = False,
+    option: str = "--out",
 ) -> None:
     """Refuse (one ``MacftError``) to write ``out`` over anything ``macft <command>`` did not write."""
     out = Path(out).expanduser()
@@ -39,7 +40,7 @@ def check_output(
         source = Path(source).expanduser().resolve()
         if where == source or where in source.parents:
             what = "is" if where == source else "holds"
-            raise MacftError(f"--out {out} {what} this command's input {source}; writing there would destroy it, so choose another --out.")
+            raise MacftError(f"{option} {out} {what} this command's input {source}; writing there would destroy it, so choose another {option}.")
     if not out.exists() and not out.is_symlink():
         return
     if folder and out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
@@ -50,7 +51,7 @@ def check_output(
         return
     kind = "folder" if out.is_dir() else "file"
     raise MacftError(
-        f"{out} already exists and is not an earlier output of `macft {command}`; choose another --out, "
+        f"{out} already exists and is not an earlier output of `macft {command}`; choose another {option}, "
         f"or pass --force to replace the {kind} (the old one stays until the new one is complete)."
     )
 

@@ -149,6 +149,17 @@ def test_import_names_force(trained, tmp_path):
     assert (out / "a.txt").read_text() == "a"
 
 
+def test_eval_report_refuses_a_foreign_file(trained, tmp_path):
+    report = tmp_path / "results.jsonl"
+    report.write_text('{"my": "data"}\n')
+    args = ["eval", "--adapter", trained["run"], "--data", trained["data"], "--no-generate", "-n", 2, "--report", report]
+    line = one_line_error(macft(*args))
+    assert "choose another --report, or pass --force" in line and report.read_text() == '{"my": "data"}\n'
+    line = one_line_error(macft(*args[:-1], trained["data"] / "test.jsonl"))
+    assert "is this command's input" in line
+    assert macft(*args, "--force").exit_code == 0 and macft(*args).exit_code == 0  # then it is an earlier report
+
+
 # ---------------------------------------------------------------------------- 2. run directory claim
 
 
