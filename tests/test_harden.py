@@ -328,6 +328,9 @@ def test_a_template_that_rejects_the_conversation_is_one_line(trained, tmp_path)
     line = one_line_error(macft("generate", "--model", model, "-s", "Be brief.", "-p", "hi", "-n", 2))
     assert f"The chat template of {model} rejected the conversation (roles: system, user): System role not supported." in line
     assert macft("generate", "--model", model, "-p", "hi", "-n", 2).exit_code == 0
+    chat = CliRunner().invoke(cli, ["chat", "--model", str(model), "-s", "Be brief.", "-n", "2"], input="hi\n/quit\n")
+    assert chat.exit_code == 0 and "Traceback" not in chat.output
+    assert "Error: The chat template of" in chat.output and "System role not supported" in chat.output
     data = write_data(tmp_path / "chat", train=[{"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}] * 3)
     line = one_line_error(lora(model, data, tmp_path / "runs", "t", "--iters", 1))
     assert line.startswith("Error: train.jsonl:1: The chat template of") and "System role not supported" in line
