@@ -316,7 +316,7 @@ def train(
                         stop_reason = "nan"
                         message = failure_message(step, "the validation loss became NaN/inf", checkpoints)
                         break
-                    improved = math.isfinite(last_val) and (progress.best_val_loss is None or last_val < progress.best_val_loss)
+                    improved = progress.best_val_loss is None or last_val < progress.best_val_loss
                     if improved:
                         progress.best_val_loss, progress.best_step, progress.evals_since_best = last_val, step, 0
                         save("best")

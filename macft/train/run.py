@@ -35,8 +35,8 @@ from macft.paths import atomic_path, recover
 from macft.train.checkpoint import Checkpoints
 from macft.train.guard import LossGuard
 from macft.train.loop import Callback, TrainResult, train
-from macft.train.rundir import claim_run_dir
 from macft.train.losses import ChunkedLoss, auto_chunk_size, describe_loss, vocab_size
+from macft.train.rundir import claim_run_dir
 from macft.train.schedule import build_schedule
 
 
@@ -84,9 +84,9 @@ def make_optimizer(recipe: Recipe, total_steps: int) -> optim.Optimizer:
 class MetricsLog(Callback):
     """Appends every report to ``metrics.jsonl`` and passes it on to the view."""
 
-    def __init__(self, path: Path, view: Callback, resume_step: int | None):
+    def __init__(self, path: Path, view: Callback, resume_step: int):
         self.path, self.view = path, view
-        if resume_step is not None and path.exists():
+        if path.exists():
             # Reports written after the checkpoint we resume from are about to be redone (a process
             # killed mid-append may also have left half a line).
             kept = [line for line in path.read_text().splitlines() if (row := _parsed(line)) and row.get("step", 0) <= resume_step]
