@@ -105,7 +105,7 @@ def adapter(run: Path) -> dict[str, np.ndarray]:
 
 
 def test_training_killed_at_random_points_resumes_exactly(tiny_model_dir, data_dir, tmp_path):
-    """SIGKILL at a seeded random moment, then SIGTERM (as `kill` sends) on the resumed process,
+    """SIGKILL at a seeded random point, then SIGTERM (as `kill` sends) on the resumed process,
     then a resume to the end: the adapter equals an uninterrupted run's, bit for bit."""
     rng = random.Random(14)
     reference = macft("lora", "--model", tiny_model_dir, "--data", data_dir, "--out-dir", tmp_path, "--name", "ref", *TRAIN_ARGS)
@@ -114,10 +114,10 @@ def test_training_killed_at_random_points_resumes_exactly(tiny_model_dir, data_d
     first = ["--model", tiny_model_dir, "--data", data_dir, "--out-dir", tmp_path, "--name", "killed", *TRAIN_ARGS]
     for args, signum in ((first, signal.SIGKILL), (["--resume", run, "--set", "demo.count=0"], signal.SIGTERM)):
         process = spawn("lora", *args)
-        with bounded(process):
-            before = saved_step(run)
-            wait_for(lambda: saved_step(run) > before, process)
-            time.sleep(rng.uniform(0.0, 0.6))
+        with bounded(process):  # a seeded random step, then a seeded random moment within it
+            target = rng.randint(max(saved_step(run), 0) + 1, max(saved_step(run), 0) + 20)
+            wait_for(lambda: saved_step(run) >= target, process)
+            time.sleep(rng.uniform(0.0, 0.02))
             process.send_signal(signum)
             output, _ = process.communicate(timeout=60)
         assert_run_files_whole(run)

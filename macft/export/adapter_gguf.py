@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,8 +94,7 @@ def write_adapter_gguf(run_dir: str | Path, out: Path) -> AdapterGGUFResult:
     if not prefixes:
         raise MacftError(f"{weights_file} holds no LoRA weights (lora_a/lora_b).")
     out = Path(out)
-    with atomic_path(out) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch)
+    with atomic_path(out) as tmp, closing(gguf.GGUFWriter(str(tmp), arch)) as writer:  # closed on a failed write too
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)

@@ -11,6 +11,7 @@ for the legacy types) packs it. The file appears only once complete (``macft.pat
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,8 +90,7 @@ def write_gguf(
     vocab_size = int(weights["model.embed_tokens.weight"].shape[0])
     out = Path(out)
     types: Counter[str] = Counter()
-    with atomic_path(out) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch)
+    with atomic_path(out) as tmp, closing(gguf.GGUFWriter(str(tmp), arch)) as writer:  # closed on a failed write too
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or out.stem)
         writer.add_file_type(int(scheme.file_type))
