@@ -7,10 +7,13 @@ The run directory (``runs/<name>/``) receives ``recipe.yaml``, ``metrics.jsonl``
 (``last`` for exact resume, ``best`` by validation loss), ``adapters.safetensors`` and
 ``adapter_config.json`` (the best checkpoint, or the last when there was no validation),
 ``summary.json`` and ``loss.png``. Resuming (``recipe.output.resume``) continues the same folder.
+Started by ``mlx.launch``, every rank runs this with its share of each batch and only rank 0
+writes the run directory (``macft.train.distributed``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -23,6 +26,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
+from macft import __version__
 from macft.backend import detect
 from macft.chat_template import template_tokens
 from macft.config import Recipe, save_recipe
@@ -33,6 +37,7 @@ from macft.methods.lora import dequantize_for_generation
 from macft.methods.recompute import RecomputingMLP
 from macft.paths import atomic_path, recover
 from macft.train.checkpoint import Checkpoints
+from macft.train.distributed import World, check_same, connect, examples_digest, peer_errors, recipe_digest, share_state
 from macft.train.guard import LossGuard
 from macft.train.loop import Callback, TrainResult, train
 from macft.train.losses import ChunkedLoss, auto_chunk_size, describe_loss, vocab_size
@@ -42,7 +47,7 @@ from macft.train.schedule import build_schedule
 
 @dataclass
 class RunOutcome:
-    run_dir: Path
+    run_dir: Path | None  # None on ranks other than 0, which write nothing
     recipe: Recipe
     result: TrainResult
     summary: dict
@@ -141,32 +146,44 @@ def training_loss(model: nn.Module, recipe: Recipe) -> ChunkedLoss:
     return ChunkedLoss(auto_chunk_size(vocab_size(model), recipe.train.loss_chunk_size))
 
 
-def run_training(recipe: Recipe, view: Callback | None = None, *, allow_changed_inputs: bool = False) -> RunOutcome:
-    """Train in the recipe's run directory, which this process holds exclusively until training ends.
+def run_training(
+    recipe: Recipe, view: Callback | None = None, world: World | None = None, *, allow_changed_inputs: bool = False
+) -> RunOutcome:
+    """Train in the recipe's run directory, which rank 0 holds exclusively until training ends.
     A resume refuses a base model or data that changed since the checkpoint unless ``allow_changed_inputs``."""
+    world = world or connect()
+    if not world.main:
+        return _train_in(None, recipe, Callback(), world, allow_changed_inputs)
     run_dir = run_dir_for(recipe)
     with claim_run_dir(run_dir, resume=bool(recipe.output.resume)):
         try:
-            return _train_in(run_dir, recipe, view or Callback(), allow_changed_inputs)
+            return _train_in(run_dir, recipe, view or Callback(), world, allow_changed_inputs)
         except DiskFullError as exc:
             if not (run_dir / "checkpoints" / "last").is_dir():
                 raise
             raise DiskFullError(f"{exc} Then continue with: macft lora --resume {run_dir}") from None
 
 
-def _train_in(run_dir: Path, recipe: Recipe, view: Callback, allow_changed_inputs: bool) -> RunOutcome:
+def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World, allow_changed_inputs: bool) -> RunOutcome:
+    """``run_dir`` and ``view`` are rank 0's; other ranks pass None and a silent Callback."""
     from macft.data import batch_order, iterate_batches, load_splits
     from macft.data.splits import data_fingerprint
 
     cfg = recipe.train
+    if cfg.batch_size < world.size:
+        raise MacftError(f"train.batch_size {cfg.batch_size} is the global batch and must be at least the {world.size} ranks.")
     mx.random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     loaded = load_base(recipe)
     splits = load_splits(recipe.data, loaded.tokenizer)
     for note in data_notes(splits):
         view.on_note(note)
+    facts = {"macft version": __version__, "MLX version": mx.__version__, "recipe": recipe_digest(recipe)}
+    facts |= {"data": examples_digest(splits.train, splits.valid), "base model": loaded.identity.get("sha256", "")}
+    with peer_errors(world, "Training had not started."):
+        check_same(world, facts)
     # One shape and plan serve the fit check and, per batch shape, each step's memory limit.
-    shape, plan = loaded_shape(loaded), plan_from_recipe(recipe)
+    shape, plan = loaded_shape(loaded), dataclasses.replace(plan_from_recipe(recipe), ranks=world.size)
     check_memory(estimate(shape, plan), view)
     model = apply_method(loaded.model, recipe.method, loaded.tokenizer)
     trainable, total = count_parameters(model)
@@ -181,21 +198,30 @@ def _train_in(run_dir: Path, recipe: Recipe, view: Callback, allow_changed_input
     optimizer = make_optimizer(recipe, iters)
     loss_fn = training_loss(model, recipe)
 
-    checkpoints = Checkpoints(run_dir, recipe, loaded.identity, data_fingerprint(recipe.data))
+    checkpoints = Checkpoints(run_dir, recipe, loaded.identity, data_fingerprint(recipe.data)) if world.main else None
     progress = None
-    if recipe.output.resume:
+    if recipe.output.resume and checkpoints:
         check_resume_inputs(checkpoints, run_dir, allow_changed_inputs, view)
         progress = checkpoints.restore(model, optimizer)
-    save_recipe(recipe, run_dir / "recipe.yaml")
-    log = MetricsLog(run_dir / "metrics.jsonl", view, progress.step if progress else 0)
+    with peer_errors(world, "Training had not started."):
+        progress = share_state(world, model, optimizer, progress)
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+        log = MetricsLog(run_dir / "metrics.jsonl", view, progress.step if progress else 0)
+    else:
+        log = view
 
     def train_batches(epoch: int, start: int):
-        return iterate_batches(splits.train, cfg.batch_size, max_len, epoch=epoch, start=start, loop=True, **batching)
+        return map(world.share, iterate_batches(splits.train, cfg.batch_size, max_len, epoch=epoch, start=start, loop=True, **batching))
 
     def valid_batches():
-        return iterate_batches(splits.valid, cfg.batch_size, max_len, **batching)
+        return map(world.share, iterate_batches(splits.valid, cfg.batch_size, max_len, **batching))
 
-    result = train(
+    kept = "Rank 0 keeps the last complete checkpoint."
+    if checkpoints:
+        kept = f"The last complete checkpoint is {checkpoints.path('last')}; resume with: macft lora --resume {run_dir}"
+    result = peer_errors(world, kept)(train)(
         model,
         optimizer,
         train_batches,
@@ -207,8 +233,11 @@ def _train_in(run_dir: Path, recipe: Recipe, view: Callback, allow_changed_input
         progress=progress,
         batches_per_epoch=per_epoch,
         memory_budget=step_budget(shape, plan),
+        world=world,
         guard=LossGuard(vocab_size(model)),
     )
+    if not world.main:
+        return RunOutcome(None, recipe, result, {}, model, loaded.tokenizer)
 
     notes = []
     best, last = checkpoints.path("best") / ADAPTER_FILE, checkpoints.path("last") / ADAPTER_FILE
@@ -237,6 +266,8 @@ def _train_in(run_dir: Path, recipe: Recipe, view: Callback, allow_changed_input
         "final_val_loss": result.last_val_loss,
         "tokens_seen": result.progress.tokens,
         "tokens_per_second": result.tokens_per_second,
+        "ranks": world.size,
+        "distributed_backend": world.backend,
         "peak_memory_bytes": result.peak_memory,
         "train_seconds": result.progress.elapsed,
         "trainable_parameters": trainable,
