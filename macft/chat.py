@@ -142,10 +142,11 @@ def _module_slots(model) -> dict[str, tuple[Any, Any, Any]]:
 def prompt_tokens(tokenizer, messages: list[dict[str, str]], use_chat_template: bool | None = None) -> list[int]:
     """Token ids for ``messages``: through the chat template (with the assistant turn opened) when
     the tokenizer has one, else the system text and the last user message as plain text."""
+    from macft.chat_template import template_tokens
     from macft.data.templates import uses_chat_template
 
     if uses_chat_template(tokenizer, use_chat_template):
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        return template_tokens(tokenizer, messages, add_generation_prompt=True)
     system = next((m["content"] for m in messages if m["role"] == "system"), "")
     user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     return tokenizer.encode(f"{system}\n\n{user}" if system else user)

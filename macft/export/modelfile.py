@@ -17,6 +17,7 @@ from pathlib import Path
 
 from macft.families import FAMILIES
 from macft.families.base import ChatFormat
+from macft.outputs import MODELFILE_MARK
 from macft.paths import atomic_path
 
 # Each family's record names the chat format its templates write.
@@ -57,6 +58,7 @@ def modelfile_text(spec: ModelfileSpec) -> str:
         lines.append(f'PARAMETER stop "{stop}"')
     lines.append(f"PARAMETER temperature {spec.temperature}")
     lines.append(f"PARAMETER num_ctx {min(spec.context_length, 4096)}")
+    lines.append(MODELFILE_MARK)
     return "\n".join(lines) + "\n"
 
 
