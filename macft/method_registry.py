@@ -63,8 +63,8 @@ def _lora(shape: "ModelShape", plan: "Plan") -> int:
     per_layer = 0
     for name in plan.target_modules:
         fan_in, fan_out = modules.get(name, (shape.hidden, shape.hidden))
-        # DoRA adds a magnitude per output row.
-        per_layer += plan.rank * (fan_in + fan_out) + (fan_out if plan.method == "dora" else 0)
+        # DoRA adds a magnitude per output row; a mixture-of-experts MLP adapts every expert.
+        per_layer += (plan.rank * (fan_in + fan_out) + (fan_out if plan.method == "dora" else 0)) * shape.copies(name)
     return _adapted_layers(shape, plan) * per_layer
 
 

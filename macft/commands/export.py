@@ -23,8 +23,9 @@ def export():
 @click.option("--ollama", "ollama", is_flag=False, flag_value="", default=None, metavar="NAME", help="Also write an Ollama Modelfile; with NAME, run `ollama create NAME` too (when Ollama is installed).")
 @click.option("--lm-studio", is_flag=True, help="Write the GGUF into LM Studio's models folder (under macft/), where LM Studio lists it.")
 @click.option("--name", default=None, help="general.name stored in the file (default: the file name).")
+@click.option("--force", is_flag=True, help="Replace --out even when it is not an earlier macft export.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, lm_studio, name, as_json):
+def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, lm_studio, name, force, as_json):
     """Write a GGUF file that llama.cpp and Ollama run, without needing llama.cpp.
 
     \b
@@ -46,6 +47,7 @@ def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, lm_studio, name,
         ollama=True if ollama == "" else ollama or False,
         lm_studio=lm_studio,
         name=name,
+        force=force,
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
