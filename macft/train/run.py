@@ -125,9 +125,15 @@ def batching_options(recipe: Recipe) -> dict[str, Any]:
     return {"packing": recipe.data.packing, "bucket_by_length": recipe.data.bucket_by_length, "seed": recipe.train.seed}
 
 
-def training_loss(model: nn.Module, recipe: Recipe) -> ChunkedLoss:
-    """The loss a run trains and validates ``model`` with."""
-    return ChunkedLoss(auto_chunk_size(vocab_size(model), recipe.train.loss_chunk_size))
+def training_loss(model: nn.Module, recipe: Recipe, tokenizer: Any = None, reference: nn.Module | None = None):
+    """The loss a run trains and validates ``model`` with: SFT's chunked loss or an alignment
+    objective's (``macft.align``; ``reference`` is the frozen copy full fine-tuning needs)."""
+    chunk_size = auto_chunk_size(vocab_size(model), recipe.train.loss_chunk_size)
+    if recipe.train.objective == "sft":
+        return ChunkedLoss(chunk_size)
+    from macft.align import alignment_loss
+
+    return alignment_loss(recipe, model, tokenizer, chunk_size, reference)
 
 
 def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
@@ -139,7 +145,13 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
     mx.random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     loaded = load_base(recipe)
-    splits = load_splits(recipe.data, loaded.tokenizer)
+    aligning = cfg.objective != "sft"
+    if aligning:
+        from macft.align import alignment_batches, load_alignment_splits, needs_reference_copy, reference_note
+
+        splits = load_alignment_splits(recipe, loaded.tokenizer)
+    else:
+        splits = load_splits(recipe.data, loaded.tokenizer)
     # One shape and plan serve the fit check and, per batch shape, each step's memory limit.
     shape, plan = loaded_shape(loaded), plan_from_recipe(recipe)
     check_memory(estimate(shape, plan), view)
@@ -150,23 +162,34 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
 
     batching = batching_options(recipe)
     max_len = recipe.data.max_seq_length
-    per_epoch = len(batch_order(splits.train, cfg.batch_size, max_len, **batching))
-    iters = cfg.iters or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accumulation))
-    recipe = recipe.replace(train={"iters": iters})
-    optimizer = make_optimizer(recipe, iters)
-    loss_fn = training_loss(model, recipe)
-
-    checkpoints = Checkpoints(run_dir, recipe, loaded.identity)
-    progress = checkpoints.restore(model, optimizer) if recipe.output.resume else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, run_dir / "recipe.yaml")
-    log = MetricsLog(run_dir / "metrics.jsonl", view, progress.step if progress else None)
 
     def train_batches(epoch: int, start: int):
         return iterate_batches(splits.train, cfg.batch_size, max_len, epoch=epoch, start=start, loop=True, **batching)
 
     def valid_batches():
         return iterate_batches(splits.valid, cfg.batch_size, max_len, **batching)
+
+    if aligning:
+        per_epoch, train_batches, valid_batches = alignment_batches(recipe, splits)
+    else:
+        per_epoch = len(batch_order(splits.train, cfg.batch_size, max_len, **batching))
+    iters = cfg.iters or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accumulation))
+    recipe = recipe.replace(train={"iters": iters})
+    optimizer = make_optimizer(recipe, iters)
+    reference = None
+    if aligning:
+        view.on_note(reference_note(recipe) or f"Objective {cfg.objective}: reference-free.")
+        if needs_reference_copy(recipe):
+            reference = load_base(recipe).model
+            reference.freeze()
+            reference.eval()
+    loss_fn = training_loss(model, recipe, loaded.tokenizer, reference)
+
+    checkpoints = Checkpoints(run_dir, recipe, loaded.identity)
+    progress = checkpoints.restore(model, optimizer) if recipe.output.resume else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, run_dir / "recipe.yaml")
+    log = MetricsLog(run_dir / "metrics.jsonl", view, progress.step if progress else None)
 
     result = train(
         model,
@@ -179,7 +202,7 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
         checkpoints=checkpoints,
         progress=progress,
         batches_per_epoch=per_epoch,
-        memory_budget=step_budget(shape, plan),
+        memory_budget=None if aligning else step_budget(shape, plan),
     )
 
     notes = []
@@ -217,7 +240,10 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
         "fast_paths": fast_paths(model, result, loss_fn.chunk_size),
         "compiled": result.compiled,
         "compile_note": result.compile_note,
+        "objective": cfg.objective,
     }
+    if aligning and reference_note(recipe):
+        summary["reference"] = reference_note(recipe)
     with atomic_path(run_dir / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     plot_note = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
@@ -290,6 +316,10 @@ def demo_records(recipe: Recipe) -> list:
         return []
     if not path.is_file():
         raise MacftError(f"demo.prompts file {path} does not exist.")
+    if recipe.train.objective != "sft" and not recipe.demo.prompts:
+        from macft.align import demo_records as alignment_demo_records
+
+        return alignment_demo_records(recipe, path)
     return [r for r in read_records(path) if r.kind == "completion"]
 
 
