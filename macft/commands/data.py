@@ -35,7 +35,8 @@ def check(
 ) -> None:
     """Validate every line of PATH (a .jsonl file or a folder with train/valid/test.jsonl) and report
     counts, token lengths, truncation, duplicates, padding with and without packing, and one example
-    with its trained tokens highlighted.
+    with its trained tokens highlighted. Preference pairs (prompt/chosen/rejected) and GRPO prompt
+    sets get their own report: pairs, chosen/rejected lengths, truncation, identical pairs.
 
     \b
     Example:
@@ -51,11 +52,32 @@ def check(
     data_cfg = DataConfig(
         train=path, max_seq_length=max_seq_length, mask_prompt=mask_prompt, use_chat_template=chat_template
     )
+    kind = alignment_kind(path)
+    if kind != "sft":
+        from macft.align.check import check_alignment_data
+
+        aligned = check_alignment_data(data_cfg, tokenizer, kind)
+        if as_json:
+            click.echo(json.dumps({"path": path, "model": model, **aligned.to_dict()}, indent=2))
+        else:
+            render_alignment(aligned, path, model)
+        return
     report = check_data(data_cfg, tokenizer, batch_size=batch_size)
     if as_json:
         click.echo(json.dumps({"path": path, "model": model, **report.to_dict()}, indent=2))
     else:
         render(report, path, model)
+
+
+def alignment_kind(path: str) -> str:
+    """"pairs", "prompts" or "sft": what the training file (or a folder's train.jsonl) holds."""
+    from pathlib import Path
+
+    from macft.data.preference import dataset_kind
+
+    target = Path(path)
+    target = target / "train.jsonl" if target.is_dir() else target
+    return dataset_kind(target) if target.is_file() else "sft"
 
 
 def render(report, path: str, model: str) -> None:
@@ -93,6 +115,28 @@ def render(report, path: str, model: str) -> None:
         for run, trained in report.preview:
             text.append(run, style="reverse green" if trained else "dim")
         console.print(text)
+
+
+def render_alignment(report, path: str, model: str) -> None:
+    """``macft data check`` on preference pairs or GRPO prompts (a ``macft.align.check.AlignDataReport``)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console()
+    out.print(f"[bold]{path}[/bold] ({report.kind}) with the tokenizer of [bold]{model}[/bold], max_seq_length {report.max_seq_length}")
+    if report.kind == "pairs":
+        table = Table("split", "pairs", "chosen tokens (mean/max)", "rejected tokens (mean/max)", "truncated", "dropped",
+                      "identical", "duplicates", show_edge=False)
+        for name, split in report.splits.items():
+            c, r = split.chosen_lengths, split.rejected_lengths
+            table.add_row(name, str(split.pairs), f"{c['mean']:.1f}/{c['max']}", f"{r['mean']:.1f}/{r['max']}",
+                          _warn(split.truncated), _warn(split.dropped), _warn(split.identical), _warn(split.duplicates))
+    else:
+        table = Table("split", "prompts", "tokens (mean/max)", "fields for the rewards", show_edge=False)
+        for name, split in report.splits.items():
+            fields = ", ".join(f"{k} {n}" for k, n in sorted(split.fields.items())) or "none"
+            table.add_row(name, str(split.prompts), f"{split.lengths['mean']:.1f}/{split.lengths['max']}", fields)
+    out.print(table)
 
 
 def _warn(count: int) -> str:
