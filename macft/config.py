@@ -205,6 +205,13 @@ def _resolve_data_paths(raw: dict[str, Any], recipe_dir: Path) -> None:
             value = values.get(key)
             if isinstance(value, str) and not Path(value).is_absolute() and (recipe_dir / value).exists():
                 values[key] = str((recipe_dir / value).resolve())
+    align = raw.get("align")
+    if isinstance(align, dict) and isinstance(align.get("rewards"), list):
+        # A reward function in a file next to the recipe ("rewards.py:score") resolves like data.
+        for i, spec in enumerate(align["rewards"]):
+            target, colon, function = str(spec).rpartition(":")
+            if colon and target.endswith(".py") and not Path(target).is_absolute() and (recipe_dir / target).is_file():
+                align["rewards"][i] = f"{(recipe_dir / target).resolve()}:{function}"
 
 
 def from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:

@@ -251,3 +251,63 @@ def test_dpo_run_reports_metrics_and_resumes_exactly(tiny_model_dir, tmp_path):
     valid = [r for r in straight if r["kind"] == "valid"]
     assert valid[-1]["val_accuracy"] > 0.5 and valid[-1]["val_reward_margin"] > 0
     assert whole.summary["objective"] == "dpo" and "adapters switched off" in whole.summary["reference"]
+
+
+def gguf_margins(path, prompts: list[list[int]], chosen: list[int], rejected: list[int]) -> np.ndarray:
+    """log p(chosen) − log p(rejected) after each prompt, from llama.cpp's logits."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp oracle) is not installed")
+    model = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False)
+
+    def logp(ids: list[int], start: int) -> float:
+        model.reset()
+        model.eval(ids)
+        logits = np.array(model.scores[: len(ids)], np.float64)
+        logits -= np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) + logits.max(-1, keepdims=True)
+        return float(sum(logits[i - 1, ids[i]] for i in range(start, len(ids))))
+
+    return np.array([logp(p + chosen, len(p)) - logp(p + rejected, len(p)) for p in prompts])
+
+
+def test_dpo_adapter_fuses_to_gguf_and_llama_cpp_prefers_the_chosen_answer(tiny_model_dir, tmp_path):
+    from macft.export.pipeline import export_gguf
+
+    loaded = load_model(str(tiny_model_dir))
+    tokenizer = loaded.tokenizer
+    prompts = [f"Q: is {i} even?" for i in range(12)]
+
+    def pairs(chosen, rejected):
+        return [{"prompt": p, "chosen": chosen, "rejected": rejected} for p in prompts]
+
+    def margins(model, rows):
+        logps = np.array(full_logit_logps(model, pair_batch(tokenizer, rows)))
+        return logps[: len(prompts)] - logps[len(prompts) :]
+
+    # Chosen is the answer the base model likes less, so training has to turn its preference around.
+    chosen, rejected = " alpha", " omega"
+    if margins(loaded.model, pairs(chosen, rejected)).mean() > 0:
+        chosen, rejected = rejected, chosen
+    base_margin = margins(loaded.model, pairs(chosen, rejected))
+    assert (base_margin < 0).any()
+
+    data = tmp_path / "pairs.jsonl"
+    write_jsonl(data, pairs(chosen, rejected))
+    recipe = Recipe(name="t").replace(
+        model={"path": str(tiny_model_dir)},
+        data={"train": str(data), "max_seq_length": 32, "use_chat_template": False},
+        method={"rank": 4, "target_modules": ("q_proj", "v_proj", "o_proj", "down_proj")},
+        train={"objective": "dpo", "iters": 12, "batch_size": 4, "learning_rate": 2e-2, "report_every": 4, "save_every": 0},
+        align={"beta": 0.5},
+        output={"runs_dir": str(tmp_path / "runs"), "name": "dpo"},
+        demo={"count": 0},
+    )
+    outcome = run_training(recipe)
+    tuned_margin = margins(outcome.model, pairs(chosen, rejected))
+
+    fused = tmp_path / "dpo.gguf"
+    export_gguf(adapter=str(outcome.run_dir), quant="f16", out=fused, name="tiny")
+    ids = [tokenizer.encode(p) for p in prompts]
+    answer = [tokenizer.encode(a, add_special_tokens=False) for a in (chosen, rejected)]
+    from_llama_cpp = gguf_margins(fused, ids, *answer)
+    assert np.all(tuned_margin > 0), tuned_margin
+    assert np.all(from_llama_cpp > 0), from_llama_cpp  # llama.cpp prefers the chosen answer after every prompt
+    np.testing.assert_allclose(from_llama_cpp, tuned_margin, rtol=0.02, atol=0.05)
