@@ -273,7 +273,7 @@ def test_dpo_adapter_fuses_to_gguf_and_llama_cpp_prefers_the_chosen_answer(tiny_
 
     loaded = load_model(str(tiny_model_dir))
     tokenizer = loaded.tokenizer
-    prompts = [f"Q: is {i} even?" for i in range(12)]
+    prompts = [f"Q: is {i} even?" for i in range(8)]
 
     def pairs(chosen, rejected):
         return [{"prompt": p, "chosen": chosen, "rejected": rejected} for p in prompts]
@@ -295,7 +295,7 @@ def test_dpo_adapter_fuses_to_gguf_and_llama_cpp_prefers_the_chosen_answer(tiny_
         model={"path": str(tiny_model_dir)},
         data={"train": str(data), "max_seq_length": 32, "use_chat_template": False},
         method={"rank": 4, "target_modules": ("q_proj", "v_proj", "o_proj", "down_proj")},
-        train={"objective": "dpo", "iters": 12, "batch_size": 4, "learning_rate": 2e-2, "report_every": 4, "save_every": 0},
+        train={"objective": "dpo", "iters": 6, "batch_size": 4, "learning_rate": 2e-2, "report_every": 2, "save_every": 0},
         align={"beta": 0.5},
         output={"runs_dir": str(tmp_path / "runs"), "name": "dpo"},
         demo={"count": 0},
@@ -311,3 +311,46 @@ def test_dpo_adapter_fuses_to_gguf_and_llama_cpp_prefers_the_chosen_answer(tiny_
     assert np.all(tuned_margin > 0), tuned_margin
     assert np.all(from_llama_cpp > 0), from_llama_cpp  # llama.cpp prefers the chosen answer after every prompt
     np.testing.assert_allclose(from_llama_cpp, tuned_margin, rtol=0.02, atol=0.05)
+
+
+def test_grpo_run_samples_scores_and_reports(tiny_model_dir, tmp_path):
+    data = tmp_path / "prompts"
+    data.mkdir()
+    rows = [{"prompt": f"Q: {i} plus one?", "answer": str(i + 1)} for i in range(10)]
+    write_jsonl(data / "train.jsonl", rows[:8])
+    write_jsonl(data / "valid.jsonl", rows[8:])
+    recipe = Recipe(name="t").replace(
+        model={"path": str(tiny_model_dir)},
+        data={"train": str(data), "max_seq_length": 48, "use_chat_template": False},
+        method={"rank": 4},
+        train={"objective": "grpo", "iters": 2, "batch_size": 2, "learning_rate": 1e-2, "report_every": 1, "eval_every": 2},
+        align={"group_size": 3, "max_completion_tokens": 4, "rewards": ["regex=\\d", "length_penalty=2"]},
+        output={"runs_dir": str(tmp_path / "runs"), "name": "grpo"},
+        demo={"count": 0},
+    )
+    outcome = run_training(recipe)
+    rows = [json.loads(line) for line in (outcome.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert len(train_rows) == 2 and all({"reward_mean", "reward_std", "kl", "completion_length"} <= set(r) for r in train_rows)
+    assert all(0 < r["completion_length"] <= 4 and r["kl"] >= 0 for r in train_rows)
+    valid = [r for r in rows if r["kind"] == "valid"][-1]
+    assert valid["val_loss"] == pytest.approx(-valid["val_reward_mean"], abs=1e-6)  # checkpoints ranked by reward
+
+
+def test_data_check_reports_pairs(tmp_path, tiny_model_dir):
+    from click.testing import CliRunner
+
+    from macft.cli import cli
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", PAIRS[:6] + [{"prompt": "p", "chosen": " same", "rejected": " same"}, PAIRS[0]])
+    args = ["data", "check", str(folder), "--model", str(tiny_model_dir), "--max-seq-length", "24", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    train = report["splits"]["train"]
+    assert report["kind"] == "pairs" and train["pairs"] == 8
+    assert train["identical"] == 1 and train["duplicates"] == 1
+    assert train["truncated"] == 7 and train["dropped"] == 0  # the long rejected answers run past 24 tokens
+    assert train["chosen_lengths"]["max"] < train["rejected_lengths"]["max"]

@@ -88,13 +88,19 @@ def _decode(raw: bytes) -> str:
         raise LineError(f"not UTF-8 text (byte {exc.start + 1}); save the file as UTF-8") from None
 
 
-def parse_line(line: str, source: str) -> Record:
+def json_object(line: str, shapes: str) -> dict:
+    """The line's JSON object; ``shapes`` names what a line may look like, for the error."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise LineError(f"not valid JSON ({exc.msg} at column {exc.colno}); write one JSON object per line") from None
     if not isinstance(obj, dict):
-        raise LineError(f"expected a JSON object, got {_kind(obj)}; each line must be one of {SHAPES}")
+        raise LineError(f"expected a JSON object, got {_kind(obj)}; each line must be {shapes}")
+    return obj
+
+
+def parse_line(line: str, source: str) -> Record:
+    obj = json_object(line, f"one of {SHAPES}")
     if "chosen" in obj or "rejected" in obj:
         raise LineError("this is a preference pair (prompt/chosen/rejected); set train.objective to dpo, orpo or simpo")
     if "messages" in obj:

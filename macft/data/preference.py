@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from macft.data.formats import LineError, Record, _chat, _kind, _string
+from macft.data.formats import LineError, Record, _chat, _string, json_object
 from macft.data.templates import Encoder, Example
 
 PAIR_SHAPE = '{"prompt", "chosen", "rejected"} (each a string or a list of messages, optional "system")'
@@ -57,16 +57,6 @@ class PairExample:
         return self.chosen.tokens == self.rejected.tokens
 
 
-def _object(line: str, shape: str) -> dict:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise LineError(f"not valid JSON ({exc.msg} at column {exc.colno}); write one JSON object per line") from None
-    if not isinstance(obj, dict):
-        raise LineError(f"expected a JSON object, got {_kind(obj)}; each line must be {shape}")
-    return obj
-
-
 def _turns(obj: dict, key: str, role: str, shape: str) -> list[dict] | str:
     """A field given as a string or as a list of messages."""
     if key not in obj:
@@ -100,7 +90,7 @@ def _conversation(prefix: list[dict], answer: list[dict] | str, source: str) -> 
 
 
 def parse_pair(line: str, source: str) -> PairRecord:
-    obj = _object(line, PAIR_SHAPE)
+    obj = json_object(line, PAIR_SHAPE)
     prompt = _turns(obj, "prompt", "user", PAIR_SHAPE)
     chosen = _turns(obj, "chosen", "assistant", PAIR_SHAPE)
     rejected = _turns(obj, "rejected", "assistant", PAIR_SHAPE)
@@ -115,7 +105,7 @@ def parse_pair(line: str, source: str) -> PairRecord:
 
 
 def parse_prompt(line: str, source: str) -> PromptRecord:
-    obj = _object(line, PROMPT_SHAPE)
+    obj = json_object(line, PROMPT_SHAPE)
     prompt = _turns(obj, "prompt", "user", PROMPT_SHAPE)
     if isinstance(prompt, str) and not prompt.strip():
         raise LineError("'prompt' is empty; remove the line or fill it in")
