@@ -7,6 +7,7 @@
   the maximum.
 
     python scripts/align_before_after.py runs/prefer-city-dpo-… [--split test] [--out results.json]
+    python scripts/align_before_after.py RUN --adapter RUN/checkpoints/best     # a checkpoint of the run
 """
 
 from __future__ import annotations
@@ -41,15 +42,16 @@ def pair_scores(model, pairs, max_len: int) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--adapter", type=Path, help="adapter folder (default: the run's own)")
     parser.add_argument("--split", default="test", choices=["valid", "test"])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     recipe = load_recipe(args.run_dir / "recipe.yaml").replace(output={"resume": None})
     loaded = load_base(recipe)
-    model, _ = load_adapter(loaded.model, args.run_dir)
+    model, _ = load_adapter(loaded.model, args.adapter or args.run_dir)
     splits = load_alignment_splits(recipe, loaded.tokenizer)
     items = getattr(splits, args.split)
-    result = {"run": str(args.run_dir), "objective": recipe.train.objective, "split": args.split, "count": len(items)}
+    result = {"run": str(args.adapter or args.run_dir), "objective": recipe.train.objective, "split": args.split, "count": len(items)}
     if recipe.train.objective == "grpo":
         rewards = load_rewards(recipe.align.rewards)
 

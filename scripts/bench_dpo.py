@@ -48,6 +48,12 @@ def timed(command: list[str], env: dict | None = None) -> tuple[subprocess.Compl
     return proc, int(match.group(1)) * 1024 if match else 0, time.perf_counter() - started, max(loads)
 
 
+def blas_path() -> str | None:
+    from macft.backend import load_openblas
+
+    return load_openblas()
+
+
 def run_macft(args: argparse.Namespace, model_dir: str, scratch: Path) -> dict:
     overrides = [
         f"model.path={model_dir}", "model.dequantize=false", f"data.train={args.data}", f"data.max_seq_length={args.seq}",
@@ -77,7 +83,10 @@ def run_mlx_lm_lora(args: argparse.Namespace, model_dir: str, scratch: Path) -> 
         "--steps-per-report", "1", "--steps-per-eval", str(args.steps * 10), "--val-batches", "1",
         "--adapter-path", str(scratch / "mlx-lm-lora-adapters"),
     ]
-    proc, rss, seconds, load = timed(command)
+    env = dict(os.environ)
+    if blas_path():  # the same BLAS as macft, so the comparison is about the training code
+        env["LD_PRELOAD"] = blas_path()
+    proc, rss, seconds, load = timed(command, env=env)
     out = proc.stdout + proc.stderr
     speeds = [float(x) for x in re.findall(r"Tokens/sec\s*[:=]?\s*([\d.]+)", out)]
     peaks = [float(x) for x in re.findall(r"Peak mem\s*[:=]?\s*([\d.]+)\s*GB", out)]
@@ -109,7 +118,7 @@ def main() -> None:
         model_dir = prepare_models(args.model, scratch)["float32"]
         rows = {"macft": run_macft(args, model_dir, scratch), "mlx-lm-lora": run_mlx_lm_lora(args, model_dir, scratch)}
     loaded = any(busy(r["load"]) for r in rows.values())
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(), "busy": loaded,
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(), "busy": loaded, "blas": blas_path(),
               "settings": {k: str(v) for k, v in vars(args).items() if k != "out"}, "rows": rows}
     ours, theirs = rows["macft"], rows["mlx-lm-lora"]
     if "error" not in ours and "error" not in theirs:
