@@ -12,7 +12,7 @@ Speed numbers need a quiet machine: the script records the load average before a
 and marks the report ``"busy": true`` when the machine was busier than half its cores; busy numbers
 are for checking the script, not for publishing.
 
-    python scripts/bench_dpo.py --mlx-lm-lora /work/venvs/align-mlx-lm-lora/bin/mlx_lm_lora.train --steps 10
+    python scripts/bench_dpo.py --mlx-lm-lora-python /work/venvs/align-mlx-lm-lora/bin/python --steps 10
 """
 
 from __future__ import annotations
@@ -32,6 +32,16 @@ from bench import prepare_models
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "recipes" / "data" / "prefer-city"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+# mlx-lm-lora sets MLX's wired limit from a Metal-only device field; off a Mac that field is missing,
+# so its trainer stops before the first step. The launcher supplies it (0: no wired memory) and runs
+# the trainer's own main() unchanged.
+LAUNCH_MLX_LM_LORA = (
+    "import sys, mlx.core as mx; info = mx.device_info; "
+    "mx.device_info = lambda: {'max_recommended_working_set_size': 0, **info()}; "
+    "from mlx_lm_lora.train import main; sys.argv[0] = 'mlx_lm_lora.train'; main()"
+)
 
 
 def busy(load: float) -> bool:
@@ -77,7 +87,7 @@ def run_macft(args: argparse.Namespace, model_dir: str, scratch: Path) -> dict:
 
 def run_mlx_lm_lora(args: argparse.Namespace, model_dir: str, scratch: Path) -> dict:
     command = [
-        args.mlx_lm_lora, "--model", model_dir, "--train", "--train-mode", "dpo", "--data", str(args.data),
+        args.mlx_lm_lora_python, "-c", LAUNCH_MLX_LM_LORA, "--model", model_dir, "--train", "--train-mode", "dpo", "--data", str(args.data),
         "--iters", str(args.steps), "--batch-size", str(args.batch), "--learning-rate", str(args.lr),
         "--max-seq-length", str(args.seq), "--num-layers", str(args.layers), "--beta", str(args.beta),
         "--steps-per-report", "1", "--steps-per-eval", str(args.steps * 10), "--val-batches", "1",
@@ -100,7 +110,8 @@ def run_mlx_lm_lora(args: argparse.Namespace, model_dir: str, scratch: Path) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mlx-lm-lora", default="/work/venvs/align-mlx-lm-lora/bin/mlx_lm_lora.train")
+    parser.add_argument("--mlx-lm-lora-python", default="/work/venvs/align-mlx-lm-lora/bin/python",
+                        help="the python of a virtual environment with mlx-lm-lora installed")
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--steps", type=int, default=10)
