@@ -4,9 +4,10 @@ Each system trains in its own process, one after the other: macft (`macft lora` 
 ``train.objective: dpo``) from this checkout, and mlx-lm-lora's ``mlx_lm_lora.train --train-mode dpo``
 from its own virtual environment (``pip install mlx-lm-lora`` there, never into macft's). Same base
 (the embedded Gemma 3 270M, float weights), same pairs (``recipes/data/prefer-city``), batch size,
-maximum length, LoRA rank and layers, learning rate, beta and number of steps. Per system: trained
-tokens/s as the system itself reports it (after the first, compiling step), its reported peak memory,
-and the process's peak RSS (``/usr/bin/time``).
+maximum length, LoRA rank and layers, learning rate, beta and number of steps. Per system: optimizer
+steps/s over the steps after the first (compiling) one, which compares the same batches; tokens/s as
+each system counts them (macft: trained answer tokens; mlx-lm-lora: prompt and answer tokens of both
+sides); its reported MLX peak memory; and the process's peak RSS (``/usr/bin/time``).
 
 Speed numbers need a quiet machine: the script records the load average before and after each run
 and marks the report ``"busy": true`` when the machine was busier than half its cores; busy numbers
@@ -81,8 +82,11 @@ def run_macft(args: argparse.Namespace, model_dir: str, scratch: Path) -> dict:
         summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     except ValueError:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:], "load": load}
-    return {"tokens_per_second": summary["tokens_per_second"], "peak_memory_bytes": summary["peak_memory_bytes"],
-            "peak_rss_bytes": rss, "wall_seconds": seconds, "final_loss": summary["final_train_loss"], "load": load}
+    # macft counts trained (answer) tokens; steps/s compares the same batches whatever is counted.
+    tokens_per_step = summary["tokens_seen"] / summary["steps"]
+    return {"steps_per_second": summary["tokens_per_second"] / tokens_per_step, "tokens_per_second": summary["tokens_per_second"],
+            "peak_memory_bytes": summary["peak_memory_bytes"], "peak_rss_bytes": rss, "wall_seconds": seconds,
+            "final_loss": summary["final_train_loss"], "load": load}
 
 
 def run_mlx_lm_lora(args: argparse.Namespace, model_dir: str, scratch: Path) -> dict:
@@ -98,14 +102,19 @@ def run_mlx_lm_lora(args: argparse.Namespace, model_dir: str, scratch: Path) -> 
         env["LD_PRELOAD"] = blas_path()
     proc, rss, seconds, load = timed(command, env=env)
     out = proc.stdout + proc.stderr
-    speeds = [float(x) for x in re.findall(r"Tokens/sec\s*[:=]?\s*([\d.]+)", out)]
-    peaks = [float(x) for x in re.findall(r"Peak mem\s*[:=]?\s*([\d.]+)\s*GB", out)]
-    losses = [float(x) for x in re.findall(r"Train loss\s*[:=]?\s*([\d.]+)", out)]
-    if proc.returncode != 0 or not speeds:
+    reports = re.findall(r"Iter \d+: loss ([\d.]+),.*?it/s ([\d.]+), tok/s ([\d.]+), peak_mem ([\d.]+)GB", out)
+    if proc.returncode != 0 or not reports:
         return {"error": out.strip().splitlines()[-3:], "load": load}
-    steady = speeds[1:] or speeds  # the first report includes compilation
-    return {"tokens_per_second": sum(steady) / len(steady), "peak_memory_bytes": int(max(peaks) * 1e9) if peaks else None,
-            "peak_rss_bytes": rss, "wall_seconds": seconds, "final_loss": losses[-1] if losses else None, "load": load}
+    steady = reports[1:] or reports  # the first report includes compilation
+    return {
+        "steps_per_second": sum(float(r[1]) for r in steady) / len(steady),
+        "tokens_per_second": sum(float(r[2]) for r in steady) / len(steady),  # its count: prompt and answer tokens of both sides
+        "peak_memory_bytes": int(max(float(r[3]) for r in reports) * 1e9),
+        "peak_rss_bytes": rss,
+        "wall_seconds": seconds,
+        "final_loss": float(reports[-1][0]),
+        "load": load,
+    }
 
 
 def main() -> None:
@@ -133,7 +142,8 @@ def main() -> None:
               "settings": {k: str(v) for k, v in vars(args).items() if k != "out"}, "rows": rows}
     ours, theirs = rows["macft"], rows["mlx-lm-lora"]
     if "error" not in ours and "error" not in theirs:
-        report["throughput_ratio"] = ours["tokens_per_second"] / theirs["tokens_per_second"]
+        report["steps_per_second_ratio"] = ours["steps_per_second"] / theirs["steps_per_second"]
+        report["peak_memory_ratio"] = ours["peak_memory_bytes"] / theirs["peak_memory_bytes"]
         report["peak_rss_ratio"] = ours["peak_rss_bytes"] / theirs["peak_rss_bytes"]
     print(json.dumps(report, indent=2))
     if loaded:
