@@ -73,9 +73,20 @@ def main() -> None:
         tuned = pair_scores(model, items, recipe.data.max_seq_length)
         with adapters_disabled(model):
             base = pair_scores(model, items, recipe.data.max_seq_length)
+        prompts = [p.chosen.tokens[: p.chosen.mask.index(True)] for p in items[:4]]
+
+        def greedy() -> list[str]:
+            return [loaded.tokenizer.decode(c) for c in sample(model, loaded.tokenizer, prompts, 4, 0.0)]
+
+        tuned_answers = greedy()
+        with adapters_disabled(model):
+            base_answers = greedy()
         result.update(
             base_accuracy=float((base > 0).mean()), tuned_accuracy=float((tuned > 0).mean()),
             base_mean_margin=float(base.mean()), tuned_mean_margin=float(tuned.mean()),
+            examples=[
+                {"prompt": loaded.tokenizer.decode(q), "base": b, "tuned": t} for q, b, t in zip(prompts, base_answers, tuned_answers)
+            ],
         )
     text = json.dumps(result, indent=2)
     print(text)
