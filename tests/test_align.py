@@ -250,7 +250,7 @@ def test_dpo_run_reports_metrics_and_resumes_exactly(tiny_model_dir, tmp_path):
     assert train_rows[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-5)
     valid = [r for r in straight if r["kind"] == "valid"]
     assert valid[-1]["val_accuracy"] > 0.5 and valid[-1]["val_reward_margin"] > 0
-    assert whole.summary["objective"] == "dpo" and "adapters switched off" in whole.summary["reference"]
+    assert whole.summary.objective == "dpo" and "adapters switched off" in whole.summary.reference
 
 
 def gguf_margins(path, prompts: list[list[int]], chosen: list[int], rejected: list[int]) -> np.ndarray:

@@ -10,6 +10,7 @@ import json
 
 import click
 
+from macft import ui
 from macft.config import DEFAULT_MODEL, DataConfig, TrainConfig
 
 
@@ -60,13 +61,13 @@ def check(
         if as_json:
             click.echo(json.dumps({"path": path, "model": model, **aligned.to_dict()}, indent=2))
         else:
-            render_alignment(aligned, path, model)
+            ui.show_alignment_data(aligned, path, model)
         return
     report = check_data(data_cfg, tokenizer, batch_size=batch_size)
     if as_json:
         click.echo(json.dumps({"path": path, "model": model, **report.to_dict()}, indent=2))
     else:
-        render(report, path, model)
+        ui.show_data_report(report, path, model)
 
 
 def alignment_kind(path: str) -> str:
@@ -78,66 +79,3 @@ def alignment_kind(path: str) -> str:
     target = Path(path)
     target = target / "train.jsonl" if target.is_dir() else target
     return dataset_kind(target) if target.is_file() else "sft"
-
-
-def render(report, path: str, model: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    console = Console()
-    console.print(f"[bold]{path}[/bold] with the tokenizer of [bold]{model}[/bold], "
-                  f"max_seq_length {report.max_seq_length}")
-    counts = Table("split", "examples", "trained tokens", "truncated", "dropped", "duplicates", show_edge=False)
-    lengths = Table("tokens per example", "min", "mean", "median", "p95", "max", show_edge=False)
-    for name, split in report.splits.items():
-        formats = ", ".join(f"{fmt} {n}" for fmt, n in sorted(split.formats.items()))
-        console.print(f"{name}: {split.source} ({formats})", highlight=False)
-        counts.add_row(name, str(split.examples), str(split.trained_tokens), _warn(split.truncated),
-                       _warn(split.dropped), _warn(split.duplicates))
-        stats = split.lengths
-        lengths.add_row(name, str(stats["min"]), f"{stats['mean']:.1f}", f"{stats['median']:.0f}",
-                        f"{stats['p95']:.0f}", str(stats["max"]))
-    console.print(counts)
-    console.print(lengths)
-    for name, count in report.overlap.items():
-        console.print(f"{name} examples also in train: {_warn(count)}")
-    if report.padding:
-        pad = report.padding
-        console.print(
-            f"padding at batch size {report.batch_size}: random {pad['random']:.1%}, "
-            f"length-bucketed {pad['bucketed']:.1%}, packed {pad['packed']:.1%}"
-        )
-    if report.preview:
-        legend = "[reverse green]trained[/reverse green], [dim]not trained[/dim]"
-        console.print(f"\n[bold]{report.preview_source}[/bold] ({legend}):")
-        text = Text()
-        for run, trained in report.preview:
-            text.append(run, style="reverse green" if trained else "dim")
-        console.print(text)
-
-
-def render_alignment(report, path: str, model: str) -> None:
-    """``macft data check`` on preference pairs or GRPO prompts (a ``macft.align.check.AlignDataReport``)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    out = Console()
-    out.print(f"[bold]{path}[/bold] ({report.kind}) with the tokenizer of [bold]{model}[/bold], max_seq_length {report.max_seq_length}")
-    if report.kind == "pairs":
-        table = Table("split", "pairs", "chosen tokens (mean/max)", "rejected tokens (mean/max)", "truncated", "dropped",
-                      "identical", "duplicates", show_edge=False)
-        for name, split in report.splits.items():
-            c, r = split.chosen_lengths, split.rejected_lengths
-            table.add_row(name, str(split.pairs), f"{c['mean']:.1f}/{c['max']}", f"{r['mean']:.1f}/{r['max']}",
-                          _warn(split.truncated), _warn(split.dropped), _warn(split.identical), _warn(split.duplicates))
-    else:
-        table = Table("split", "prompts", "tokens (mean/max)", "fields for the rewards", show_edge=False)
-        for name, split in report.splits.items():
-            fields = ", ".join(f"{k} {n}" for k, n in sorted(split.fields.items())) or "none"
-            table.add_row(name, str(split.prompts), f"{split.lengths['mean']:.1f}/{split.lengths['max']}", fields)
-    out.print(table)
-
-
-def _warn(count: int) -> str:
-    return f"[yellow]{count}[/yellow]" if count else "0"
