@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from macft.align.data import truncate_pairs
+from macft.align.data import prompt_tokens, truncate_pairs
 from macft.config import DataConfig
 from macft.data.check import length_stats
 from macft.data.formats import read_records
@@ -55,8 +55,6 @@ class AlignDataReport:
 
 
 def check_alignment_data(data_cfg: DataConfig, tokenizer: Any, kind: str) -> AlignDataReport:
-    from macft.train.run import prompt_tokens
-
     encoder = Encoder(tokenizer, use_chat_template=data_cfg.use_chat_template, mask_prompt=True)
     splits: dict[str, Any] = {}
     for name, path in data_files(data_cfg).items():

@@ -18,10 +18,11 @@ from typing import Any, Iterator
 from macft.align.grpo import PromptBatch, PromptExample
 from macft.config import Recipe
 from macft.data.batching import batch_order, build_batch
-from macft.data.formats import read_records
+from macft.chat_template import template_tokens
+from macft.data.formats import Record, read_records
 from macft.data.preference import PairExample, encode_pair, longer, parse_pair, parse_prompt
 from macft.data.splits import SPLITS, data_files, hold_out, truncate
-from macft.data.templates import Encoder, Example
+from macft.data.templates import Encoder, Example, uses_chat_template
 from macft.errors import MacftError
 
 
@@ -35,10 +36,16 @@ class AlignSplits:
     files: dict[str, str] = field(default_factory=dict)
 
 
+def prompt_tokens(tokenizer: Any, record: Record, use_chat_template: bool | None) -> list[int]:
+    """A GRPO prompt as generation starts from it: through the chat template with the assistant turn
+    opened, or the plain prompt (as the SFT encoder renders a prompt/completion record)."""
+    if uses_chat_template(tokenizer, use_chat_template):
+        return template_tokens(tokenizer, record.as_messages()[:-1], add_generation_prompt=True, where=record.source)
+    return list(tokenizer.encode(record.prompt + record.prompt_suffix))
+
+
 def load_alignment_splits(recipe: Recipe, tokenizer: Any) -> AlignSplits:
     """Read and tokenize the recipe's pairs (dpo/orpo/simpo) or prompts (grpo)."""
-    from macft.train.run import prompt_tokens
-
     data_cfg = recipe.data
     pairs = recipe.train.objective != "grpo"
     encoder = Encoder(tokenizer, use_chat_template=data_cfg.use_chat_template, mask_prompt=True)
