@@ -61,10 +61,12 @@ def cli(ctx: click.Context) -> None:
     Quickstart (trains the embedded Gemma 3 270M on a demo task):
       macft lora
     """
+    from macft import ui
     from macft.backend import missing_blas_hint
 
     if ctx.invoked_subcommand in COMPUTE_COMMANDS and (hint := missing_blas_hint()):
         click.echo(f"note: {hint}", err=True)
+    ctx.with_resource(ui.showing_phases())  # slow phases show a spinner with their name and elapsed time
 
 
 def main() -> None:

@@ -111,7 +111,7 @@ def lora(recipe: str | None, resume: str | None, overrides: tuple[str, ...], as_
       macft lora --resume runs/quickstart-20260101-120000
     """
     from macft import ui
-    from macft.train.run import run_demo, run_training
+    from macft.train.run import loss_history, run_demo, run_training
 
     if options.get("quantize_bits") is not None:
         options["quantize_bits"] = int(options["quantize_bits"])
@@ -138,7 +138,7 @@ def lora(recipe: str | None, resume: str | None, overrides: tuple[str, ...], as_
         click.echo(json.dumps(payload, indent=2))
     else:
         ui.show_notes(outcome.notes)
-        ui.show_summary(outcome.summary)
+        ui.show_summary(outcome.summary, curve=loss_history(outcome.run_dir / "metrics.jsonl"))
         if demo is not None:
             ui.show_demo(demo)
     if result.stop_reason == "nan":

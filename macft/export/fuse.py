@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from macft.errors import MacftError
+from macft.phases import phase
 from macft.paths import atomic_path
 
 FUSE_RECORD = "macft_fuse.json"
@@ -187,7 +188,7 @@ def fuse_adapter(
         config["quantization"] = entry
     elif mode == "as base":
         mode = "float"
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, phase(f"Saving the fused model to {out}"):
         save_model(tmp, model)
         save_config(config, tmp / "config.json")
         for name in TOKENIZER_FILES:

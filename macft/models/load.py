@@ -18,6 +18,7 @@ from typing import Any
 
 from macft.config import DEFAULT_MODEL
 from macft.errors import MacftError
+from macft.phases import phase
 
 SUPPORTED_MODEL_TYPES = {
     "gemma3_text": "gemma3",
@@ -141,16 +142,17 @@ def load_model(
     from macft.backend import compute_dtype
 
     model_dir, sha = resolve_model_dir(spec, revision=revision, dequantize=dequantize)
-    try:
-        model, config = mlx_load_model(model_dir, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        raise MacftError(f"Could not build the model in {model_dir}: {str(exc).splitlines()[0]}") from None
-    family = model_family(config)
-    cast_floats(model, compute_dtype())
-    if quantize_bits is not None:
-        quantize_model(model, quantize_bits, group_size)
-    mx.eval(model.parameters())
-    tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+    with phase(f"Loading {spec}"):
+        try:
+            model, config = mlx_load_model(model_dir, trust_remote_code=trust_remote_code)
+        except ValueError as exc:
+            raise MacftError(f"Could not build the model in {model_dir}: {str(exc).splitlines()[0]}") from None
+        family = model_family(config)
+        cast_floats(model, compute_dtype())
+        if quantize_bits is not None:
+            quantize_model(model, quantize_bits, group_size)
+        mx.eval(model.parameters())
+        tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
     identity = {"source": spec, "path": str(model_dir), "family": family, "sha256": sha}
     return LoadedModel(model, tokenizer, Path(model_dir), config, identity)
 

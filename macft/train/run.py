@@ -31,6 +31,8 @@ from macft.methods import ADAPTER_FILE, adapters_disabled, apply_method, count_p
 from macft.methods.lora import dequantize_for_generation
 from macft.methods.recompute import RecomputingMLP
 from macft.paths import atomic_path
+from macft.phases import phase
+from macft.plot import loss_curve_png
 from macft.train.checkpoint import Checkpoints
 from macft.train.loop import Callback, TrainResult, train
 from macft.train.losses import ChunkedLoss, auto_chunk_size, describe_loss, vocab_size
@@ -220,9 +222,7 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
     }
     with atomic_path(run_dir / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
-    plot_note = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    if plot_note:
-        notes.append(plot_note)
+    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     return RunOutcome(run_dir, recipe, result, summary, model, loaded.tokenizer, notes)
 
 
@@ -253,31 +253,18 @@ def fast_paths(model: nn.Module, result: TrainResult, chunk_size: int) -> list[s
     return paths
 
 
-def plot_losses(metrics: Path, out: Path) -> str | None:
-    """Write the loss curve; return a note when it cannot be drawn."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "loss.png skipped: matplotlib is not installed (pip install matplotlib)."
+def loss_history(metrics: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """The (step, loss) reports of ``metrics.jsonl``: train, then validation."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.exists() else []
-    train_rows = [r for r in rows if r["kind"] == "train"]
-    valid_rows = [r for r in rows if r["kind"] == "valid"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train_rows], [r["train_loss"] for r in train_rows], label="train")
-    if valid_rows:
-        ax.plot([r["step"] for r in valid_rows], [r["val_loss"] for r in valid_rows], "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss per trained token")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    train = [(r["step"], r["train_loss"]) for r in rows if r["kind"] == "train"]
+    valid = [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "valid"]
+    return train, valid
+
+
+def plot_losses(metrics: Path, out: Path) -> None:
+    """Write the loss curve of ``metrics.jsonl`` to ``out`` (a PNG)."""
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return None
+        tmp.write_bytes(loss_curve_png(*loss_history(metrics)))
 
 
 def demo_records(recipe: Recipe) -> list:
@@ -312,13 +299,15 @@ def run_demo(outcome: RunOutcome) -> DemoResult | None:
         return None
     prompts = [prompt_tokens(outcome.tokenizer, r, recipe.data.use_chat_template) for r in records]
     model, tokenizer = dequantize_for_generation(outcome.model), outcome.tokenizer
-    tuned = batch_generate(model, tokenizer, prompts, max_tokens=recipe.demo.max_tokens).texts
-    if any(getattr(m, "enabled", None) is not None for _, m in model.named_modules()):
-        with adapters_disabled(model):
-            base = batch_generate(model, tokenizer, prompts, max_tokens=recipe.demo.max_tokens).texts
-    else:  # full fine-tuning changed the weights themselves: the base has to be loaded again
-        base_model = dequantize_for_generation(load_base(recipe).model)
-        base = batch_generate(base_model, tokenizer, prompts, max_tokens=recipe.demo.max_tokens).texts
+    with phase(f"Answering {len(prompts)} held-out prompts with the tuned model"):
+        tuned = batch_generate(model, tokenizer, prompts, max_tokens=recipe.demo.max_tokens).texts
+    with phase(f"Answering {len(prompts)} held-out prompts with the base model"):
+        if any(getattr(m, "enabled", None) is not None for _, m in model.named_modules()):
+            with adapters_disabled(model):
+                base = batch_generate(model, tokenizer, prompts, max_tokens=recipe.demo.max_tokens).texts
+        else:  # full fine-tuning changed the weights themselves: the base has to be loaded again
+            base_model = dequantize_for_generation(load_base(recipe).model)
+            base = batch_generate(base_model, tokenizer, prompts, max_tokens=recipe.demo.max_tokens).texts
     expected = [r.completion for r in records]
 
     def exact(answers: list[str]) -> float:
