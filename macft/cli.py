@@ -22,6 +22,7 @@ COMMANDS = {
     "estimate": ("macft.commands.estimate", "estimate", "Predict peak training memory and whether it fits."),
     "recipes": ("macft.commands.recipes", "recipes", "List and show the bundled recipes."),
     "models": ("macft.commands.models", "models", "List models found on this machine."),
+    "doctor": ("macft.commands.doctor", "doctor", "Check this machine's set-up (BLAS speed, llama.cpp, Ollama, caches)."),
 }
 
 # Commands that run a model, and so are ~20x slower on Linux without OpenBLAS.

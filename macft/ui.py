@@ -280,6 +280,26 @@ def show_summary(summary: dict, out: Console | None = None, curve: tuple[list, l
         show_loss_chart(*curve, out=out)
 
 
+def show_doctor(checks: list[Any], out: Console | None = None) -> None:
+    """``macft doctor``'s table (``macft.doctor.Check`` rows), then each problem with its fix."""
+    out = out or console()
+    table = Table(title="macft doctor", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_column()
+    for check in checks:
+        mark = Text("✗", style="bold red") if check.problem else Text("✓", style="green")
+        table.add_row(check.name, Text(check.value), mark)
+    out.print(table)
+    problems = [c for c in checks if c.problem]
+    if not problems:
+        out.print("No problems found.")
+    for check in problems:
+        out.print(Text.assemble((f"{check.name}: ", "bold"), check.problem + "."))
+        if check.fix:
+            out.print(Text.assemble("  fix: ", (check.fix, "cyan")))
+
+
 def show_demo(demo: Any, out: Console | None = None) -> None:
     """Base vs tuned answers (a ``macft.train.run.DemoResult``)."""
     out = out or console()
