@@ -134,7 +134,14 @@ def training_loss(model: nn.Module, recipe: Recipe) -> ChunkedLoss:
 
 def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
     from macft.data import batch_order, iterate_batches, load_splits
+    from macft.data.splits import data_files
 
+    if not recipe.data.train:
+        raise MacftError(
+            f"Recipe '{recipe.name}' needs training data: pass --data PATH (a .jsonl file or a folder with train.jsonl); "
+            f"`macft recipes show {recipe.name}` says what data it expects."
+        )
+    data_files(recipe.data)  # a missing data file is reported before the model loads
     view = view or Callback()
     run_dir = run_dir_for(recipe)
     cfg = recipe.train
