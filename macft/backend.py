@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 OPENBLAS_HINT = (
     "No OpenBLAS could be loaded: matrix products on this CPU run on MLX's reference BLAS, ~20x slower. "
@@ -121,7 +122,7 @@ def _load_globally(path: str) -> bool:
         return False
 
 
-def _linked_folder(openblas: str, gfortran: str):
+def _linked_folder(openblas: str, gfortran: str) -> Path:
     """``<cache>/blas/<hash>/`` with ``libopenblas.so.0`` and ``libgfortran.so.5`` linking to the given files."""
     from macft.paths import cache_dir
 

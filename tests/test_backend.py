@@ -3,6 +3,7 @@ installed), and its absence is reported once per command."""
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import os
 import subprocess
@@ -51,6 +52,9 @@ def test_pip_openblas_loads_without_system_libraries_and_is_fast(tmp_path):
     code = "import macft.backend as b; b.load_openblas(); print(b.loaded_openblas()); print(b.detect().blas)"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert child.stdout.split() in ([backend.pip_openblas(), "openblas"], [backend.system_openblas(), "openblas"]), child.stderr
+    if ctypes.util.find_library("gfortran") is None:  # a machine without libgfortran: the private links were needed
+        links = list((tmp_path / "blas").glob("*/libgfortran.so.5"))
+        assert len(links) == 1 and os.readlink(links[0]) == backend.bundled_gfortran()
     fast, slow = backend.measure_in_child(backend.pip_openblas()), backend.measure_in_child("0")
     print(f"\nfloat32 1024² matmul: pip OpenBLAS {fast:.1f} GFLOP/s, reference BLAS {slow:.1f} GFLOP/s")
     assert fast > 3 * slow > 0

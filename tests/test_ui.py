@@ -62,3 +62,25 @@ def test_training_view_shows_phases_then_the_compiling_first_steps():
         view.on_train_report({"step": 1, "iters": 2, "epoch": 0.5, "train_loss": 2.0, "learning_rate": 1e-4,
                               "tokens_per_second": 10.0, "elapsed": 1.0, "eta": 1.0, "peak_memory": 1024})  # fmt: skip
         assert "1/2" in rendered(view) and "first steps" not in rendered(view)
+
+
+def test_slow_library_calls_mark_their_phases(tiny_model_dir, tmp_path):
+    from contextlib import contextmanager
+
+    from macft.data import read_records
+    from macft.evaluate import EvalOptions, evaluate
+    from macft.models.load import load_model
+
+    names = []
+
+    @contextmanager
+    def record(name):
+        names.append(name)
+        yield
+
+    path = tmp_path / "test.jsonl"
+    path.write_text('{"prompt": "1 plus 1?", "completion": " 2"}\n{"prompt": "2 plus 2?", "completion": " 4"}\n')
+    with phases.reporting(record):
+        loaded = load_model(str(tiny_model_dir))
+        evaluate(loaded.model, loaded.tokenizer, read_records(path), EvalOptions(max_tokens=2))
+    assert names == [f"Loading {tiny_model_dir}", "Generating 2 answers"]
