@@ -172,7 +172,9 @@ def prompt_tokens(tokenizer, messages: list[dict[str, str]], use_chat_template: 
     if use_chat_template is None:
         use_chat_template = bool(getattr(tokenizer, "has_chat_template", False))
     if use_chat_template:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        from macft.chat_template import template_tokens
+
+        return template_tokens(tokenizer, messages, add_generation_prompt=True)
     system = next((m["content"] for m in messages if m["role"] == "system"), "")
     user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     return tokenizer.encode(f"{system}\n\n{user}" if system else user)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -16,8 +17,9 @@ import click
 @click.option("--no-generate", is_flag=True, help="Loss and perplexity only (no answers, no task metrics).")
 @click.option("--completion-after", default=None, help='Split {"text"} records after the last occurrence of this marker, e.g. "A:".')
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write per-example prompts, references, outputs and scores as JSONL.")
+@click.option("--force", is_flag=True, help="Replace --report even when it is not an earlier `macft eval` report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-def evaluate(model_spec, adapter, data, max_examples, max_tokens, no_generate, completion_after, report, as_json):
+def evaluate(model_spec, adapter, data, max_examples, max_tokens, no_generate, completion_after, report, force, as_json):
     """Evaluate a model (and adapter) on held-out data: masked loss and perplexity over the
     completions, and exact match / similarity / token F1 of greedy answers.
 
@@ -30,7 +32,12 @@ def evaluate(model_spec, adapter, data, max_examples, max_tokens, no_generate, c
     from macft.chat import open_model
     from macft.evaluate import EvalOptions, eval_records, write_report
     from macft.evaluate import evaluate as run_eval
+    from macft.evaluate import is_eval_report
+    from macft.outputs import check_output
 
+    if report:
+        inputs = [data, adapter, model_spec, *Path(data).glob("*.jsonl")]  # a data folder's files too
+        check_output(Path(report), "eval", made_by=is_eval_report, inputs=inputs, force=force, option="--report")
     records = eval_records(data)
     opened = open_model(model_spec, adapter)
     for warning in opened.warnings:

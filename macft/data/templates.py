@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from macft.chat_template import template_tokens
 from macft.data.formats import Record
 from macft.errors import MacftError
 
@@ -80,15 +81,7 @@ class Encoder:
         return tokens or [self.eos]
 
     def _render(self, record: Record, messages: list[dict], generation_prompt: bool) -> list[int]:
-        kwargs = {"tools": record.tools} if record.tools else {}
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, **kwargs)
-        except Exception as exc:  # jinja raises its own TemplateError/ValueError for unsupported conversations
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise MacftError(f"{record.source}: the chat template rejected this conversation ({reason}).") from None
-        if isinstance(ids, dict):  # some tokenizers return a BatchEncoding even when asked not to
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
+        return template_tokens(self.tokenizer, messages, add_generation_prompt=generation_prompt, tools=record.tools, where=record.source)
 
     def _chat(self, record: Record) -> tuple[list[int], list[bool]]:
         messages = record.as_messages()

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from macft.errors import MacftError
-from macft.phases import phase
+from macft.outputs import check_output, has_record
 from macft.paths import atomic_path
+from macft.phases import phase
 
 FUSE_RECORD = "macft_fuse.json"
 IMPORT_RECORD = "macft_import.json"  # written by macft.models.gguf_import
@@ -159,6 +160,7 @@ def fuse_adapter(
     dequantize: bool = False,
     quantize_bits: int | None = None,
     group_size: int = 64,
+    force: bool = False,
 ) -> FuseResult:
     """Fuse the adapter in ``run_dir`` and save the merged model to ``out`` (default ``RUN/fused``)."""
     import mlx.core as mx
@@ -173,6 +175,9 @@ def fuse_adapter(
     start = time.time()
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "fused"
+    base = read_adapter_config(run_dir).get("base_model") or {}
+    inputs = [run_dir, base.get("source"), base.get("path")]
+    check_output(out, "fuse", made_by=has_record(FUSE_RECORD), inputs=inputs, force=force, folder=True)
     loaded, adapter_cfg, merged = load_fused(run_dir, dequantize=dequantize or quantize_bits is not None)
     model, config = loaded.model, dict(loaded.config)
     config.pop("quantization", None)

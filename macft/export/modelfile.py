@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from macft.outputs import MODELFILE_MARK
 from macft.paths import atomic_path
 
 
@@ -94,6 +95,7 @@ def modelfile_text(spec: ModelfileSpec) -> str:
         lines.append(f'PARAMETER stop "{stop}"')
     lines.append(f"PARAMETER temperature {spec.temperature}")
     lines.append(f"PARAMETER num_ctx {min(spec.context_length, 4096)}")
+    lines.append(MODELFILE_MARK)
     return "\n".join(lines) + "\n"
 
 

@@ -211,7 +211,7 @@ def fuse_model(model: nn.Module) -> nn.Module:
     if blocking:
         raise MacftError(
             f"This adapter ({', '.join(blocking)}) cannot be merged into the base weights; "
-            "use it as an adapter (chat/generate with --adapter, or an adapter GGUF) instead of fusing."
+            "use the run directory as an adapter with chat, generate or eval (--adapter RUN), or train with --method lora to fuse."
         )
     fused = [(path, m.fuse()) for path, m in modules if hasattr(m, "fuse") and callable(m.fuse)]
     if fused:

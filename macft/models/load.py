@@ -11,6 +11,7 @@ GGUF files are imported first (``macft.models.gguf_import``) and cached by conte
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,7 @@ def load_model(
     """Load a model and tokenizer, cast float weights to this backend's compute dtype, and
     optionally quantize the frozen base (QLoRA)."""
     import mlx.core as mx
+    from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model as mlx_load_model
     from mlx_lm.utils import load_tokenizer
 
@@ -148,6 +150,7 @@ def load_model(
         except ValueError as exc:
             raise MacftError(f"Could not build the model in {model_dir}: {str(exc).splitlines()[0]}") from None
         family = model_family(config)
+        check_finite(tree_flatten(model.parameters()), model_dir)
         cast_floats(model, compute_dtype())
         if quantize_bits is not None:
             quantize_model(model, quantize_bits, group_size)
@@ -155,6 +158,20 @@ def load_model(
         tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
     identity = {"source": spec, "path": str(model_dir), "family": family, "sha256": sha}
     return LoadedModel(model, tokenizer, Path(model_dir), config, identity)
+
+
+def check_finite(weights, source) -> None:
+    """Refuse weights holding NaN or inf (a damaged file), naming the first such tensor; one cheap
+    reduction per float tensor (quantized weights are integers: their scales and biases are checked)."""
+    import mlx.core as mx
+
+    floats = [(name, value) for name, value in weights if mx.issubdtype(value.dtype, mx.floating)]
+    # One pass and one evaluation for all tensors: a NaN or inf makes the float32 sum non-finite; a
+    # finite tensor whose sum overflows is told apart by the exact check.
+    sums = mx.stack([mx.sum(value.astype(mx.float32)) for _, value in floats]) if floats else mx.array([])
+    for (name, value), total in zip(floats, sums.tolist()):
+        if not math.isfinite(total) and not mx.all(mx.isfinite(value)).item():
+            raise MacftError(f"{source}: tensor '{name}' holds NaN or infinite values; the file is damaged, so download or export it again.")
 
 
 def quantize_model(model, bits: int, group_size: int) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from macft.errors import MacftError
+from macft.models.load import check_finite
 from macft.models.gguf_import.families import Family, family_for
 from macft.models.gguf_import.quants import GROUP_SIZE, quantize_exact, to_float
 from macft.models.gguf_import.reader import GGUFFile
@@ -66,6 +67,7 @@ def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_f
         floats[info.qtype.name] += 1
 
     check_names(family, config, weights)
+    check_finite(weights.items(), gguf.path)
     quantized_bits = Counter(entry["bits"] for entry in per_module.values() if entry)
     if quantized_bits:
         quantization = {"group_size": GROUP_SIZE, "bits": quantized_bits.most_common(1)[0][0], "mode": "affine", **per_module}

@@ -45,8 +45,8 @@ def save_tokenizer(gguf: GGUFFile, out_dir: Path) -> None:
         raise MacftError(f"{gguf.path}: tokenizer type '{kind}' is not supported; GGUF import reads 'llama' (SentencePiece) and 'gpt2' (BPE).")
     try:
         backend, _ = convert_gguf_tokenizer(gguf.architecture, tokenizer_dict)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise MacftError(f"Could not rebuild the tokenizer of {gguf.path.name}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # the tokenizers library raises a bare Exception for a damaged vocabulary
+        raise MacftError(f"Could not rebuild the tokenizer of {gguf.path.name}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
 
     if kind == "llama":
         match_space_prefix(backend, bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
