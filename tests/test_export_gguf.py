@@ -18,10 +18,10 @@ from test_fuse import make_run
 
 from macft.cli import cli
 from macft.errors import MacftError
-from macft.export.families import permute_rows
 from macft.export.gguf_writer import write_gguf
 from macft.export.modelfile import PLAIN, chat_format
 from macft.export.pipeline import export_gguf
+from macft.families.base import permute_rows
 from macft.models.load import load_model
 from macft.models.random_init import FAMILIES, build_random_model
 from macft.paths import RECIPES_DIR

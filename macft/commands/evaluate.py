@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from macft import ui
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "-m", "model_spec", default=None, help="Hub id, model folder, .gguf file or gemma3-270m (default: the adapter's base, else gemma3-270m).")
@@ -49,26 +51,4 @@ def evaluate(model_spec, adapter, data, max_examples, max_tokens, no_generate, c
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
-    render(result, report)
-
-
-def render(result, report) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    names = list(result.scores)
-    table = Table(title=f"{next(iter(result.scores.values())).examples} examples", title_justify="left")
-    table.add_column("metric")
-    for name in names:
-        table.add_column(name, justify="right")
-    rows = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"), ("exact match", "exact_match", "{:.1%}"),
-            ("similarity", "similarity", "{:.3f}"), ("token F1", "f1", "{:.3f}")]
-    for label, key, fmt in rows:
-        values = [getattr(result.scores[n], key) for n in names]
-        if all(v is None for v in values):
-            continue
-        table.add_row(label, *("—" if v is None else fmt.format(v) for v in values))
-    console = Console(highlight=False)
-    console.print(table)
-    if report:
-        console.print(f"Per-example report: {report}")
+    ui.show_eval_scores(result, report)

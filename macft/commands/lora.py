@@ -167,13 +167,13 @@ def lora(
     if result.stop_reason == "interrupted":
         message = f"{result.message} Resume with: macft lora --resume {outcome.run_dir}"
         if as_json:
-            click.echo(json.dumps({**outcome.summary, "resume_command": f"macft lora --resume {outcome.run_dir}"}, indent=2))
+            click.echo(json.dumps({**outcome.summary.to_dict(), "resume_command": f"macft lora --resume {outcome.run_dir}"}, indent=2))
         else:
             click.echo(message)
         raise SystemExit(130)
     demo = None if result.failed else run_demo(outcome)
     if as_json:
-        payload = dict(outcome.summary)
+        payload = outcome.summary.to_dict()
         if demo is not None:
             payload["demo"] = {"examples": demo.examples, "total": demo.total, "base_exact": demo.base_exact, "tuned_exact": demo.tuned_exact}
         click.echo(json.dumps(payload, indent=2))

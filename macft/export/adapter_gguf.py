@@ -101,12 +101,12 @@ def write_adapter_gguf(run_dir: str | Path, out: Path) -> AdapterGGUFResult:
         writer.add_string(GGUF_COMMAND_KEY, "export gguf")
         for prefix in prefixes:
             # "model.layers.0.self_attn.q_proj" (the LoRA layer) -> "blk.0.attn_q.weight"
-            target = families.gguf_name(f"{prefix}.weight", name_map)
-            lora_a = weights[f"{prefix}.lora_a"].T  # (r, in)
-            lora_b = weights[f"{prefix}.lora_b"].T  # (out, r)
-            heads = families.qk_heads(f"{prefix}.", config, family)
-            if heads is not None:
-                lora_b = families.permute_rows(lora_b, heads)
+            record = families.export_family(family)
+            target = families.gguf_name(record.export_name(f"{prefix}.weight"), name_map)
+            # (r, in) and (out, r), per expert for a mixture-of-experts stack
+            lora_a = weights[f"{prefix}.lora_a"].swapaxes(-1, -2)
+            lora_b = weights[f"{prefix}.lora_b"].swapaxes(-1, -2)
+            lora_b = record.export_rows(f"{prefix}.", lora_b, config)
             writer.add_tensor(f"{target}.lora_a", np.ascontiguousarray(lora_a, dtype=np.float32))
             writer.add_tensor(f"{target}.lora_b", np.ascontiguousarray(lora_b, dtype=np.float32))
         writer.write_header_to_file()

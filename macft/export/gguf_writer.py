@@ -45,7 +45,7 @@ def float_weights(model) -> dict[str, np.ndarray]:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from macft.methods.lora import QUANTIZED, float_weight
+    from macft.models.quantized import QUANTIZED, float_weight
 
     weights: dict[str, np.ndarray] = {}
     skip: set[str] = set()

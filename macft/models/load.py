@@ -19,17 +19,8 @@ from typing import Any
 
 from macft.config import DEFAULT_MODEL
 from macft.errors import MacftError
+from macft.families import for_model_type
 from macft.phases import phase
-
-SUPPORTED_MODEL_TYPES = {
-    "gemma3_text": "gemma3",
-    "gemma3": "gemma3",
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "phi3": "phi3",
-}
 
 
 @dataclass
@@ -118,11 +109,8 @@ def weights_hash(model_dir: Path) -> str:
 
 
 def model_family(config: dict) -> str:
-    model_type = config.get("model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        known = ", ".join(sorted(set(SUPPORTED_MODEL_TYPES.values())))
-        raise MacftError(f"Model type '{model_type}' is not supported; supported families: {known}.")
-    return SUPPORTED_MODEL_TYPES[model_type]
+    """macft's name of the family ``config.json`` describes; a clear error for unsupported types."""
+    return for_model_type(config.get("model_type", "?")).name
 
 
 def load_model(
@@ -142,6 +130,8 @@ def load_model(
     from mlx_lm.utils import load_tokenizer
 
     from macft.backend import compute_dtype
+    from macft.models.gguf_import.convert import SUMMARY_FILE
+    from macft.models.gguf_import.tokenizer import read_bytes_as_given
 
     model_dir, sha = resolve_model_dir(spec, revision=revision, dequantize=dequantize)
     with phase(f"Loading {spec}"):
@@ -156,6 +146,8 @@ def load_model(
             quantize_model(model, quantize_bits, group_size)
         mx.eval(model.parameters())
         tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+        if (Path(model_dir) / SUMMARY_FILE).is_file():  # a GGUF import tokenizes as llama.cpp does
+            read_bytes_as_given(tokenizer)
     identity = {"source": spec, "path": str(model_dir), "family": family, "sha256": sha}
     return LoadedModel(model, tokenizer, Path(model_dir), config, identity)
 

@@ -28,15 +28,13 @@ import numpy as np
 
 from macft import __version__
 from macft.backend import detect
-from macft.chat_template import template_tokens
 from macft.config import Recipe, save_recipe
 from macft.errors import DiskFullError, MacftError
 from macft.memory import Estimate, estimate, format_bytes, loaded_shape, plan_from_recipe, step_budget
-from macft.methods import ADAPTER_FILE, adapters_disabled, apply_method, count_parameters, save_adapter
-from macft.methods.lora import dequantize_for_generation
+from macft.methods import ADAPTER_FILE, apply_method, count_parameters, save_adapter
+from macft.models.quantized import dequantize_for_generation
 from macft.methods.recompute import RecomputingMLP
 from macft.paths import atomic_path, recover
-from macft.phases import phase
 from macft.plot import loss_curve_png
 from macft.train.checkpoint import Checkpoints
 from macft.train.distributed import World, check_same, connect, examples_digest, peer_errors, recipe_digest, share_state
@@ -45,6 +43,7 @@ from macft.train.loop import Callback, TrainResult, train
 from macft.train.losses import ChunkedLoss, auto_chunk_size, describe_loss, vocab_size
 from macft.train.rundir import claim_run_dir
 from macft.train.schedule import build_schedule
+from macft.train.summary import RunSummary
 
 
 @dataclass
@@ -52,7 +51,7 @@ class RunOutcome:
     run_dir: Path | None  # None on ranks other than 0, which write nothing
     recipe: Recipe
     result: TrainResult
-    summary: dict
+    summary: RunSummary
     model: nn.Module  # the tuned model (best checkpoint loaded), ready for the demo
     tokenizer: Any
     notes: list[str] = field(default_factory=list)
@@ -262,33 +261,33 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
         notes.append("No adapter was saved: training failed before the first checkpoint.")
     model.eval()
 
-    summary = {
-        "run_dir": str(run_dir),
-        "method": recipe.method.name,
-        "model": loaded.identity,
-        "stop_reason": result.stop_reason,
-        "message": result.message,
-        "steps": result.progress.step,
-        "iters": iters,
-        "best_val_loss": result.progress.best_val_loss,
-        "best_step": result.progress.best_step,
-        "final_train_loss": result.last_train_loss,
-        "final_val_loss": result.last_val_loss,
-        "tokens_seen": result.progress.tokens,
-        "tokens_per_second": result.tokens_per_second,
-        "ranks": world.size,
-        "distributed_backend": world.backend,
-        "peak_memory_bytes": result.peak_memory,
-        "train_seconds": result.progress.elapsed,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "backend": detect().describe(),
-        "fast_paths": fast_paths(model, result, loss_fn.chunk_size),
-        "compiled": result.compiled,
-        "compile_note": result.compile_note,
-    }
+    summary = RunSummary(
+        run_dir=str(run_dir),
+        method=recipe.method.name,
+        model=loaded.identity,
+        stop_reason=result.stop_reason,
+        message=result.message,
+        steps=result.progress.step,
+        iters=iters,
+        best_val_loss=result.progress.best_val_loss,
+        best_step=result.progress.best_step,
+        final_train_loss=result.last_train_loss,
+        final_val_loss=result.last_val_loss,
+        tokens_seen=result.progress.tokens,
+        tokens_per_second=result.tokens_per_second,
+        ranks=world.size,
+        distributed_backend=world.backend,
+        peak_memory_bytes=result.peak_memory,
+        train_seconds=result.progress.elapsed,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        backend=detect().describe(),
+        fast_paths=fast_paths(model, result, loss_fn.chunk_size),
+        compiled=result.compiled,
+        compile_note=result.compile_note,
+    )
     with atomic_path(run_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.write_text(json.dumps(summary.to_dict(), indent=2))
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     return RunOutcome(run_dir, recipe, result, summary, model, loaded.tokenizer, notes)
 
@@ -381,40 +380,27 @@ def demo_records(recipe: Recipe) -> list:
     return [r for r in read_records(path) if r.kind == "completion"]
 
 
-def prompt_tokens(tokenizer: Any, record: Any, use_chat_template: bool | None) -> list[int]:
-    """The prompt exactly as training presented it, ready for the model to continue."""
-    has_template = bool(getattr(tokenizer, "has_chat_template", False))
-    if has_template if use_chat_template is None else use_chat_template:
-        return template_tokens(tokenizer, record.as_messages()[:-1], add_generation_prompt=True, where=record.source)
-    return list(tokenizer.encode(record.prompt + record.prompt_suffix))
-
-
 def run_demo(outcome: RunOutcome) -> DemoResult | None:
-    """Greedy answers of the base and the tuned model on the held-out prompts, with exact match."""
-    from mlx_lm.generate import batch_generate
+    """Greedy answers of the base and the tuned model on the held-out prompts, with exact match,
+    scored by ``macft.evaluate`` exactly as ``macft eval`` scores them."""
+    from macft.evaluate import EvalOptions, evaluate
 
     recipe = outcome.recipe
     records = demo_records(recipe)
     if not records or recipe.demo.count <= 0:
         return None
-    prompts = [prompt_tokens(outcome.tokenizer, r, recipe.data.use_chat_template) for r in records]
+    options = EvalOptions(max_tokens=recipe.demo.max_tokens, use_chat_template=recipe.data.use_chat_template, max_seq_length=recipe.data.max_seq_length)
     model, tokenizer = dequantize_for_generation(outcome.model), outcome.tokenizer
-    with phase(f"Answering {len(prompts)} held-out prompts with the tuned model"):
-        tuned = batch_generate(model, tokenizer, prompts, max_tokens=recipe.demo.max_tokens).texts
-    with phase(f"Answering {len(prompts)} held-out prompts with the base model"):
-        if any(getattr(m, "enabled", None) is not None for _, m in model.named_modules()):
-            with adapters_disabled(model):
-                base = batch_generate(model, tokenizer, prompts, max_tokens=recipe.demo.max_tokens).texts
-        else:  # full fine-tuning changed the weights themselves: the base has to be loaded again
-            base_model = dequantize_for_generation(load_base(recipe).model)
-            base = batch_generate(base_model, tokenizer, prompts, max_tokens=recipe.demo.max_tokens).texts
-    expected = [r.completion for r in records]
-
-    def exact(answers: list[str]) -> float:
-        return sum(a.strip() == e.strip() for a, e in zip(answers, expected)) / len(expected)
-
+    if any(getattr(m, "enabled", None) is not None for _, m in model.named_modules()):
+        result = evaluate(model, tokenizer, records, options, tuned=True)
+        base, tuned = result, result
+    else:  # full fine-tuning changed the weights themselves: the base has to be loaded again
+        tuned = evaluate(model, tokenizer, records, options)
+        base = evaluate(dequantize_for_generation(load_base(recipe).model), tokenizer, records, options)
+    base_column, tuned_column = ("base", "tuned") if base is tuned else ("base", "base")
     examples = [
-        {"prompt": r.prompt, "expected": e, "base": b, "tuned": t}
-        for r, e, b, t in list(zip(records, expected, base, tuned))[: recipe.demo.count]
+        {"prompt": row["prompt"], "expected": row["reference"], "base": row[f"{base_column}_output"], "tuned": tuned_row[f"{tuned_column}_output"]}
+        for row, tuned_row in list(zip(base.rows, tuned.rows))[: recipe.demo.count]
     ]
-    return DemoResult(examples, len(records), exact(base), exact(tuned))
+    total = base.scores["base"].generated
+    return DemoResult(examples, total, base.scores[base_column].exact_match, tuned.scores[tuned_column].exact_match)
