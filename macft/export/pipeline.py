@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from macft.errors import MacftError
+from macft.phases import phase
 
 
 @dataclass
@@ -68,16 +69,17 @@ def export_gguf(
         loaded = load_model(model)
     source = Path(loaded.identity["source"])
     tokenizer_gguf = source if source.suffix == ".gguf" and source.is_file() else origin_gguf(loaded.path)
-    result = write_gguf(
-        loaded.model,
-        loaded.config,
-        loaded.family,
-        out,
-        quant,
-        tokenizer_dir=loaded.path,
-        tokenizer_gguf=tokenizer_gguf,
-        name=name,
-    )
+    with phase(f"Writing {out.name} ({quant})"):
+        result = write_gguf(
+            loaded.model,
+            loaded.config,
+            loaded.family,
+            out,
+            quant,
+            tokenizer_dir=loaded.path,
+            tokenizer_gguf=tokenizer_gguf,
+            name=name,
+        )
     report = ExportReport(result.to_dict())
     if tokenizer_gguf is not None:
         report.notes.append(f"tokenizer copied from {tokenizer_gguf}")
