@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from macft import ui
 from macft.engines import ENGINES
 
 
@@ -67,22 +68,6 @@ def chat(model_spec, adapter, system, max_tokens, temperature, top_p, engine):
                 click.echo(f"(adapter: {opened.adapter or 'none'})")
             elif command.name == "compare":
                 base, tuned = session.compare()
-                render_compare(base, tuned)
+                ui.show_side_by_side(base, tuned)
         except MacftError as exc:
             click.echo(f"Error: {exc}")
-
-
-def render_compare(base: str, tuned: str) -> None:
-    """Base and tuned answers side by side on a terminal; one after the other otherwise."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        click.echo(f"--- base ---\n{base}\n--- tuned ---\n{tuned}")
-        return
-    table = Table(show_lines=False, expand=True)
-    table.add_column("base")
-    table.add_column("tuned")
-    table.add_row(base, tuned)
-    console.print(table)

@@ -22,8 +22,9 @@ def export():
 @click.option("--adapter-only", is_flag=True, help="Write only the LoRA adapter, for llama.cpp --lora / Ollama ADAPTER.")
 @click.option("--ollama", is_flag=True, help="Also write an Ollama Modelfile next to the GGUF.")
 @click.option("--name", default=None, help="general.name stored in the file (default: the file name).")
+@click.option("--force", is_flag=True, help="Replace --out even when it is not an earlier macft export.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, name, as_json):
+def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, name, force, as_json):
     """Write a GGUF file that llama.cpp and Ollama run, without needing llama.cpp.
 
     \b
@@ -35,7 +36,7 @@ def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, name, as_json):
     from macft.export.pipeline import export_gguf
 
     report = export_gguf(
-        model=model_spec, adapter=run_dir, quant=quant, out=out, adapter_only=adapter_only, ollama=ollama, name=name
+        model=model_spec, adapter=run_dir, quant=quant, out=out, adapter_only=adapter_only, ollama=ollama, name=name, force=force
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

@@ -136,19 +136,20 @@ def open_llamacpp(model_spec: str | None, adapter: str | Path | None = None):
     """An ``OpenedModel`` whose ``model`` is a ``LlamaCppModel`` (no MLX weights are loaded once cached)."""
     from mlx_lm.utils import load_tokenizer
 
-    from macft.chat import OpenedModel, run_base
+    from macft.chat import OpenedModel
     from macft.config import DEFAULT_MODEL
     from macft.models.load import LoadedModel, model_family, resolve_model_dir
+    from macft.run_base import recorded_base
 
     require_llama_cpp()
     options: dict = {}
     if adapter is not None:
-        recorded, options = run_base(adapter)
-        if model_spec is not None and model_spec != recorded:
-            raise MacftError(f"--engine llama.cpp runs {adapter} on the base it was trained on ({recorded}); drop --model.")
-        model_spec = recorded
+        recorded = recorded_base(adapter)
+        if model_spec is not None and model_spec != recorded.spec:
+            raise MacftError(f"--engine llama.cpp runs {adapter} on the base it was trained on ({recorded.spec}); drop --model.")
+        model_spec, options = recorded.spec, recorded.options
     model_spec = model_spec or DEFAULT_MODEL
-    model_dir, sha = resolve_model_dir(model_spec, dequantize=bool(options.get("dequantize")))
+    model_dir, sha = resolve_model_dir(model_spec, revision=options.get("revision"), dequantize=bool(options.get("dequantize")))
     config = json.loads((model_dir / "config.json").read_text())
     tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
     path, _ = cached_gguf(model_spec, None if adapter is None else Path(adapter), sha)

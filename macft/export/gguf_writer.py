@@ -11,6 +11,7 @@ for the legacy types) packs it. The file appears only once complete (``macft.pat
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from gguf import GGMLQuantizationType as Q
 from macft.errors import MacftError
 from macft.export import families, kquants, tokenizer_meta
 from macft.export.quant_plan import SCHEMES, tensor_type
+from macft.outputs import GGUF_COMMAND_KEY
 from macft.paths import atomic_path
 
 
@@ -43,7 +45,7 @@ def float_weights(model) -> dict[str, np.ndarray]:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from macft.methods.lora import QUANTIZED, float_weight
+    from macft.models.quantized import QUANTIZED, float_weight
 
     weights: dict[str, np.ndarray] = {}
     skip: set[str] = set()
@@ -88,12 +90,12 @@ def write_gguf(
     vocab_size = int(weights["model.embed_tokens.weight"].shape[0])
     out = Path(out)
     types: Counter[str] = Counter()
-    with atomic_path(out) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch)
+    with atomic_path(out) as tmp, closing(gguf.GGUFWriter(str(tmp), arch)) as writer:  # closed on a failed write too
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or out.stem)
         writer.add_file_type(int(scheme.file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_string(GGUF_COMMAND_KEY, "export gguf")
         families.add_hparams(writer, config, family)
         writer.add_vocab_size(vocab_size)
         if tokenizer_gguf is not None:
