@@ -27,6 +27,17 @@ from rich.text import Text
 from macft import phases
 
 SPARKS = "▁▂▃▄▅▆▇█"
+# An alignment objective's own report values (macft.align), in the order they are shown.
+OBJECTIVE_METRICS = {
+    "accuracy": ("pref acc", "{:.0%}"),
+    "reward_margin": ("margin", "{:+.3f}"),
+    "chosen_logps": ("logp chosen", "{:.1f}"),
+    "rejected_logps": ("logp rejected", "{:.1f}"),
+    "reward_mean": ("reward", "{:.3f}"),
+    "reward_std": ("reward std", "{:.3f}"),
+    "kl": ("kl", "{:.4f}"),
+    "completion_length": ("length", "{:.1f}"),
+}
 
 
 def console() -> Console:
@@ -48,6 +59,20 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def objective_text(info: dict, prefix: str = "") -> str:
+    """``pref acc 62%  margin +0.210 …`` from a report's objective values ("" for SFT)."""
+    parts = []
+    for key, (label, fmt) in OBJECTIVE_METRICS.items():
+        if prefix + key not in info:
+            continue
+        value = fmt.format(info[prefix + key])
+        if key == "reward_std" and parts:
+            parts[-1] += f" ± {value}"
+        else:
+            parts.append(f"{label} {value}")
+    return "  ".join(parts)
 
 
 def format_seconds(seconds: float) -> str:
@@ -160,7 +185,8 @@ class TrainingView:
             self.out.print(
                 f"step {info['step']}/{info['iters']}  loss {info['train_loss']:.4f}  "
                 f"lr {info['learning_rate']:.2e}  {throughput(info)}  "
-                f"peak {format_bytes(info['peak_memory'])}  elapsed {format_seconds(info['elapsed'])}",
+                f"peak {format_bytes(info['peak_memory'])}  elapsed {format_seconds(info['elapsed'])}"
+                + (f"  {objective_text(info)}" if objective_text(info) else ""),
                 markup=False,
             )
 
@@ -170,7 +196,8 @@ class TrainingView:
             self.live.refresh()
         elif not self.quiet:
             mark = " (best)" if info["improved"] else ""
-            self.out.print(f"step {info['step']}  val loss {info['val_loss']:.4f}{mark}", markup=False)
+            extra = objective_text(info, "val_")
+            self.out.print(f"step {info['step']}  val loss {info['val_loss']:.4f}{mark}" + (f"  {extra}" if extra else ""), markup=False)
 
     def _panel(self) -> Table:
         info = self.last
@@ -190,6 +217,10 @@ class TrainingView:
         if self.valid:
             best = self.valid["best_val_loss"]
             table.add_row("val loss", f"{self.valid['val_loss']:.4f}  (best {best:.4f})" if best is not None else f"{self.valid['val_loss']:.4f}")
+        if objective_text(info):
+            table.add_row("objective", objective_text(info))
+        if self.valid and objective_text(self.valid, "val_"):
+            table.add_row("held out", objective_text(self.valid, "val_"))
         table.add_row("tokens/s", throughput(info))
         table.add_row("learning rate", f"{info['learning_rate']:.2e}")
         table.add_row("time", f"{format_seconds(info['elapsed'])} elapsed · {format_seconds(info['eta'])} left")
@@ -398,6 +429,25 @@ def show_data_report(report: Any, path: str, model: str) -> None:
         for run, trained in report.preview:
             text.append(run, style="reverse green" if trained else "dim")
         out.print(text)
+
+
+def show_alignment_data(report: Any, path: str, model: str) -> None:
+    """``macft data check`` on preference pairs or GRPO prompts (a ``macft.align.check.AlignDataReport``)."""
+    out = console()
+    out.print(f"[bold]{path}[/bold] ({report.kind}) with the tokenizer of [bold]{model}[/bold], max_seq_length {report.max_seq_length}")
+    if report.kind == "pairs":
+        table = Table("split", "pairs", "chosen tokens (mean/max)", "rejected tokens (mean/max)", "truncated", "dropped",
+                      "identical", "duplicates", show_edge=False)
+        for name, split in report.splits.items():
+            c, r = split.chosen_lengths, split.rejected_lengths
+            table.add_row(name, str(split.pairs), f"{c['mean']:.1f}/{c['max']}", f"{r['mean']:.1f}/{r['max']}",
+                          _flagged(split.truncated), _flagged(split.dropped), _flagged(split.identical), _flagged(split.duplicates))
+    else:
+        table = Table("split", "prompts", "tokens (mean/max)", "fields for the rewards", show_edge=False)
+        for name, split in report.splits.items():
+            fields = ", ".join(f"{k} {n}" for k, n in sorted(split.fields.items())) or "none"
+            table.add_row(name, str(split.prompts), f"{split.lengths['mean']:.1f}/{split.lengths['max']}", fields)
+    out.print(table)
 
 
 def _flagged(count: int) -> str:

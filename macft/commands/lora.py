@@ -73,7 +73,7 @@ def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[
     changes = flag_changes(options)
     recipe = validate(recipe.replace(**changes))
     if saved is not None:
-        for section in ("model", "data", "method", "train", "output", "demo"):
+        for section in ("model", "data", "method", "train", "output", "demo", "align"):
             before, after = getattr(saved, section), getattr(recipe, section)
             for key, value in vars(after).items():
                 if getattr(before, key) != value:

@@ -142,9 +142,15 @@ def batching_options(recipe: Recipe) -> dict[str, Any]:
     return {"packing": recipe.data.packing, "bucket_by_length": recipe.data.bucket_by_length, "seed": recipe.train.seed}
 
 
-def training_loss(model: nn.Module, recipe: Recipe) -> ChunkedLoss:
-    """The loss a run trains and validates ``model`` with."""
-    return ChunkedLoss(auto_chunk_size(vocab_size(model), recipe.train.loss_chunk_size))
+def training_loss(model: nn.Module, recipe: Recipe, tokenizer: Any = None, reference: nn.Module | None = None):
+    """The loss a run trains and validates ``model`` with: SFT's chunked loss or an alignment
+    objective's (``macft.align``; ``reference`` is the frozen copy full fine-tuning needs)."""
+    chunk_size = auto_chunk_size(vocab_size(model), recipe.train.loss_chunk_size)
+    if recipe.train.objective == "sft":
+        return ChunkedLoss(chunk_size)
+    from macft.align import alignment_loss
+
+    return alignment_loss(recipe, model, tokenizer, chunk_size, reference)
 
 
 def run_training(
@@ -184,13 +190,21 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
     mx.random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     loaded = load_base(recipe)
-    splits = load_splits(recipe.data, loaded.tokenizer)
-    for note in data_notes(splits):
-        view.on_note(note)
-    facts = {"macft version": __version__, "MLX version": mx.__version__, "recipe": recipe_digest(recipe)}
-    facts |= {"data": examples_digest(splits.train, splits.valid), "base model": loaded.identity.get("sha256", "")}
-    with peer_errors(world, "Training had not started."):
-        check_same(world, facts)
+    aligning = cfg.objective != "sft"
+    if aligning:
+        from macft.align import alignment_batches, load_alignment_splits, needs_reference_copy, reference_note
+
+        if world.size > 1:
+            raise MacftError(f"train.objective {cfg.objective} runs on one process; distributed training covers sft.")
+        splits = load_alignment_splits(recipe, loaded.tokenizer)
+    else:
+        splits = load_splits(recipe.data, loaded.tokenizer)
+        for note in data_notes(splits):
+            view.on_note(note)
+        facts = {"macft version": __version__, "MLX version": mx.__version__, "recipe": recipe_digest(recipe)}
+        facts |= {"data": examples_digest(splits.train, splits.valid), "base model": loaded.identity.get("sha256", "")}
+        with peer_errors(world, "Training had not started."):
+            check_same(world, facts)
     # One shape and plan serve the fit check and, per batch shape, each step's memory limit.
     shape, plan = loaded_shape(loaded), dataclasses.replace(plan_from_recipe(recipe), ranks=world.size)
     check_memory(estimate(shape, plan), view)
@@ -201,11 +215,28 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
 
     batching = batching_options(recipe)
     max_len = recipe.data.max_seq_length
-    per_epoch = len(batch_order(splits.train, cfg.batch_size, max_len, **batching))
+
+    def train_batches(epoch: int, start: int):
+        return map(world.share, iterate_batches(splits.train, cfg.batch_size, max_len, epoch=epoch, start=start, loop=True, **batching))
+
+    def valid_batches():
+        return map(world.share, iterate_batches(splits.valid, cfg.batch_size, max_len, **batching))
+
+    if aligning:
+        per_epoch, train_batches, valid_batches = alignment_batches(recipe, splits)
+    else:
+        per_epoch = len(batch_order(splits.train, cfg.batch_size, max_len, **batching))
     iters = cfg.iters or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accumulation))
     recipe = recipe.replace(train={"iters": iters})
     optimizer = make_optimizer(recipe, iters)
-    loss_fn = training_loss(model, recipe)
+    reference = None
+    if aligning:
+        view.on_note(reference_note(recipe) or f"Objective {cfg.objective}: reference-free.")
+        if needs_reference_copy(recipe):
+            reference = load_base(recipe).model
+            reference.freeze()
+            reference.eval()
+    loss_fn = training_loss(model, recipe, loaded.tokenizer, reference)
 
     checkpoints = Checkpoints(run_dir, recipe, loaded.identity, data_fingerprint(recipe.data)) if world.main else None
     progress = None
@@ -221,12 +252,6 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
     else:
         log = view
 
-    def train_batches(epoch: int, start: int):
-        return map(world.share, iterate_batches(splits.train, cfg.batch_size, max_len, epoch=epoch, start=start, loop=True, **batching))
-
-    def valid_batches():
-        return map(world.share, iterate_batches(splits.valid, cfg.batch_size, max_len, **batching))
-
     kept = "Rank 0 keeps the last complete checkpoint."
     if checkpoints:
         kept = f"The last complete checkpoint is {checkpoints.path('last')}; resume with: macft lora --resume {run_dir}"
@@ -241,7 +266,7 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
         checkpoints=checkpoints,
         progress=progress,
         batches_per_epoch=per_epoch,
-        memory_budget=step_budget(shape, plan),
+        memory_budget=None if aligning else step_budget(shape, plan),
         world=world,
         guard=LossGuard(vocab_size(model)),
     )
@@ -285,6 +310,8 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
         fast_paths=fast_paths(model, result, loss_fn.chunk_size),
         compiled=result.compiled,
         compile_note=result.compile_note,
+        objective=cfg.objective,
+        reference=reference_note(recipe) if aligning else None,
     )
     with atomic_path(run_dir / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary.to_dict(), indent=2))
@@ -377,6 +404,10 @@ def demo_records(recipe: Recipe) -> list:
         return []
     if not path.is_file():
         raise MacftError(f"demo.prompts file {path} does not exist.")
+    if recipe.train.objective != "sft" and not recipe.demo.prompts:
+        from macft.align import demo_records as alignment_demo_records
+
+        return alignment_demo_records(recipe, path)
     return [r for r in read_records(path) if r.kind == "completion"]
 
 
