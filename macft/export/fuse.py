@@ -86,8 +86,10 @@ def load_base_for(run_dir: Path, adapter_cfg: dict):
     return loaded
 
 
-def load_fused(run_dir: str | Path, *, dequantize: bool = False):
-    """Base + adapter, merged in memory: returns (LoadedModel with the fused model, adapter config, merged layers)."""
+def load_fused(run_dir: str | Path, *, dequantize: bool = False, on_base=None):
+    """Base + adapter, merged in memory: returns (LoadedModel with the fused model, adapter config, merged layers).
+
+    ``on_base(model)`` is called with the base model before the adapter touches it."""
     from mlx.utils import tree_flatten
 
     from macft.methods import fuse_model, load_adapter
@@ -95,6 +97,8 @@ def load_fused(run_dir: str | Path, *, dequantize: bool = False):
     run_dir = Path(run_dir)
     adapter_cfg = read_adapter_config(run_dir)
     loaded = load_base_for(run_dir, adapter_cfg)
+    if on_base is not None:
+        on_base(loaded.model)
     base_names = {name for name, _ in tree_flatten(loaded.model.parameters())}
     model, _ = load_adapter(loaded.model, run_dir)
     merged = sum(1 for _, m in model.named_modules() if hasattr(m, "fuse") and callable(m.fuse))
