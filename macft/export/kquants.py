@@ -177,7 +177,7 @@ def _scale_min_k4(x: np.ndarray, nmax: int, rmin: float, nstep: int, importance:
         dmin = (max_min / np.float32(63)).astype(np.float16)
     else:
         weights = _search_weights(x, importance.reshape(nb, 256), 2 * np.square(x).mean(axis=1)).reshape(nb * 8, 32)
-        levels, scales, mins = _qkx2(sub, weights, nmax, -0.9, 0.05, 36)
+        levels, scales, mins = _qkx2(sub, weights, nmax, -0.9, 0.1, 18)
         sub_weight = weights.sum(axis=1).reshape(nb, 8)
         ls, d = _qp(scales.reshape(nb, 8), 63, sub_weight)
         lm, dmin = _qp(mins.reshape(nb, 8), 63, sub_weight)
@@ -358,7 +358,7 @@ def _q5_0_weighted(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
 def _q5_1_weighted(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
     blocks = rows.reshape(-1, 32)
     weights = _search_weights(blocks, importance.reshape(-1, 32), _per_row_sigma2(rows, 32))
-    levels, scale, neg_min = _qkx2(blocks, weights, 31, -0.9, 0.05, 36)
+    levels, scale, neg_min = _qkx2(blocks, weights, 31, -0.9, 0.1, 18)
     levels = levels.astype(np.int32)
     packed = [_f16_bytes(scale), _f16_bytes(-neg_min), _fifth_bits(levels), _nibbles_32(levels)]
     return np.concatenate(packed, axis=1).reshape(rows.shape[0], -1)
