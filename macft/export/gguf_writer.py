@@ -126,9 +126,13 @@ def write_gguf(
 def _guided_plan(tensors: dict, plain: dict, guide, config: dict, family: str, extra_bytes: float):
     """(types, importance by GGUF name, summary) for a guided export."""
     name_map = families.tensor_name_map(config, family)
-    importance = {families.gguf_name(n, name_map): v for n, v in guide.importance.items()}
-    change = {families.gguf_name(n, name_map): v for n, v in guide.change.items()}
-    importance = {n: v for n, v in importance.items() if n in tensors and v.shape[0] == tensors[n].shape[-1]}
+
+    def by_gguf_name(values: dict) -> dict:
+        renamed = {name_map.get_name(n, try_suffixes=(".weight", ".bias")): v for n, v in values.items()}
+        return {n: v for n, v in renamed.items() if n in tensors}
+
+    importance = {n: v for n, v in by_gguf_name(guide.importance).items() if v.shape[0] == tensors[n].shape[-1]}
+    change = by_gguf_name(guide.change)
     candidates = [
         PlanTensor(n, tensors[n].shape, plain[n], change.get(n, 0.0), sample_rows(tensors[n]), importance.get(n))
         for n in tensors
