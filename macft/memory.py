@@ -13,6 +13,9 @@ from GGUF metadata (``read_model_shape``), so no weights are loaded.
     print(est.total_bytes, est.fits, est.suggestions)
     est = check_fits(recipe, loaded)                     # what `macft lora` calls before training
 
+With ``Plan(ranks=N)`` the plan is for one of N data-parallel ranks: ``batch`` is the global batch,
+each rank holds its share of it and a whole copy of the model, gradients and optimizer state.
+
 The coefficients below were measured on this code base's models with ``mx.get_peak_memory()``
 on llama- and gemma-shaped models; ``tests/test_memory.py`` re-measures real training steps and
 keeps the prediction within 20% of them.
@@ -137,6 +140,12 @@ class Plan:
     loss_chunk_size: int | None = 0
     compute_bytes: int = 4  # float32 on CPU, bfloat16 (2) on Metal/CUDA
     extra_trainable: int = 0  # parameters of prompt/prefix/adapter methods
+    ranks: int = 1  # data-parallel ranks sharing ``batch``; the estimate is per rank
+
+    @property
+    def rank_batch(self) -> int:
+        """Rows of the global batch the busiest rank holds."""
+        return -(-self.batch // self.ranks)
 
 
 @dataclass(frozen=True)
@@ -322,7 +331,7 @@ def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None) 
 
         available_bytes = machine_memory_bytes()
     d = plan.compute_bytes
-    tokens = plan.batch * plan.seq
+    tokens = plan.rank_batch * plan.seq
     trainable = trainable_params(shape, plan)
     # Adapters are created in float32; a fully trained model keeps its weights' dtype.
     trainable_bytes = trainable * (d if plan.method == "full" else 4)
@@ -334,7 +343,7 @@ def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None) 
     saved_hidden = SAVED_HIDDEN + (GEMMA_EXTRA_HIDDEN if gemma else 0)
     saved_intermediate = SAVED_INTERMEDIATE + (GEMMA_EXTRA_INTERMEDIATE if gemma else 0)
     per_token_layer = (saved_hidden * shape.hidden + SAVED_KV * shape.kv_dim + saved_intermediate * shape.intermediate) * d
-    attention_probs = plan.batch * shape.heads * plan.seq * plan.seq * d
+    attention_probs = plan.rank_batch * shape.heads * plan.seq * plan.seq * d
     layers = shape.layers
     if plan.grad_checkpoint:
         # Only each block's input survives the forward pass; one block is recomputed at a time.
@@ -370,7 +379,7 @@ def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None) 
         # raises the peak only when its extra copies outweigh them (full fine-tuning).
         "update": max(0, UPDATE_EXTRA_COPIES * trainable_bytes - (saved + backward + logits)),
     }
-    notes = _notes(shape, plan, parts)
+    notes = _notes(shape, plan, parts) + _replica_notes(parts, int(available_bytes))
     result = Estimate(shape.name, plan, parts, int(available_bytes), notes)
     if not result.fits:
         result = dataclasses.replace(result, suggestions=suggestions(shape, plan, int(available_bytes)))
@@ -383,7 +392,7 @@ def _notes(shape: ModelShape, plan: Plan, parts: dict[str, int]) -> list[str]:
     # Only a plain loss or a trained head holds the batch's logits; macft's sliced loss holds one block.
     batch_logits = plan.loss_chunk_size is None or plan.method == "full"
     if batch_logits and parts["logits"] > 0.25 * total:
-        full = plan.batch * plan.seq * shape.vocab * 4
+        full = plan.rank_batch * plan.seq * shape.vocab * 4
         notes.append(
             f"The {shape.vocab:,}-token vocabulary costs {full / GIB:.2f} GiB per float32 copy of the logits "
             "(batch × seq × vocab × 4 bytes), and a training step holds two or three; lower the batch size or "
@@ -392,6 +401,24 @@ def _notes(shape: ModelShape, plan: Plan, parts: dict[str, int]) -> list[str]:
     if plan.method == "full":
         notes.append("Full fine-tuning keeps gradients and two AdamW moments for every weight.")
     return notes
+
+
+def replica_bytes(parts: dict[str, int]) -> int:
+    """What every data-parallel rank holds whatever its share of the batch: the whole model, the
+    trainable weights, their gradients and optimizer state."""
+    return sum(parts[name] for name in ("weights", "trainable", "gradients", "optimizer"))
+
+
+def _replica_notes(parts: dict[str, int], available_bytes: int) -> list[str]:
+    replica = replica_bytes(parts)
+    if replica <= available_bytes:
+        return []
+    return [
+        f"The model, its trainable weights, gradients and optimizer state alone need {format_bytes(replica)} per machine: "
+        "data parallelism gives every Mac a whole copy, so more Macs cannot fit this run. Splitting the model itself "
+        "is the next step (MLX's fully sharded modules, tensor-parallel sharded linear layers or pipeline parallelism), "
+        "which macft does not do yet."
+    ]
 
 
 def suggestions(shape: ModelShape, plan: Plan, available_bytes: int) -> list[str]:
@@ -418,6 +445,9 @@ def suggestions(shape: ModelShape, plan: Plan, available_bytes: int) -> list[str
         found.append("use QLoRA: quantize the frozen base to 4 bits (--set model.quantize_bits=4)")
     if plan.method == "full" and fits(method="lora"):
         found.append("train LoRA adapters instead of every weight (--set method.name=lora)")
+    more = next((n for n in (2 * plan.ranks, 4 * plan.ranks) if n <= plan.batch and fits(ranks=n)), None)
+    if more is not None:
+        found.append(f"share the batch among {more} Macs (data parallelism: macft lora --hosts ..., see the README)")
     if not found:
         found.append("no single change fits; combine QLoRA, batch size 1, gradient checkpointing and shorter sequences, or pick a smaller model")
     return found
@@ -496,7 +526,7 @@ def step_budget(shape: ModelShape, plan: Plan) -> Callable[[int, int], int]:
 
     @lru_cache(maxsize=None)
     def budget(batch: int, length: int) -> int:
-        step = dataclasses.replace(plan, batch=batch, seq=length)
+        step = dataclasses.replace(plan, batch=batch, seq=length, ranks=1)
         return estimate(shape, step, available_bytes=1 << 62).total_bytes
 
     return budget

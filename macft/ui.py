@@ -87,7 +87,7 @@ class TrainingView:
         elif not self.quiet:
             self.out.print(
                 f"step {info['step']}/{info['iters']}  loss {info['train_loss']:.4f}  "
-                f"lr {info['learning_rate']:.2e}  {info['tokens_per_second']:.0f} tok/s  "
+                f"lr {info['learning_rate']:.2e}  {throughput(info)}  "
                 f"peak {format_bytes(info['peak_memory'])}  elapsed {format_seconds(info['elapsed'])}",
                 markup=False,
             )
@@ -116,11 +116,19 @@ class TrainingView:
         if self.valid:
             best = self.valid["best_val_loss"]
             table.add_row("val loss", f"{self.valid['val_loss']:.4f}  (best {best:.4f})" if best is not None else f"{self.valid['val_loss']:.4f}")
-        table.add_row("tokens/s", f"{info['tokens_per_second']:.0f}")
+        table.add_row("tokens/s", throughput(info))
         table.add_row("learning rate", f"{info['learning_rate']:.2e}")
         table.add_row("time", f"{format_seconds(info['elapsed'])} elapsed · {format_seconds(info['eta'])} left")
         table.add_row("peak memory", format_bytes(info["peak_memory"]))
         return table
+
+
+def throughput(info: dict) -> str:
+    """Trained tokens/s; with several ranks, the total and each rank's share."""
+    total, ranks = info["tokens_per_second"], info.get("ranks", 1)
+    if ranks == 1:
+        return f"{total:.0f} tok/s"
+    return f"{total:.0f} tok/s total · {total / ranks:.0f} per rank × {ranks} ranks"
 
 
 def show_notes(notes: list[str], out: Console | None = None) -> None:

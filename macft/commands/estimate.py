@@ -19,8 +19,9 @@ from macft.config import DEFAULT_MODEL
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=False, show_default=True)
 @click.option("--loss-chunk", type=click.IntRange(min=0), default=0, show_default=True, help="Positions per loss chunk, as train.loss_chunk_size (0 = automatic).")
 @click.option("--memory", "memory_gb", type=click.FloatRange(min=0.1), default=None, help="Plan for an Apple Silicon Mac with this many GB of RAM (bfloat16 compute) instead of this machine.")
+@click.option("--ranks", type=click.IntRange(min=1), default=1, show_default=True, help="Plan one of this many data-parallel ranks (Macs) sharing the batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
-def estimate(model_spec, method, batch, seq, rank, targets, grad_checkpoint, loss_chunk, memory_gb, as_json):
+def estimate(model_spec, method, batch, seq, rank, targets, grad_checkpoint, loss_chunk, memory_gb, ranks, as_json):
     """Predict the peak memory of training MODEL and whether it fits this machine.
 
     Only the model's config (config.json or GGUF metadata) is read; no weights are loaded.
@@ -30,6 +31,7 @@ def estimate(model_spec, method, batch, seq, rank, targets, grad_checkpoint, los
       macft estimate --model Qwen/Qwen3-0.6B --method qlora --batch 4 --seq 1024
       macft estimate --model mistralai/Mistral-7B-Instruct-v0.3 --method qlora --memory 16
       macft estimate --model gemma3-270m --method full --batch 8 --seq 256 --json
+      macft estimate --model Qwen/Qwen3-0.6B --method full --batch 16 --ranks 2 --memory 16
     """
     from macft.memory import GIB, MAC_SETTINGS, Plan, backend_settings, mac_working_set, read_model_shape
     from macft.memory import estimate as predict
@@ -48,6 +50,7 @@ def estimate(model_spec, method, batch, seq, rank, targets, grad_checkpoint, los
         target_modules=tuple(t.strip() for t in targets.split(",") if t.strip()),
         grad_checkpoint=grad_checkpoint,
         loss_chunk_size=loss_chunk,
+        ranks=ranks,
         **settings,
     )
     result = predict(read_model_shape(model_spec), plan, available)
@@ -65,7 +68,11 @@ def render(result, memory_gb: float | None) -> None:
 
     plan = result.plan
     where = f"a {memory_gb:g} GB Mac" if memory_gb is not None else "this machine"
-    table = Table(title=f"{result.model} · {plan.method} · batch {plan.batch} × {plan.seq} tokens", title_justify="left")
+    title = f"{result.model} · {plan.method} · batch {plan.batch} × {plan.seq} tokens"
+    if plan.ranks > 1:
+        title += f" over {plan.ranks} ranks · per rank: {plan.rank_batch} rows"
+        where = f"each {where}" if memory_gb is not None else "each machine like this one"
+    table = Table(title=title, title_justify="left")
     table.add_column("part")
     table.add_column("memory", justify="right")
     for name, size in result.parts.items():

@@ -4,6 +4,7 @@
     macft lora my.yaml --iters 200 --set train.warmup_steps=20
     macft lora --model Qwen/Qwen3-0.6B --data data/ --method qlora --rank 16
     macft lora --resume runs/quickstart-20260101-120000 --iters 160
+    macft lora my.yaml --hosts mac1,mac2                # data-parallel on two Macs (runs mlx.launch)
 """
 
 from __future__ import annotations
@@ -81,6 +82,17 @@ def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[
     return recipe, notes
 
 
+def shared_recipe(world, recipe):
+    """Rank 0's resolved recipe on every rank."""
+    from macft.config import from_dict, to_dict
+    from macft.train.distributed import peer_errors
+
+    if world.size == 1:
+        return recipe
+    with peer_errors(world, "Training had not started."):
+        return from_dict(world.broadcast_json(to_dict(recipe) if world.main else None))
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("recipe", required=False)
 @click.option("--model", "-m", help="Model: a hub id, a model folder, a .gguf file or gemma3-270m.")
@@ -97,7 +109,11 @@ def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[
 @click.option("--name", help="Run directory name (default: <recipe>-<timestamp>).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override any recipe value; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON instead of the live view.")
-def lora(recipe: str | None, resume: str | None, overrides: tuple[str, ...], as_json: bool, **options: Any) -> None:
+@click.option("--hosts", help="Train data-parallel on these hosts, one rank each (comma-separated; runs mlx.launch).")
+@click.option("--hostfile", type=click.Path(dir_okay=False), help="Train data-parallel on the hosts of this mlx.launch hostfile.")
+def lora(
+    recipe: str | None, resume: str | None, overrides: tuple[str, ...], as_json: bool, hosts: str | None, hostfile: str | None, **options: Any
+) -> None:
     """Fine-tune a model. With no RECIPE, runs recipes/quickstart.yaml (Gemma 3 270M, a demo task).
 
     RECIPE is a YAML file or the name of a bundled recipe; flags and --set override its values.
@@ -109,20 +125,37 @@ def lora(recipe: str | None, resume: str | None, overrides: tuple[str, ...], as_
       macft lora quickstart --iters 40 --set train.learning_rate=5e-4
       macft lora --model Qwen/Qwen3-0.6B --data data/ --method qlora --rank 16
       macft lora --resume runs/quickstart-20260101-120000
+      macft lora my.yaml --hosts 192.168.1.10,192.168.1.11
+
+    With --hosts or --hostfile every host needs macft at the same path and the recipe and data
+    (the README says how to set up two Macs); train.batch_size is the global batch.
     """
     from macft import ui
+    from macft.train.distributed import connect, launched
     from macft.train.run import run_demo, run_training
 
+    if (hosts or hostfile) and not launched():
+        from macft.train.launch import launch_ranks
+
+        raise SystemExit(launch_ranks(hosts, hostfile))
+    world = connect()
     if options.get("quantize_bits") is not None:
         options["quantize_bits"] = int(options["quantize_bits"])
-    resolved, notes = resolve_recipe(recipe, resume, list(overrides), options)
-    title = f"{resolved.name} · {resolved.method.name}"
-    view = ui.TrainingView(title=title, quiet=as_json)
+    if resume and not world.main:  # the run folder is on rank 0; its recipe comes from there
+        resolved, notes = None, []
+    else:
+        resolved, notes = resolve_recipe(recipe, resume, list(overrides), options)
+    if resume:
+        resolved = shared_recipe(world, resolved)
+    title = f"{resolved.name} · {resolved.method.name}" + (f" · {world.size} ranks ({world.backend})" if world.size > 1 else "")
+    view = ui.TrainingView(title=title, quiet=as_json or not world.main)
     for note in notes:
         view.on_note(note)
     with view:
-        outcome = run_training(resolved, view)
+        outcome = run_training(resolved, view, world)
     result = outcome.result
+    if not world.main:  # rank 0 reports for every rank; a failing status here would make mlx.launch stop it first
+        return
     if result.stop_reason == "interrupted":
         message = f"{result.message} Resume with: macft lora --resume {outcome.run_dir}"
         if as_json:

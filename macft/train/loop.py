@@ -12,13 +12,16 @@
   (the same value for validation); see ``macft.train.losses.ChunkedLoss``.
 - ``config`` is the recipe's ``TrainConfig`` with ``iters`` resolved (> 0).
 - ``memory_budget(batch, length)`` (optional) caps the memory of each step (see ``Steps``).
+- ``world`` (optional, ``macft.train.distributed.World``): the ranks of a data-parallel run; each
+  rank's ``train_batches`` yields its share of every global batch, and the step sums losses and
+  trained tokens and averages gradients over the ranks, so every rank applies the same update.
 - ``callback`` gets ``on_train_report(dict)`` and ``on_valid_report(dict)``; the loop never prints.
 
 The step is two compiled functions, ``grad_step`` (loss and gradients of one batch) and
 ``apply_step`` (normalise by the trained tokens of all accumulated batches, clip, update), each
 compiled with ``inputs=state, outputs=state``. If tracing fails for some method the loop runs them
-uncompiled and says so in the result. Dropout's random key is reseeded from (seed, step) before
-every step, so a resumed run draws the same masks as an uninterrupted one.
+uncompiled and says so in the result. Dropout's random key is reseeded from (seed, step, rank)
+before every step, so a resumed run draws the same masks as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from mlx.utils import tree_map
 
 from macft.config import TrainConfig
 from macft.train.checkpoint import Checkpoints, Progress
+from macft.train.distributed import World
 
 
 class Callback:
@@ -84,6 +88,7 @@ class Steps:
         grad_clip: float,
         compile: bool,
         memory_budget: Callable[[int, int], int] | None = None,
+        world: World = World(),
     ):
         self.model, self.optimizer = model, optimizer
         self.memory_budget = memory_budget
@@ -96,11 +101,13 @@ class Steps:
             (loss_sum, tokens), grads = loss_and_grad(*arrays)
             return loss_sum, tokens, grads
 
-        def apply_step(grads, tokens):
-            grads = tree_map(lambda g: g / tokens, grads)
+        def apply_step(grads, loss_sum, tokens):
+            # Sums over all ranks; average_gradients divided the gradient sum by the world size.
+            loss_sum, tokens = world.all_sum(mx.stack([loss_sum, tokens]))
+            grads = tree_map(lambda g: g / (tokens / world.size), world.average_gradients(grads))
             grads, norm = optim.clip_grad_norm(grads, max_norm)
             optimizer.update(model, grads)
-            return norm
+            return loss_sum, tokens, norm
 
         self._plain = (grad_step, apply_step)
         state = [model.state, optimizer.state, mx.random.state]
@@ -127,8 +134,9 @@ class Steps:
             self.note = f"compilation failed ({str(exc).splitlines()[0][:120]}); running uncompiled"
             return self._plain[0](*arrays)
 
-    def apply(self, grads: dict, tokens: mx.array) -> mx.array:
-        return (self._compiled[1] if self.compiled else self._plain[1])(grads, tokens)
+    def apply(self, grads: dict, loss_sum: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Update the model; returns (loss sum, trained tokens, gradient norm) over all ranks."""
+        return (self._compiled[1] if self.compiled else self._plain[1])(grads, loss_sum, tokens)
 
 
 @lru_cache(maxsize=None)
@@ -185,7 +193,8 @@ def deferred_interrupt() -> Iterator[Callable[[], bool]]:
 
 
 def one_step(steps: Steps, batches: Iterator, loss_fn: Any, accumulation: int) -> tuple[mx.array, mx.array, mx.array, Any]:
-    """One optimizer step over ``accumulation`` batches: (loss sum, trained tokens, gradient norm, last batch)."""
+    """One optimizer step over ``accumulation`` batches: (loss sum, trained tokens, gradient norm, last
+    batch), the sums over all ranks."""
     loss_sum = tokens = grads = None
     for _ in range(accumulation):
         batch = next(batches)
@@ -196,13 +205,14 @@ def one_step(steps: Steps, batches: Iterator, loss_fn: Any, accumulation: int) -
             loss_sum, tokens = loss_sum + micro_loss, tokens + micro_tokens
             grads = tree_map(mx.add, grads, micro_grads)
         mx.eval(loss_sum, tokens, grads)  # keep one batch's graph alive at a time
-    norm = steps.apply(grads, tokens)
-    mx.eval(norm, steps.model.state, steps.optimizer.state)
+    loss_sum, tokens, norm = steps.apply(grads, loss_sum, tokens)
+    mx.eval(loss_sum, tokens, norm, steps.model.state, steps.optimizer.state)
     return loss_sum, tokens, norm, batch
 
 
-def evaluate(model: nn.Module, batches: Iterable, loss_fn: Any, max_batches: int = -1) -> float:
-    """Mean loss per trained token over ``batches`` (at most ``max_batches`` when positive)."""
+def evaluate(model: nn.Module, batches: Iterable, loss_fn: Any, max_batches: int = -1, world: World = World()) -> float:
+    """Mean loss per trained token over ``batches`` (at most ``max_batches`` when positive), each
+    rank holding its share of every batch."""
     total, tokens = 0.0, 0.0
     for i, batch in enumerate(batches):
         if 0 < max_batches <= i:
@@ -210,6 +220,8 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: Any, max_batches: int
         loss_sum, count = loss_fn.evaluate(model, *loss_fn.prepare(batch))
         mx.eval(loss_sum, count)
         total, tokens = total + loss_sum.item(), tokens + count.item()
+    if world.size > 1:
+        total, tokens = world.all_sum(mx.array([total, tokens])).tolist()
     return total / tokens if tokens else math.nan
 
 
@@ -226,6 +238,7 @@ def train(
     progress: Progress | None = None,
     batches_per_epoch: int | None = None,
     memory_budget: Callable[[int, int], int] | None = None,
+    world: World = World(),
 ) -> TrainResult:
     callback = callback or Callback()
     progress = progress or Progress()
@@ -233,7 +246,7 @@ def train(
         enable_grad_checkpoint(model)
     optimizer.init(model.trainable_parameters())
     model.train()
-    steps = Steps(model, optimizer, loss_fn, config.grad_clip, config.compile, memory_budget)
+    steps = Steps(model, optimizer, loss_fn, config.grad_clip, config.compile, memory_budget, world)
     batches = train_batches(progress.epoch, progress.index)
     mx.reset_peak_memory()
 
@@ -254,7 +267,7 @@ def train(
             while progress.step < config.iters:
                 in_step = True
                 tick = time.perf_counter()
-                mx.random.seed(config.seed * 1_000_003 + progress.step)
+                mx.random.seed((config.seed * 1_000_003 + progress.step) * world.size + world.rank)
                 loss_sum, tokens, norm, batch = one_step(steps, batches, loss_fn, config.grad_accumulation)
                 loss = loss_sum.item() / tokens.item()
                 if not (math.isfinite(loss) and math.isfinite(norm.item())):
@@ -293,6 +306,7 @@ def train(
                             "learning_rate": optimizer.learning_rate.item(),
                             "grad_norm": norm.item(),
                             "tokens_per_second": window["tokens"] / max(window["seconds"], 1e-9),
+                            "ranks": world.size,
                             "tokens": progress.tokens,
                             "elapsed": progress.elapsed + time.perf_counter() - started,
                             "eta": (config.iters - step) * step_seconds / session_steps,
@@ -304,7 +318,7 @@ def train(
                 validate_now = config.eval_every > 0 and step % config.eval_every == 0
                 if valid_batches is not None and (validate_now or step == config.iters):
                     model.eval()
-                    last_val = evaluate(model, valid_batches(), loss_fn, config.eval_batches)
+                    last_val = evaluate(model, valid_batches(), loss_fn, config.eval_batches, world)
                     model.train()
                     improved = math.isfinite(last_val) and (progress.best_val_loss is None or last_val < progress.best_val_loss)
                     if improved:
@@ -326,7 +340,7 @@ def train(
 
                 if config.save_every > 0 and step % config.save_every == 0:
                     save("last")
-                if interrupted():
+                if world.any(interrupted()):
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             stop_reason = "interrupted"

@@ -7,10 +7,13 @@ The run directory (``runs/<name>/``) receives ``recipe.yaml``, ``metrics.jsonl``
 (``last`` for exact resume, ``best`` by validation loss), ``adapters.safetensors`` and
 ``adapter_config.json`` (the best checkpoint, or the last when there was no validation),
 ``summary.json`` and ``loss.png``. Resuming (``recipe.output.resume``) continues the same folder.
+Started by ``mlx.launch``, every rank runs this with its share of each batch and only rank 0
+writes the run directory (``macft.train.distributed``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -23,6 +26,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
+from macft import __version__
 from macft.backend import detect
 from macft.config import Recipe, save_recipe
 from macft.errors import MacftError
@@ -32,6 +36,7 @@ from macft.methods.lora import dequantize_for_generation
 from macft.methods.recompute import RecomputingMLP
 from macft.paths import atomic_path
 from macft.train.checkpoint import Checkpoints
+from macft.train.distributed import World, check_same, connect, examples_digest, peer_errors, recipe_digest, share_state
 from macft.train.loop import Callback, TrainResult, train
 from macft.train.losses import ChunkedLoss, auto_chunk_size, describe_loss, vocab_size
 from macft.train.schedule import build_schedule
@@ -39,7 +44,7 @@ from macft.train.schedule import build_schedule
 
 @dataclass
 class RunOutcome:
-    run_dir: Path
+    run_dir: Path | None  # None on ranks other than 0, which write nothing
     recipe: Recipe
     result: TrainResult
     summary: dict
@@ -130,18 +135,25 @@ def training_loss(model: nn.Module, recipe: Recipe) -> ChunkedLoss:
     return ChunkedLoss(auto_chunk_size(vocab_size(model), recipe.train.loss_chunk_size))
 
 
-def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
+def run_training(recipe: Recipe, view: Callback | None = None, world: World | None = None) -> RunOutcome:
     from macft.data import batch_order, iterate_batches, load_splits
 
-    view = view or Callback()
-    run_dir = run_dir_for(recipe)
+    world = world or connect()
+    view = view if view is not None and world.main else Callback()
+    run_dir = run_dir_for(recipe) if world.main else None
     cfg = recipe.train
+    if cfg.batch_size < world.size:
+        raise MacftError(f"train.batch_size {cfg.batch_size} is the global batch and must be at least the {world.size} ranks.")
     mx.random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     loaded = load_base(recipe)
     splits = load_splits(recipe.data, loaded.tokenizer)
+    facts = {"macft version": __version__, "MLX version": mx.__version__, "recipe": recipe_digest(recipe)}
+    facts |= {"data": examples_digest(splits.train, splits.valid), "base model": loaded.identity.get("sha256", "")}
+    with peer_errors(world, "Training had not started."):
+        check_same(world, facts)
     # One shape and plan serve the fit check and, per batch shape, each step's memory limit.
-    shape, plan = loaded_shape(loaded), plan_from_recipe(recipe)
+    shape, plan = loaded_shape(loaded), dataclasses.replace(plan_from_recipe(recipe), ranks=world.size)
     check_memory(estimate(shape, plan), view)
     model = apply_method(loaded.model, recipe.method, loaded.tokenizer)
     trainable, total = count_parameters(model)
@@ -156,19 +168,27 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
     optimizer = make_optimizer(recipe, iters)
     loss_fn = training_loss(model, recipe)
 
-    checkpoints = Checkpoints(run_dir, recipe, loaded.identity)
-    progress = checkpoints.restore(model, optimizer) if recipe.output.resume else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, run_dir / "recipe.yaml")
-    log = MetricsLog(run_dir / "metrics.jsonl", view, progress.step if progress else None)
+    checkpoints = Checkpoints(run_dir, recipe, loaded.identity) if world.main else None
+    progress = checkpoints.restore(model, optimizer) if recipe.output.resume and checkpoints else None
+    with peer_errors(world, "Training had not started."):
+        progress = share_state(world, model, optimizer, progress)
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+        log = MetricsLog(run_dir / "metrics.jsonl", view, progress.step if progress else None)
+    else:
+        log = view
 
     def train_batches(epoch: int, start: int):
-        return iterate_batches(splits.train, cfg.batch_size, max_len, epoch=epoch, start=start, loop=True, **batching)
+        return map(world.share, iterate_batches(splits.train, cfg.batch_size, max_len, epoch=epoch, start=start, loop=True, **batching))
 
     def valid_batches():
-        return iterate_batches(splits.valid, cfg.batch_size, max_len, **batching)
+        return map(world.share, iterate_batches(splits.valid, cfg.batch_size, max_len, **batching))
 
-    result = train(
+    kept = "Rank 0 keeps the last complete checkpoint."
+    if checkpoints:
+        kept = f"The last complete checkpoint is {checkpoints.path('last')}; resume with: macft lora --resume {run_dir}"
+    result = peer_errors(world, kept)(train)(
         model,
         optimizer,
         train_batches,
@@ -180,7 +200,10 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
         progress=progress,
         batches_per_epoch=per_epoch,
         memory_budget=step_budget(shape, plan),
+        world=world,
     )
+    if not world.main:
+        return RunOutcome(None, recipe, result, {}, model, loaded.tokenizer)
 
     notes = []
     best, last = checkpoints.path("best") / ADAPTER_FILE, checkpoints.path("last") / ADAPTER_FILE
@@ -209,6 +232,8 @@ def run_training(recipe: Recipe, view: Callback | None = None) -> RunOutcome:
         "final_val_loss": result.last_val_loss,
         "tokens_seen": result.progress.tokens,
         "tokens_per_second": result.tokens_per_second,
+        "ranks": world.size,
+        "distributed_backend": world.backend,
         "peak_memory_bytes": result.peak_memory,
         "train_seconds": result.progress.elapsed,
         "trainable_parameters": trainable,

@@ -1,0 +1,267 @@
+"""Data-parallel training over several processes (ranks) with MLX's own engine, ``mx.distributed``.
+
+Every rank runs the same ``macft lora`` command, started by ``mlx.launch`` (ring over TCP, MPI, or
+JACCL over Thunderbolt on macOS); outside a launcher there is one rank and nothing here costs anything.
+
+    world = connect()                              # a one-rank World outside mlx.launch
+    check_same(world, {"recipe": recipe_digest(recipe), ...})   # one-line error on a mismatch
+    batch = world.share(batch)                     # this rank's rows of the global batch
+    grads = world.average_gradients(grads)         # inside the compiled step
+
+The recipe's ``train.batch_size`` is the global batch: each rank takes every ``size``-th row of
+every planned batch, the step sums trained tokens and losses over ranks and averages gradients,
+so a step of N ranks is the step of one rank on the whole batch (up to float rounding). Rank 0
+owns the run directory and the live view; it sends its weights, optimizer state and progress
+to the others at start (``share_state``), so a resume needs the run folder on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from macft.data.batching import PAD_MULTIPLE, Batch, padded_width
+from macft.errors import MacftError
+from macft.train.checkpoint import Progress
+
+CONNECT_TIMEOUT = 30.0  # seconds the ranks wait for each other at start (MACFT_CONNECT_TIMEOUT)
+FACTS_BYTES = 4096  # room for one rank's start-up facts, as JSON
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks of one training run."""
+
+    rank: int = 0
+    size: int = 1
+    group: Any = None  # mx.distributed.Group when size > 1
+    backend: str = "single process"
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 writes the run directory and draws the live view."""
+        return self.rank == 0
+
+    def all_sum(self, x: mx.array) -> mx.array:
+        return x if self.size == 1 else mx.distributed.all_sum(x, group=self.group)
+
+    def average_gradients(self, grads: dict) -> dict:
+        """Mean of every rank's gradients (MLX packs small arrays into large messages)."""
+        return grads if self.size == 1 else nn.average_gradients(grads, group=self.group)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any (Ctrl-C may reach one rank only)."""
+        if self.size == 1:
+            return flag
+        return self.all_sum(mx.array(int(flag), mx.int32)).item() > 0
+
+    def broadcast(self, tree: Any) -> Any:
+        """Rank 0's arrays on every rank (the others pass arrays of the same shapes)."""
+        if self.size == 1:
+            return tree
+        flat = []
+        # In key order: the same tree restored from a file and built in memory list keys differently.
+        for key, value in sorted(tree_flatten(tree), key=lambda item: item[0]):
+            # A sum in which only rank 0 contributes is a copy of rank 0's value, bit for bit.
+            value = mx.distributed.all_sum(value if self.main else mx.zeros_like(value), group=self.group)
+            mx.eval(value)
+            flat.append((key, value))
+        return tree_unflatten(flat)
+
+    def broadcast_json(self, value: Any) -> Any:
+        """Rank 0's JSON-serialisable ``value`` on every rank."""
+        if self.size == 1:
+            return value
+        data = json.dumps(value).encode() if self.main else b""
+        length = self.broadcast(mx.array([len(data)], mx.int32)).item()
+        payload = np.frombuffer(data, np.uint8) if self.main else np.zeros(length, np.uint8)
+        return json.loads(bytes(np.asarray(self.broadcast(mx.array(payload)))))
+
+    def share(self, batch: Batch) -> Batch:
+        """This rank's rows of a global batch: every ``size``-th row from row ``rank``.
+
+        Columns after the share's last trained position are cut off: a causal model's outputs at
+        earlier positions do not depend on them. A rank left without rows (a batch smaller than
+        the world) computes on one row with nothing trained, contributing zero to the sums."""
+        if self.size == 1:
+            return batch
+        rows = list(range(self.rank, batch.inputs.shape[0], self.size))
+        mask = np.asarray(batch.loss_mask)[rows or [0]]
+        if not rows:
+            mask = np.zeros_like(mask)
+        trained = np.flatnonzero(mask.any(axis=0))
+        width = min(padded_width(int(trained[-1]) + 1), mask.shape[1]) if len(trained) else min(PAD_MULTIPLE, mask.shape[1])
+        take = np.array(rows or [0])
+
+        def cut(array: mx.array | None) -> mx.array | None:
+            return None if array is None else array[mx.array(take)][:, :width]
+
+        return dataclasses.replace(
+            batch,
+            inputs=cut(batch.inputs),
+            targets=cut(batch.targets),
+            loss_mask=mx.array(mask[:, :width]),
+            segment_ids=cut(batch.segment_ids),
+            num_tokens=int(mask.sum()),
+        )
+
+
+def launched() -> bool:
+    """Whether a distributed launcher (mlx.launch, mpirun) started this process."""
+    return any(name in os.environ for name in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+
+
+def launcher_backend() -> str:
+    """The backend mlx.launch set this process up for (its environment says which)."""
+    if "MLX_JACCL_COORDINATOR" in os.environ or "MLX_IBV_DEVICES" in os.environ:
+        return "jaccl"
+    if "NCCL_HOST_IP" in os.environ:
+        return "nccl"
+    if "MLX_HOSTFILE" in os.environ:
+        return "ring"
+    if "OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ:
+        return "mpi"
+    return "any"
+
+
+def peer_addresses() -> str:
+    """The ring's addresses, for messages (``MLX_HOSTFILE`` holds them as JSON)."""
+    try:
+        with open(os.environ["MLX_HOSTFILE"]) as fh:
+            return ", ".join(address for node in json.load(fh) for address in node)
+    except (KeyError, OSError, ValueError, TypeError):
+        return "the hosts given to mlx.launch"
+
+
+def connect(timeout: float | None = None) -> World:
+    """Join the other ranks, or return a one-rank World when no launcher started this process.
+
+    MLX waits for its peers for as long as it takes, holding the interpreter, so a host that is
+    down or unreachable would hang every rank: a watchdog process ends this one with a one-line
+    error if the ranks have not met within ``timeout`` seconds."""
+    if not launched():
+        return World()
+    backend = launcher_backend()
+    if not mx.distributed.is_available(backend):
+        raise MacftError(f"mlx.launch asked for the {backend} backend, which this MLX build lacks; launch with --backend ring.")
+    timeout = timeout if timeout is not None else float(os.environ.get("MACFT_CONNECT_TIMEOUT", CONNECT_TIMEOUT))
+    message = (
+        f"Error: Could not reach the other ranks within {timeout:g} s ({peer_addresses()}); check that every host is up, "
+        "reachable on those addresses and running the same command (MACFT_CONNECT_TIMEOUT sets the wait)."
+    )
+    watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(timeout), message, str(os.getpid())], stdin=subprocess.PIPE)
+    try:
+        group = mx.distributed.init(strict=True, backend=backend)
+    except Exception as exc:  # noqa: BLE001 - any failure to start is the user's to fix
+        raise MacftError(f"Could not start distributed training ({backend}): {str(exc).splitlines()[0]}.") from None
+    finally:
+        watchdog.stdin.close()  # the watchdog exits on end of input
+        watchdog.wait()
+    return World(rank=group.rank(), size=group.size(), group=group, backend=backend)
+
+
+# Waits for its input to end; if it has not after argv[1] seconds, prints argv[2] and kills argv[3].
+WATCHDOG = """import os, select, signal, sys
+if not select.select([sys.stdin], [], [], float(sys.argv[1]))[0]:
+    sys.stderr.write(sys.argv[2] + "\\n")
+    sys.stderr.flush()
+    os.kill(int(sys.argv[3]), signal.SIGKILL)
+"""
+
+
+def digest(value: Any) -> str:
+    """A short sha256 of a JSON-serialisable value."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def recipe_digest(recipe: Any) -> str:
+    """The settings that decide what a step computes. Local file paths are left out (they may
+    differ between Macs; the data and base model are compared by content), and so are the
+    run directory and the demo, which only rank 0 uses."""
+    settings = dataclasses.asdict(recipe)
+    for section in ("output", "demo"):
+        settings.pop(section)
+    settings["model"].pop("path")
+    for key in ("train", "valid", "test"):
+        settings["data"].pop(key)
+    return digest(settings)
+
+
+def examples_digest(*splits: list) -> str:
+    """The token ids and loss masks of every example, in order."""
+    sha = hashlib.sha256()
+    for examples in splits:
+        sha.update(str(len(examples)).encode())
+        for example in examples:
+            sha.update(np.asarray(example.tokens, np.int64).tobytes())
+            sha.update(np.asarray(example.mask, np.float32).tobytes())
+    return sha.hexdigest()[:16]
+
+
+def check_same(world: World, facts: dict[str, str]) -> None:
+    """Stop unless every rank reports the same ``facts`` (version, recipe, data, base model, ...).
+
+    Rank 0 names what differs and where; the other ranks exit quietly (their launcher shows rank
+    0's line)."""
+    if world.size == 1:
+        return
+    mine = json.dumps({"host": socket.gethostname(), "facts": facts}).encode()
+    if len(mine) > FACTS_BYTES:
+        raise MacftError("Start-up facts are too long to compare across ranks.")
+    buffer = np.zeros(FACTS_BYTES, np.uint8)
+    buffer[: len(mine)] = np.frombuffer(mine, np.uint8)
+    gathered = np.asarray(mx.distributed.all_gather(mx.array(buffer), group=world.group)).reshape(world.size, FACTS_BYTES)
+    reports = [json.loads(bytes(row).rstrip(b"\0")) for row in gathered]
+    for rank, report in enumerate(reports[1:], start=1):
+        differ = [key for key in facts if report["facts"].get(key) != reports[0]["facts"].get(key)]
+        if not differ:
+            continue
+        if not world.main:
+            raise SystemExit(1)
+        key = differ[0]
+        raise MacftError(
+            f"Rank {rank} ({report['host']}) differs from rank 0 ({reports[0]['host']}) in its {key}: "
+            f"{report['facts'].get(key)} vs {reports[0]['facts'].get(key)}; every rank needs the same macft, MLX, recipe, data and base model."
+        )
+
+
+def share_state(world: World, model: nn.Module, optimizer: Any, progress: Progress | None) -> Progress | None:
+    """Rank 0's trainable weights, optimizer state and progress on every rank; returns the progress.
+
+    Rank 0 holds them from its own initialisation or from the checkpoint it resumed, so every
+    rank starts each run from identical state whatever the others' random initialisation or
+    files."""
+    if world.size == 1:
+        return progress
+    model.update(world.broadcast(model.trainable_parameters()))
+    optimizer.init(model.trainable_parameters())
+    optimizer.state = world.broadcast(optimizer.state)
+    state = world.broadcast_json(dataclasses.asdict(progress) if progress is not None else None)
+    return Progress(**state) if state is not None else None
+
+
+@contextmanager
+def peer_errors(world: World, where: str) -> Iterator[None]:
+    """Turn a lost connection to another rank into a one-line error naming what is kept."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if world.size == 1 or "[" not in str(exc):
+            raise
+        raise MacftError(
+            f"Rank {world.rank} lost the connection to another rank ({str(exc).splitlines()[0]}): a rank exited or the "
+            f"network failed. {where}"
+        ) from None
