@@ -184,7 +184,10 @@ def validation_sample(run_dir: Path, tokenizer, count: int = DEFAULT_EXAMPLES) -
     from macft.config import load_recipe
     from macft.data import load_splits
 
-    recipe = load_recipe(Path(run_dir) / "recipe.yaml")
+    recipe_file = Path(run_dir) / "recipe.yaml"
+    if not recipe_file.is_file():
+        raise MacftError(f"{recipe_file} is missing, so the run's validation data is unknown.")
+    recipe = load_recipe(recipe_file)
     splits = load_splits(recipe.data, tokenizer)
     for name in ("valid", "test"):
         pool = getattr(splits, name)

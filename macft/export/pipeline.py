@@ -75,7 +75,13 @@ def export_gguf(
         snapshot: dict = {}
         loaded, _, _ = load_fused(adapter, dequantize=True, on_base=lambda base: snapshot.update(base_layers(base)))
         if not plain and quant not in ("f16", "bf16"):
-            guide, note = _run_guide(Path(adapter), loaded, snapshot)
+            try:
+                guide, note = _run_guide(Path(adapter), loaded, snapshot)
+            except MacftError as exc:  # e.g. the run's training data moved: its deltas still guide the types
+                from macft.export.guidance import QuantGuide
+
+                guide = QuantGuide.build(snapshot, loaded.model, None)
+                note = f"quantized without an importance matrix: {exc}"
             notes.append(note)
         snapshot.clear()
     else:
@@ -128,7 +134,11 @@ def _run_guide(run_dir: Path, loaded, snapshot: dict):
 def _fidelity(run_dir: Path, out: Path, loaded, quant: str, count: int, notes: list[str]) -> dict | None:
     from macft.export.fidelity import measure_fidelity, validation_sample
 
-    examples, split = validation_sample(run_dir, loaded.tokenizer, count)
+    try:
+        examples, split = validation_sample(run_dir, loaded.tokenizer, count)
+    except MacftError as exc:
+        notes.append(f"no fidelity report: {exc}")
+        return None
     if not examples:
         notes.append("no fidelity report: the run has no validation or test examples")
         return None
