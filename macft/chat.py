@@ -61,41 +61,14 @@ class OpenedModel:
 # ---------------------------------------------------------------------------- loading
 
 
-def run_base(adapter: str | Path) -> tuple[str, dict[str, Any]]:
-    """The base model spec and load options recorded in a run directory (recipe.yaml, else adapter_config.json)."""
-    from macft.methods import adapter_files
-
-    weights, config_file = adapter_files(Path(adapter))
-    config = json.loads(config_file.read_text())
-    options = {"quantize_bits": config.get("quantize_bits"), "group_size": config.get("quantize_group_size") or 64}
-    recipe_file = weights.parent / "recipe.yaml"
-    if recipe_file.is_file():
-        from macft.config import load_recipe
-
-        recipe = load_recipe(recipe_file)
-        return recipe.model.path, {**options, "dequantize": recipe.model.dequantize}
-    base = config.get("base_model") or {}
-    source, model_dir = base.get("source"), base.get("path")
-    if source and (Path(source).expanduser().exists() or not source.startswith((".", "/", "~"))):
-        return source, options  # a path that still exists, a hub id or the embedded default
-    if model_dir and Path(model_dir).is_dir():
-        return model_dir, options  # the MLX directory it was loaded from (e.g. a GGUF import)
-    if source:
-        return source, options
-    raise MacftError(f"{adapter} does not say which base model it was trained on; pass --model.")
-
-
 def open_model(model_spec: str | None, adapter: str | Path | None = None) -> OpenedModel:
     """Load ``model_spec`` (or the adapter's recorded base when it is None) and apply ``adapter``."""
     from macft.config import DEFAULT_MODEL
-    from macft.methods.lora import dequantize_for_generation
     from macft.models.load import load_model
+    from macft.models.quantized import dequantize_for_generation
+    from macft.run_base import load_run_base
 
-    options: dict[str, Any] = {}
-    if adapter is not None:
-        recorded, options = run_base(adapter)
-        model_spec = model_spec or recorded
-    loaded = load_model(model_spec or DEFAULT_MODEL, **options)
+    loaded = load_run_base(adapter, model_spec) if adapter is not None else load_model(model_spec or DEFAULT_MODEL)
     dequantize_for_generation(loaded.model)
     opened = OpenedModel(loaded, loaded.model)
     if adapter is not None:
@@ -169,10 +142,11 @@ def _module_slots(model) -> dict[str, tuple[Any, Any, Any]]:
 def prompt_tokens(tokenizer, messages: list[dict[str, str]], use_chat_template: bool | None = None) -> list[int]:
     """Token ids for ``messages``: through the chat template (with the assistant turn opened) when
     the tokenizer has one, else the system text and the last user message as plain text."""
-    if use_chat_template is None:
-        use_chat_template = bool(getattr(tokenizer, "has_chat_template", False))
-    if use_chat_template:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    from macft.chat_template import template_tokens
+    from macft.data.templates import uses_chat_template
+
+    if uses_chat_template(tokenizer, use_chat_template):
+        return template_tokens(tokenizer, messages, add_generation_prompt=True)
     system = next((m["content"] for m in messages if m["role"] == "system"), "")
     user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     return tokenizer.encode(f"{system}\n\n{user}" if system else user)

@@ -4,10 +4,12 @@ so ``macft --help`` never imports MLX."""
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import click
 
 from macft.errors import MacftError
+from macft.paths import disk_full_message, is_disk_full
 
 # name -> (module, attribute, one-line summary shown by `macft --help`)
 COMMANDS = {
@@ -45,6 +47,10 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except MacftError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # a full disk outside macft's atomic writes (an appended log, a cache)
+            if not is_disk_full(exc):
+                raise
+            raise click.ClickException(disk_full_message(Path(exc.filename or "a file"), exc)) from None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):

@@ -12,6 +12,7 @@ though YAML reads it as a string). The resolved recipe is saved in the run direc
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,7 +257,14 @@ def validate(recipe: Recipe) -> Recipe:
         ),
         (recipe.train.warmup_steps >= 0, "train.warmup_steps must be 0 or more."),
     ]
-    for ok, message in checks:
+    finite = [
+        (math.isfinite(value), f"{section.name}.{key} must be a finite number, not {value}.")
+        for section in dataclasses.fields(recipe)
+        if dataclasses.is_dataclass(getattr(recipe, section.name))
+        for key, value in vars(getattr(recipe, section.name)).items()
+        if isinstance(value, float)
+    ]
+    for ok, message in finite + checks:
         if not ok:
             raise MacftError(f"Invalid recipe '{recipe.name}': {message}")
     return recipe

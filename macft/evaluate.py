@@ -211,6 +211,16 @@ def eval_records(path: str | Path) -> list:
     return read_records(path)
 
 
+def is_eval_report(path: Path) -> bool:
+    """Whether ``path`` looks like a report `macft eval --report` wrote (JSONL rows with prompt and reference)."""
+    try:
+        with Path(path).open() as fh:
+            first = json.loads(fh.readline())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(first, dict) and {"prompt", "reference"} <= first.keys()
+
+
 def write_report(result: EvalResult, path: str | Path) -> Path:
     """The per-example rows as JSONL, written atomically."""
     path = Path(path)

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from macft.errors import MacftError
+from macft.families import lookup
 
 GIB = 1024**3
 
@@ -42,10 +43,7 @@ GIB = 1024**3
 SAVED_HIDDEN = 6
 SAVED_KV = 2
 SAVED_INTERMEDIATE = 3
-# Gemma blocks also normalise the attention and MLP outputs (two more h) and use a tanh-approximated
-# GELU, whose backward keeps more intermediates than SiLU (two more I).
-GEMMA_EXTRA_HIDDEN = 2
-GEMMA_EXTRA_INTERMEDIATE = 2
+# A family's record may add to these (Gemma's extra norms and tanh-GELU: macft/families/gemma3.py).
 # The compiled update step normalises the gradients by the token count and clips them (two more
 # copies of every gradient) and writes AdamW's new moments beside the old ones (two more copies of
 # every trainable weight), after the activations and logits are freed.
@@ -70,6 +68,7 @@ MULTI_CHUNK_LOGIT_COPIES = 2.5
 ATTENTION_TRANSIENT = 2
 
 METHODS = ("lora", "qlora", "dora", "full", "prompt", "prefix", "ptuning", "adapter")
+EXPERT_MODULES = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,8 @@ class ModelShape:
     vocab: int
     tied_embeddings: bool
     stored_bits: float | None = None  # bits per weight when the model is stored quantized (GGUF, MLX 4-bit)
+    experts: int = 0  # a mixture-of-experts MLP: experts per layer, each ``intermediate`` wide (0: dense)
+    experts_per_token: int = 0
 
     @property
     def q_dim(self) -> int:
@@ -109,9 +110,14 @@ class ModelShape:
             "down_proj": (i, h),
         }
 
+    def copies(self, module: str) -> int:
+        """How many of this linear layer a block holds: one per expert for a mixture-of-experts MLP."""
+        return self.experts if self.experts and module in EXPERT_MODULES else 1
+
     @property
     def layer_params(self) -> int:
-        return sum(a * b for a, b in self.module_shapes().values()) + 2 * self.hidden
+        matrices = sum(a * b * self.copies(name) for name, (a, b) in self.module_shapes().items())
+        return matrices + self.hidden * self.experts + 2 * self.hidden  # the router, the two norms
 
     @property
     def embedding_params(self) -> int:
@@ -203,6 +209,8 @@ def shape_from_config(config: dict, name: str = "model") -> ModelShape:
             tied_embeddings=bool(config.get("tie_word_embeddings", True)),
             stored_bits=_config_bits(config),
         )
+        if family := lookup(shape.family):
+            shape = dataclasses.replace(shape, **family.planner_shape(config))
     except (KeyError, TypeError, ValueError) as exc:
         raise MacftError(f"{name}: config.json lacks the field {exc} the memory planner needs.") from None
     return shape
@@ -229,7 +237,7 @@ def shape_from_gguf(path: Path) -> ModelShape:
     matrices = [t for t in gguf.tensors.values() if len(t.shape) > 1]
     elements = sum(int(np.prod(t.shape)) for t in matrices)
     bits = 8 * sum(t.nbytes for t in matrices) / elements if elements else None
-    return ModelShape(
+    shape = ModelShape(
         name=str(gguf.metadata.get("general.name", path.stem)),
         family=arch,
         hidden=int(hidden),
@@ -242,6 +250,19 @@ def shape_from_gguf(path: Path) -> ModelShape:
         tied_embeddings="output.weight" not in gguf.tensors,
         stored_bits=bits if bits is not None and bits < 15 else None,  # F16/F32 files are cast at load
     )
+    return dataclasses.replace(shape, **_gguf_experts(gguf))
+
+
+def _gguf_experts(gguf) -> dict[str, int]:
+    """llama.cpp's mixture-of-experts keys, the same for every family that has experts."""
+    experts = int(gguf.arch_key("expert_count", 0) or 0)
+    if not experts:
+        return {}
+    return {
+        "experts": experts,
+        "experts_per_token": int(gguf.arch_key("expert_used_count")),
+        "intermediate": int(gguf.arch_key("expert_feed_forward_length")),
+    }
 
 
 def read_model_shape(spec: str) -> ModelShape:
@@ -298,7 +319,7 @@ def trainable_params(shape: ModelShape, plan: Plan) -> int:
         per_layer = 0
         for name in plan.target_modules:
             fan_in, fan_out = modules.get(name, (shape.hidden, shape.hidden))
-            per_layer += plan.rank * (fan_in + fan_out) + (fan_out if plan.method == "dora" else 0)
+            per_layer += (plan.rank * (fan_in + fan_out) + (fan_out if plan.method == "dora" else 0)) * shape.copies(name)
         return layers * per_layer
     return plan.extra_trainable
 
@@ -339,10 +360,11 @@ def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None) 
     if plan.method == "full":
         weights = max(weights - trainable_bytes, 0)  # counted once, under "trainable"
 
-    gemma = shape.family.startswith("gemma")
-    saved_hidden = SAVED_HIDDEN + (GEMMA_EXTRA_HIDDEN if gemma else 0)
-    saved_intermediate = SAVED_INTERMEDIATE + (GEMMA_EXTRA_INTERMEDIATE if gemma else 0)
-    per_token_layer = (saved_hidden * shape.hidden + SAVED_KV * shape.kv_dim + saved_intermediate * shape.intermediate) * d
+    family = lookup(shape.family)  # what the family's blocks keep beyond the common ones
+    saved_hidden = SAVED_HIDDEN + (family.saved_extra_hidden if family else 0)
+    saved_intermediate = SAVED_INTERMEDIATE + (family.saved_extra_intermediate if family else 0)
+    mlp_width = shape.intermediate * max(shape.experts_per_token, 1)  # each token runs through k experts
+    per_token_layer = (saved_hidden * shape.hidden + SAVED_KV * shape.kv_dim + saved_intermediate * mlp_width) * d
     attention_probs = plan.rank_batch * shape.heads * plan.seq * plan.seq * d
     layers = shape.layers
     if plan.grad_checkpoint:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
+import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from macft.errors import DiskFullError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = PROJECT_ROOT / "recipes"
@@ -31,16 +37,27 @@ def cache_dir(kind: str) -> Path:
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds.
 
-    Works for files and directories, so nothing a user owns is ever half-written.
+    Works for files and directories, so nothing a user owns is ever half-written. Leftovers of a
+    writer that was killed (its ``.tmp`` copy, or the previous version parked as ``.old`` between
+    the two renames of a directory swap) are cleaned up, or put back, by the next write of ``target``.
+    A full disk becomes a ``MacftError`` saying the previous version is intact.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    recover(target)
+    pid = os.getpid()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{pid}.", suffix=".tmp", dir=target.parent))
     tmp.rmdir()
     try:
-        yield tmp
-        if target.is_dir() and not target.is_symlink():
-            old = target.with_name(f".{target.name}.old")
+        try:
+            yield tmp
+        except (OSError, RuntimeError) as exc:
+            if is_disk_full(exc):
+                raise DiskFullError(disk_full_message(target, exc)) from None
+            raise
+        if (target.is_dir() or tmp.is_dir() and target.exists()) and not target.is_symlink():
+            # a folder cannot be renamed over (or onto a file): move the old one aside first
+            old = target.with_name(f".{target.name}.{pid}.old")
             _remove(old)
             target.rename(old)
             tmp.rename(target)
@@ -51,9 +68,61 @@ def atomic_path(target: Path) -> Iterator[Path]:
         _remove(tmp)
 
 
-def _remove(path: Path) -> None:
-    import shutil
+def recover(target: Path) -> None:
+    """Undo what a killed ``atomic_path`` left beside ``target``: remove its half-written copies,
+    and put back a previous version it had moved aside but not yet replaced."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.(old|\w+\.tmp)")
+    for leftover in target.parent.glob(glob.escape(f".{target.name}.") + "*"):
+        match = pattern.fullmatch(leftover.name)
+        if match is None or process_alive(int(match[1])):
+            continue
+        if match[2] == "old" and not target.exists():
+            leftover.rename(target)
+        else:
+            _remove(leftover)
 
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (ours always does)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError for a full disk or quota, or a short write reported without an errno: numpy's
+    ``tofile`` ("8192 requested and 6144 written") and MLX's RuntimeError ("[write] Unable to write")."""
+    text = str(exc).lower()
+    if isinstance(exc, OSError):
+        return exc.errno in DISK_FULL_ERRNOS or exc.errno is None and re.fullmatch(r"\d+ requested and \d+ written", text) is not None
+    return isinstance(exc, RuntimeError) and ("no space left" in text or text.startswith("[write]"))
+
+
+def disk_full_message(target: Path, exc: BaseException) -> str:
+    reason = "the file size limit (ulimit -f) was reached" if getattr(exc, "errno", None) == errno.EFBIG else "the disk is full"
+    try:
+        free = f" ({shutil.disk_usage(Path(target).parent).free / 2**20:.0f} MiB free)"
+    except OSError:
+        free = ""
+    return (
+        f"Could not write {target}: {reason}{free}; free some space and run the command again "
+        f"(the previous {Path(target).name}, if any, is intact)."
+    )
+
+
+def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():

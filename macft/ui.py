@@ -137,25 +137,26 @@ def show_notes(notes: list[str], out: Console | None = None) -> None:
         out.print(Text("· " + note, style="dim"))
 
 
-def show_summary(summary: dict, out: Console | None = None) -> None:
+def show_summary(summary: Any, out: Console | None = None) -> None:
+    """A finished run (a ``macft.train.summary.RunSummary``)."""
     out = out or console()
     table = Table(title="Run summary", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    best = summary["best_val_loss"]
+    best = summary.best_val_loss
     rows = [
-        ("run", summary["run_dir"]),
-        ("result", summary["message"]),
-        ("steps", f"{summary['steps']}/{summary['iters']}"),
-        ("best val loss", f"{best:.4f} (step {summary['best_step']})" if best is not None else "no validation data"),
-        ("final train loss", f"{summary['final_train_loss']:.4f}" if summary["final_train_loss"] is not None else "-"),
-        ("tokens seen", f"{summary['tokens_seen']:,}"),
-        ("throughput", f"{summary['tokens_per_second']:.0f} trained tokens/s"),
-        ("peak memory", format_bytes(summary["peak_memory_bytes"])),
-        ("time", format_seconds(summary["train_seconds"])),
-        ("trainable", f"{summary['trainable_parameters']:,} of {summary['total_parameters']:,} parameters"),
-        ("backend", summary["backend"]),
-        ("fast paths", "; ".join(summary["fast_paths"])),
+        ("run", summary.run_dir),
+        ("result", summary.message),
+        ("steps", f"{summary.steps}/{summary.iters}"),
+        ("best val loss", f"{best:.4f} (step {summary.best_step})" if best is not None else "no validation data"),
+        ("final train loss", f"{summary.final_train_loss:.4f}" if summary.final_train_loss is not None else "-"),
+        ("tokens seen", f"{summary.tokens_seen:,}"),
+        ("throughput", f"{summary.tokens_per_second:.0f} trained tokens/s"),
+        ("peak memory", format_bytes(summary.peak_memory_bytes)),
+        ("time", format_seconds(summary.train_seconds)),
+        ("trainable", f"{summary.trainable_parameters:,} of {summary.total_parameters:,} parameters"),
+        ("backend", summary.backend),
+        ("fast paths", "; ".join(summary.fast_paths)),
     ]
     for key, value in rows:
         table.add_row(key, Text(str(value)))
@@ -175,3 +176,131 @@ def show_demo(demo: Any, out: Console | None = None) -> None:
         f"Exact match on {demo.total} held-out examples: base {demo.base_exact:.0%} → tuned {demo.tuned_exact:.0%}",
         markup=False,
     )
+
+
+def show_estimate(result: Any, memory_gb: float | None) -> None:
+    """A memory plan (a ``macft.memory.Estimate``) as a table, then whether it fits and why."""
+    from macft.memory import format_bytes
+
+    plan = result.plan
+    where = f"a {memory_gb:g} GB Mac" if memory_gb is not None else "this machine"
+    title = f"{result.model} · {plan.method} · batch {plan.batch} × {plan.seq} tokens"
+    if plan.ranks > 1:
+        title += f" over {plan.ranks} ranks · per rank: {plan.rank_batch} rows"
+        where = f"each {where}" if memory_gb is not None else "each machine like this one"
+    table = Table(title=title, title_justify="left")
+    table.add_column("part")
+    table.add_column("memory", justify="right")
+    for name, size in result.parts.items():
+        table.add_row(name, format_bytes(size))
+    table.add_row("[bold]peak[/bold]", f"[bold]{format_bytes(result.total_bytes)}[/bold]")
+    table.add_row(f"available on {where}", format_bytes(result.available_bytes))
+    out = console()
+    out.print(table)
+    if result.fits:
+        out.print(f"[green]Fits[/green] on {where} with {format_bytes(result.available_bytes - result.total_bytes)} to spare.")
+    else:
+        out.print(f"[red]Does not fit[/red] on {where}; any of these brings it under:")
+        for item in result.suggestions:
+            out.print(f"  • {item}")
+    for note in result.notes:
+        out.print(f"[dim]{note}[/dim]")
+
+
+def show_side_by_side(base: str, tuned: str) -> None:
+    """Base and tuned answers side by side on a terminal; one after the other otherwise."""
+    out = console()
+    if not out.is_terminal:
+        out.print(f"--- base ---\n{base}\n--- tuned ---\n{tuned}", markup=False, soft_wrap=True)
+        return
+    table = Table(show_lines=False, expand=True)
+    table.add_column("base")
+    table.add_column("tuned")
+    table.add_row(base, tuned)
+    out.print(table)
+
+
+def show_data_report(report: Any, path: str, model: str) -> None:
+    """``macft data check``'s report (a ``macft.data.check`` report)."""
+    out = console()
+    out.print(f"[bold]{path}[/bold] with the tokenizer of [bold]{model}[/bold], "
+                  f"max_seq_length {report.max_seq_length}")
+    counts = Table("split", "examples", "trained tokens", "truncated", "dropped", "duplicates", show_edge=False)
+    lengths = Table("tokens per example", "min", "mean", "median", "p95", "max", show_edge=False)
+    for name, split in report.splits.items():
+        formats = ", ".join(f"{fmt} {n}" for fmt, n in sorted(split.formats.items()))
+        out.print(f"{name}: {split.source} ({formats})", highlight=False)
+        counts.add_row(name, str(split.examples), str(split.trained_tokens), _flagged(split.truncated),
+                       _flagged(split.dropped), _flagged(split.duplicates))
+        stats = split.lengths
+        lengths.add_row(name, str(stats["min"]), f"{stats['mean']:.1f}", f"{stats['median']:.0f}",
+                        f"{stats['p95']:.0f}", str(stats["max"]))
+    out.print(counts)
+    out.print(lengths)
+    for name, count in report.overlap.items():
+        out.print(f"{name} examples also in train: {_flagged(count)}")
+    if report.padding:
+        pad = report.padding
+        out.print(
+            f"padding at batch size {report.batch_size}: random {pad['random']:.1%}, "
+            f"length-bucketed {pad['bucketed']:.1%}, packed {pad['packed']:.1%}"
+        )
+    if report.preview:
+        legend = "[reverse green]trained[/reverse green], [dim]not trained[/dim]"
+        out.print(f"\n[bold]{report.preview_source}[/bold] ({legend}):")
+        text = Text()
+        for run, trained in report.preview:
+            text.append(run, style="reverse green" if trained else "dim")
+        out.print(text)
+
+
+def _flagged(count: int) -> str:
+    return f"[yellow]{count}[/yellow]" if count else "0"
+
+
+def show_eval_scores(result: Any, report: str | None) -> None:
+    """Base and tuned scores (a ``macft.evaluate.EvalResult``) as one table."""
+    names = list(result.scores)
+    table = Table(title=f"{next(iter(result.scores.values())).examples} examples", title_justify="left")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    rows = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"), ("exact match", "exact_match", "{:.1%}"),
+            ("similarity", "similarity", "{:.3f}"), ("token F1", "f1", "{:.3f}")]
+    for label, key, fmt in rows:
+        values = [getattr(result.scores[n], key) for n in names]
+        if all(v is None for v in values):
+            continue
+        table.add_row(label, *("—" if v is None else fmt.format(v) for v in values))
+    out = console()
+    out.print(table)
+    if report:
+        out.print(f"Per-example report: {report}")
+
+
+def show_recipes(rows: list[dict]) -> None:
+    """The bundled recipes: name, model, method and description."""
+    table = Table(title="Recipes (run one with `macft lora NAME`)", title_justify="left")
+    table.add_column("name", no_wrap=True)
+    for column in ("model", "method", "description"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["name"], row["model"], row["method"], row["description"])
+    console().print(table)
+
+
+def show_models(found: list) -> None:
+    """Local models (``macft.discovery.LocalModel``) with what --model accepts for each."""
+    table = Table(title=f"{len(found)} local models", title_justify="left")
+    table.add_column("name · --model spec", overflow="fold", ratio=1)
+    table.add_column("source", no_wrap=True)
+    table.add_column("family", no_wrap=True)
+    table.add_column("params", justify="right", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("quant", no_wrap=True)
+    for m in found:
+        params = f"{m.params / 1e9:.2f}B" if m.params and m.params >= 1e9 else f"{m.params / 1e6:.0f}M" if m.params else "?"
+        size = f"{m.size_bytes / 1024**3:.2f} GiB" if m.size_bytes >= 1024**3 else f"{m.size_bytes / 1024**2:.0f} MiB"
+        label = m.name if m.spec == m.name else f"{m.name}\n[dim]{m.spec}[/dim]"
+        table.add_row(label, m.source, m.family or "?", params, size, m.quantization or "?")
+    console().print(table)

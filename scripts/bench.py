@@ -110,7 +110,7 @@ def worker_macft(cfg: dict, started: float) -> dict:
     outcome = run_training(load_recipe(None, overrides), Recorder())
     result = summarise(reports, started)
     result["peak_memory_bytes"] = int(mx.get_peak_memory())
-    result["fast_paths"] = outcome.summary.get("fast_paths")
+    result["fast_paths"] = outcome.summary.fast_paths
     return result
 
 

@@ -92,13 +92,13 @@ def compare(args: argparse.Namespace) -> list[dict]:
         rows.append(
             {
                 "method": key,
-                "trainable_parameters": summary["trainable_parameters"],
-                "peak_memory_bytes": summary["peak_memory_bytes"],
-                "tokens_per_second": summary["tokens_per_second"],
-                "val_loss": summary["final_val_loss"],
-                "train_loss": summary["final_train_loss"],
+                "trainable_parameters": summary.trainable_parameters,
+                "peak_memory_bytes": summary.peak_memory_bytes,
+                "tokens_per_second": summary.tokens_per_second,
+                "val_loss": summary.final_val_loss,
+                "train_loss": summary.final_train_loss,
                 "learning_rate": recipe.train.learning_rate,
-                "run_dir": summary["run_dir"],
+                "run_dir": summary.run_dir,
             }
         )
     return rows

@@ -26,7 +26,7 @@ from macft.data import read_records
 from macft.data.splits import data_files
 from macft.evaluate import EvalOptions, prepare
 from macft.export.fidelity import Positions, compare, llama_cpp_positions, mlx_positions
-from macft.export.fuse import load_base_for, load_fused, read_adapter_config
+from macft.export.fuse import load_fused
 from macft.export.pipeline import export_gguf
 
 ROWS = [  # in the order they are measured: what the README needs first
@@ -101,7 +101,9 @@ def export_base(run: Path, out: Path) -> dict:
     from macft.export.fuse import dequantize_model, origin_gguf
     from macft.export.gguf_writer import write_gguf
 
-    base = load_base_for(run, read_adapter_config(run))
+    from macft.run_base import load_run_base
+
+    base = load_run_base(run)
     dequantize_model(base.model)
     return write_gguf(base.model, base.config, base.family, out, "f16", tokenizer_dir=base.path, tokenizer_gguf=origin_gguf(base.path)).types
 

@@ -138,3 +138,22 @@ def test_parse_commands():
     assert parse("/exit").name == "quit"
     with pytest.raises(MacftError):
         parse("/nope")
+
+
+def test_a_changed_base_is_refused_by_chat_generate_eval_and_fuse(tiny_model_dir, tmp_path):
+    """Every command that loads a run's base checks the weights' sha256 recorded with the adapter."""
+    import shutil
+
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    run = make_run(tmp_path / "run", base, 3, MethodConfig(name="lora", rank=2))
+    assert open_model(None, run).adapter is not None  # the recorded base loads
+    weights = mx.load(str(base / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 2  # the same file name, other weights
+    mx.save_safetensors(str(base / "model.safetensors"), weights, metadata={"format": "mlx"})
+    runner = CliRunner()
+    for args in (["generate", "-p", PROMPT, "-n", "2"], ["eval", "--data", str(base / "data.jsonl")], ["fuse"]):
+        if args[0] == "eval":
+            (base / "data.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+        result = runner.invoke(cli, [*args, "--adapter", str(run)])
+        assert result.exit_code == 1 and "not the one the adapter" in result.output, (args, result.output)
+    assert open_model(str(base), run).adapter is not None  # an explicit --model is the user's choice

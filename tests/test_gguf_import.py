@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from pathlib import Path
 
 import gguf
@@ -20,10 +21,12 @@ from click.testing import CliRunner
 from gguf import GGMLQuantizationType as Q
 
 from macft.errors import MacftError
+from macft.families import FAMILIES
+from macft.families.llama import llama3_rope_scaling
 from macft.models.gguf_import import import_gguf, import_gguf_report
-from macft.models.gguf_import.families import llama3_rope_scaling
 from macft.models.gguf_import.quants import EXACT_BITS, pack, quantize_exact
 from macft.models.gguf_import.reader import read_gguf
+from macft.models.load import load_model
 
 try:
     import llama_cpp
@@ -50,7 +53,7 @@ def write_gguf(model_dir: Path, out: Path, quant=lambda name, shape: Q.F32, arch
     """Write a tiny HF/MLX model directory as GGUF; ``quant(gguf_name, shape)`` picks each 2-D tensor's
     type; ``vocab`` replaces the model's own byte-level BPE vocabulary (see ``bpe_vocab``)."""
     config = json.loads((model_dir / "config.json").read_text())
-    family = {"gemma3_text": "gemma3"}.get(config["model_type"], config["model_type"])
+    family = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe"}.get(config["model_type"], config["model_type"])
     arch = arch or family
     weights = {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(model_dir / "model.safetensors")).items()}
     layers = config["num_hidden_layers"]
@@ -68,9 +71,13 @@ def write_gguf(model_dir: Path, out: Path, quant=lambda name, shape: Q.F32, arch
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config["rope_theta"])
     writer.add_rope_dimension_count(head_dim)
-    if family in ("gemma3", "qwen3"):
+    if family in ("gemma3", "qwen3", "qwen3moe"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if "num_experts" in config:
+        writer.add_expert_count(config["num_experts"])
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
     if family == "gemma3":
         writer.add_sliding_window(config["sliding_window"])
         writer.add_sliding_window_pattern([(i + 1) % config["sliding_window_pattern"] != 0 for i in range(layers)])
@@ -100,14 +107,15 @@ def write_gguf(model_dir: Path, out: Path, quant=lambda name, shape: Q.F32, arch
     for name, value in weights.items():
         if name in ("model.embed_tokens.weight", "lm_head.weight") and value.shape[0] != n_tokens:
             value = np.resize(value, (n_tokens, value.shape[1]))  # another vocabulary: reuse random rows
-        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        # gguf-py knows HF's stacked expert names ("mlp.experts.up_proj"), not mlx-lm's "switch_mlp"
+        target = names.get_name(name.replace(".switch_mlp.", ".experts."), try_suffixes=(".weight", ".bias"))
         assert target is not None, name
         if family == "gemma3" and "norm" in name:
             value = value + 1.0
         if family == "llama" and (".q_proj." in name or ".k_proj." in name):
             n = heads if ".q_proj." in name else kv_heads
             value = value.reshape(n, 2, value.shape[0] // n // 2, *value.shape[1:]).swapaxes(1, 2).reshape(value.shape)
-        qtype = quant(target, value.shape) if value.ndim == 2 else Q.F32
+        qtype = quant(target, value.shape) if value.ndim >= 2 else Q.F32
         if qtype in (Q.F32, Q.F16):
             writer.add_tensor(target, np.ascontiguousarray(value, dtype=np.float32 if qtype == Q.F32 else np.float16))
         else:
@@ -290,7 +298,7 @@ def test_quantized_import_is_exact(family_model_dir, gguf_files):
         module = _hf_module(family, name, params)
         assert config["quantization"][module]["bits"] == EXACT_BITS[info.qtype]
         got = np.array(mx.dequantize(params[f"{module}.weight"], params[f"{module}.scales"], params[f"{module}.biases"], group_size=32, bits=EXACT_BITS[info.qtype]))
-        expected = gguf.quants.dequantize(gguf_file.rows(name), info.qtype)
+        expected = gguf.quants.dequantize(gguf_file.rows(name), info.qtype).reshape(got.shape)  # 3-D: experts
         if family == "llama" and name.split(".")[-2] in ("attn_q", "attn_k"):
             n = config["num_attention_heads"] if "attn_q" in name else config["num_key_value_heads"]
             got = got.reshape(n, 2, got.shape[0] // n // 2, -1).swapaxes(1, 2).reshape(got.shape)
@@ -324,22 +332,22 @@ def test_half_precision_tensors_keep_their_values(tiny_models, tmp_path):
 
 def _hf_module(family: str, gguf_name: str, params: dict) -> str:
     """The mlx-lm module path whose GGUF name (by gguf-py's own map) is ``gguf_name``."""
-    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == family)
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == FAMILIES[family].gguf_arch)
     layers = 1 + max(int(k.split(".")[2]) for k in params if k.startswith("model.layers."))
     names = gguf.get_tensor_name_map(arch, layers)
     modules = {k.rsplit(".", 1)[0] for k in params}
-    return next(m for m in modules if names.get_name(m + ".weight", try_suffixes=(".weight",)) == gguf_name.rsplit(".", 1)[0] + ".weight")
+    stem = gguf_name.rsplit(".", 1)[0] + ".weight"
+    return next(m for m in modules if names.get_name(m.replace(".switch_mlp.", ".experts.") + ".weight", try_suffixes=(".weight",)) == stem)
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3", "qwen3_moe"])
 def test_tiny_models_agree_with_llama_cpp(family, gguf_files):
-    from mlx_lm import load
-
     path = gguf_files[family]["f32"]
-    model, tokenizer = load(str(import_gguf(path)))
+    loaded = load_model(str(path))  # macft's loader: transformers alone would NFC-normalize qwen2 text
+    model, tokenizer = loaded.model, loaded.tokenizer
     reference = llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, n_threads=2, verbose=False, type_k=0, type_v=0)
-    for text in SAMPLE_TEXTS:
+    for text in SAMPLE_TEXTS + VARIED_TEXTS:
         assert tokenizer.encode(text) == reference.tokenize(text.encode(), add_bos=True, special=True), text
     ids = tokenizer.encode(SAMPLE_TEXTS[0])
     reference.eval(ids)
@@ -356,6 +364,44 @@ def test_sentencepiece_vocabulary_matches_llama_cpp(space_prefix, tiny_models, t
     reference = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     for text in SAMPLE_TEXTS + ["<|user|>\nHi<|end|>", "no\u00a0break 12345"]:
         assert tokenizer.encode(text) == reference.tokenize(text.encode(), add_bos=True, special=True), text
+
+
+VARIED_TEXTS = [
+    "Tiếng Việt có dấu: Nguyễn Trãi, người Việt",
+    unicodedata.normalize("NFD", "Tiếng Việt có dấu: Nguyễn Trãi, người Việt"),  # combining marks
+    "e\u0301 a\u0300b \u0301x 1\u0301 ",
+    "हिन्दी भाषा, عربي, Ελληνικά, русский, 한국어",
+    "x 12 345 6789 3.14159 1234567",
+    "  runs   of\t\tspaces\n\n\n  and 😀🚀👩‍👩‍👧 emoji",
+]
+
+
+@needs_llama_cpp
+def test_llama3_vocabulary_takes_whole_words_like_llama_cpp(tiny_models, tmp_path):
+    """A Llama 3 (llama-bpe) vocabulary holds whole words its merges would not build, such as Vietnamese
+    ones; llama.cpp takes those whole, and so must the tokenizer rebuilt on import."""
+    from mlx_lm.utils import load_tokenizer
+
+    byte_char = _byte_level_chars()
+    vocab = bpe_vocab(tiny_models["llama"], "llama")
+    words = [" Việt", " Nguyễn", "\u0323\u0302"]  # the last: the marks of a decomposed "ệ", one regex piece
+    vocab["pre"] = "llama-bpe"
+    vocab["tokens"] = vocab["tokens"] + ["".join(byte_char[b] for b in w.encode()) for w in words]
+    vocab["types"] = vocab["types"] + [1] * len(words)
+    path = write_gguf(tiny_models["llama"], tmp_path / "llama3.gguf", vocab=vocab)
+    tokenizer = load_tokenizer(import_gguf(path))
+    reference = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    whole = len(vocab["tokens"]) - len(words)
+    assert reference.tokenize(" Việt".encode(), add_bos=False) == [whole]  # llama.cpp does take it whole
+    for text in SAMPLE_TEXTS + VARIED_TEXTS:
+        assert tokenizer.encode(text) == reference.tokenize(text.encode(), add_bos=True, special=True), text
+
+
+def _byte_level_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (byte-level BPE spells every token with these)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
 
 
 def test_llama3_rope_scaling_is_recovered():
@@ -451,7 +497,7 @@ def test_embedded_gemma_agrees_with_llama_cpp(tmp_path):
     is slow; the values are the imported ones, bit for bit."""
     from mlx_lm.generate import generate_step
 
-    from macft.export.fuse import dequantize_model
+    from macft.models.quantized import dequantize_model
     from macft.models.load import embedded_default_gguf, load_model
 
     source = embedded_default_gguf()
@@ -462,7 +508,7 @@ def test_embedded_gemma_agrees_with_llama_cpp(tmp_path):
     for text in samples:
         assert tokenizer.encode(text) == vocab.tokenize(text.encode(), add_bos=True, special=True), text
 
-    dequantize_model(model)
+    dequantize_model(model, mx.float32)
     wikisql = Path(__file__).resolve().parent.parent.parent / "shared/data/wikisql/valid.jsonl"
     text = wikisql.read_text()[:1500] if wikisql.exists() else " ".join(SAMPLE_TEXTS) * 8
     ids = tokenizer.encode(text)[:300]

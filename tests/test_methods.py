@@ -222,7 +222,8 @@ def test_fuse_model_refuses_modules_that_cannot_merge(tiny_model_dir):
 
 def test_dequantized_matmul_matches_plain_autodiff():
     """The memory-lean CPU path for a quantized base gives plain autodiff's values and gradients."""
-    from macft.methods.lora import dequantized_matmul, float_weight
+    from macft.methods.lora import dequantized_matmul
+    from macft.models.quantized import float_weight
 
     mx.random.seed(3)
     layer = nn.QuantizedLinear(256, 128, bias=False, group_size=64, bits=4)

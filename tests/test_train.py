@@ -341,7 +341,8 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path):
 def test_demo_compares_base_and_tuned(tiny_models, data_dir, tmp_path):
     from mlx_lm import generate
 
-    from macft.train.run import demo_records, prompt_tokens, run_demo
+    from macft.evaluate import EvalOptions, prepare
+    from macft.train.run import demo_records, run_demo
 
     recipe = tiny_recipe(tiny_models["gemma3"], data_dir, tmp_path, iters=4)
     outcome = run_training(recipe.replace(demo={"count": 2, "max_tokens": 6}, output={"name": "demo"}))
@@ -352,7 +353,6 @@ def test_demo_compares_base_and_tuned(tiny_models, data_dir, tmp_path):
     # The base column is what mlx-lm generates greedily from a freshly loaded base model
     # (its streaming detokenizer drops a leading space that a plain decode keeps).
     base = load_model(str(tiny_models["gemma3"]))
-    for example, record in zip(demo.examples, records):
-        prompt = prompt_tokens(base.tokenizer, record, None)
-        assert example["base"].strip() == generate(base.model, base.tokenizer, prompt, max_tokens=6).strip()
+    for example, item in zip(demo.examples, prepare(records, base.tokenizer, EvalOptions())):
+        assert example["base"].strip() == generate(base.model, base.tokenizer, item.prompt_tokens, max_tokens=6).strip()
     assert any(e["base"] != e["tuned"] for e in demo.examples)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from macft import ui
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "-m", "model_spec", default=None, help="Hub id, model folder, .gguf file or gemma3-270m (default: the adapter's base, else gemma3-270m).")
@@ -61,22 +63,6 @@ def chat(model_spec, adapter, system, max_tokens, temperature, top_p):
                 click.echo(f"(adapter: {opened.adapter or 'none'})")
             elif command.name == "compare":
                 base, tuned = session.compare()
-                render_compare(base, tuned)
+                ui.show_side_by_side(base, tuned)
         except MacftError as exc:
             click.echo(f"Error: {exc}")
-
-
-def render_compare(base: str, tuned: str) -> None:
-    """Base and tuned answers side by side on a terminal; one after the other otherwise."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        click.echo(f"--- base ---\n{base}\n--- tuned ---\n{tuned}")
-        return
-    table = Table(show_lines=False, expand=True)
-    table.add_column("base")
-    table.add_column("tuned")
-    table.add_row(base, tuned)
-    console.print(table)

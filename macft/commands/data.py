@@ -10,6 +10,7 @@ import json
 
 import click
 
+from macft import ui
 from macft.config import DEFAULT_MODEL, DataConfig, TrainConfig
 
 
@@ -55,45 +56,4 @@ def check(
     if as_json:
         click.echo(json.dumps({"path": path, "model": model, **report.to_dict()}, indent=2))
     else:
-        render(report, path, model)
-
-
-def render(report, path: str, model: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    console = Console()
-    console.print(f"[bold]{path}[/bold] with the tokenizer of [bold]{model}[/bold], "
-                  f"max_seq_length {report.max_seq_length}")
-    counts = Table("split", "examples", "trained tokens", "truncated", "dropped", "duplicates", show_edge=False)
-    lengths = Table("tokens per example", "min", "mean", "median", "p95", "max", show_edge=False)
-    for name, split in report.splits.items():
-        formats = ", ".join(f"{fmt} {n}" for fmt, n in sorted(split.formats.items()))
-        console.print(f"{name}: {split.source} ({formats})", highlight=False)
-        counts.add_row(name, str(split.examples), str(split.trained_tokens), _warn(split.truncated),
-                       _warn(split.dropped), _warn(split.duplicates))
-        stats = split.lengths
-        lengths.add_row(name, str(stats["min"]), f"{stats['mean']:.1f}", f"{stats['median']:.0f}",
-                        f"{stats['p95']:.0f}", str(stats["max"]))
-    console.print(counts)
-    console.print(lengths)
-    for name, count in report.overlap.items():
-        console.print(f"{name} examples also in train: {_warn(count)}")
-    if report.padding:
-        pad = report.padding
-        console.print(
-            f"padding at batch size {report.batch_size}: random {pad['random']:.1%}, "
-            f"length-bucketed {pad['bucketed']:.1%}, packed {pad['packed']:.1%}"
-        )
-    if report.preview:
-        legend = "[reverse green]trained[/reverse green], [dim]not trained[/dim]"
-        console.print(f"\n[bold]{report.preview_source}[/bold] ({legend}):")
-        text = Text()
-        for run, trained in report.preview:
-            text.append(run, style="reverse green" if trained else "dim")
-        console.print(text)
-
-
-def _warn(count: int) -> str:
-    return f"[yellow]{count}[/yellow]" if count else "0"
+        ui.show_data_report(report, path, model)

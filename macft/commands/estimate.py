@@ -6,6 +6,7 @@ import json
 
 import click
 
+from macft import ui
 from macft.config import DEFAULT_MODEL
 
 
@@ -57,35 +58,4 @@ def estimate(model_spec, method, batch, seq, rank, targets, grad_checkpoint, los
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
-    render(result, memory_gb)
-
-
-def render(result, memory_gb: float | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from macft.memory import format_bytes
-
-    plan = result.plan
-    where = f"a {memory_gb:g} GB Mac" if memory_gb is not None else "this machine"
-    title = f"{result.model} · {plan.method} · batch {plan.batch} × {plan.seq} tokens"
-    if plan.ranks > 1:
-        title += f" over {plan.ranks} ranks · per rank: {plan.rank_batch} rows"
-        where = f"each {where}" if memory_gb is not None else "each machine like this one"
-    table = Table(title=title, title_justify="left")
-    table.add_column("part")
-    table.add_column("memory", justify="right")
-    for name, size in result.parts.items():
-        table.add_row(name, format_bytes(size))
-    table.add_row("[bold]peak[/bold]", f"[bold]{format_bytes(result.total_bytes)}[/bold]")
-    table.add_row(f"available on {where}", format_bytes(result.available_bytes))
-    console = Console(highlight=False)
-    console.print(table)
-    if result.fits:
-        console.print(f"[green]Fits[/green] on {where} with {format_bytes(result.available_bytes - result.total_bytes)} to spare.")
-    else:
-        console.print(f"[red]Does not fit[/red] on {where}; any of these brings it under:")
-        for item in result.suggestions:
-            console.print(f"  • {item}")
-    for note in result.notes:
-        console.print(f"[dim]{note}[/dim]")
+    ui.show_estimate(result, memory_gb)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
+
+from macft import ui
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,8 +19,9 @@ import click
 @click.option("--no-generate", is_flag=True, help="Loss and perplexity only (no answers, no task metrics).")
 @click.option("--completion-after", default=None, help='Split {"text"} records after the last occurrence of this marker, e.g. "A:".')
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write per-example prompts, references, outputs and scores as JSONL.")
+@click.option("--force", is_flag=True, help="Replace --report even when it is not an earlier `macft eval` report.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-def evaluate(model_spec, adapter, data, max_examples, max_tokens, no_generate, completion_after, report, as_json):
+def evaluate(model_spec, adapter, data, max_examples, max_tokens, no_generate, completion_after, report, force, as_json):
     """Evaluate a model (and adapter) on held-out data: masked loss and perplexity over the
     completions, and exact match / similarity / token F1 of greedy answers.
 
@@ -30,7 +34,12 @@ def evaluate(model_spec, adapter, data, max_examples, max_tokens, no_generate, c
     from macft.chat import open_model
     from macft.evaluate import EvalOptions, eval_records, write_report
     from macft.evaluate import evaluate as run_eval
+    from macft.evaluate import is_eval_report
+    from macft.outputs import check_output
 
+    if report:
+        inputs = [data, adapter, model_spec, *Path(data).glob("*.jsonl")]  # a data folder's files too
+        check_output(Path(report), "eval", made_by=is_eval_report, inputs=inputs, force=force, option="--report")
     records = eval_records(data)
     opened = open_model(model_spec, adapter)
     for warning in opened.warnings:
@@ -42,26 +51,4 @@ def evaluate(model_spec, adapter, data, max_examples, max_tokens, no_generate, c
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
-    render(result, report)
-
-
-def render(result, report) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    names = list(result.scores)
-    table = Table(title=f"{next(iter(result.scores.values())).examples} examples", title_justify="left")
-    table.add_column("metric")
-    for name in names:
-        table.add_column(name, justify="right")
-    rows = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"), ("exact match", "exact_match", "{:.1%}"),
-            ("similarity", "similarity", "{:.3f}"), ("token F1", "f1", "{:.3f}")]
-    for label, key, fmt in rows:
-        values = [getattr(result.scores[n], key) for n in names]
-        if all(v is None for v in values):
-            continue
-        table.add_row(label, *("—" if v is None else fmt.format(v) for v in values))
-    console = Console(highlight=False)
-    console.print(table)
-    if report:
-        console.print(f"Per-example report: {report}")
+    ui.show_eval_scores(result, report)

@@ -22,10 +22,11 @@ def export():
 @click.option("--adapter-only", is_flag=True, help="Write only the LoRA adapter, for llama.cpp --lora / Ollama ADAPTER.")
 @click.option("--ollama", is_flag=True, help="Also write an Ollama Modelfile next to the GGUF.")
 @click.option("--name", default=None, help="general.name stored in the file (default: the file name).")
+@click.option("--force", is_flag=True, help="Replace --out even when it is not an earlier macft export.")
 @click.option("--plain", is_flag=True, help="Quantize as llama-quantize does, without the run's importance matrix and delta-aware types.")
 @click.option("--fidelity", "fidelity_examples", type=click.IntRange(min=0), default=16, show_default=True, help="Validation examples the fidelity report scores the file on (0: none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, name, plain, fidelity_examples, as_json):
+def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, name, force, plain, fidelity_examples, as_json):
     """Write a GGUF file that llama.cpp and Ollama run, without needing llama.cpp.
 
     \b
@@ -41,7 +42,7 @@ def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, name, plain, fid
     from macft.export.pipeline import export_gguf
 
     report = export_gguf(
-        model=model_spec, adapter=run_dir, quant=quant, out=out, adapter_only=adapter_only, ollama=ollama, name=name,
+        model=model_spec, adapter=run_dir, quant=quant, out=out, adapter_only=adapter_only, ollama=ollama, name=name, force=force,
         plain=plain, fidelity_examples=fidelity_examples,
     )
     if as_json:

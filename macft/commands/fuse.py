@@ -13,8 +13,9 @@ import click
 @click.option("--dequantize", is_flag=True, help="Write every layer in float, even where the base was quantized.")
 @click.option("--quantize", "quantize_bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None, help="Quantize the merged model once to this many bits.")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True, help="Group size for --quantize.")
+@click.option("--force", is_flag=True, help="Replace --out even when it is not an earlier `macft fuse` output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def fuse(run_dir, out, dequantize, quantize_bits, group_size, as_json):
+def fuse(run_dir, out, dequantize, quantize_bits, group_size, force, as_json):
     """Merge the adapter in RUN into its base model (in float32) and save the result.
 
     The base recorded in the run's adapter_config.json is loaded as it was for training.
@@ -33,6 +34,7 @@ def fuse(run_dir, out, dequantize, quantize_bits, group_size, as_json):
         dequantize=dequantize,
         quantize_bits=int(quantize_bits) if quantize_bits else None,
         group_size=int(group_size),
+        force=force,
     )
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))

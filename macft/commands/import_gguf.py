@@ -11,8 +11,9 @@ import click
 @click.argument("gguf_file", type=click.Path(dir_okay=False))
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None, help="Write the model directory here (default: macft's import cache).")
 @click.option("--dequantize", is_flag=True, help="Store every weight as float instead of exact MLX quantized layers.")
+@click.option("--force", is_flag=True, help="Replace --out even when it is not an earlier macft import.")
 @click.option("--json", "as_json", is_flag=True, help="Print the import report as JSON.")
-def import_gguf(gguf_file: str, out: str | None, dequantize: bool, as_json: bool) -> None:
+def import_gguf(gguf_file: str, out: str | None, dequantize: bool, force: bool, as_json: bool) -> None:
     """Import GGUF_FILE (llama.cpp / Ollama) as an MLX model directory that mlx_lm.load opens.
 
     Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q5_K weights become MLX quantized layers holding exactly
@@ -27,7 +28,7 @@ def import_gguf(gguf_file: str, out: str | None, dequantize: bool, as_json: bool
     """
     from macft.models.gguf_import import import_gguf_report
 
-    report = import_gguf_report(gguf_file, dequantize=dequantize, out=out)
+    report = import_gguf_report(gguf_file, dequantize=dequantize, out=out, force=force)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return

@@ -105,6 +105,7 @@ def shared_recipe(world, recipe):
 @click.option("--rank", type=click.IntRange(min=1), help="LoRA/DoRA rank.")
 @click.option("--quantize-bits", type=click.Choice(["4", "8"]), help="Quantize the frozen base at load (QLoRA).")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue a run from its last checkpoint.")
+@click.option("--allow-changed-inputs", is_flag=True, help="With --resume: continue even though the base model or data changed since the checkpoint.")
 @click.option("--out-dir", help="Folder that holds run directories (default: runs).")
 @click.option("--name", help="Run directory name (default: <recipe>-<timestamp>).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override any recipe value; repeatable.")
@@ -112,7 +113,14 @@ def shared_recipe(world, recipe):
 @click.option("--hosts", help="Train data-parallel on these hosts, one rank each (comma-separated; runs mlx.launch).")
 @click.option("--hostfile", type=click.Path(dir_okay=False), help="Train data-parallel on the hosts of this mlx.launch hostfile.")
 def lora(
-    recipe: str | None, resume: str | None, overrides: tuple[str, ...], as_json: bool, hosts: str | None, hostfile: str | None, **options: Any
+    recipe: str | None,
+    resume: str | None,
+    overrides: tuple[str, ...],
+    as_json: bool,
+    hosts: str | None,
+    hostfile: str | None,
+    allow_changed_inputs: bool,
+    **options: Any,
 ) -> None:
     """Fine-tune a model. With no RECIPE, runs recipes/quickstart.yaml (Gemma 3 270M, a demo task).
 
@@ -152,20 +160,20 @@ def lora(
     for note in notes:
         view.on_note(note)
     with view:
-        outcome = run_training(resolved, view, world)
+        outcome = run_training(resolved, view, world, allow_changed_inputs=allow_changed_inputs)
     result = outcome.result
     if not world.main:  # rank 0 reports for every rank; a failing status here would make mlx.launch stop it first
         return
     if result.stop_reason == "interrupted":
         message = f"{result.message} Resume with: macft lora --resume {outcome.run_dir}"
         if as_json:
-            click.echo(json.dumps({**outcome.summary, "resume_command": f"macft lora --resume {outcome.run_dir}"}, indent=2))
+            click.echo(json.dumps({**outcome.summary.to_dict(), "resume_command": f"macft lora --resume {outcome.run_dir}"}, indent=2))
         else:
             click.echo(message)
         raise SystemExit(130)
-    demo = run_demo(outcome) if result.stop_reason != "nan" else None
+    demo = None if result.failed else run_demo(outcome)
     if as_json:
-        payload = dict(outcome.summary)
+        payload = outcome.summary.to_dict()
         if demo is not None:
             payload["demo"] = {"examples": demo.examples, "total": demo.total, "base_exact": demo.base_exact, "tuned_exact": demo.tuned_exact}
         click.echo(json.dumps(payload, indent=2))
@@ -174,5 +182,5 @@ def lora(
         ui.show_summary(outcome.summary)
         if demo is not None:
             ui.show_demo(demo)
-    if result.stop_reason == "nan":
+    if result.failed:
         raise MacftError(result.message)

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from macft import ui
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "as_json", is_flag=True, help="Print the models as JSON.")
@@ -25,19 +27,4 @@ def models(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([m.to_dict() for m in found], indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{len(found)} local models", title_justify="left")
-    table.add_column("name · --model spec", overflow="fold", ratio=1)
-    table.add_column("source", no_wrap=True)
-    table.add_column("family", no_wrap=True)
-    table.add_column("params", justify="right", no_wrap=True)
-    table.add_column("size", justify="right", no_wrap=True)
-    table.add_column("quant", no_wrap=True)
-    for m in found:
-        params = f"{m.params / 1e9:.2f}B" if m.params and m.params >= 1e9 else f"{m.params / 1e6:.0f}M" if m.params else "?"
-        size = f"{m.size_bytes / 1024**3:.2f} GiB" if m.size_bytes >= 1024**3 else f"{m.size_bytes / 1024**2:.0f} MiB"
-        label = m.name if m.spec == m.name else f"{m.name}\n[dim]{m.spec}[/dim]"
-        table.add_row(label, m.source, m.family or "?", params, size, m.quantization or "?")
-    Console(highlight=False).print(table)
+    ui.show_models(found)

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from macft import ui
 from macft.paths import RECIPES_DIR
 
 
@@ -40,16 +41,7 @@ def list_recipes(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="Recipes (run one with `macft lora NAME`)", title_justify="left")
-    table.add_column("name", no_wrap=True)
-    for column in ("model", "method", "description"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(row["name"], row["model"], row["method"], row["description"])
-    Console(highlight=False).print(table)
+    ui.show_recipes(rows)
 
 
 @recipes.command("show")

@@ -19,7 +19,7 @@ import numpy as np
 
 from macft.config import DataConfig
 from macft.data.batching import batch_order, plan_padding
-from macft.data.splits import SPLITS, read_splits, truncate
+from macft.data.splits import SPLITS, overlap_count, read_splits, truncate
 from macft.data.templates import Example
 
 
@@ -72,8 +72,7 @@ def check_data(data_cfg: DataConfig, tokenizer: Any, *, batch_size: int = 4) -> 
             dropped=dropped,
             duplicates=len(examples[name]) - len({_key(e) for e in examples[name]}),
         )
-    train_keys = {_key(e) for e in examples["train"]}
-    overlap = {name: sum(_key(e) in train_keys for e in examples[name]) for name in ("valid", "test") if examples[name]}
+    overlap = {name: overlap_count(examples["train"], examples[name]) for name in ("valid", "test") if examples[name]}
     train = kept.get("train", [])
     padding = {}
     if train:

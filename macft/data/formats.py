@@ -87,10 +87,12 @@ def _decode(raw: bytes) -> str:
 
 
 def parse_line(line: str, source: str) -> Record:
+    line = line.rstrip("\r\n")  # json counts a trailing newline as a second line, which would throw the column off
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise LineError(f"not valid JSON ({exc.msg} at column {exc.colno}); write one JSON object per line") from None
+        where = "at the end of the line" if exc.pos >= len(line.rstrip()) else f"at column {exc.pos + 1}"
+        raise LineError(f"not valid JSON ({exc.msg} {where}); write one JSON object per line") from None
     if not isinstance(obj, dict):
         raise LineError(f"expected a JSON object, got {_kind(obj)}; each line must be one of {SHAPES}")
     if "messages" in obj:
@@ -139,6 +141,7 @@ def _chat(obj: dict, source: str) -> Record:
             raise LineError(f"message {i} ({role}) 'content' must be a string, got {_kind(content)}")
         if role == "assistant" and not content.strip() and not calls:
             raise LineError(f"message {i} (assistant) is empty; give every assistant turn some content")
+    _check_order(messages)
     _require_assistant(messages)
     tools = obj.get("tools")
     if tools is not None and not isinstance(tools, list):
@@ -164,8 +167,29 @@ def _sharegpt(obj: dict, source: str) -> Record:
         if role == "assistant" and not value.strip():
             raise LineError(f"conversation turn {i} (gpt) is empty; give every gpt turn some text")
         messages.append({"role": role, "content": value})
+    _check_order(messages)
     _require_assistant(messages)
     return Record("chat", "sharegpt", source, messages=messages)
+
+
+def _check_order(messages: list[dict]) -> None:
+    """Turns in an order chat templates accept: an optional system message first, then a user turn,
+    then assistant replies and user turns alternating (tool results only after an assistant turn)."""
+    previous = None
+    for i, message in enumerate(messages, start=1):
+        role = message["role"]
+        if role == "system" and i > 1:
+            problem = "a system message may only come first"
+        elif role == "assistant" and previous not in ("user", "tool"):
+            problem = "an assistant turn must follow a user turn (or a tool result)"
+        elif role == "user" and previous == "user":
+            problem = "two user turns in a row; merge them or put the assistant's reply between them"
+        elif role == "tool" and previous not in ("assistant", "tool"):
+            problem = "a tool result must follow the assistant turn that called the tool"
+        else:
+            previous = role
+            continue
+        raise LineError(f"message {i} ({role}) is out of order: {problem}")
 
 
 def _require_assistant(messages: list[dict]) -> None:

@@ -13,6 +13,7 @@ token are dropped (both are counted).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,19 @@ def data_files(data_cfg: DataConfig) -> dict[str, Path]:
     return files
 
 
+def data_fingerprint(data_cfg: DataConfig) -> str:
+    """sha256 over the training and validation files a run reads, so a resume can tell they changed."""
+    digest = hashlib.sha256()
+    for name, path in sorted(data_files(data_cfg).items()):
+        if name == "test":  # only the demo reads it
+            continue
+        digest.update(f"{name}\0".encode())
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_splits(data_cfg: DataConfig, tokenizer: Any) -> tuple[dict[str, list[Example]], dict[str, str]]:
     """Tokenize every split at full length, holding out validation data if asked; also return
     where each split came from."""
@@ -95,6 +109,12 @@ def hold_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[
     train = [e for i, e in enumerate(examples) if i not in chosen]
     valid = [e for i, e in enumerate(examples) if i in chosen]
     return train, valid
+
+
+def overlap_count(train: list[Example], other: list[Example]) -> int:
+    """Examples of ``other`` whose tokens are exactly those of some training example."""
+    seen = {tuple(e.tokens) for e in train}
+    return sum(tuple(e.tokens) in seen for e in other)
 
 
 def truncate(examples: list[Example], max_seq_length: int) -> tuple[list[Example], int, int]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from macft.chat_template import template_tokens
 from macft.data.formats import Record
 from macft.errors import MacftError
 
@@ -36,18 +37,24 @@ class Example:
         return sum(self.mask[1:])
 
 
+def uses_chat_template(tokenizer: Any, wanted: bool | None) -> bool:
+    """Whether text goes through the tokenizer's chat template: as ``wanted`` (data.use_chat_template),
+    or, when that is None, whenever the tokenizer has one. Training, the demo, eval and chat all ask here."""
+    has_template = bool(getattr(tokenizer, "has_chat_template", False))
+    if wanted and not has_template:
+        raise MacftError(
+            "data.use_chat_template is true but this model's tokenizer has no chat template; "
+            "set it to false (or leave it unset) or use a model with a template."
+        )
+    return has_template if wanted is None else wanted
+
+
 class Encoder:
     """Tokenizes records with one tokenizer and one set of template and masking choices."""
 
     def __init__(self, tokenizer: Any, *, use_chat_template: bool | None = None, mask_prompt: bool = True):
-        has_template = bool(getattr(tokenizer, "has_chat_template", False))
-        if use_chat_template and not has_template:
-            raise MacftError(
-                "data.use_chat_template is true but this model's tokenizer has no chat template; "
-                "set it to false (or leave it unset) or use a model with a template."
-            )
         self.tokenizer = tokenizer
-        self.use_chat_template = has_template if use_chat_template is None else use_chat_template
+        self.use_chat_template = uses_chat_template(tokenizer, use_chat_template)
         self.mask_prompt = mask_prompt
         eos = tokenizer.eos_token_id
         if eos is None:
@@ -80,15 +87,7 @@ class Encoder:
         return tokens or [self.eos]
 
     def _render(self, record: Record, messages: list[dict], generation_prompt: bool) -> list[int]:
-        kwargs = {"tools": record.tools} if record.tools else {}
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, **kwargs)
-        except Exception as exc:  # jinja raises its own TemplateError/ValueError for unsupported conversations
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise MacftError(f"{record.source}: the chat template rejected this conversation ({reason}).") from None
-        if isinstance(ids, dict):  # some tokenizers return a BatchEncoding even when asked not to
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
+        return template_tokens(self.tokenizer, messages, add_generation_prompt=generation_prompt, tools=record.tools, where=record.source)
 
     def _chat(self, record: Record) -> tuple[list[int], list[bool]]:
         messages = record.as_messages()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 from macft.errors import MacftError
 from macft.export import families
 from macft.export.fuse import read_adapter_config
+from macft.outputs import GGUF_COMMAND_KEY
 from macft.paths import atomic_path
 
 ALTERNATIVE = "use `macft fuse --adapter RUN` or a full GGUF export (`macft export gguf --adapter RUN`) instead"
@@ -47,8 +49,13 @@ def check_exportable(adapter_cfg: dict, weight_names: list[str]) -> None:
     method = adapter_cfg.get("method")
     if method == "dora":
         raise MacftError(f"llama.cpp's LoRA adapters have no place for DoRA's magnitude vectors; {ALTERNATIVE}.")
-    if method != "lora":
-        raise MacftError(f"llama.cpp adapters are LoRA only and this run used '{method}'; {ALTERNATIVE}.")
+    if method == "full":
+        raise MacftError(f"llama.cpp adapters are LoRA only and this run trained the full weights; {ALTERNATIVE}.")
+    if method != "lora":  # soft prompts, prefixes and bottlenecks can neither be fused nor carried by llama.cpp
+        raise MacftError(
+            f"llama.cpp has no form for a '{method}' adapter, neither as an adapter file nor merged into the weights; "
+            "use the run directory with `macft chat`, `generate` or `eval --adapter RUN`, or train with --method lora to export."
+        )
     heads = [n for n in weight_names if n.startswith(("lm_head.", "model.embed_tokens."))]
     if heads:
         raise MacftError(f"The adapter changes the embedding/output head ('{heads[0]}'), which llama.cpp adapters cannot carry; {ALTERNATIVE}.")
@@ -87,19 +94,19 @@ def write_adapter_gguf(run_dir: str | Path, out: Path) -> AdapterGGUFResult:
     if not prefixes:
         raise MacftError(f"{weights_file} holds no LoRA weights (lora_a/lora_b).")
     out = Path(out)
-    with atomic_path(out) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch)
+    with atomic_path(out) as tmp, closing(gguf.GGUFWriter(str(tmp), arch)) as writer:  # closed on a failed write too
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        writer.add_string(GGUF_COMMAND_KEY, "export gguf")
         for prefix in prefixes:
             # "model.layers.0.self_attn.q_proj" (the LoRA layer) -> "blk.0.attn_q.weight"
-            target = families.gguf_name(f"{prefix}.weight", name_map)
-            lora_a = weights[f"{prefix}.lora_a"].T  # (r, in)
-            lora_b = weights[f"{prefix}.lora_b"].T  # (out, r)
-            heads = families.qk_heads(f"{prefix}.", config, family)
-            if heads is not None:
-                lora_b = families.permute_rows(lora_b, heads)
+            record = families.export_family(family)
+            target = families.gguf_name(record.export_name(f"{prefix}.weight"), name_map)
+            # (r, in) and (out, r), per expert for a mixture-of-experts stack
+            lora_a = weights[f"{prefix}.lora_a"].swapaxes(-1, -2)
+            lora_b = weights[f"{prefix}.lora_b"].swapaxes(-1, -2)
+            lora_b = record.export_rows(f"{prefix}.", lora_b, config)
             writer.add_tensor(f"{target}.lora_a", np.ascontiguousarray(lora_a, dtype=np.float32))
             writer.add_tensor(f"{target}.lora_b", np.ascontiguousarray(lora_b, dtype=np.float32))
         writer.write_header_to_file()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from macft.errors import MacftError
+from macft.outputs import check_output, has_record
 from macft.paths import atomic_path
 
 FUSE_RECORD = "macft_fuse.json"
@@ -59,33 +60,6 @@ def read_adapter_config(run_dir: Path) -> dict:
     return json.loads(config_file.read_text())
 
 
-def load_base_for(run_dir: Path, adapter_cfg: dict):
-    """The base model exactly as the adapter was trained on it (a ``LoadedModel``)."""
-    from macft.config import load_recipe
-    from macft.models.load import load_model
-
-    base = adapter_cfg.get("base_model") or {}
-    if not base.get("source"):
-        raise MacftError(f"{run_dir}/adapter_config.json records no base model; it cannot be fused.")
-    options = {}
-    recipe_file = Path(run_dir) / "recipe.yaml"
-    if recipe_file.is_file():
-        recipe = load_recipe(recipe_file)
-        options = {"revision": recipe.model.revision, "dequantize": recipe.model.dequantize, "trust_remote_code": recipe.model.trust_remote_code}
-    loaded = load_model(
-        base["source"],
-        quantize_bits=adapter_cfg.get("quantize_bits"),
-        group_size=adapter_cfg.get("quantize_group_size") or 64,
-        **options,
-    )
-    if base.get("sha256") and loaded.identity["sha256"] != base["sha256"]:
-        raise MacftError(
-            f"The base model '{base['source']}' is not the one this adapter was trained on (its weights changed); "
-            "point the run at the original base."
-        )
-    return loaded
-
-
 def load_fused(run_dir: str | Path, *, dequantize: bool = False, on_base=None):
     """Base + adapter, merged in memory: returns (LoadedModel with the fused model, adapter config, merged layers).
 
@@ -93,10 +67,11 @@ def load_fused(run_dir: str | Path, *, dequantize: bool = False, on_base=None):
     from mlx.utils import tree_flatten
 
     from macft.methods import fuse_model, load_adapter
+    from macft.run_base import load_run_base
 
     run_dir = Path(run_dir)
     adapter_cfg = read_adapter_config(run_dir)
-    loaded = load_base_for(run_dir, adapter_cfg)
+    loaded = load_run_base(run_dir)
     if on_base is not None:
         on_base(loaded.model)
     base_names = {name for name, _ in tree_flatten(loaded.model.parameters())}
@@ -110,39 +85,18 @@ def load_fused(run_dir: str | Path, *, dequantize: bool = False, on_base=None):
             "so it cannot be merged; use the run directory as an adapter with chat, generate or eval instead."
         )
     if dequantize:
-        dequantize_model(model)
+        import mlx.core as mx
+
+        from macft.models.quantized import dequantize_model
+
+        dequantize_model(model, mx.float32)
     loaded.model = model
     return loaded, adapter_cfg, merged
 
 
-def dequantize_model(model) -> None:
-    """Replace every quantized linear/embedding layer with its float32 equivalent."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_unflatten
-
-    from macft.methods.lora import QUANTIZED, float_weight
-
-    swaps = []
-    for path, module in model.named_modules():
-        if not isinstance(module, QUANTIZED):
-            continue
-        weight = float_weight(module).astype(mx.float32)
-        if isinstance(module, nn.QuantizedEmbedding):
-            layer = nn.Embedding(*weight.shape)
-        else:
-            layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
-            if "bias" in module:
-                layer.bias = module.bias
-        layer.weight = weight
-        swaps.append((path, layer))
-    if swaps:
-        model.update_modules(tree_unflatten(swaps))
-
-
 def quantization_entry(model, defaults: dict) -> dict | None:
     """The config.json ``quantization`` mapping that makes mlx-lm rebuild exactly these quantized layers."""
-    from macft.methods.lora import QUANTIZED
+    from macft.models.quantized import QUANTIZED
 
     layers = {
         path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
@@ -162,6 +116,7 @@ def fuse_adapter(
     dequantize: bool = False,
     quantize_bits: int | None = None,
     group_size: int = 64,
+    force: bool = False,
 ) -> FuseResult:
     """Fuse the adapter in ``run_dir`` and save the merged model to ``out`` (default ``RUN/fused``)."""
     import mlx.core as mx
@@ -176,6 +131,9 @@ def fuse_adapter(
     start = time.time()
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "fused"
+    base = read_adapter_config(run_dir).get("base_model") or {}
+    inputs = [run_dir, base.get("source"), base.get("path")]
+    check_output(out, "fuse", made_by=has_record(FUSE_RECORD), inputs=inputs, force=force, folder=True)
     loaded, adapter_cfg, merged = load_fused(run_dir, dequantize=dequantize or quantize_bits is not None)
     model, config = loaded.model, dict(loaded.config)
     config.pop("quantization", None)

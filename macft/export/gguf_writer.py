@@ -15,6 +15,7 @@ and ``quant_plan.guided_types`` raises the most-changed tensors within ``extra_b
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from gguf import GGMLQuantizationType as Q
 from macft.errors import MacftError
 from macft.export import families, kquants, tokenizer_meta
 from macft.export.quant_plan import EXTRA_BYTES, SCHEMES, PlanTensor, guided_types, sample_rows, tensor_bytes, tensor_type
+from macft.outputs import GGUF_COMMAND_KEY
 from macft.paths import atomic_path
 
 
@@ -48,7 +50,7 @@ def float_weights(model) -> dict[str, np.ndarray]:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from macft.methods.lora import QUANTIZED, float_weight
+    from macft.models.quantized import QUANTIZED, float_weight
 
     weights: dict[str, np.ndarray] = {}
     skip: set[str] = set()
@@ -96,12 +98,12 @@ def write_gguf(
     vocab_size = int(weights["model.embed_tokens.weight"].shape[0])
     out = Path(out)
     types: Counter[str] = Counter()
-    with atomic_path(out) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch)
+    with atomic_path(out) as tmp, closing(gguf.GGUFWriter(str(tmp), arch)) as writer:  # closed on a failed write too
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or out.stem)
         writer.add_file_type(int(scheme.file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_string(GGUF_COMMAND_KEY, "export gguf")
         families.add_hparams(writer, config, family)
         writer.add_vocab_size(vocab_size)
         if tokenizer_gguf is not None:
@@ -125,10 +127,10 @@ def write_gguf(
 
 def _guided_plan(tensors: dict, plain: dict, guide, config: dict, family: str, extra_bytes: float):
     """(types, importance by GGUF name, summary) for a guided export."""
-    name_map = families.tensor_name_map(config, family)
+    name_map, record = families.tensor_name_map(config, family), families.export_family(family)
 
     def by_gguf_name(values: dict) -> dict:
-        renamed = {name_map.get_name(n, try_suffixes=(".weight", ".bias")): v for n, v in values.items()}
+        renamed = {name_map.get_name(record.export_name(n), try_suffixes=(".weight", ".bias")): v for n, v in values.items()}
         return {n: v for n, v in renamed.items() if n in tensors}
 
     importance = {n: v for n, v in by_gguf_name(guide.importance).items() if v.shape[0] == tensors[n].shape[-1]}

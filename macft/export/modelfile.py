@@ -15,49 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from macft.families import FAMILIES
+from macft.families.base import ChatFormat
+from macft.outputs import MODELFILE_MARK
 from macft.paths import atomic_path
 
-
-@dataclass(frozen=True)
-class ChatFormat:
-    name: str
-    marker: str  # a string only this format's Jinja template contains
-    template: str  # Go template for Ollama
-    stops: tuple[str, ...]
-
-
-FORMATS = (
-    ChatFormat(
-        "gemma",
-        "<start_of_turn>",
-        "{{- if .System }}<start_of_turn>user\n{{ .System }}<end_of_turn>\n{{ end }}"
-        "{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}user{{ end }}\n"
-        "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n",
-        ("<end_of_turn>",),
-    ),
-    ChatFormat(
-        "llama3",
-        "<|start_header_id|>",
-        "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
-        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n",
-        ("<|eot_id|>",),
-    ),
-    ChatFormat(
-        "chatml",
-        "<|im_start|>",
-        "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
-        ("<|im_end|>",),
-    ),
-    ChatFormat(
-        "phi3",
-        "<|end|>",
-        "{{- if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}"
-        "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
-        ("<|end|>",),
-    ),
-)
+# Each family's record names the chat format its templates write.
+FORMATS = tuple(dict.fromkeys(f.chat_format for f in FAMILIES.values() if f.chat_format is not None))
 
 PLAIN = ChatFormat("plain", "", "{{ .Prompt }}", ())
 
@@ -94,6 +58,7 @@ def modelfile_text(spec: ModelfileSpec) -> str:
         lines.append(f'PARAMETER stop "{stop}"')
     lines.append(f"PARAMETER temperature {spec.temperature}")
     lines.append(f"PARAMETER num_ctx {min(spec.context_length, 4096)}")
+    lines.append(MODELFILE_MARK)
     return "\n".join(lines) + "\n"
 
 

@@ -48,6 +48,7 @@ def export_gguf(
     adapter_only: bool = False,
     ollama: bool = False,
     name: str | None = None,
+    force: bool = False,
     plain: bool = False,
     fidelity_examples: int = DEFAULT_EXAMPLES,
 ) -> ExportReport:
@@ -62,6 +63,7 @@ def export_gguf(
     out = Path(out) if out is not None else default_out(model, adapter, quant, adapter_only)
     if out.suffix != ".gguf":
         raise MacftError(f"The output file should end in .gguf (got {out}).")
+    check_export_outputs(out, model, adapter, ollama, force)
     if adapter_only:
         return _adapter_only(Path(adapter), out, ollama)
 
@@ -146,6 +148,22 @@ def _fidelity(run_dir: Path, out: Path, loaded, quant: str, count: int, notes: l
     if split != "valid":
         notes.append(f"fidelity measured on the {split} split (the run has no validation split)")
     return report.to_dict()
+
+
+def check_export_outputs(out: Path, model: str | None, adapter: str | None, ollama: bool, force: bool) -> None:
+    """Refuse, before any work, to write over an input or over files `macft export gguf` did not write."""
+    from macft.export.fuse import origin_gguf, read_adapter_config
+    from macft.outputs import check_output, is_exported_gguf, is_exported_modelfile
+
+    inputs: list[Path | str | None] = [model, adapter]
+    if model is not None and Path(model).is_dir():
+        inputs.append(origin_gguf(Path(model)))
+    if adapter is not None:
+        base = read_adapter_config(Path(adapter)).get("base_model") or {}
+        inputs += [base.get("source"), base.get("path")]
+    check_output(out, "export gguf", made_by=is_exported_gguf, inputs=inputs, force=force)
+    if ollama:
+        check_output(out.with_suffix(".Modelfile"), "export gguf", made_by=is_exported_modelfile, inputs=inputs, force=force)
 
 
 def _adapter_only(run_dir: Path, out: Path, ollama: bool) -> ExportReport:

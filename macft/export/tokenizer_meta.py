@@ -29,6 +29,7 @@ import gguf
 from gguf import GGUFValueType
 
 from macft.errors import MacftError
+from macft.families import family_named
 
 # llama.cpp's tokenizer probe text (convert_hf_to_gguf.py, get_vocab_base_pre): the table below holds
 # sha256(str(ids)) for tokenizers whose pre-tokenizer llama.cpp implements.
@@ -213,5 +214,5 @@ def _add_special(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, *, m
     if merges and not special.merges:
         raise MacftError(f"The BPE tokenizer in {model_dir} has no merges; llama.cpp cannot load it without them.")
     special.add_to_gguf(writer, quiet=True)
-    if family == "gemma3":
-        writer.add_add_space_prefix(False)
+    if family is not None and (space_prefix := family_named(family).add_space_prefix) is not None:
+        writer.add_add_space_prefix(space_prefix)

@@ -28,11 +28,13 @@ from mlx.utils import tree_flatten, tree_unflatten
 from macft.config import MethodConfig, Recipe
 from macft.errors import MacftError
 from macft.methods.bottleneck import apply_adapters
+from macft.methods.expert_lora import EXPERT_LAYERS, expert_layer_class
 from macft.methods.full import apply_full
-from macft.methods.lora import QUANTIZED, DequantizingLinear, DoRALinear, LoRALinear, route_quantized_matmuls
+from macft.methods.lora import DequantizingLinear, DoRALinear, LoRALinear, route_quantized_matmuls
 from macft.methods.prefix import apply_prefix_tuning
 from macft.methods.prompt import apply_prompt_tuning
 from macft.methods.recompute import RecomputingMLP, recompute_gated_activations
+from macft.models.quantized import QUANTIZED
 from macft.paths import atomic_path
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -54,12 +56,13 @@ def apply_lora(model: nn.Module, cfg: MethodConfig, tokenizer=None) -> nn.Module
     for block in blocks:
         swaps = []
         for path, module in block.named_modules():
-            if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+            if not isinstance(module, (nn.Linear, nn.QuantizedLinear, *EXPERT_LAYERS)):
                 continue
             leaf = path.rsplit(".", 1)[-1]
             seen.add(leaf)
             if ALL_LINEAR in targets or leaf in targets or targets & set(FUSED_PROJECTIONS.get(leaf, ())):
-                swaps.append((path, layer_class.from_base(module, cfg.rank, cfg.alpha, cfg.dropout)))
+                kind = expert_layer_class(cfg.name) if isinstance(module, EXPERT_LAYERS) else layer_class
+                swaps.append((path, kind.from_base(module, cfg.rank, cfg.alpha, cfg.dropout)))
         block.update_modules(tree_unflatten(swaps))
         replaced += len(swaps)
     if replaced == 0:
@@ -211,7 +214,7 @@ def fuse_model(model: nn.Module) -> nn.Module:
     if blocking:
         raise MacftError(
             f"This adapter ({', '.join(blocking)}) cannot be merged into the base weights; "
-            "use it as an adapter (chat/generate with --adapter, or an adapter GGUF) instead of fusing."
+            "use the run directory as an adapter with chat, generate or eval (--adapter RUN), or train with --method lora to fuse."
         )
     fused = [(path, m.fuse()) for path, m in modules if hasattr(m, "fuse") and callable(m.fuse)]
     if fused:

@@ -24,9 +24,9 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
 
 from macft.backend import detect
+from macft.models.quantized import QUANTIZED, float_dtype, float_linear, float_weight
 
 
 def linear_dims(layer: nn.Module) -> tuple[int, int]:
@@ -35,39 +35,6 @@ def linear_dims(layer: nn.Module) -> tuple[int, int]:
     if isinstance(layer, nn.QuantizedLinear):
         return packed * 32 // layer.bits, out_dims
     return packed, out_dims
-
-
-QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
-
-
-def float_weight(
-    layer: nn.Module, packed: mx.array | None = None, rows: tuple[int, int] | None = None, index: mx.array | None = None
-) -> mx.array:
-    """The layer's weight as a float array (dequantized for a quantized linear or embedding layer).
-
-    ``rows=(start, end)`` or ``index`` (an array of row numbers) take only those rows, dequantizing
-    only them; ``packed`` stands in for ``layer.weight``, e.g. to make the dequantization depend on
-    another array."""
-    weight = layer.weight if packed is None else packed
-    pick = slice(*rows) if rows is not None else index
-    if pick is not None:
-        weight = weight[pick]
-    if isinstance(layer, QUANTIZED):
-        biases = layer.get("biases")
-        return mx.dequantize(
-            weight,
-            layer.scales if pick is None else layer.scales[pick],
-            biases if biases is None or pick is None else biases[pick],
-            group_size=layer.group_size,
-            bits=layer.bits,
-            mode=layer.mode,
-        )
-    return weight
-
-
-def float_dtype(layer: nn.Module) -> mx.Dtype:
-    """The float dtype the layer computes in (a quantized layer's scales carry it)."""
-    return layer.scales.dtype if isinstance(layer, QUANTIZED) else layer.weight.dtype
 
 
 def apply_base(layer: nn.Module, x: mx.array) -> mx.array:
@@ -117,37 +84,6 @@ def dequantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
         return (cotangent @ float_weight(layer, packed=mx.depends(layer.weight, cotangent)),)
 
     return matmul(x)
-
-
-def float_linear(weight: mx.array, bias: mx.array | None, dtype: mx.Dtype) -> nn.Linear:
-    out_dims, in_dims = weight.shape
-    linear = nn.Linear(in_dims, out_dims, bias=bias is not None)
-    linear.weight = weight.astype(dtype)
-    if bias is not None:
-        linear.bias = bias.astype(dtype)
-    return linear
-
-
-def dequantize_for_generation(model: nn.Module) -> nn.Module:
-    """Where quantized matmuls are slow (CPU), replace quantized layers by float ones, in place.
-
-    Training dequantizes inside every step to keep memory low; generation runs the model many
-    times, so dequantizing once is the faster trade. Use it when training is over.
-    """
-    if not detect().dequantize_for_matmul:
-        return model
-    swaps = []
-    for path, module in model.named_modules():
-        if isinstance(module, nn.QuantizedLinear):
-            swaps.append((path, float_linear(float_weight(module), module.get("bias"), float_dtype(module))))
-        elif isinstance(module, nn.QuantizedEmbedding):
-            embedding = nn.Embedding(*float_weight(module).shape)
-            embedding.weight = float_weight(module).astype(float_dtype(module))
-            swaps.append((path, embedding))
-    if swaps:
-        model.update_modules(tree_unflatten(swaps))
-        mx.eval(model.parameters())
-    return model
 
 
 class LoRALinear(nn.Module):

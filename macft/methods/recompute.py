@@ -18,13 +18,11 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-# mlx-lm MLP classes (module.ClassName) and the activation each applies to its gate.
+from macft.families import FAMILIES
+
+# mlx-lm MLP classes (module.ClassName) and the activation each applies to its gate, from the family records.
 GATED_MLPS: dict[str, Callable[[mx.array], mx.array]] = {
-    "gemma3_text.MLP": nn.gelu_approx,
-    "llama.MLP": nn.silu,
-    "qwen2.MLP": nn.silu,
-    "qwen3.MLP": nn.silu,
-    "phi3.MLP": nn.silu,
+    mlp: getattr(nn, activation) for family in FAMILIES.values() for mlp, activation in family.gated_mlps.items()
 }
 
 

@@ -11,6 +11,7 @@ GGUF files are imported first (``macft.models.gguf_import``) and cached by conte
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,17 +19,7 @@ from typing import Any
 
 from macft.config import DEFAULT_MODEL
 from macft.errors import MacftError
-
-SUPPORTED_MODEL_TYPES = {
-    "gemma3_text": "gemma3",
-    "gemma3": "gemma3",
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "phi3": "phi3",
-}
-
+from macft.families import for_model_type
 
 @dataclass
 class LoadedModel:
@@ -116,11 +107,8 @@ def weights_hash(model_dir: Path) -> str:
 
 
 def model_family(config: dict) -> str:
-    model_type = config.get("model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        known = ", ".join(sorted(set(SUPPORTED_MODEL_TYPES.values())))
-        raise MacftError(f"Model type '{model_type}' is not supported; supported families: {known}.")
-    return SUPPORTED_MODEL_TYPES[model_type]
+    """macft's name of the family ``config.json`` describes; a clear error for unsupported types."""
+    return for_model_type(config.get("model_type", "?")).name
 
 
 def load_model(
@@ -135,10 +123,13 @@ def load_model(
     """Load a model and tokenizer, cast float weights to this backend's compute dtype, and
     optionally quantize the frozen base (QLoRA)."""
     import mlx.core as mx
+    from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model as mlx_load_model
     from mlx_lm.utils import load_tokenizer
 
     from macft.backend import compute_dtype
+    from macft.models.gguf_import.convert import SUMMARY_FILE
+    from macft.models.gguf_import.tokenizer import read_bytes_as_given
 
     model_dir, sha = resolve_model_dir(spec, revision=revision, dequantize=dequantize)
     try:
@@ -146,13 +137,30 @@ def load_model(
     except ValueError as exc:
         raise MacftError(f"Could not build the model in {model_dir}: {str(exc).splitlines()[0]}") from None
     family = model_family(config)
+    check_finite(tree_flatten(model.parameters()), model_dir)
     cast_floats(model, compute_dtype())
     if quantize_bits is not None:
         quantize_model(model, quantize_bits, group_size)
     mx.eval(model.parameters())
     tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+    if (Path(model_dir) / SUMMARY_FILE).is_file():  # a GGUF import tokenizes as llama.cpp does
+        read_bytes_as_given(tokenizer)
     identity = {"source": spec, "path": str(model_dir), "family": family, "sha256": sha}
     return LoadedModel(model, tokenizer, Path(model_dir), config, identity)
+
+
+def check_finite(weights, source) -> None:
+    """Refuse weights holding NaN or inf (a damaged file), naming the first such tensor; one cheap
+    reduction per float tensor (quantized weights are integers: their scales and biases are checked)."""
+    import mlx.core as mx
+
+    floats = [(name, value) for name, value in weights if mx.issubdtype(value.dtype, mx.floating)]
+    # One pass and one evaluation for all tensors: a NaN or inf makes the float32 sum non-finite; a
+    # finite tensor whose sum overflows is told apart by the exact check.
+    sums = mx.stack([mx.sum(value.astype(mx.float32)) for _, value in floats]) if floats else mx.array([])
+    for (name, value), total in zip(floats, sums.tolist()):
+        if not math.isfinite(total) and not mx.all(mx.isfinite(value)).item():
+            raise MacftError(f"{source}: tensor '{name}' holds NaN or infinite values; the file is damaged, so download or export it again.")
 
 
 def quantize_model(model, bits: int, group_size: int) -> None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FAMILIES = ("gemma3", "llama", "qwen2", "qwen3", "phi3")
+from macft.families import FAMILIES as FAMILY_RECORDS
+
+FAMILIES = tuple(FAMILY_RECORDS)
 
 CORPUS = """\
 The quick brown fox jumps over the lazy dog. A model learns what its data teaches it.
@@ -37,8 +39,8 @@ SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|end|>", "<|user|>", "<|
 
 
 def family_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2) -> dict:
-    """An HF-style config.json for a tiny model of ``family``."""
-    heads, kv_heads, head_dim = 4, 2, hidden // 4
+    """An HF-style config.json for a tiny model of ``family`` (its record adds what it needs)."""
+    heads, kv_heads = 4, 2
     common = {
         "hidden_size": hidden,
         "num_hidden_layers": layers,
@@ -53,33 +55,9 @@ def family_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 
         "eos_token_id": 1,
         "pad_token_id": 0,
     }
-    if family == "gemma3":
-        return {
-            **common,
-            "model_type": "gemma3_text",
-            "architectures": ["Gemma3ForCausalLM"],
-            "head_dim": head_dim,
-            "query_pre_attn_scalar": head_dim,
-            "rope_theta": 1_000_000.0,
-            "rope_local_base_freq": 10_000.0,
-            "sliding_window": 32,
-            "sliding_window_pattern": 2,
-        }
-    if family == "llama":
-        return {**common, "model_type": "llama", "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False}
-    if family == "qwen2":
-        return {**common, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": True}
-    if family == "qwen3":
-        return {
-            **common,
-            "model_type": "qwen3",
-            "architectures": ["Qwen3ForCausalLM"],
-            "head_dim": head_dim,
-            "tie_word_embeddings": True,
-        }
-    if family == "phi3":
-        return {**common, "model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "tie_word_embeddings": False}
-    raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    return FAMILY_RECORDS[family].tiny_config(common)
 
 
 def build_tokenizer(out_dir: Path, vocab_size: int = 384) -> int:
@@ -142,7 +120,7 @@ def build_random_model(
     for name, value in tree_flatten(model.parameters()):
         if "norm" in name:
             # Random norm weights exercise the norm conversions (Gemma's 1 + w) that ones would hide.
-            value = 0.1 * mx.random.normal(value.shape) + (0.0 if family == "gemma3" else 1.0)
+            value = 0.1 * mx.random.normal(value.shape) + (1.0 - FAMILY_RECORDS[family].norm_offset)
         else:
             value = 0.08 * mx.random.normal(value.shape)
         weights[name] = value.astype(getattr(mx, dtype))

@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from macft.config import Recipe
 from macft.errors import MacftError
-from macft.methods import ADAPTER_FILE, save_adapter
+from macft.methods import ADAPTER_FILE, CONFIG_FILE, save_adapter
 from macft.paths import atomic_path
 
 
@@ -44,11 +44,15 @@ class Progress:
     elapsed: float = 0.0  # training seconds in earlier sessions of this run
 
 
+INPUTS_FILE = "inputs.json"  # what the checkpoint was trained on: {"base_sha256", "data_sha256"}
+
+
 class Checkpoints:
-    def __init__(self, run_dir: Path, recipe: Recipe, identity: dict):
+    def __init__(self, run_dir: Path, recipe: Recipe, identity: dict, data_fingerprint: str | None = None):
         self.root = Path(run_dir) / "checkpoints"
         self.recipe = recipe
         self.identity = identity
+        self.inputs = {"base_sha256": identity.get("sha256"), "data_sha256": data_fingerprint}
 
     def path(self, kind: str) -> Path:
         return self.root / kind
@@ -63,7 +67,18 @@ class Checkpoints:
             kind_, keys, pos, has_gauss, cached = np.random.get_state()
             state["numpy_rng"] = [kind_, keys.tolist(), pos, has_gauss, cached]
             (tmp / "progress.json").write_text(json.dumps(state))
+            (tmp / INPUTS_FILE).write_text(json.dumps(self.inputs))
         return self.path(kind)
+
+    def changed_inputs(self, kind: str = "last") -> list[str]:
+        """What differs between this run's base model and data and those checkpoint ``kind`` was trained on."""
+        folder = self.path(kind)
+        try:
+            recorded = json.loads((folder / INPUTS_FILE).read_text())
+        except (OSError, ValueError):  # a checkpoint from before inputs were recorded: its adapter config names the base
+            recorded = {"base_sha256": (json.loads((folder / CONFIG_FILE).read_text()).get("base_model") or {}).get("sha256")}
+        labels = {"base_sha256": "the base model's weights", "data_sha256": "the training or validation data"}
+        return [label for key, label in labels.items() if recorded.get(key) and self.inputs.get(key) and recorded[key] != self.inputs[key]]
 
     def restore(self, model: nn.Module, optimizer: optim.Optimizer, kind: str = "last") -> Progress:
         """Load weights, optimizer state and RNG state from checkpoint ``kind``; return its progress."""

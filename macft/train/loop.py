@@ -43,6 +43,7 @@ from mlx.utils import tree_map
 from macft.config import TrainConfig
 from macft.train.checkpoint import Checkpoints, Progress
 from macft.train.distributed import World
+from macft.train.guard import LossGuard
 
 
 class Callback:
@@ -61,7 +62,7 @@ class Callback:
 @dataclass
 class TrainResult:
     progress: Progress
-    stop_reason: str  # "finished", "early_stopping", "nan" or "interrupted"
+    stop_reason: str  # "finished", "early_stopping", "interrupted", or a failure: "nan", "diverged"
     message: str  # one sentence for the user about how the run ended
     compiled: bool
     compile_note: str  # why the step runs uncompiled, when it does
@@ -69,6 +70,11 @@ class TrainResult:
     peak_memory: int  # bytes, mx.get_peak_memory() over this session
     last_train_loss: float | None
     last_val_loss: float | None
+
+    @property
+    def failed(self) -> bool:
+        """The loss went bad: the final weights are not worth keeping."""
+        return self.stop_reason in ("nan", "diverged")
 
 
 class Steps:
@@ -173,8 +179,9 @@ def kept_memory_limit() -> Iterator[None]:
 
 @contextmanager
 def deferred_interrupt() -> Iterator[Callable[[], bool]]:
-    """Turn the first Ctrl-C into a flag the loop checks between steps (so the checkpoint it then
-    writes is consistent); a second Ctrl-C interrupts at once."""
+    """Turn the first Ctrl-C (or SIGTERM, as sent by `kill` or a closing terminal) into a flag the
+    loop checks between steps, so the checkpoint it then writes is consistent; a second one
+    interrupts at once."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
@@ -185,11 +192,12 @@ def deferred_interrupt() -> Iterator[Callable[[], bool]]:
             raise KeyboardInterrupt
         pressed.append(True)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield lambda: bool(pressed)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def one_step(steps: Steps, batches: Iterator, loss_fn: Any, accumulation: int) -> tuple[mx.array, mx.array, mx.array, Any]:
@@ -239,9 +247,11 @@ def train(
     batches_per_epoch: int | None = None,
     memory_budget: Callable[[int, int], int] | None = None,
     world: World = World(),
+    guard: LossGuard | None = None,
 ) -> TrainResult:
     callback = callback or Callback()
     progress = progress or Progress()
+    guard = guard or LossGuard()
     if config.grad_checkpoint:
         enable_grad_checkpoint(model)
     optimizer.init(model.trainable_parameters())
@@ -270,13 +280,9 @@ def train(
                 mx.random.seed((config.seed * 1_000_003 + progress.step) * world.size + world.rank)
                 loss_sum, tokens, norm, batch = one_step(steps, batches, loss_fn, config.grad_accumulation)
                 loss = loss_sum.item() / tokens.item()
-                if not (math.isfinite(loss) and math.isfinite(norm.item())):
-                    stop_reason = "nan"
-                    kept = f"the last good checkpoint is {checkpoints.path('last')}" if checkpoints else "no checkpoint was saved"
-                    message = (
-                        f"Training stopped at step {progress.step + 1}: the loss or gradient became NaN/inf; {kept}. "
-                        "Lower train.learning_rate or check the data."
-                    )
+                if problem := guard.check(loss, norm.item()):
+                    stop_reason = "diverged" if math.isfinite(loss) and math.isfinite(norm.item()) else "nan"
+                    message = failure_message(progress.step + 1, problem, checkpoints)
                     break
                 seconds = time.perf_counter() - tick
                 count = int(tokens.item())
@@ -320,7 +326,11 @@ def train(
                     model.eval()
                     last_val = evaluate(model, valid_batches(), loss_fn, config.eval_batches, world)
                     model.train()
-                    improved = math.isfinite(last_val) and (progress.best_val_loss is None or last_val < progress.best_val_loss)
+                    if not math.isfinite(last_val):
+                        stop_reason = "nan"
+                        message = failure_message(step, "the validation loss became NaN/inf", checkpoints)
+                        break
+                    improved = progress.best_val_loss is None or last_val < progress.best_val_loss
                     if improved:
                         progress.best_val_loss, progress.best_step, progress.evals_since_best = last_val, step, 0
                         save("best")
@@ -353,11 +363,18 @@ def train(
             return _result(progress, stop_reason, message, steps, steady_seconds, steady_tokens, last_loss, last_val)
 
     progress.elapsed += time.perf_counter() - started
-    if stop_reason != "nan":
+    if stop_reason not in ("nan", "diverged"):
         save("last")
     if stop_reason == "finished":
         message = f"Finished {progress.step} steps."
     return _result(progress, stop_reason, message, steps, steady_seconds, steady_tokens, last_loss, last_val)
+
+
+def failure_message(step: int, problem: str, checkpoints: Checkpoints | None) -> str:
+    """One sentence for a run stopped by bad numbers, naming the checkpoint that holds good weights."""
+    kept = next((checkpoints.path(k) for k in ("best", "last") if checkpoints and checkpoints.path(k).is_dir()), None)
+    where = f"the last good checkpoint is {kept}" if kept else "no checkpoint had been saved yet"
+    return f"Training stopped at step {step}: {problem}; {where}. Lower train.learning_rate or check the data."
 
 
 def _result(progress, stop_reason, message, steps, seconds, tokens, last_loss, last_val) -> TrainResult:

@@ -34,7 +34,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from macft.backend import detect
-from macft.methods.lora import QUANTIZED, float_weight
+from macft.models.quantized import QUANTIZED, float_weight
 
 # Logits elements per block of rows × vocabulary slice (16 MiB in float32). MLX allocates the
 # buffers of work it has scheduled ahead of computing it, so several blocks are alive at once:

@@ -29,17 +29,20 @@ import numpy as np
 from macft import __version__
 from macft.backend import detect
 from macft.config import Recipe, save_recipe
-from macft.errors import MacftError
+from macft.errors import DiskFullError, MacftError
 from macft.memory import Estimate, estimate, format_bytes, loaded_shape, plan_from_recipe, step_budget
-from macft.methods import ADAPTER_FILE, adapters_disabled, apply_method, count_parameters, save_adapter
-from macft.methods.lora import dequantize_for_generation
+from macft.methods import ADAPTER_FILE, apply_method, count_parameters, save_adapter
+from macft.models.quantized import dequantize_for_generation
 from macft.methods.recompute import RecomputingMLP
-from macft.paths import atomic_path
+from macft.paths import atomic_path, recover
 from macft.train.checkpoint import Checkpoints
 from macft.train.distributed import World, check_same, connect, examples_digest, peer_errors, recipe_digest, share_state
+from macft.train.guard import LossGuard
 from macft.train.loop import Callback, TrainResult, train
 from macft.train.losses import ChunkedLoss, auto_chunk_size, describe_loss, vocab_size
+from macft.train.rundir import claim_run_dir
 from macft.train.schedule import build_schedule
+from macft.train.summary import RunSummary
 
 
 @dataclass
@@ -47,7 +50,7 @@ class RunOutcome:
     run_dir: Path | None  # None on ranks other than 0, which write nothing
     recipe: Recipe
     result: TrainResult
-    summary: dict
+    summary: RunSummary
     model: nn.Module  # the tuned model (best checkpoint loaded), ready for the demo
     tokenizer: Any
     notes: list[str] = field(default_factory=list)
@@ -65,14 +68,12 @@ def run_dir_for(recipe: Recipe) -> Path:
     """The run folder: the resumed one, or ``<runs_dir>/<name or recipe-timestamp>``."""
     if recipe.output.resume:
         folder = Path(recipe.output.resume).expanduser()
+        recover(folder / "checkpoints" / "last")  # a save killed between its two renames left it aside
         if not (folder / "checkpoints" / "last").is_dir():
             raise MacftError(f"Cannot resume: {folder} has no checkpoints/last; pass a run directory made by `macft lora`.")
         return folder
     name = recipe.output.name or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder = Path(recipe.output.runs_dir).expanduser() / name
-    if (folder / "checkpoints").exists():
-        raise MacftError(f"Run directory {folder} already holds a run; choose another --name or resume it with --resume {folder}.")
-    return folder
+    return Path(recipe.output.runs_dir).expanduser() / name
 
 
 def make_optimizer(recipe: Recipe, total_steps: int) -> optim.Optimizer:
@@ -88,12 +89,14 @@ def make_optimizer(recipe: Recipe, total_steps: int) -> optim.Optimizer:
 class MetricsLog(Callback):
     """Appends every report to ``metrics.jsonl`` and passes it on to the view."""
 
-    def __init__(self, path: Path, view: Callback, resume_step: int | None):
+    def __init__(self, path: Path, view: Callback, resume_step: int):
         self.path, self.view = path, view
-        if resume_step is not None and path.exists():
-            # Reports written after the checkpoint we resume from are about to be redone.
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+        if path.exists():
+            # Reports written after the checkpoint we resume from are about to be redone (a process
+            # killed mid-append may also have left half a line).
+            kept = [line for line in path.read_text().splitlines() if (row := _parsed(line)) and row.get("step", 0) <= resume_step]
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
 
     def _write(self, kind: str, info: dict) -> None:
         with self.path.open("a") as fh:
@@ -109,6 +112,14 @@ class MetricsLog(Callback):
 
     def on_note(self, text: str) -> None:
         self.view.on_note(text)
+
+
+def _parsed(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def load_base(recipe: Recipe):
@@ -135,12 +146,29 @@ def training_loss(model: nn.Module, recipe: Recipe) -> ChunkedLoss:
     return ChunkedLoss(auto_chunk_size(vocab_size(model), recipe.train.loss_chunk_size))
 
 
-def run_training(recipe: Recipe, view: Callback | None = None, world: World | None = None) -> RunOutcome:
-    from macft.data import batch_order, iterate_batches, load_splits
-
+def run_training(
+    recipe: Recipe, view: Callback | None = None, world: World | None = None, *, allow_changed_inputs: bool = False
+) -> RunOutcome:
+    """Train in the recipe's run directory, which rank 0 holds exclusively until training ends.
+    A resume refuses a base model or data that changed since the checkpoint unless ``allow_changed_inputs``."""
     world = world or connect()
-    view = view if view is not None and world.main else Callback()
-    run_dir = run_dir_for(recipe) if world.main else None
+    if not world.main:
+        return _train_in(None, recipe, Callback(), world, allow_changed_inputs)
+    run_dir = run_dir_for(recipe)
+    with claim_run_dir(run_dir, resume=bool(recipe.output.resume)):
+        try:
+            return _train_in(run_dir, recipe, view or Callback(), world, allow_changed_inputs)
+        except DiskFullError as exc:
+            if not (run_dir / "checkpoints" / "last").is_dir():
+                raise
+            raise DiskFullError(f"{exc} Then continue with: macft lora --resume {run_dir}") from None
+
+
+def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World, allow_changed_inputs: bool) -> RunOutcome:
+    """``run_dir`` and ``view`` are rank 0's; other ranks pass None and a silent Callback."""
+    from macft.data import batch_order, iterate_batches, load_splits
+    from macft.data.splits import data_fingerprint
+
     cfg = recipe.train
     if cfg.batch_size < world.size:
         raise MacftError(f"train.batch_size {cfg.batch_size} is the global batch and must be at least the {world.size} ranks.")
@@ -148,6 +176,8 @@ def run_training(recipe: Recipe, view: Callback | None = None, world: World | No
     np.random.seed(cfg.seed)
     loaded = load_base(recipe)
     splits = load_splits(recipe.data, loaded.tokenizer)
+    for note in data_notes(splits):
+        view.on_note(note)
     facts = {"macft version": __version__, "MLX version": mx.__version__, "recipe": recipe_digest(recipe)}
     facts |= {"data": examples_digest(splits.train, splits.valid), "base model": loaded.identity.get("sha256", "")}
     with peer_errors(world, "Training had not started."):
@@ -168,14 +198,17 @@ def run_training(recipe: Recipe, view: Callback | None = None, world: World | No
     optimizer = make_optimizer(recipe, iters)
     loss_fn = training_loss(model, recipe)
 
-    checkpoints = Checkpoints(run_dir, recipe, loaded.identity) if world.main else None
-    progress = checkpoints.restore(model, optimizer) if recipe.output.resume and checkpoints else None
+    checkpoints = Checkpoints(run_dir, recipe, loaded.identity, data_fingerprint(recipe.data)) if world.main else None
+    progress = None
+    if recipe.output.resume and checkpoints:
+        check_resume_inputs(checkpoints, run_dir, allow_changed_inputs, view)
+        progress = checkpoints.restore(model, optimizer)
     with peer_errors(world, "Training had not started."):
         progress = share_state(world, model, optimizer, progress)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
-        log = MetricsLog(run_dir / "metrics.jsonl", view, progress.step if progress else None)
+        log = MetricsLog(run_dir / "metrics.jsonl", view, progress.step if progress else 0)
     else:
         log = view
 
@@ -201,6 +234,7 @@ def run_training(recipe: Recipe, view: Callback | None = None, world: World | No
         batches_per_epoch=per_epoch,
         memory_budget=step_budget(shape, plan),
         world=world,
+        guard=LossGuard(vocab_size(model)),
     )
     if not world.main:
         return RunOutcome(None, recipe, result, {}, model, loaded.tokenizer)
@@ -208,47 +242,81 @@ def run_training(recipe: Recipe, view: Callback | None = None, world: World | No
     notes = []
     best, last = checkpoints.path("best") / ADAPTER_FILE, checkpoints.path("last") / ADAPTER_FILE
     # The run's adapter: the best by validation loss; after a NaN, the last good checkpoint.
-    source = best if best.exists() else last if result.stop_reason == "nan" and last.exists() else None
+    source = best if best.exists() else last if result.failed and last.exists() else None
     if source is not None:
         model.load_weights(str(source), strict=False)
         notes.append(f"{run_dir / ADAPTER_FILE} holds the {source.parent.name} checkpoint.")
-    if source is not None or result.stop_reason != "nan":
+    if source is not None or not result.failed:
         save_adapter(model, run_dir, recipe, loaded.identity)
     else:
         notes.append("No adapter was saved: training failed before the first checkpoint.")
     model.eval()
 
-    summary = {
-        "run_dir": str(run_dir),
-        "method": recipe.method.name,
-        "model": loaded.identity,
-        "stop_reason": result.stop_reason,
-        "message": result.message,
-        "steps": result.progress.step,
-        "iters": iters,
-        "best_val_loss": result.progress.best_val_loss,
-        "best_step": result.progress.best_step,
-        "final_train_loss": result.last_train_loss,
-        "final_val_loss": result.last_val_loss,
-        "tokens_seen": result.progress.tokens,
-        "tokens_per_second": result.tokens_per_second,
-        "ranks": world.size,
-        "distributed_backend": world.backend,
-        "peak_memory_bytes": result.peak_memory,
-        "train_seconds": result.progress.elapsed,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "backend": detect().describe(),
-        "fast_paths": fast_paths(model, result, loss_fn.chunk_size),
-        "compiled": result.compiled,
-        "compile_note": result.compile_note,
-    }
+    summary = RunSummary(
+        run_dir=str(run_dir),
+        method=recipe.method.name,
+        model=loaded.identity,
+        stop_reason=result.stop_reason,
+        message=result.message,
+        steps=result.progress.step,
+        iters=iters,
+        best_val_loss=result.progress.best_val_loss,
+        best_step=result.progress.best_step,
+        final_train_loss=result.last_train_loss,
+        final_val_loss=result.last_val_loss,
+        tokens_seen=result.progress.tokens,
+        tokens_per_second=result.tokens_per_second,
+        ranks=world.size,
+        distributed_backend=world.backend,
+        peak_memory_bytes=result.peak_memory,
+        train_seconds=result.progress.elapsed,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        backend=detect().describe(),
+        fast_paths=fast_paths(model, result, loss_fn.chunk_size),
+        compiled=result.compiled,
+        compile_note=result.compile_note,
+    )
     with atomic_path(run_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.write_text(json.dumps(summary.to_dict(), indent=2))
     plot_note = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     if plot_note:
         notes.append(plot_note)
     return RunOutcome(run_dir, recipe, result, summary, model, loaded.tokenizer, notes)
+
+
+def check_resume_inputs(checkpoints: Checkpoints, run_dir: Path, allow: bool, view: Callback) -> None:
+    """A resume continues the same run only on the same base weights and data."""
+    changed = " and ".join(checkpoints.changed_inputs())
+    if not changed:
+        return
+    if not allow:
+        raise MacftError(
+            f"Cannot resume {run_dir}: {changed} changed since its last checkpoint, so it would not continue the same run; "
+            "restore them, start a new run, or pass --allow-changed-inputs to continue anyway."
+        )
+    view.on_note(f"Resuming although {changed} changed since the last checkpoint (--allow-changed-inputs).")
+
+
+def data_notes(splits) -> list[str]:
+    """What the user should know about the examples before training: cut, dropped, no validation, overlap."""
+    from macft.data.splits import overlap_count
+
+    notes = []
+    for name in ("train", "valid"):
+        truncated, dropped = splits.truncated.get(name, 0), splits.dropped.get(name, 0)
+        if truncated or dropped:
+            notes.append(
+                f"{name}: {truncated} examples cut to data.max_seq_length, {dropped} dropped with no trained token left "
+                "(`macft data check` shows which; raise data.max_seq_length to keep them)."
+            )
+    if not splits.valid:
+        notes.append(
+            "No validation data: the adapter is the last step's, not the best one; add valid.jsonl or set data.split_valid=0.1."
+        )
+    elif shared := overlap_count(splits.train, splits.valid):
+        notes.append(f"{shared} of {len(splits.valid)} validation examples also appear in train, so validation loss flatters the model.")
+    return notes
 
 
 def check_memory(est: Estimate, view: Callback) -> None:
@@ -318,39 +386,27 @@ def demo_records(recipe: Recipe) -> list:
     return [r for r in read_records(path) if r.kind == "completion"]
 
 
-def prompt_tokens(tokenizer: Any, record: Any, use_chat_template: bool | None) -> list[int]:
-    """The prompt exactly as training presented it, ready for the model to continue."""
-    has_template = bool(getattr(tokenizer, "has_chat_template", False))
-    if has_template if use_chat_template is None else use_chat_template:
-        ids = tokenizer.apply_chat_template(record.as_messages()[:-1], add_generation_prompt=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    return list(tokenizer.encode(record.prompt + record.prompt_suffix))
-
-
 def run_demo(outcome: RunOutcome) -> DemoResult | None:
-    """Greedy answers of the base and the tuned model on the held-out prompts, with exact match."""
-    from mlx_lm.generate import batch_generate
+    """Greedy answers of the base and the tuned model on the held-out prompts, with exact match,
+    scored by ``macft.evaluate`` exactly as ``macft eval`` scores them."""
+    from macft.evaluate import EvalOptions, evaluate
 
     recipe = outcome.recipe
     records = demo_records(recipe)
     if not records or recipe.demo.count <= 0:
         return None
-    prompts = [prompt_tokens(outcome.tokenizer, r, recipe.data.use_chat_template) for r in records]
+    options = EvalOptions(max_tokens=recipe.demo.max_tokens, use_chat_template=recipe.data.use_chat_template, max_seq_length=recipe.data.max_seq_length)
     model, tokenizer = dequantize_for_generation(outcome.model), outcome.tokenizer
-    tuned = batch_generate(model, tokenizer, prompts, max_tokens=recipe.demo.max_tokens).texts
     if any(getattr(m, "enabled", None) is not None for _, m in model.named_modules()):
-        with adapters_disabled(model):
-            base = batch_generate(model, tokenizer, prompts, max_tokens=recipe.demo.max_tokens).texts
+        result = evaluate(model, tokenizer, records, options, tuned=True)
+        base, tuned = result, result
     else:  # full fine-tuning changed the weights themselves: the base has to be loaded again
-        base_model = dequantize_for_generation(load_base(recipe).model)
-        base = batch_generate(base_model, tokenizer, prompts, max_tokens=recipe.demo.max_tokens).texts
-    expected = [r.completion for r in records]
-
-    def exact(answers: list[str]) -> float:
-        return sum(a.strip() == e.strip() for a, e in zip(answers, expected)) / len(expected)
-
+        tuned = evaluate(model, tokenizer, records, options)
+        base = evaluate(dequantize_for_generation(load_base(recipe).model), tokenizer, records, options)
+    base_column, tuned_column = ("base", "tuned") if base is tuned else ("base", "base")
     examples = [
-        {"prompt": r.prompt, "expected": e, "base": b, "tuned": t}
-        for r, e, b, t in list(zip(records, expected, base, tuned))[: recipe.demo.count]
+        {"prompt": row["prompt"], "expected": row["reference"], "base": row[f"{base_column}_output"], "tuned": tuned_row[f"{tuned_column}_output"]}
+        for row, tuned_row in list(zip(base.rows, tuned.rows))[: recipe.demo.count]
     ]
-    return DemoResult(examples, len(records), exact(base), exact(tuned))
+    total = base.scores["base"].generated
+    return DemoResult(examples, total, base.scores[base_column].exact_match, tuned.scores[tuned_column].exact_match)

@@ -22,6 +22,7 @@ from pathlib import Path
 from macft.errors import MacftError
 from macft.models.gguf_import.convert import SUMMARY_FILE, convert_gguf
 from macft.models.gguf_import.reader import read_gguf
+from macft.outputs import check_output, has_record
 from macft.paths import atomic_path, cache_dir
 
 __all__ = ["ImportReport", "file_sha256", "import_gguf", "import_gguf_report"]
@@ -59,7 +60,7 @@ def import_gguf(path: str | Path, *, dequantize: bool = False, out: str | Path |
     return import_gguf_report(path, dequantize=dequantize, out=out).path
 
 
-def import_gguf_report(path: str | Path, *, dequantize: bool = False, out: str | Path | None = None) -> ImportReport:
+def import_gguf_report(path: str | Path, *, dequantize: bool = False, out: str | Path | None = None, force: bool = False) -> ImportReport:
     """Import ``path`` into ``out`` (default: the cache) and say what was converted how."""
     start = time.perf_counter()
     source = Path(path).expanduser()
@@ -70,8 +71,7 @@ def import_gguf_report(path: str | Path, *, dequantize: bool = False, out: str |
     previous = _read_summary(target)
     if previous and (previous.get("sha256"), previous.get("dequantized"), previous.get("format")) == (sha, dequantize, FORMAT):
         return _report(target, source, previous, cached=True, start=start)
-    if target.exists() and (not target.is_dir() or previous is None and any(target.iterdir())):
-        raise MacftError(f"{target} already exists and is not a macft import; choose another --out or remove it.")
+    check_output(target, "import", made_by=has_record(SUMMARY_FILE), inputs=[source], force=force, folder=True)
 
     gguf = read_gguf(source)
     sibling = cache_dir("gguf") / (sha if dequantize else f"{sha}-dequantized")  # the other variant's tokenizer

@@ -20,7 +20,9 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from macft.errors import MacftError
-from macft.models.gguf_import.families import Family, family_for
+from macft.families import Family
+from macft.models.gguf_import.families import family_for, hf_name, import_config
+from macft.models.load import check_finite
 from macft.models.gguf_import.quants import GROUP_SIZE, quantize_exact, to_float
 from macft.models.gguf_import.reader import GGUFFile
 from macft.models.gguf_import.tokenizer import save_tokenizer, stop_token_ids
@@ -35,30 +37,31 @@ def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_f
     import mlx.core as mx
 
     family = family_for(gguf)
-    config = family.config(gguf)
+    config = import_config(gguf, family)
     weights: dict[str, mx.array] = {}
     per_module: dict[str, dict | bool] = {}
     exact: Counter[str] = Counter()
     floats: Counter[str] = Counter()
     for name, info in gguf.tensors.items():
-        hf = family.hf_name(name)
+        hf = hf_name(family, name)
         if not hf:
             continue
         rows = gguf.rows(name)
         packed = None
-        if not dequantize and len(info.shape) == 2 and hf.endswith(".weight"):
-            packed = quantize_exact(family.fix_rows(hf, rows, config), info.qtype)
+        if not dequantize and len(info.shape) in (2, 3) and hf.endswith(".weight"):  # 3-D: stacked experts
+            packed = quantize_exact(family.import_rows(hf, rows, config), info.qtype)
         module = hf.removesuffix(".weight")
         if packed is not None:
-            weights[hf] = mx.array(packed.weight)
-            weights[f"{module}.scales"] = mx.array(packed.scales)
-            weights[f"{module}.biases"] = mx.array(packed.biases)
+            stacked = (*info.shape[:-1], -1)
+            weights[hf] = mx.array(packed.weight.reshape(stacked))
+            weights[f"{module}.scales"] = mx.array(packed.scales.reshape(stacked))
+            weights[f"{module}.biases"] = mx.array(packed.biases.reshape(stacked))
             per_module[module] = {"group_size": GROUP_SIZE, "bits": packed.bits}
             exact[info.qtype.name] += 1
             continue
-        values = family.fix_float(hf, family.fix_rows(hf, to_float(rows, info.qtype, info.shape), config))
+        values = family.import_float(hf, family.import_rows(hf, to_float(rows, info.qtype, info.shape), config))
         array = mx.array(np.ascontiguousarray(values))
-        if len(info.shape) == 2 and hf.endswith(".weight"):
+        if len(info.shape) in (2, 3) and hf.endswith(".weight"):
             per_module[module] = False
             if info.qtype == GGMLQuantizationType.BF16:
                 array = array.astype(mx.bfloat16)  # exact: the values came from bfloat16
@@ -66,6 +69,7 @@ def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_f
         floats[info.qtype.name] += 1
 
     check_names(family, config, weights)
+    check_finite(weights.items(), gguf.path)
     quantized_bits = Counter(entry["bits"] for entry in per_module.values() if entry)
     if quantized_bits:
         quantization = {"group_size": GROUP_SIZE, "bits": quantized_bits.most_common(1)[0][0], "mode": "affine", **per_module}
@@ -98,6 +102,6 @@ def check_names(family: Family, config: dict, weights: dict) -> None:
         expected.discard("lm_head.weight")
     got = {name for name in weights if not name.endswith((".scales", ".biases"))}
     if missing := sorted(expected - got):
-        raise MacftError(f"This {family.arch} GGUF lacks '{missing[0]}' (and {len(missing) - 1} more) that mlx-lm's {family.model_type} needs.")
+        raise MacftError(f"This {family.gguf_arch} GGUF lacks '{missing[0]}' (and {len(missing) - 1} more) that mlx-lm's {config['model_type']} needs.")
     if extra := sorted(got - expected):
-        raise MacftError(f"This {family.arch} GGUF has '{extra[0]}', which mlx-lm's {family.model_type} has no place for.")
+        raise MacftError(f"This {family.gguf_arch} GGUF has '{extra[0]}', which mlx-lm's {config['model_type']} has no place for.")

@@ -91,7 +91,9 @@ def read_gguf(path: str | Path) -> GGUFFile:
     try:
         version, metadata, tensors = _Parser(mapped, size).parse()
     except _Truncated as exc:
-        raise MacftError(f"{path} is truncated or corrupt ({exc}); download or export it again.") from None
+        # names read from a corrupt file may hold any bytes: escape them so the message stays one line
+        reason = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(exc))[:300]
+        raise MacftError(f"{path} is truncated or corrupt ({reason}); download or export it again.") from None
     buffer = np.frombuffer(mapped, dtype=np.uint8)
     return GGUFFile(path, version, metadata, tensors, buffer)
 

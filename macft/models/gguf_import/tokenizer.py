@@ -28,6 +28,10 @@ _CONVERTER_KEYS = {
     "precompiled_charsmap": "precompiled_charsmap",
 }
 _SPECIAL_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+# Pre-tokenizers for which llama.cpp takes a word found whole in the vocabulary as one token before
+# applying merges (Llama 3's tokenizer.json says "ignore_merges": true); transformers' GGUF builder
+# leaves that out, so words the merges would split otherwise (a Vietnamese "Việt") came out differently.
+WHOLE_WORD_PRE = frozenset({"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"})
 # end-of-turn tokens llama.cpp also stops on; a chat model that ends turns with one must stop there
 END_OF_TURN_TEXTS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<|eom_id|>")
 
@@ -45,11 +49,13 @@ def save_tokenizer(gguf: GGUFFile, out_dir: Path) -> None:
         raise MacftError(f"{gguf.path}: tokenizer type '{kind}' is not supported; GGUF import reads 'llama' (SentencePiece) and 'gpt2' (BPE).")
     try:
         backend, _ = convert_gguf_tokenizer(gguf.architecture, tokenizer_dict)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise MacftError(f"Could not rebuild the tokenizer of {gguf.path.name}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # the tokenizers library raises a bare Exception for a damaged vocabulary
+        raise MacftError(f"Could not rebuild the tokenizer of {gguf.path.name}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
 
     if kind == "llama":
         match_space_prefix(backend, bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
+    elif tokenizer_dict.get("pre_tokenizer_type") in WHOLE_WORD_PRE:
+        backend.model.ignore_merges = True
 
     tokens = meta["tokenizer.ggml.tokens"]
     specials = {
@@ -70,6 +76,15 @@ def save_tokenizer(gguf: GGUFFile, out_dir: Path) -> None:
     config = json.loads(config_path.read_text())
     config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=add_bos, add_eos_token=add_eos)
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def read_bytes_as_given(tokenizer) -> None:
+    """Drop the NFC normalizer transformers' own Qwen2 tokenizer class brings (it replaces ours for
+    that model type when the directory is loaded): llama.cpp reads the bytes as given, so a
+    decomposed "e" + U+0301, common in Vietnamese text, must not become one "é" in an imported model."""
+    backend = getattr(getattr(tokenizer, "_tokenizer", tokenizer), "backend_tokenizer", None)
+    if backend is not None and type(backend.normalizer).__name__ == "NFC":
+        backend.normalizer = None
 
 
 def match_space_prefix(backend, add_space_prefix: bool) -> None:
