@@ -103,18 +103,18 @@ def gguf_weights(path: Path) -> dict:
     """The tensors of a GGUF file as mlx-lm float32 weights, read with macft's own reader."""
     import mlx.core as mx
 
-    from macft.models.gguf_import.families import family_for
+    from macft.models.gguf_import.families import family_for, hf_name, import_config
     from macft.models.gguf_import.quants import to_float
     from macft.models.gguf_import.reader import read_gguf
 
     gguf = read_gguf(path)
     family = family_for(gguf)
-    config = family.config(gguf)
+    config = import_config(gguf, family)
     weights = {}
     for name, info in gguf.tensors.items():
-        hf = family.hf_name(name)
+        hf = hf_name(family, name)
         if hf:
-            values = family.fix_float(hf, family.fix_rows(hf, to_float(gguf.rows(name), info.qtype, info.shape), config))
+            values = family.import_float(hf, family.import_rows(hf, to_float(gguf.rows(name), info.qtype, info.shape), config))
             weights[hf] = mx.array(np.ascontiguousarray(values, dtype=np.float32))
     return weights
 
