@@ -184,6 +184,14 @@ def generate(
     return Generated(prompt, "".join(pieces), tokens, speed)
 
 
+EMPTY_ANSWER = "(empty answer: the model ended its reply without any text)"
+
+
+def shown(answer: str) -> str:
+    """An answer as printed: an empty or blank one says so instead of printing nothing."""
+    return answer if answer.strip() else EMPTY_ANSWER
+
+
 # ---------------------------------------------------------------------------- chat
 
 

@@ -25,7 +25,7 @@ def chat(model_spec, adapter, system, max_tokens, temperature, top_p):
       macft chat --adapter runs/quickstart
       macft chat -m Qwen/Qwen3-0.6B --system "Answer in one sentence." --temperature 0
     """
-    from macft.chat import HELP, ChatSession, Sampling, open_model, parse
+    from macft.chat import EMPTY_ANSWER, HELP, ChatSession, Sampling, open_model, parse, shown
     from macft.errors import MacftError
 
     opened = open_model(model_spec, adapter)
@@ -46,8 +46,12 @@ def chat(model_spec, adapter, system, max_tokens, temperature, top_p):
             command = parse(line)
             if command.name == "say":
                 if command.argument:
+                    answer = ""
                     for piece in session.reply(command.argument):
+                        answer += piece
                         click.echo(piece, nl=False)
+                    if not answer.strip():
+                        click.echo(EMPTY_ANSWER, nl=False)
                     click.echo()
             elif command.name == "quit":
                 return
@@ -63,6 +67,6 @@ def chat(model_spec, adapter, system, max_tokens, temperature, top_p):
                 click.echo(f"(adapter: {opened.adapter or 'none'})")
             elif command.name == "compare":
                 base, tuned = session.compare()
-                ui.show_side_by_side(base, tuned)
+                ui.show_side_by_side(shown(base), shown(tuned))
         except MacftError as exc:
             click.echo(f"Error: {exc}")

@@ -27,7 +27,7 @@ def generate(model_spec, adapter, prompt, system, max_tokens, temperature, top_p
       macft generate --adapter runs/quickstart -p "Sentence: Ann is 30 and lives in Oslo.\\nJSON:" --no-chat
       echo "What is MLX?" | macft generate -m Qwen/Qwen3-0.6B -p - --json
     """
-    from macft.chat import Sampling, open_model
+    from macft.chat import EMPTY_ANSWER, Sampling, open_model
     from macft.chat import generate as answer
 
     if prompt == "-":
@@ -40,5 +40,7 @@ def generate(model_spec, adapter, prompt, system, max_tokens, temperature, top_p
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:
+        if not result.completion.strip():
+            click.echo(EMPTY_ANSWER, nl=False)
         click.echo()
         click.echo(f"{result.tokens} tokens, {result.tokens_per_second:.1f} tokens/s", err=True)

@@ -140,7 +140,7 @@ def lora(
     """
     from macft import ui
     from macft.train.distributed import connect, launched
-    from macft.train.run import run_demo, run_training
+    from macft.train.run import loss_history, run_demo, run_training
 
     if (hosts or hostfile) and not launched():
         from macft.train.launch import launch_ranks
@@ -179,7 +179,7 @@ def lora(
         click.echo(json.dumps(payload, indent=2))
     else:
         ui.show_notes(outcome.notes)
-        ui.show_summary(outcome.summary)
+        ui.show_summary(outcome.summary, curve=loss_history(outcome.run_dir / "metrics.jsonl"))
         if demo is not None:
             ui.show_demo(demo)
     if result.failed:

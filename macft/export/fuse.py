@@ -23,6 +23,7 @@ from pathlib import Path
 from macft.errors import MacftError
 from macft.outputs import check_output, has_record
 from macft.paths import atomic_path
+from macft.phases import phase
 
 FUSE_RECORD = "macft_fuse.json"
 IMPORT_RECORD = "macft_import.json"  # written by macft.models.gguf_import
@@ -149,7 +150,7 @@ def fuse_adapter(
         config["quantization"] = entry
     elif mode == "as base":
         mode = "float"
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, phase(f"Saving the fused model to {out}"):
         save_model(tmp, model)
         save_config(config, tmp / "config.json")
         for name in TOKENIZER_FILES:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from macft.errors import MacftError
 from macft.export.fidelity import DEFAULT_EXAMPLES
+from macft.phases import phase
 
 
 @dataclass
@@ -78,7 +79,8 @@ def export_gguf(
         loaded, _, _ = load_fused(adapter, dequantize=True, on_base=lambda base: snapshot.update(base_layers(base)))
         if not plain and quant not in ("f16", "bf16"):
             try:
-                guide, note = _run_guide(Path(adapter), loaded, snapshot)
+                with phase("Importance matrix and fine-tune deltas"):
+                    guide, note = _run_guide(Path(adapter), loaded, snapshot)
             except MacftError as exc:  # e.g. the run's training data moved: its deltas still guide the types
                 from macft.export.guidance import QuantGuide
 
@@ -92,20 +94,22 @@ def export_gguf(
         loaded = load_model(model)
     source = Path(loaded.identity["source"])
     tokenizer_gguf = source if source.suffix == ".gguf" and source.is_file() else origin_gguf(loaded.path)
-    result = write_gguf(
-        loaded.model,
-        loaded.config,
-        loaded.family,
-        out,
-        quant,
-        tokenizer_dir=loaded.path,
-        tokenizer_gguf=tokenizer_gguf,
-        name=name,
-        guide=guide,
-    )
+    with phase(f"Writing {out.name} ({quant})"):
+        result = write_gguf(
+            loaded.model,
+            loaded.config,
+            loaded.family,
+            out,
+            quant,
+            tokenizer_dir=loaded.path,
+            tokenizer_gguf=tokenizer_gguf,
+            name=name,
+            guide=guide,
+        )
     report = ExportReport(result.to_dict(), notes=notes)
     if adapter is not None and fidelity_examples > 0:
-        report.fidelity = _fidelity(Path(adapter), out, loaded, quant, fidelity_examples, report.notes)
+        with phase(f"Scoring {out.name} against the float model"):
+            report.fidelity = _fidelity(Path(adapter), out, loaded, quant, fidelity_examples, report.notes)
     if tokenizer_gguf is not None:
         report.notes.append(f"tokenizer copied from {tokenizer_gguf}")
     if ollama:

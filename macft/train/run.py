@@ -35,6 +35,7 @@ from macft.methods import ADAPTER_FILE, apply_method, count_parameters, save_ada
 from macft.models.quantized import dequantize_for_generation
 from macft.methods.recompute import RecomputingMLP
 from macft.paths import atomic_path, recover
+from macft.plot import loss_curve_png
 from macft.train.checkpoint import Checkpoints
 from macft.train.distributed import World, check_same, connect, examples_digest, peer_errors, recipe_digest, share_state
 from macft.train.guard import LossGuard
@@ -151,6 +152,14 @@ def run_training(
 ) -> RunOutcome:
     """Train in the recipe's run directory, which rank 0 holds exclusively until training ends.
     A resume refuses a base model or data that changed since the checkpoint unless ``allow_changed_inputs``."""
+    from macft.data.splits import data_files
+
+    if not recipe.data.train:
+        raise MacftError(
+            f"Recipe '{recipe.name}' needs training data: pass --data PATH (a .jsonl file or a folder with train.jsonl); "
+            f"`macft recipes show {recipe.name}` says what data it expects."
+        )
+    data_files(recipe.data)  # a missing data file is reported before the model loads
     world = world or connect()
     if not world.main:
         return _train_in(None, recipe, Callback(), world, allow_changed_inputs)
@@ -279,9 +288,7 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
     )
     with atomic_path(run_dir / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary.to_dict(), indent=2))
-    plot_note = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    if plot_note:
-        notes.append(plot_note)
+    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     return RunOutcome(run_dir, recipe, result, summary, model, loaded.tokenizer, notes)
 
 
@@ -346,31 +353,18 @@ def fast_paths(model: nn.Module, result: TrainResult, chunk_size: int) -> list[s
     return paths
 
 
-def plot_losses(metrics: Path, out: Path) -> str | None:
-    """Write the loss curve; return a note when it cannot be drawn."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "loss.png skipped: matplotlib is not installed (pip install matplotlib)."
+def loss_history(metrics: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """The (step, loss) reports of ``metrics.jsonl``: train, then validation."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.exists() else []
-    train_rows = [r for r in rows if r["kind"] == "train"]
-    valid_rows = [r for r in rows if r["kind"] == "valid"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train_rows], [r["train_loss"] for r in train_rows], label="train")
-    if valid_rows:
-        ax.plot([r["step"] for r in valid_rows], [r["val_loss"] for r in valid_rows], "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss per trained token")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    train = [(r["step"], r["train_loss"]) for r in rows if r["kind"] == "train"]
+    valid = [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "valid"]
+    return train, valid
+
+
+def plot_losses(metrics: Path, out: Path) -> None:
+    """Write the loss curve of ``metrics.jsonl`` to ``out`` (a PNG)."""
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return None
+        tmp.write_bytes(loss_curve_png(*loss_history(metrics)))
 
 
 def demo_records(recipe: Recipe) -> list:
