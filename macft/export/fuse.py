@@ -61,8 +61,10 @@ def read_adapter_config(run_dir: Path) -> dict:
     return json.loads(config_file.read_text())
 
 
-def load_fused(run_dir: str | Path, *, dequantize: bool = False):
-    """Base + adapter, merged in memory: returns (LoadedModel with the fused model, adapter config, merged layers)."""
+def load_fused(run_dir: str | Path, *, dequantize: bool = False, on_base=None):
+    """Base + adapter, merged in memory: returns (LoadedModel with the fused model, adapter config, merged layers).
+
+    ``on_base(model)`` is called with the base model before the adapter touches it."""
     from mlx.utils import tree_flatten
 
     from macft.methods import fuse_model, load_adapter
@@ -71,6 +73,8 @@ def load_fused(run_dir: str | Path, *, dequantize: bool = False):
     run_dir = Path(run_dir)
     adapter_cfg = read_adapter_config(run_dir)
     loaded = load_run_base(run_dir)
+    if on_base is not None:
+        on_base(loaded.model)
     base_names = {name for name, _ in tree_flatten(loaded.model.parameters())}
     model, _ = load_adapter(loaded.model, run_dir)
     merged = sum(1 for _, m in model.named_modules() if hasattr(m, "fuse") and callable(m.fuse))

@@ -3,6 +3,11 @@
     report = export_gguf(model="fused/quickstart", quant="q4_k_m")              # a model directory
     report = export_gguf(adapter="runs/quickstart", quant="q8_0", ollama=True)   # base + adapter, fused
     report = export_gguf(adapter="runs/quickstart", adapter_only=True)           # LoRA GGUF for --lora
+
+Exporting a run quantizes with what the run knows (its importance matrix, computed once into
+``RUN/imatrix.safetensors``, and how much the fine-tune changed each weight: ``guidance``; ``plain``
+turns this off) and ends with a fidelity report: the file scored against the fused float model on
+a sample of the run's validation data (``fidelity``).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from macft.errors import MacftError
+from macft.export.fidelity import DEFAULT_EXAMPLES
 from macft.phases import phase
 
 
@@ -20,6 +26,7 @@ class ExportReport:
     modelfile: str | None = None
     ollama_command: str | None = None
     notes: list[str] = field(default_factory=list)
+    fidelity: dict | None = None  # Fidelity.to_dict() for exports of a run
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -43,7 +50,11 @@ def export_gguf(
     ollama: bool = False,
     name: str | None = None,
     force: bool = False,
+    plain: bool = False,
+    fidelity_examples: int = DEFAULT_EXAMPLES,
 ) -> ExportReport:
+    """``plain``: llama-quantize's types and rounding, ignoring the run's importance matrix and deltas;
+    ``fidelity_examples``: validation examples the fidelity report scores (0: no report)."""
     from macft.export.fuse import origin_gguf
 
     if (model is None) == (adapter is None):
@@ -59,10 +70,24 @@ def export_gguf(
 
     from macft.export.gguf_writer import write_gguf
 
+    notes, guide = [], None
     if adapter is not None:
         from macft.export.fuse import load_fused
+        from macft.export.guidance import base_layers
 
-        loaded, _, _ = load_fused(adapter, dequantize=True)
+        snapshot: dict = {}
+        loaded, _, _ = load_fused(adapter, dequantize=True, on_base=lambda base: snapshot.update(base_layers(base)))
+        if not plain and quant not in ("f16", "bf16"):
+            try:
+                with phase("Importance matrix and fine-tune deltas"):
+                    guide, note = _run_guide(Path(adapter), loaded, snapshot)
+            except MacftError as exc:  # e.g. the run's training data moved: its deltas still guide the types
+                from macft.export.guidance import QuantGuide
+
+                guide = QuantGuide.build(snapshot, loaded.model, None)
+                note = f"quantized without an importance matrix: {exc}"
+            notes.append(note)
+        snapshot.clear()
     else:
         from macft.models.load import load_model
 
@@ -79,8 +104,12 @@ def export_gguf(
             tokenizer_dir=loaded.path,
             tokenizer_gguf=tokenizer_gguf,
             name=name,
+            guide=guide,
         )
-    report = ExportReport(result.to_dict())
+    report = ExportReport(result.to_dict(), notes=notes)
+    if adapter is not None and fidelity_examples > 0:
+        with phase(f"Scoring {out.name} against the float model"):
+            report.fidelity = _fidelity(Path(adapter), out, loaded, quant, fidelity_examples, report.notes)
     if tokenizer_gguf is not None:
         report.notes.append(f"tokenizer copied from {tokenizer_gguf}")
     if ollama:
@@ -94,6 +123,35 @@ def export_gguf(
         )
         _add_modelfile(report, spec, out)
     return report
+
+
+def _run_guide(run_dir: Path, loaded, snapshot: dict):
+    from macft.export.guidance import QuantGuide
+    from macft.export.imatrix import IMATRIX_FILE, run_imatrix
+
+    imatrix, computed = run_imatrix(run_dir, loaded)
+    guide = QuantGuide.build(snapshot, loaded.model, imatrix)
+    where = run_dir / IMATRIX_FILE
+    if computed:
+        return guide, f"importance matrix computed from {imatrix.tokens} training tokens → {where}"
+    return guide, f"importance matrix from {where} ({imatrix.tokens} training tokens)"
+
+
+def _fidelity(run_dir: Path, out: Path, loaded, quant: str, count: int, notes: list[str]) -> dict | None:
+    from macft.export.fidelity import measure_fidelity, validation_sample
+
+    try:
+        examples, split = validation_sample(run_dir, loaded.tokenizer, count)
+    except MacftError as exc:
+        notes.append(f"no fidelity report: {exc}")
+        return None
+    if not examples:
+        notes.append("no fidelity report: the run has no validation or test examples")
+        return None
+    report = measure_fidelity(out, loaded.model, examples, quant=quant)
+    if split != "valid":
+        notes.append(f"fidelity measured on the {split} split (the run has no validation split)")
+    return report.to_dict()
 
 
 def check_export_outputs(out: Path, model: str | None, adapter: str | None, ollama: bool, force: bool) -> None:
