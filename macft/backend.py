@@ -1,7 +1,8 @@
 """Device, BLAS and dtype policy.
 
-MLX's Linux CPU wheel ships a slow reference BLAS. Loading the system OpenBLAS with RTLD_GLOBAL
-before MLX is imported makes MLX's fp32 matmuls resolve to it (≈20× faster on x86). On CPU,
+MLX's Linux CPU wheel ships a slow reference BLAS. Loading an OpenBLAS with RTLD_GLOBAL before MLX
+is imported makes MLX's fp32 matmuls resolve to it (≈20× faster on x86): the one pip installs with
+macft (``ngsolve-openblas``), or a system OpenBLAS when it measures faster. On CPU,
 bf16/fp16 matmuls get no BLAS at all, so macft computes in float32 there; on Metal and CUDA the
 model's own half-precision dtype is kept.
 """
@@ -10,18 +11,24 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import hashlib
+import importlib.util
+import json
 import os
 import platform
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 OPENBLAS_HINT = (
-    "OpenBLAS not found: training on this CPU will be ~20x slower. "
-    "Install it with `sudo apt-get install libopenblas0-pthread` (Debian/Ubuntu)."
+    "No OpenBLAS could be loaded: matrix products on this CPU run on MLX's reference BLAS, ~20x slower. "
+    "Run `macft doctor` for the fix."
 )
 
-_OPENBLAS_CANDIDATES = (
+_SYSTEM_OPENBLAS = (
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -34,9 +41,11 @@ _openblas_path: str | None = None
 
 
 def load_openblas() -> str | None:
-    """On Linux, load OpenBLAS globally so MLX picks it up; must run before ``import mlx``.
+    """On Linux, load OpenBLAS globally so MLX's BLAS calls resolve to it; must run before ``import mlx``.
 
-    ``MACFT_OPENBLAS`` names a library file to use, or ``0`` to turn this off.
+    ``MACFT_OPENBLAS`` names a library file to use, or ``0`` to turn this off. Otherwise macft uses
+    the OpenBLAS that pip installed with it (PyPI ``ngsolve-openblas``), or a system OpenBLAS when
+    one is installed and measured faster (measured once, remembered in macft's cache).
     """
     global _openblas_path
     if _openblas_path is not None or not sys.platform.startswith("linux"):
@@ -44,23 +53,140 @@ def load_openblas() -> str | None:
     choice = os.environ.get("MACFT_OPENBLAS", "")
     if choice == "0":
         return None
-    candidates = [choice] if choice else [*_OPENBLAS_CANDIDATES, *glob.glob("/usr/lib/*/libopenblas*.so.0")]
+    if choice:
+        candidates = [choice]
+    else:
+        candidates = faster_first(system_openblas(), pip_openblas())
     for path in candidates:
-        if os.path.exists(path):
-            try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            except OSError:
-                continue
+        if _load_globally(path):
             _openblas_path = path
             return path
     return None
 
 
+def loaded_openblas() -> str | None:
+    """The OpenBLAS library file this process loaded, if any."""
+    return _openblas_path
+
+
 def missing_blas_hint() -> str | None:
-    """The install hint when this is Linux and no OpenBLAS could be loaded (and it was not turned off)."""
+    """The hint when this is Linux and no OpenBLAS could be loaded (and it was not turned off)."""
     if not sys.platform.startswith("linux") or os.environ.get("MACFT_OPENBLAS") == "0":
         return None
     return None if load_openblas() else OPENBLAS_HINT
+
+
+def system_openblas() -> str | None:
+    found = [p for p in _SYSTEM_OPENBLAS if os.path.exists(p)] or sorted(glob.glob("/usr/lib/*/libopenblas*.so.0"))
+    return found[0] if found else None
+
+
+def pip_openblas() -> str | None:
+    """The OpenBLAS of the ``ngsolve-openblas`` wheel (found without importing it: its own import
+    fails on machines without libgfortran)."""
+    spec = importlib.util.find_spec("ngsolve_openblas")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], "libopenblas*.so*")))
+    return found[0] if found else None
+
+
+def bundled_gfortran() -> str | None:
+    """The libgfortran that the ``mlx[cpu]`` wheel bundles for its reference LAPACK."""
+    spec = importlib.util.find_spec("mlx")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    libs = os.path.join(os.path.dirname(spec.submodule_search_locations[0]), "mlx_cpu.libs")
+    found = sorted(glob.glob(os.path.join(libs, "libgfortran*.so.5*")))
+    return found[0] if found else None
+
+
+def _load_globally(path: str) -> bool:
+    try:
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        return True
+    except OSError as exc:
+        if "libgfortran.so.5" not in str(exc):
+            return False
+    # pip's OpenBLAS needs libgfortran.so.5, which a fresh machine lacks; MLX's wheel bundles one under
+    # a hashed name. A private folder links both under the names the loader looks for.
+    gfortran = bundled_gfortran()
+    if gfortran is None:
+        return False
+    try:
+        folder = _linked_folder(path, gfortran)
+        ctypes.CDLL(gfortran, mode=ctypes.RTLD_GLOBAL)  # by its real path, so it finds its libquadmath
+        ctypes.CDLL(str(folder / "libopenblas.so.0"), mode=ctypes.RTLD_GLOBAL)
+        return True
+    except OSError:
+        return False
+
+
+def _linked_folder(openblas: str, gfortran: str) -> Path:
+    """``<cache>/blas/<hash>/`` with ``libopenblas.so.0`` and ``libgfortran.so.5`` linking to the given files."""
+    from macft.paths import cache_dir
+
+    key = hashlib.sha256(f"{openblas}\0{gfortran}".encode()).hexdigest()[:16]
+    folder = cache_dir("blas") / key
+    folder.mkdir(exist_ok=True)
+    for name, target in (("libopenblas.so.0", openblas), ("libgfortran.so.5", gfortran)):
+        link = folder / name
+        if os.path.islink(link) and os.readlink(link) == target:
+            continue
+        staging = folder / f".{name}.{os.getpid()}"
+        if os.path.lexists(staging):
+            os.unlink(staging)
+        os.symlink(target, staging)
+        os.replace(staging, link)  # atomic: concurrent processes never see a half-made link
+    return folder
+
+
+def faster_first(system: str | None, pip: str | None) -> list[str]:
+    """The OpenBLAS candidates, fastest first. With both present, each is measured once in a child
+    process (a process can load only one BLAS) and the order is remembered per pair of files."""
+    candidates = [p for p in (system, pip) if p]
+    if len(candidates) < 2:
+        return candidates
+    from macft.paths import cache_dir
+
+    key = "|".join(f"{p}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" for p in candidates)
+    record = cache_dir("blas") / "speed.json"
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = {path: measure_in_child(path) for path in candidates}
+        staging = record.with_name(f".speed.{os.getpid()}")
+        staging.write_text(json.dumps(known, indent=1))
+        os.replace(staging, record)
+    speeds = known[key]
+    return sorted(candidates, key=lambda p: -speeds.get(p, 0.0))
+
+
+def measure_in_child(openblas: str) -> float:
+    """Float32 matmul GFLOP/s of MLX in a fresh process that loads ``openblas`` (0.0 if it fails)."""
+    code = "from macft.backend import matmul_gflops; print(matmul_gflops())"
+    env = {**os.environ, "MACFT_OPENBLAS": openblas}
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        return float(done.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError):
+        return 0.0
+
+
+def matmul_gflops(size: int = 1024, seconds: float = 0.5) -> float:
+    """Measured float32 GFLOP/s of one ``size`` x ``size`` matmul on MLX's default device."""
+    import mlx.core as mx
+
+    a = mx.random.normal((size, size))
+    b = mx.random.normal((size, size))
+    mx.eval(a @ b)  # warm-up: thread pools, first-touch pages
+    runs, start = 0, time.perf_counter()
+    while runs < 2 or time.perf_counter() - start < seconds:
+        mx.eval(a @ b)
+        runs += 1
+    return 2 * size**3 * runs / (time.perf_counter() - start) / 1e9
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,13 @@ class OpenedModel:
 # ---------------------------------------------------------------------------- loading
 
 
-def open_model(model_spec: str | None, adapter: str | Path | None = None) -> OpenedModel:
-    """Load ``model_spec`` (or the adapter's recorded base when it is None) and apply ``adapter``."""
+def open_model(model_spec: str | None, adapter: str | Path | None = None, engine: str = "mlx") -> OpenedModel:
+    """Load ``model_spec`` (or the adapter's recorded base when it is None) and apply ``adapter``;
+    ``engine="llama.cpp"`` runs their cached Q8_0 GGUF export instead (``macft.engines.llamacpp``)."""
+    if engine == "llama.cpp":
+        from macft.engines.llamacpp import open_llamacpp
+
+        return open_llamacpp(model_spec, adapter)
     from macft.config import DEFAULT_MODEL
     from macft.models.load import load_model
     from macft.models.quantized import dequantize_for_generation
@@ -154,6 +159,9 @@ def prompt_tokens(tokenizer, messages: list[dict[str, str]], use_chat_template: 
 
 def stream(model, tokenizer, tokens: list[int], sampling: Sampling) -> Iterator[Any]:
     """``mlx_lm`` generation responses for ``tokens``; the last one carries the totals."""
+    if hasattr(model, "stream_tokens"):  # the llama.cpp engine
+        yield from model.stream_tokens(tokenizer, tokens, sampling)
+        return
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -182,6 +190,14 @@ def generate(
     tokens = last.generation_tokens if last is not None else 0
     speed = last.generation_tps if last is not None else 0.0
     return Generated(prompt, "".join(pieces), tokens, speed)
+
+
+EMPTY_ANSWER = "(empty answer: the model ended its reply without any text)"
+
+
+def shown(answer: str) -> str:
+    """An answer as printed: an empty or blank one says so instead of printing nothing."""
+    return answer if answer.strip() else EMPTY_ANSWER
 
 
 # ---------------------------------------------------------------------------- chat

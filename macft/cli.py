@@ -24,6 +24,7 @@ COMMANDS = {
     "estimate": ("macft.commands.estimate", "estimate", "Predict peak training memory and whether it fits."),
     "recipes": ("macft.commands.recipes", "recipes", "List and show the bundled recipes."),
     "models": ("macft.commands.models", "models", "List models found on this machine."),
+    "doctor": ("macft.commands.doctor", "doctor", "Check this machine's set-up (BLAS speed, llama.cpp, Ollama, caches)."),
 }
 
 # Commands that run a model, and so are ~20x slower on Linux without OpenBLAS.
@@ -67,10 +68,12 @@ def cli(ctx: click.Context) -> None:
     Quickstart (trains the embedded Gemma 3 270M on a demo task):
       macft lora
     """
+    from macft import ui
     from macft.backend import missing_blas_hint
 
     if ctx.invoked_subcommand in COMPUTE_COMMANDS and (hint := missing_blas_hint()):
         click.echo(f"note: {hint}", err=True)
+    ctx.with_resource(ui.showing_phases())  # slow phases show a spinner with their name and elapsed time
 
 
 def main() -> None:

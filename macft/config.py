@@ -27,6 +27,7 @@ from macft.paths import RECIPES_DIR, atomic_path
 DEFAULT_MODEL = "gemma3-270m"  # the embedded Gemma 3 270M base (Q4_K_M GGUF package)
 
 Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]  # the names in macft.method_registry
+Objective = Literal["sft", "dpo", "orpo", "simpo", "grpo"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,24 @@ class TrainConfig:
     report_every: int = 10
     loss_chunk_size: int = 0  # compute the loss over chunks of this many positions; 0 = auto
     compile: bool = True
+    objective: Objective = "sft"  # sft, or preference pairs (dpo, orpo, simpo), or rewards (grpo); see align
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Settings of the alignment objectives (``train.objective``); see macft/align/."""
+
+    beta: float = 0.1  # DPO/IPO: KL strength; ORPO: odds-ratio weight; SimPO: reward scale; GRPO: KL weight
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = 0.0  # DPO/SimPO: the share of pairs assumed mislabelled
+    simpo_gamma: float = 0.5  # SimPO: the target reward margin
+    group_size: int = 4  # GRPO: completions sampled per prompt
+    temperature: float = 1.0  # GRPO: sampling temperature
+    max_completion_tokens: int = 64  # GRPO: longest sampled completion
+    clip_epsilon: float = 0.2  # GRPO: the ratio is clipped to [1 - eps, 1 + eps]
+    # GRPO rewards, summed: built-ins (exact_match[=field], json_valid, json_keys=a,b, regex=PATTERN,
+    # length_penalty=TOKENS) or your own "module:function" / "file.py:function" (completion, example) -> float
+    rewards: tuple[str, ...] = ("exact_match",)
 
 
 @dataclass(frozen=True)
@@ -124,6 +143,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     name: str = "run"
     description: str = ""
 
@@ -187,6 +207,13 @@ def _resolve_data_paths(raw: dict[str, Any], recipe_dir: Path) -> None:
             value = values.get(key)
             if isinstance(value, str) and not Path(value).is_absolute() and (recipe_dir / value).exists():
                 values[key] = str((recipe_dir / value).resolve())
+    align = raw.get("align")
+    if isinstance(align, dict) and isinstance(align.get("rewards"), list):
+        # A reward function in a file next to the recipe ("rewards.py:score") resolves like data.
+        for i, spec in enumerate(align["rewards"]):
+            target, colon, function = str(spec).rpartition(":")
+            if colon and target.endswith(".py") and not Path(target).is_absolute() and (recipe_dir / target).is_file():
+                align["rewards"][i] = f"{(recipe_dir / target).resolve()}:{function}"
 
 
 def from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
@@ -260,6 +287,14 @@ def validate(recipe: Recipe) -> Recipe:
             "prompt, P- and prefix tuning need one example per row; set data.packing: false.",
         ),
         (recipe.train.warmup_steps >= 0, "train.warmup_steps must be 0 or more."),
+        (recipe.align.beta > 0, "align.beta must be positive."),
+        (0.0 <= recipe.align.label_smoothing < 0.5, "align.label_smoothing must be in [0, 0.5)."),
+        (recipe.align.group_size >= 2, "align.group_size must be at least 2 (GRPO compares completions within a group)."),
+        (recipe.align.max_completion_tokens >= 1, "align.max_completion_tokens must be at least 1."),
+        (
+            recipe.train.objective == "sft" or not recipe.data.packing,
+            "alignment objectives score whole answers one per row; set data.packing: false.",
+        ),
     ]
     finite = [
         (math.isfinite(value), f"{section.name}.{key} must be a finite number, not {value}.")

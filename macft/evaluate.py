@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from macft.errors import MacftError
+from macft.phases import phase
 from macft.paths import atomic_path
 
 
@@ -156,7 +157,10 @@ def answers(model, tokenizer, prompts: list[list[int]], max_tokens: int) -> list
     reading the output matrix once per token, so a batch costs little more than one answer."""
     from mlx_lm.generate import batch_generate
 
-    return list(batch_generate(model, tokenizer, prompts, max_tokens=max_tokens).texts) if prompts else []
+    if not prompts:
+        return []
+    with phase(f"Generating {len(prompts)} answers"):
+        return list(batch_generate(model, tokenizer, prompts, max_tokens=max_tokens).texts)
 
 
 def score_model(model, tokenizer, items: list[Item], options: EvalOptions) -> tuple[Scores, list[dict[str, Any]]]:

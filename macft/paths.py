@@ -1,4 +1,4 @@
-"""Where macft keeps its state: the home folder (``MACFT_HOME``), the import cache, the repo's recipes."""
+"""Where macft keeps its state: the home folder (``MACFT_HOME``), the import cache, the bundled recipes."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ import re
 import shutil
 import tempfile
 from contextlib import contextmanager
+from importlib.resources import files
 from pathlib import Path
 from typing import Iterator
 
 from macft.errors import DiskFullError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RECIPES_DIR = PROJECT_ROOT / "recipes"
+# Package data (``macft/recipes`` links to the repository's top-level ``recipes/``), so a checkout,
+# an editable install and an installed wheel all find the same files.
+RECIPES_DIR = Path(str(files("macft") / "recipes"))
 
 
 def macft_home() -> Path:

@@ -12,15 +12,32 @@ terminal (pipes, CI, click's CliRunner) the same reports come out as one plain l
 
 from __future__ import annotations
 
+import math
 import sys
-from typing import Any
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from rich.console import Console
 from rich.live import Live
+from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from macft import phases
+
 SPARKS = "▁▂▃▄▅▆▇█"
+# An alignment objective's own report values (macft.align), in the order they are shown.
+OBJECTIVE_METRICS = {
+    "accuracy": ("pref acc", "{:.0%}"),
+    "reward_margin": ("margin", "{:+.3f}"),
+    "chosen_logps": ("logp chosen", "{:.1f}"),
+    "rejected_logps": ("logp rejected", "{:.1f}"),
+    "reward_mean": ("reward", "{:.3f}"),
+    "reward_std": ("reward std", "{:.3f}"),
+    "kl": ("kl", "{:.4f}"),
+    "completion_length": ("length", "{:.1f}"),
+}
 
 
 def console() -> Console:
@@ -44,6 +61,20 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def objective_text(info: dict, prefix: str = "") -> str:
+    """``pref acc 62%  margin +0.210 …`` from a report's objective values ("" for SFT)."""
+    parts = []
+    for key, (label, fmt) in OBJECTIVE_METRICS.items():
+        if prefix + key not in info:
+            continue
+        value = fmt.format(info[prefix + key])
+        if key == "reward_std" and parts:
+            parts[-1] += f" ± {value}"
+        else:
+            parts.append(f"{label} {value}")
+    return "  ".join(parts)
+
+
 def format_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -51,8 +82,54 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+class PhaseSpinner:
+    """A ``macft.phases`` reporter: on a terminal, a spinner with the innermost running phase's name and
+    elapsed time, and one line for each phase that took over two seconds once it ends. Elsewhere
+    (pipes, ``--json``) it shows nothing, so machine-read output stays clean."""
+
+    def __init__(self, out: Console | None = None):
+        self.out = out or console()
+        self.running: list[tuple[str, float]] = []
+        self.spinner = Spinner("dots")
+        self.live: Live | None = None
+
+    def __rich__(self) -> Spinner | Text:
+        if not self.running:  # the last refresh as the display closes
+            return Text("")
+        name, start = self.running[-1]
+        self.spinner.update(text=Text(f"{name} · {format_seconds(time.monotonic() - start)}"))
+        return self.spinner
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if not self.out.is_terminal:
+            yield
+            return
+        self.running.append((name, time.monotonic()))
+        if self.live is None:
+            self.live = Live(self, console=self.out, refresh_per_second=8, transient=True)
+            self.live.__enter__()
+        try:
+            yield
+        finally:
+            _, start = self.running.pop()
+            if not self.running:
+                self.live.__exit__(None, None, None)
+                self.live = None
+            if time.monotonic() - start > 2:
+                self.out.print(Text(f"· {name}: {format_seconds(time.monotonic() - start)}", style="dim"))
+
+
+@contextmanager
+def showing_phases(out: Console | None = None) -> Iterator[None]:
+    """Show every ``macft.phases.phase`` started inside this block with a ``PhaseSpinner``."""
+    with phases.reporting(PhaseSpinner(out)):
+        yield
+
+
 class TrainingView:
-    """The loop's callback (``macft.train.loop.Callback`` protocol) that renders progress."""
+    """The loop's callback (``macft.train.loop.Callback`` protocol) that renders progress; while
+    entered it also reports ``macft.phases`` (model loading, a GGUF import) in its own panel."""
 
     def __init__(self, title: str = "training", out: Console | None = None, quiet: bool = False):
         self.title = title
@@ -63,17 +140,37 @@ class TrainingView:
         self.last: dict[str, Any] = {}
         self.valid: dict[str, Any] = {}
         self.live: Live | None = None
+        self.running: list[tuple[str, float]] = []  # phases in progress: (name, start)
+        self.waiting_since = time.monotonic()  # since the last phase ended: the first steps compile
+        self.spinner = Spinner("dots")
+        self._phases = phases.reporting(self.phase)
 
     def __enter__(self) -> "TrainingView":
         if self.live_mode:
-            self.live = Live(self._panel(), console=self.out, refresh_per_second=4, transient=False)
+            self.live = Live(self, console=self.out, refresh_per_second=4, transient=False)
             self.live.__enter__()
+        self._phases.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._phases.__exit__(*exc)
         if self.live is not None:
             self.live.__exit__(*exc)
             self.live = None
+
+    def __rich__(self) -> Table:
+        return self._panel()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.running.append((name, time.monotonic()))
+        try:
+            yield
+        finally:
+            _, start = self.running.pop()
+            self.waiting_since = time.monotonic()
+            if self.live_mode and time.monotonic() - start > 2:
+                self.on_note(f"{name}: {format_seconds(time.monotonic() - start)}")
 
     def on_note(self, text: str) -> None:
         if not self.quiet:
@@ -83,22 +180,24 @@ class TrainingView:
         self.last = info
         self.losses.append(info["train_loss"])
         if self.live is not None:
-            self.live.update(self._panel())
+            self.live.refresh()
         elif not self.quiet:
             self.out.print(
                 f"step {info['step']}/{info['iters']}  loss {info['train_loss']:.4f}  "
                 f"lr {info['learning_rate']:.2e}  {throughput(info)}  "
-                f"peak {format_bytes(info['peak_memory'])}  elapsed {format_seconds(info['elapsed'])}",
+                f"peak {format_bytes(info['peak_memory'])}  elapsed {format_seconds(info['elapsed'])}"
+                + (f"  {objective_text(info)}" if objective_text(info) else ""),
                 markup=False,
             )
 
     def on_valid_report(self, info: dict) -> None:
         self.valid = info
         if self.live is not None:
-            self.live.update(self._panel())
+            self.live.refresh()
         elif not self.quiet:
             mark = " (best)" if info["improved"] else ""
-            self.out.print(f"step {info['step']}  val loss {info['val_loss']:.4f}{mark}", markup=False)
+            extra = objective_text(info, "val_")
+            self.out.print(f"step {info['step']}  val loss {info['val_loss']:.4f}{mark}" + (f"  {extra}" if extra else ""), markup=False)
 
     def _panel(self) -> Table:
         info = self.last
@@ -106,7 +205,9 @@ class TrainingView:
         table.add_column(style="bold cyan")
         table.add_column()
         if not info:
-            table.add_row("status", "starting (the first step compiles)…")
+            name, start = self.running[-1] if self.running else ("Training: the first steps compile the model", self.waiting_since)
+            self.spinner.update(text=f"{name} · {format_seconds(time.monotonic() - start)}")
+            table.add_row("status", self.spinner)
             return table
         trend = ""
         if len(self.losses) > 1:
@@ -116,6 +217,10 @@ class TrainingView:
         if self.valid:
             best = self.valid["best_val_loss"]
             table.add_row("val loss", f"{self.valid['val_loss']:.4f}  (best {best:.4f})" if best is not None else f"{self.valid['val_loss']:.4f}")
+        if objective_text(info):
+            table.add_row("objective", objective_text(info))
+        if self.valid and objective_text(self.valid, "val_"):
+            table.add_row("held out", objective_text(self.valid, "val_"))
         table.add_row("tokens/s", throughput(info))
         table.add_row("learning rate", f"{info['learning_rate']:.2e}")
         table.add_row("time", f"{format_seconds(info['elapsed'])} elapsed · {format_seconds(info['eta'])} left")
@@ -137,8 +242,58 @@ def show_notes(notes: list[str], out: Console | None = None) -> None:
         out.print(Text("· " + note, style="dim"))
 
 
-def show_summary(summary: Any, out: Console | None = None) -> None:
-    """A finished run (a ``macft.train.summary.RunSummary``)."""
+def loss_chart(train: list[tuple[int, float]], valid: list[tuple[int, float]], width: int = 60, height: int = 10) -> list[str]:
+    """The loss curve as text: ``•`` train loss, ``◆`` validation loss, the loss range on the left."""
+    train = [(s, v) for s, v in train if math.isfinite(v)]
+    valid = [(s, v) for s, v in valid if math.isfinite(v)]
+    points = train + valid
+    if not points:
+        return []
+    first, last = min(s for s, _ in points), max(s for s, _ in points)
+    low, high = min(v for _, v in points), max(v for _, v in points)
+    grid = [[" "] * width for _ in range(height)]
+
+    def place(step: float, value: float, mark: str) -> None:
+        col = round((step - first) / ((last - first) or 1) * (width - 1))
+        row = round((high - value) / ((high - low) or 1) * (height - 1))
+        grid[row][col] = mark
+
+    for (s0, v0), (s1, v1) in zip(train, train[1:]):  # the train line, sampled at every column it crosses
+        samples = max(2, round((s1 - s0) / ((last - first) or 1) * width) + 1)
+        for t in range(samples):
+            frac = t / (samples - 1)
+            place(s0 + frac * (s1 - s0), v0 + frac * (v1 - v0), "•")
+    if len(train) == 1:
+        place(*train[0], "•")
+    for step, value in valid:
+        place(step, value, "◆")
+    label_width = max(len(f"{high:.3f}"), len(f"{low:.3f}"))
+    lines = []
+    for row, cells in enumerate(grid):
+        label = f"{high:.3f}" if row == 0 else f"{low:.3f}" if row == height - 1 else ""
+        lines.append(f"{label:>{label_width}} │{''.join(cells)}")
+    lines.append(" " * label_width + " └" + "─" * width)
+    steps = f"step {first}"
+    lines.append(" " * (label_width + 2) + steps + f"{last:>{width - len(steps)}}")
+    return lines
+
+
+def show_loss_chart(train: list[tuple[int, float]], valid: list[tuple[int, float]], out: Console | None = None) -> None:
+    out = out or console()
+    lines = loss_chart(train, valid)
+    if not lines:
+        return
+    out.print(Text.assemble("Loss  ", ("• train", "cyan"), "  ", ("◆ validation", "yellow")))
+    for line in lines:
+        text = Text(line)
+        text.highlight_regex("•", "cyan")
+        text.highlight_regex("◆", "yellow")
+        out.print(text)
+
+
+def show_summary(summary: Any, out: Console | None = None, curve: tuple[list, list] | None = None) -> None:
+    """A finished run (a ``macft.train.summary.RunSummary``); ``curve`` (train and validation (step, loss)
+    lists) adds the loss chart."""
     out = out or console()
     table = Table(title="Run summary", show_header=False)
     table.add_column(style="bold")
@@ -161,6 +316,28 @@ def show_summary(summary: Any, out: Console | None = None) -> None:
     for key, value in rows:
         table.add_row(key, Text(str(value)))
     out.print(table)
+    if curve is not None:
+        show_loss_chart(*curve, out=out)
+
+
+def show_doctor(checks: list[Any], out: Console | None = None) -> None:
+    """``macft doctor``'s table (``macft.doctor.Check`` rows), then each problem with its fix."""
+    out = out or console()
+    table = Table(title="macft doctor", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_column()
+    for check in checks:
+        mark = Text("✗", style="bold red") if check.problem else Text("✓", style="green")
+        table.add_row(check.name, Text(check.value), mark)
+    out.print(table)
+    problems = [c for c in checks if c.problem]
+    if not problems:
+        out.print("No problems found.")
+    for check in problems:
+        out.print(Text.assemble((f"{check.name}: ", "bold"), check.problem + "."))
+        if check.fix:
+            out.print(Text.assemble("  fix: ", (check.fix, "cyan")))
 
 
 def show_demo(demo: Any, out: Console | None = None) -> None:
@@ -252,6 +429,25 @@ def show_data_report(report: Any, path: str, model: str) -> None:
         for run, trained in report.preview:
             text.append(run, style="reverse green" if trained else "dim")
         out.print(text)
+
+
+def show_alignment_data(report: Any, path: str, model: str) -> None:
+    """``macft data check`` on preference pairs or GRPO prompts (a ``macft.align.check.AlignDataReport``)."""
+    out = console()
+    out.print(f"[bold]{path}[/bold] ({report.kind}) with the tokenizer of [bold]{model}[/bold], max_seq_length {report.max_seq_length}")
+    if report.kind == "pairs":
+        table = Table("split", "pairs", "chosen tokens (mean/max)", "rejected tokens (mean/max)", "truncated", "dropped",
+                      "identical", "duplicates", show_edge=False)
+        for name, split in report.splits.items():
+            c, r = split.chosen_lengths, split.rejected_lengths
+            table.add_row(name, str(split.pairs), f"{c['mean']:.1f}/{c['max']}", f"{r['mean']:.1f}/{r['max']}",
+                          _flagged(split.truncated), _flagged(split.dropped), _flagged(split.identical), _flagged(split.duplicates))
+    else:
+        table = Table("split", "prompts", "tokens (mean/max)", "fields for the rewards", show_edge=False)
+        for name, split in report.splits.items():
+            fields = ", ".join(f"{k} {n}" for k, n in sorted(split.fields.items())) or "none"
+            table.add_row(name, str(split.prompts), f"{split.lengths['mean']:.1f}/{split.lengths['max']}", fields)
+    out.print(table)
 
 
 def _flagged(count: int) -> str:

@@ -1,22 +1,38 @@
-"""Benchmark macft against mlx_lm.lora on the same model, data and settings, in the same run.
+"""Benchmark macft against mlx_lm.lora (and mlx-lm-lora) the way users run them: each system's own
+command line, in its own process, interleaved and repeated, on a machine checked to be quiet.
 
-Each system trains in its own fresh process (so BLAS choice and peak memory are its own) on
-../shared/data/wikisql with identical batch size, sequence length, LoRA rank/scale, layers,
-learning rate and number of steps. Printed per system: trained tokens/s (steps after the first,
-which compiles), MLX peak memory, process peak RSS, time to the first finished step, final loss,
-and ratios against each mlx_lm.lora row. Results go to a JSON file.
+Every round runs every system once (A B A B A B ...), each as a fresh process of its public command
+(`macft lora`, `mlx_lm.lora`, mlx-lm-lora's `mlx_lm_lora.train`) on the same data
+(../shared/data/wikisql), batch size, maximum length, LoRA rank/scale/layers/target layers,
+learning rate and steps. From the lines each tool prints, timestamped as they arrive, and the
+process's resource usage, each run gives:
+
+  tokens/s        trained tokens between the first and the second-to-last step report divided by
+                  the wall time between those reports (the first step compiles; mlx_lm validates
+                  before its last step), one formula for every tool
+  own tok/s       the median of the tokens/s the tool itself printed over the same steps
+  step s          the median wall time between consecutive step reports
+  first step s    process start to the first finished step's report (imports, loading, compiling)
+  wall s          process start to exit, for all N steps
+  MLX peak        mx.get_peak_memory() at exit, read by a probe (sitecustomize) that changes nothing else
+  RSS peak        the process's peak resident memory (wait4)
+
+The summary gives each metric's median and spread (min-max) over the rounds, and ratios of medians
+against each mlx_lm row. The machine is sampled during every run: the CPU time that processes
+other than the benchmark used (/proc/stat less the run's own usage) and the load average. Above
+--busy-cores the results are printed but not written, unless --allow-busy.
 
 Systems:
-  macft          macft lora (OpenBLAS, float32 compute on CPU, chunked loss, compiled step)
-  macft-qlora    the same with the base quantized to 4 bits at load
-  mlx_lm         mlx_lm.lora given the same BLAS and float32 weights as macft
-  mlx_lm-stock   mlx_lm.lora as a user installs it: reference BLAS, the model's own dtype
+  macft          macft lora (float32 compute on CPU)
+  macft-qlora    macft lora --method qlora (base quantized to 4 bits at load)
+  mlx_lm         mlx_lm.lora on a float32 copy of the model, given macft's BLAS (LD_PRELOAD) where
+                 macft found OpenBLAS
+  mlx_lm-stock   mlx_lm.lora as a user installs it: its own BLAS, the model's own dtype
+  mlx-lm-lora    mlx_lm_lora.train from --mlx-lm-lora-venv (its own mlx and mlx-lm versions)
 
-    python scripts/bench.py                                   # Gemma 3 270M, 20 steps, batch 4, seq 256
-    python scripts/bench.py --model tiny-llama --steps 30
-    python scripts/bench.py --scaling --systems macft,mlx_lm  # tokens/s and memory vs batch size
-    python scripts/bench.py --seq-scaling --systems macft,mlx_lm --steps 3   # ... vs sequence length
-    python scripts/bench.py --grad-checkpoint --systems macft,macft-qlora,mlx_lm-stock
+    python scripts/bench.py --systems mlx_lm,macft --steps 10 --rounds 3     # Gemma 3 270M
+    python scripts/bench.py --model tiny-llama --steps 6 --rounds 3 --allow-busy --out /tmp/bench.json
+    python scripts/bench.py --systems macft,mlx_lm,mlx-lm-lora --mlx-lm-lora-venv /work/venvs/perf-mlxlmlora
 """
 
 from __future__ import annotations
@@ -25,157 +41,94 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WIKISQL = ROOT.parent / "shared" / "data" / "wikisql"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MLX_LM_KEYS = [f"self_attn.{k}" for k in ALL_LINEAR[:4]] + [f"mlp.{k}" for k in ALL_LINEAR[4:]]
+METRICS = ("tokens_per_second", "own_tokens_per_second", "step_seconds", "first_step_seconds", "wall_seconds",
+           "mlx_peak_bytes", "rss_peak_bytes")
+
+# Imported by every child's Python before the tool's code (PYTHONPATH); it only reads MLX's peak at exit.
+PROBE = '''import atexit, sys
+def _macft_bench_peak():
+    mx = sys.modules.get("mlx.core")
+    if mx is not None:
+        print(f"BENCH_MLX_PEAK {mx.get_peak_memory()}", file=sys.stderr, flush=True)
+atexit.register(_macft_bench_peak)
+'''
+
+# One finished step in each tool's plain (not-a-terminal) output.
+MACFT_STEP = re.compile(r"^step (?P<step>\d+)/\d+\s+loss (?P<loss>[\d.]+)\s.*?(?P<tps>[\d.]+) tok/s")
+MLX_LM_STEP = re.compile(r"^\s*(?P<step>\d+)\s+(?P<loss>[\d.]+)\s+[▼▲]\s+(?P<tps>[\d,.]+)\s+(?P<tokens>[\d.]+)k\s*$")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # mlx_lm's console colours even when writing to a pipe
+MLX_LM_LORA_STEP = re.compile(r"Iter (?P<step>\d+): loss (?P<loss>[\d.]+),.*?tok/s (?P<tps>[\d.]+), trained_tok (?P<tokens>\d+)")
 
 
-# ----------------------------------------------------------------------------- workers (child processes)
+# ----------------------------------------------------------------------------- the machine
 
 
-def peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def summarise(reports: list[dict], started: float) -> dict:
-    """Throughput over the steps after the first (compilation), from (time, step, tokens, loss) reports."""
-    first, last = reports[0], reports[-1]
-    steady_tokens = last["tokens"] - first["tokens"]
-    steady_seconds = last["train_seconds"] - first["train_seconds"]
-    return {
-        "tokens_per_second": steady_tokens / steady_seconds if steady_seconds > 0 else float("nan"),
-        "time_to_first_step_s": first["wall"] - started,
-        "final_loss": last["loss"],
-        "steps": last["step"],
-    }
+def cpu_busy_seconds() -> float:
+    """Seconds of CPU time the whole machine has spent busy (all cores), from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def worker_macft(cfg: dict, started: float) -> dict:
-    import macft  # noqa: F401  (OpenBLAS before mlx)
-    import mlx.core as mx
+def busy_processes(seconds: float = 1.0, threshold: float = 0.05) -> list[dict]:
+    """Processes other than this one that used more than ``threshold`` of a core over ``seconds``."""
 
-    from macft.config import load_recipe
-    from macft.train.loop import Callback
-    from macft.train.run import run_training
+    def sample() -> dict[int, tuple[str, float]]:
+        ticks = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            name = text[text.index("(") + 1 : text.rindex(")")]
+            rest = text[text.rindex(")") + 2 :].split()
+            ticks[int(stat.parent.name)] = (name, (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK"))
+        return ticks
 
-    overrides = [
-        f"model.path={cfg['model_dir']}",
-        f"data.train={cfg['data']}",
-        f"data.max_seq_length={cfg['seq']}",
-        f"data.packing={str(cfg.get('packing', False)).lower()}",
-        "data.mask_prompt=false",
-        f"method.rank={cfg['rank']}",
-        f"method.alpha={cfg['scale'] * cfg['rank']}",
-        f"method.num_layers={cfg['layers']}",
-        f"method.target_modules=[{','.join(ALL_LINEAR)}]",
-        f"train.iters={cfg['steps']}",
-        f"train.batch_size={cfg['batch']}",
-        f"train.learning_rate={cfg['lr']}",
-        "train.lr_schedule=constant",
-        "train.grad_clip=0",
-        "train.eval_every=0",
-        "train.eval_batches=1",
-        f"train.save_every={10**9}",
-        "train.report_every=1",
-        f"output.runs_dir={cfg['scratch']}",
-        f"output.name={cfg['system']}-b{cfg['batch']}-s{cfg['seq']}",
-        "demo.count=0",
-        f"train.grad_checkpoint={str(cfg.get('grad_checkpoint', False)).lower()}",
-    ]
-    if cfg.get("quantize_bits"):
-        overrides.append(f"model.quantize_bits={cfg['quantize_bits']}")
-    reports: list[dict] = []
-    totals = {"tokens": 0, "seconds": 0.0}
-
-    class Recorder(Callback):
-        def on_train_report(self, info: dict) -> None:
-            # Step time only (validation and checkpoints excluded), as mlx_lm reports it.
-            totals["seconds"] += (info["tokens"] - totals["tokens"]) / info["tokens_per_second"]
-            totals["tokens"] = info["tokens"]
-            reports.append(
-                {"wall": time.perf_counter(), "step": info["step"], "tokens": info["tokens"],
-                 "loss": info["train_loss"], "train_seconds": totals["seconds"]}
-            )
-
-    mx.reset_peak_memory()
-    outcome = run_training(load_recipe(None, overrides), Recorder())
-    result = summarise(reports, started)
-    result["peak_memory_bytes"] = int(mx.get_peak_memory())
-    result["fast_paths"] = outcome.summary.fast_paths
-    return result
+    if not Path("/proc/stat").exists():
+        return []
+    before = sample()
+    time.sleep(seconds)
+    after = sample()
+    found = []
+    for pid, (name, cpu) in after.items():
+        if pid != os.getpid() and pid in before and (used := (cpu - before[pid][1]) / seconds) > threshold:
+            found.append({"pid": pid, "name": name, "cores": round(used, 2)})
+    return sorted(found, key=lambda p: -p["cores"])
 
 
-def worker_mlx_lm(cfg: dict, started: float) -> dict:
-    if cfg["blas"] == "openblas":
-        import macft  # noqa: F401  (gives mlx_lm the same OpenBLAS that macft uses)
-    import mlx.core as mx
-    from mlx_lm import lora
-    from mlx_lm.tuner.callbacks import TrainingCallback
+class Watch:
+    """CPU used by everything except one child process (and this script) while it runs."""
 
-    args = dict(lora.CONFIG_DEFAULTS)
-    args.update(
-        model=cfg["model_dir"],
-        train=True,
-        data=cfg["data"],
-        iters=cfg["steps"],
-        batch_size=cfg["batch"],
-        max_seq_length=cfg["seq"],
-        num_layers=cfg["layers"],
-        lora_parameters={"rank": cfg["rank"], "scale": cfg["scale"], "dropout": 0.0},
-        learning_rate=cfg["lr"],
-        steps_per_report=1,
-        steps_per_eval=10**9,
-        val_batches=1,
-        save_every=10**9,
-        adapter_path=str(Path(cfg["scratch"]) / "mlx_lm"),
-        seed=0,
-        grad_checkpoint=cfg.get("grad_checkpoint", False),
-    )
-    reports: list[dict] = []
-    totals = {"tokens": 0, "seconds": 0.0}
+    def __init__(self):
+        self.load_start = os.getloadavg()
+        self.busy_start = cpu_busy_seconds() if Path("/proc/stat").exists() else None
+        self.self_start = time.process_time()
+        self.started = time.perf_counter()
 
-    class Recorder(TrainingCallback):
-        def on_train_loss_report(self, info: dict) -> None:
-            totals["tokens"] = info["trained_tokens"]
-            totals["seconds"] += 1.0 / info["iterations_per_second"]
-            reports.append(
-                {"wall": time.perf_counter(), "step": info["iteration"], "tokens": totals["tokens"],
-                 "loss": info["train_loss"], "train_seconds": totals["seconds"]}
-            )
-
-    import types
-
-    from mlx_lm.tuner.datasets import load_dataset
-    from mlx_lm.utils import load
-
-    # mlx_lm.lora.run() drops a callback passed to it, so this is its body with ours kept.
-    args = types.SimpleNamespace(**args)
-    mx.reset_peak_memory()
-    model, tokenizer = load(args.model)
-    train_set, valid_set, _ = load_dataset(args, tokenizer)
-    lora.train_model(args, model, train_set, valid_set, Recorder())
-    result = summarise(reports, started)
-    result["peak_memory_bytes"] = int(mx.get_peak_memory())
-    return result
+    def others_cores(self, child_cpu_seconds: float) -> float | None:
+        if self.busy_start is None:
+            return None
+        elapsed = time.perf_counter() - self.started
+        ours = child_cpu_seconds + time.process_time() - self.self_start
+        return max(0.0, (cpu_busy_seconds() - self.busy_start - ours) / elapsed)
 
 
-def run_worker(system: str, cfg: dict) -> None:
-    started = time.perf_counter() - float(os.environ.get("BENCH_SPAWN_SECONDS", "0"))
-    result = worker_macft(cfg, started) if system.startswith("macft") else worker_mlx_lm(cfg, started)
-    result["peak_rss_bytes"] = peak_rss_bytes()
-    print("BENCH_RESULT " + json.dumps(result), flush=True)
-
-
-# ----------------------------------------------------------------------------- parent
+# ----------------------------------------------------------------------------- preparation
 
 
 def prepare_models(name: str, scratch: Path) -> dict[str, str]:
@@ -214,76 +167,213 @@ def joined_rows(source: Path, per_row: int, out: Path) -> Path:
     return out
 
 
-def spawn(system: str, cfg: dict) -> dict:
-    env = dict(os.environ)
-    if system == "mlx_lm-stock":
+def openblas_path() -> str | None:
+    """The OpenBLAS library macft loads on this machine, for giving mlx_lm the same one."""
+    from macft.backend import load_openblas
+
+    return load_openblas()
+
+
+# ----------------------------------------------------------------------------- command lines
+
+
+def macft_command(cfg: dict, run_dir: Path) -> list[str]:
+    command = [
+        sys.executable, "-m", "macft.cli", "lora",
+        "--model", cfg["model_dir"], "--data", cfg["data"], "--iters", str(cfg["steps"]),
+        "--batch-size", str(cfg["batch"]), "--lr", str(cfg["lr"]), "--rank", str(cfg["rank"]),
+        "--out-dir", str(run_dir.parent), "--name", run_dir.name,
+    ]
+    sets = {
+        "data.max_seq_length": cfg["seq"], "data.packing": "false", "data.mask_prompt": "false",
+        "method.alpha": cfg["scale"] * cfg["rank"], "method.num_layers": cfg["layers"],
+        "method.target_modules": f"[{','.join(ALL_LINEAR)}]", "train.lr_schedule": "constant", "train.grad_clip": 0,
+        "train.eval_every": 0, "train.eval_batches": 1, "train.save_every": 10**9, "train.report_every": 1,
+        "demo.count": 0, "train.grad_checkpoint": str(cfg["grad_checkpoint"]).lower(),
+    }
+    for key, value in sets.items():
+        command += ["--set", f"{key}={value}"]
+    if cfg["system"] == "macft-qlora":
+        command += ["--method", "qlora"]
+    return command
+
+
+def mlx_lm_config(cfg: dict, run_dir: Path) -> Path:
+    """mlx_lm.lora's YAML config (rank, scale and target layers have no flags); mlx-lm-lora reads the same
+    keys (it ignores the target layers) and would otherwise fuse and save the model after training."""
+    import yaml
+
+    config = {
+        "model": cfg["model_dir"], "train": True, "data": cfg["data"], "iters": cfg["steps"], "batch_size": cfg["batch"],
+        "max_seq_length": cfg["seq"], "num_layers": cfg["layers"], "learning_rate": cfg["lr"], "mask_prompt": False,
+        "lora_parameters": {"rank": cfg["rank"], "scale": cfg["scale"], "dropout": 0.0, "keys": MLX_LM_KEYS},
+        "steps_per_report": 1, "steps_per_eval": 10**9, "val_batches": 1, "save_every": 10**9,
+        "adapter_path": str(run_dir), "seed": 0, "grad_checkpoint": cfg["grad_checkpoint"],
+    }
+    if cfg["system"] == "mlx-lm-lora":
+        config.update(train_type="lora", train_mode="sft", fuse=False)
+    path = run_dir.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def command_for(cfg: dict, run_dir: Path, tools: dict) -> tuple[list[str], dict[str, str]]:
+    """The command line and extra environment of one run of ``cfg['system']``."""
+    system, env = cfg["system"], {}
+    if system.startswith("macft"):
+        return macft_command(cfg, run_dir), {"PYTHONPATH": str(ROOT)}
+    config = mlx_lm_config(cfg, run_dir)
+    if system == "mlx-lm-lora":
+        return [tools["mlx-lm-lora"], "--config", str(config)], env
+    if system == "mlx_lm" and tools.get("openblas"):
+        env["LD_PRELOAD"] = tools["openblas"]
+    return [tools["mlx_lm"], "--config", str(config)], env
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def run_once(cfg: dict, run_dir: Path, tools: dict, probe_dir: Path) -> dict:
+    """Start the system's command, timestamp its step reports, and measure the process."""
+    command, extra = command_for(cfg, run_dir, tools)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(probe_dir), extra.get("PYTHONPATH"), os.environ.get("PYTHONPATH")) if p)
+    if cfg["system"] == "mlx_lm-stock":
         env["MACFT_OPENBLAS"] = "0"
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", system, "--worker-config", json.dumps(cfg)],
-        capture_output=True, text=True, env=env,
-    )
-    wall = time.perf_counter() - t0
-    for line in proc.stdout.splitlines():
-        if line.startswith("BENCH_RESULT "):
-            result = json.loads(line[len("BENCH_RESULT "):])
-            result["wall_seconds"] = wall
-            return result
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-    return {"error": " | ".join(tail)}
+    pattern = MACFT_STEP if cfg["system"].startswith("macft") else MLX_LM_LORA_STEP if cfg["system"] == "mlx-lm-lora" else MLX_LM_STEP
+    watch = Watch()
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=run_dir.parent)
+    steps, tail, mlx_peak = [], [], None
+
+    def read() -> None:
+        nonlocal mlx_peak
+        for line in proc.stdout:
+            now = time.perf_counter()
+            line = ANSI.sub("", line)
+            tail.append(line.rstrip())
+            del tail[:-20]
+            if line.startswith("BENCH_MLX_PEAK "):
+                mlx_peak = int(line.split()[1])
+            elif match := pattern.search(line):
+                found = match.groupdict()
+                tokens = float(found["tokens"]) * (1000 if pattern is MLX_LM_STEP else 1) if "tokens" in found else None
+                steps.append({"time": now - started, "step": int(found["step"]), "loss": float(found["loss"]),
+                              "own_tps": float(found["tps"].replace(",", "")), "tokens": tokens})
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    reader.join(timeout=10)
+    others = watch.others_cores(usage.ru_utime + usage.ru_stime)
+    load_end = os.getloadavg()
+    if cfg["system"].startswith("macft"):
+        attach_macft_tokens(steps, run_dir)
+    result = {"exit_status": os.waitstatus_to_exitcode(status), "wall_seconds": wall, "rss_peak_bytes": usage.ru_maxrss * 1024,
+              "mlx_peak_bytes": mlx_peak, "steps": steps, "load_start": watch.load_start, "load_end": load_end,
+              "other_cores": others}
+    if result["exit_status"] != 0 or len(steps) < 3:
+        result["error"] = " | ".join(tail[-5:])
+        return result
+    result.update(step_metrics(steps))
+    return result
+
+
+def attach_macft_tokens(steps: list[dict], run_dir: Path) -> None:
+    """macft's terminal line has no token count; its run directory's metrics.jsonl has it per step."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return
+    tokens = {row["step"]: row["tokens"] for row in map(json.loads, metrics.read_text().splitlines()) if row.get("kind") == "train"}
+    for step in steps:
+        step["tokens"] = tokens.get(step["step"])
+
+
+def step_metrics(steps: list[dict]) -> dict:
+    """The per-run numbers over the steady window: from the first step report to the second-to-last."""
+    window = steps[:-1] if len(steps) >= 4 else steps
+    first, last = window[0], window[-1]
+    gaps = [b["time"] - a["time"] for a, b in zip(window, window[1:])]
+    tokens = None if first["tokens"] is None or last["tokens"] is None else last["tokens"] - first["tokens"]
+    return {
+        "tokens_per_second": tokens / (last["time"] - first["time"]) if tokens else None,
+        "own_tokens_per_second": statistics.median(s["own_tps"] for s in window[1:]),
+        "step_seconds": statistics.median(gaps),
+        "first_step_seconds": steps[0]["time"],
+        "final_loss": steps[-1]["loss"],
+        "trained_tokens_in_window": tokens,
+    }
+
+
+# ----------------------------------------------------------------------------- rounds and summary
 
 
 def system_config(system: str, base: dict, models: dict) -> dict:
     cfg = dict(base, system=system)
     cfg["model_dir"] = models["native"] if system == "mlx_lm-stock" else models["float32"]
-    cfg["blas"] = "reference" if system == "mlx_lm-stock" else "openblas"
-    if system == "mlx_lm-stock":
-        cfg["steps"] = min(cfg["steps"], cfg.pop("stock_steps"))  # ~2 tokens/s: a few steps measure it
-    cfg.pop("stock_steps", None)
-    if system == "macft-qlora":
-        cfg["quantize_bits"] = 4
-    if system == "macft-packed":
-        cfg["packing"] = True
     return cfg
+
+
+def summarise(runs: list[dict], systems: list[str]) -> dict:
+    """Per system and metric: median, min, max and the number of successful runs."""
+    summary = {}
+    for system in systems:
+        ok = [r["result"] for r in runs if r["system"] == system and "error" not in r["result"]]
+        summary[system] = {"runs": len(ok)}
+        for metric in METRICS:
+            values = [r[metric] for r in ok if r.get(metric) is not None]
+            if values:
+                summary[system][metric] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return summary
 
 
 def gib(value: float) -> str:
     return f"{value / 2**30:.2f}"
 
 
-def print_table(rows: list[dict], reference_names: list[str]) -> None:
-    header = f"{'system':<14}{'tok/s':>9}{'MLX peak GiB':>14}{'RSS GiB':>9}{'1st step s':>11}{'loss':>8}"
-    print(header)
-    for row in rows:
-        r = row["result"]
-        if "error" in r:
-            print(f"{row['system']:<14} failed: {r['error']}")
-            continue
-        print(
-            f"{row['system']:<14}{r['tokens_per_second']:>9.1f}{gib(r['peak_memory_bytes']):>14}"
-            f"{gib(r['peak_rss_bytes']):>9}{r['time_to_first_step_s']:>11.1f}{r['final_loss']:>8.3f}"
-        )
-    for reference in reference_names:
-        ref = next((row["result"] for row in rows if row["system"] == reference and "error" not in row["result"]), None)
-        if ref is None:
-            continue
-        for row in rows:
-            r = row["result"]
-            if row["system"].startswith("macft") and "error" not in r:
-                print(
-                    f"  {row['system']} vs {reference}: {r['tokens_per_second'] / ref['tokens_per_second']:.2f}x tokens/s, "
-                    f"{r['peak_memory_bytes'] / ref['peak_memory_bytes']:.2f}x MLX peak memory, "
-                    f"{r['peak_rss_bytes'] / ref['peak_rss_bytes']:.2f}x RSS"
-                )
+def print_summary(summary: dict, references: list[str]) -> None:
+    columns = [("tokens_per_second", "tok/s", "{:.1f}"), ("own_tokens_per_second", "own tok/s", "{:.1f}"),
+               ("step_seconds", "step s", "{:.2f}"), ("first_step_seconds", "1st step s", "{:.1f}"),
+               ("wall_seconds", "wall s", "{:.1f}"), ("mlx_peak_bytes", "MLX GiB", None), ("rss_peak_bytes", "RSS GiB", None)]
+    print(f"{'system':<14}{'runs':>5}" + "".join(f"{label:>22}" for _, label, _ in columns))
+    for system, row in summary.items():
+        cells = []
+        for metric, _, fmt in columns:
+            if metric not in row:
+                cells.append(f"{'-':>22}")
+                continue
+            m = row[metric]
+            show = (lambda v: gib(v)) if fmt is None else (lambda v, f=fmt: f.format(v))
+            cells.append(f"{show(m['median']) + ' (' + show(m['min']) + '-' + show(m['max']) + ')':>22}")
+        print(f"{system:<14}{row['runs']:>5}" + "".join(cells))
+    print("  (median over rounds, min-max in brackets)")
+    for reference in references:
+        ref = summary.get(reference, {})
+        for system, row in summary.items():
+            if system == reference or not system.startswith(("macft", "mlx-lm-lora")):
+                continue
+            parts = [f"{row[m]['median'] / ref[m]['median']:.2f}x {label}" for m, label in
+                     (("tokens_per_second", "tokens/s"), ("first_step_seconds", "time to first step"),
+                      ("mlx_peak_bytes", "MLX peak"), ("rss_peak_bytes", "RSS"))
+                     if m in row and m in ref and ref[m]["median"]]
+            if parts:
+                print(f"  {system} vs {reference}: " + ", ".join(parts))
 
 
 def run_all(args: argparse.Namespace, scratch: Path) -> dict:
-    """Every setting × system, each system in its own process; the report to write."""
-    models = prepare_models(args.model, scratch)
     systems = args.systems.split(",")
+    tools = {"mlx_lm": str(Path(sys.executable).with_name("mlx_lm.lora")), "openblas": openblas_path()}
+    if "mlx-lm-lora" in systems:
+        if args.mlx_lm_lora_venv is None or not (Path(args.mlx_lm_lora_venv) / "bin" / "mlx_lm_lora.train").exists():
+            sys.exit("mlx-lm-lora: pass --mlx-lm-lora-venv, a venv where `pip install mlx-lm-lora` put bin/mlx_lm_lora.train")
+        tools["mlx-lm-lora"] = str(Path(args.mlx_lm_lora_venv) / "bin" / "mlx_lm_lora.train")
+    models = prepare_models(args.model, scratch)
+    probe_dir = scratch / "probe"
+    probe_dir.mkdir()
+    (probe_dir / "sitecustomize.py").write_text(PROBE)
     base = {"data": str(args.data), "steps": args.steps, "batch": args.batch, "seq": args.seq, "rank": args.rank,
-            "scale": args.scale, "layers": args.layers, "lr": args.lr, "scratch": str(scratch),
-            "stock_steps": args.stock_steps, "grad_checkpoint": args.grad_checkpoint}
+            "scale": args.scale, "layers": args.layers, "lr": args.lr, "grad_checkpoint": args.grad_checkpoint}
     settings = [] if args.seq_scaling else [dict(base)]
     if args.scaling:
         settings += [dict(base, batch=b) for b in (2, 8) if b != args.batch]
@@ -294,27 +384,38 @@ def run_all(args: argparse.Namespace, scratch: Path) -> dict:
             data = joined_rows(args.data, max(1, seq // 100), scratch / f"rows-{seq}")
             settings.append(dict(base, seq=seq, batch=1, data=str(data)))
 
+    before = busy_processes()
     report = {"machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores", "model": args.model,
-              "date": time.strftime("%Y-%m-%d"), "runs": []}
+              "date": time.strftime("%Y-%m-%d %H:%M"), "rounds": args.rounds, "blas_for_mlx_lm": tools["openblas"],
+              "busy_before": before, "load_before": os.getloadavg(), "settings": []}
     for setting in settings:
         print(f"\n== {args.model}: batch {setting['batch']}, seq {setting['seq']}, rank {setting['rank']}, "
-              f"{setting['layers']} layers, {setting['steps']} steps" + (", gradient checkpointing" if args.grad_checkpoint else ""))
-        rows = []
-        for system in systems:
-            result = spawn(system, system_config(system, setting, models))
-            rows.append({"system": system, "result": result})
-            print(f"  {system}: {json.dumps(result)[:160]}", flush=True)
-        print_table(rows, [s for s in ("mlx_lm", "mlx_lm-stock") if s in systems])
-        report["runs"].append({"settings": {k: v for k, v in setting.items() if k != "scratch"}, "rows": rows})
+              f"{setting['layers']} layers, {setting['steps']} steps, {args.rounds} rounds of {', '.join(systems)}"
+              + (", gradient checkpointing" if args.grad_checkpoint else ""), flush=True)
+        runs = []
+        for round_ in range(1, args.rounds + 1):
+            for system in systems:
+                run_dir = scratch / "runs" / f"{system}-r{round_}-b{setting['batch']}-s{setting['seq']}"
+                run_dir.parent.mkdir(exist_ok=True)
+                result = run_once(system_config(system, setting, models), run_dir, tools, probe_dir)
+                runs.append({"system": system, "round": round_, "result": result})
+                shown = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.items() if k not in ("steps", "load_start", "load_end")}
+                print(f"  round {round_} {system}: {json.dumps(shown)[:240]}", flush=True)
+        summary = summarise(runs, systems)
+        print_summary(summary, [s for s in ("mlx_lm", "mlx_lm-stock") if s in systems])
+        report["settings"].append({"settings": setting, "summary": summary, "runs": runs})
+    others = [r["result"]["other_cores"] for s in report["settings"] for r in s["runs"] if r["result"].get("other_cores") is not None]
+    report["other_cores_max"] = max(others, default=None)
+    report["busy"] = bool(before) and sum(p["cores"] for p in before) > args.busy_cores or any(o > args.busy_cores for o in others)
     return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gemma3-270m", help="gemma3-270m, tiny-llama, or a model folder")
-    parser.add_argument("--systems", default="macft,macft-qlora,mlx_lm,mlx_lm-stock")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--stock-steps", type=int, default=3, help="steps for mlx_lm-stock, which is ~10x slower")
+    parser.add_argument("--systems", default="macft,mlx_lm", help="comma-separated: macft, macft-qlora, mlx_lm, mlx_lm-stock, mlx-lm-lora")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every system, interleaved (A B A B ...)")
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
@@ -324,22 +425,28 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=WIKISQL)
     parser.add_argument("--grad-checkpoint", action="store_true", help="recompute each layer in the backward pass (all systems)")
     parser.add_argument("--scaling", action="store_true", help="also sweep the batch size (2/4/8)")
-    parser.add_argument(
-        "--seq-scaling", action="store_true",
-        help="instead sweep the maximum length (256/512/1024, batch 1) over rows of joined examples that fill it",
-    )
+    parser.add_argument("--seq-scaling", action="store_true",
+                        help="instead sweep the maximum length (256/512/1024, batch 1) over rows of joined examples that fill it")
+    parser.add_argument("--mlx-lm-lora-venv", type=Path, help="a venv with mlx-lm-lora installed (for the mlx-lm-lora system)")
+    parser.add_argument("--busy-cores", type=float, default=0.25,
+                        help="the machine counts as busy when other processes use more cores than this during a run")
+    parser.add_argument("--allow-busy", action="store_true", help="write the results even when the machine was busy")
     parser.add_argument("--out", type=Path, default=ROOT / "scripts" / "results" / "bench.json")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--worker-config", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        return run_worker(args.worker, json.loads(args.worker_config))
+    if args.rounds < 1 or args.steps < 3:
+        parser.error("--rounds must be at least 1 and --steps at least 3")
 
     scratch = Path(tempfile.mkdtemp(prefix="macft-bench-"))
     try:
         report = run_all(args, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # a float32 copy of the model lives there
+    if report["busy"]:
+        print(f"\nThe machine was busy (other processes used up to {report['other_cores_max'] or 0:.2f} cores; "
+              f"load average before {report['load_before'][0]:.1f}; busy: {report['busy_before'][:5]})")
+        if not args.allow_busy:
+            print("Results not written: re-run on a quiet machine, or pass --allow-busy.")
+            sys.exit(2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out}")

@@ -13,9 +13,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import macft  # noqa: E402,F401  (loads OpenBLAS before mlx is imported)
 from macft.models.random_init import FAMILIES, build_random_model  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-WIKISQL = REPO_ROOT.parent / "shared" / "data" / "wikisql"
-
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_home(tmp_path_factory):

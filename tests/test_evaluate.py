@@ -101,9 +101,10 @@ def test_eval_cli_base_vs_tuned_with_report(tiny_model_dir, data_file, tmp_path)
 
 
 def test_text_records_split_at_a_marker(tiny_model_dir, tmp_path):
-    from conftest import WIKISQL
-
-    lines = (WIKISQL / "test.jsonl").read_text().splitlines()[:2]
+    lines = [
+        json.dumps({"text": "table: 1-10015132-11\ncolumns: Player, No., Position\nQ: What position does number 21 play?\nA: SELECT Position FROM 1-10015132-11 WHERE No. = '21'"}),
+        json.dumps({"text": "table: 2-1137694-3\ncolumns: Round, Winner, Team\nQ: Who won round 4?\nA: SELECT Winner FROM 2-1137694-3 WHERE Round = 4"}),
+    ]  # WikiSQL-style text records: the answer follows "A:"
     path = tmp_path / "wikisql.jsonl"
     path.write_text("\n".join(lines) + "\n")
     loaded = load_model(str(tiny_model_dir))

@@ -24,6 +24,7 @@ from macft.export.pipeline import export_gguf
 from macft.families.base import permute_rows
 from macft.models.load import load_model
 from macft.models.random_init import FAMILIES, build_random_model
+from macft.paths import RECIPES_DIR
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp oracle) is not installed")
 
@@ -134,12 +135,9 @@ def perplexity(path: Path, texts: list[str]) -> float:
 
 
 def held_out_texts(count: int = 4) -> list[str]:
-    from conftest import WIKISQL
-
-    path = WIKISQL / "test.jsonl"
-    if not path.is_file():
-        return [SAMPLE, PROMPT * 3, "SELECT name FROM users WHERE age > 30 ORDER BY name;" * 2]
-    return [json.loads(line)["text"] for line in path.read_text().splitlines()[:count]]
+    """Prompts and answers of the quickstart's held-out examples, as plain text."""
+    lines = (RECIPES_DIR / "data" / "quickstart" / "test.jsonl").read_text().splitlines()[:count]
+    return [(record := json.loads(line))["prompt"] + record["completion"] for line in lines]
 
 
 def test_quantized_exports_load_and_keep_perplexity(wide_llama, tmp_path):

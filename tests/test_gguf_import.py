@@ -27,6 +27,7 @@ from macft.models.gguf_import import import_gguf, import_gguf_report
 from macft.models.gguf_import.quants import EXACT_BITS, pack, quantize_exact
 from macft.models.gguf_import.reader import read_gguf
 from macft.models.load import load_model
+from macft.paths import RECIPES_DIR
 
 try:
     import llama_cpp
@@ -509,8 +510,8 @@ def test_embedded_gemma_agrees_with_llama_cpp(tmp_path):
         assert tokenizer.encode(text) == vocab.tokenize(text.encode(), add_bos=True, special=True), text
 
     dequantize_model(model, mx.float32)
-    wikisql = Path(__file__).resolve().parent.parent.parent / "shared/data/wikisql/valid.jsonl"
-    text = wikisql.read_text()[:1500] if wikisql.exists() else " ".join(SAMPLE_TEXTS) * 8
+    records = (RECIPES_DIR / "data" / "quickstart" / "valid.jsonl").read_text().splitlines()
+    text = "\n".join(json.loads(line)["prompt"] + json.loads(line)["completion"] for line in records)[:1500]
     ids = tokenizer.encode(text)[:300]
     ours = logits_of(model, ids)
     prompts = [tokenizer.encode(p) for p in ("The capital of France is", "def fibonacci(n):")]

@@ -78,11 +78,14 @@ def test_hub_shapes_match_published_sizes(model_path):
     assert abs(shape_of(model_path).params - HUB_PARAMS[model_path]) / HUB_PARAMS[model_path] < 0.03
 
 
-def test_wikisql_recipe_fits_a_16gb_mac_and_reads_the_benchmark_data():
-    wikisql = RECIPES_DIR.parent.parent / "shared" / "data" / "wikisql"  # the project's benchmark copy
-    assert (wikisql / "train.jsonl").is_file()
-    recipe = load_recipe("gemma3-270m-qlora-wikisql", overrides=[f"data.train={wikisql}"])
-    assert recipe.data.train == str(wikisql)
+def test_wikisql_recipe_asks_for_its_data_then_fits_a_16gb_mac(tmp_path):
+    asked = CliRunner().invoke(cli, ["lora", "gemma3-270m-qlora-wikisql"])
+    assert asked.exit_code == 1 and len(asked.output.strip().splitlines()) == 1
+    assert "'gemma3-270m-qlora-wikisql' needs training data: pass --data PATH" in asked.output
+    record = {"text": "table: t\ncolumns: a, b\nQ: What is b when a is 1?\nA: SELECT b FROM t WHERE a = 1"}
+    (tmp_path / "train.jsonl").write_text(json.dumps(record) + "\n")
+    recipe = load_recipe("gemma3-270m-qlora-wikisql", overrides=[f"data.train={tmp_path}"])
+    assert recipe.data.train == str(tmp_path)
     result = estimate(read_model_shape(recipe.model.path), plan_from_recipe(recipe, MAC_SETTINGS), mac_working_set(16 * GIB))
     assert result.fits
 

@@ -36,7 +36,8 @@ def check(
 ) -> None:
     """Validate every line of PATH (a .jsonl file or a folder with train/valid/test.jsonl) and report
     counts, token lengths, truncation, duplicates, padding with and without packing, and one example
-    with its trained tokens highlighted.
+    with its trained tokens highlighted. Preference pairs (prompt/chosen/rejected) and GRPO prompt
+    sets get their own report: pairs, chosen/rejected lengths, truncation, identical pairs.
 
     \b
     Example:
@@ -52,8 +53,29 @@ def check(
     data_cfg = DataConfig(
         train=path, max_seq_length=max_seq_length, mask_prompt=mask_prompt, use_chat_template=chat_template
     )
+    kind = alignment_kind(path)
+    if kind != "sft":
+        from macft.align.check import check_alignment_data
+
+        aligned = check_alignment_data(data_cfg, tokenizer, kind)
+        if as_json:
+            click.echo(json.dumps({"path": path, "model": model, **aligned.to_dict()}, indent=2))
+        else:
+            ui.show_alignment_data(aligned, path, model)
+        return
     report = check_data(data_cfg, tokenizer, batch_size=batch_size)
     if as_json:
         click.echo(json.dumps({"path": path, "model": model, **report.to_dict()}, indent=2))
     else:
         ui.show_data_report(report, path, model)
+
+
+def alignment_kind(path: str) -> str:
+    """"pairs", "prompts" or "sft": what the training file (or a folder's train.jsonl) holds."""
+    from pathlib import Path
+
+    from macft.data.preference import dataset_kind
+
+    target = Path(path)
+    target = target / "train.jsonl" if target.is_dir() else target
+    return dataset_kind(target) if target.is_file() else "sft"

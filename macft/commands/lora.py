@@ -80,7 +80,7 @@ def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[
         recipe, note = switched_method_rate(written, recipe, rate_given)
         notes.extend([note] if note else [])
     else:
-        for section in ("model", "data", "method", "train", "output", "demo"):
+        for section in ("model", "data", "method", "train", "output", "demo", "align"):
             before, after = getattr(saved, section), getattr(recipe, section)
             for key, value in vars(after).items():
                 if getattr(before, key) != value:
@@ -172,7 +172,7 @@ def lora(
     """
     from macft import ui
     from macft.train.distributed import connect, launched
-    from macft.train.run import run_demo, run_training
+    from macft.train.run import loss_history, run_demo, run_training
 
     if (hosts or hostfile) and not launched():
         from macft.train.launch import launch_ranks
@@ -211,7 +211,7 @@ def lora(
         click.echo(json.dumps(payload, indent=2))
     else:
         ui.show_notes(outcome.notes)
-        ui.show_summary(outcome.summary)
+        ui.show_summary(outcome.summary, curve=loss_history(outcome.run_dir / "metrics.jsonl"))
         if demo is not None:
             ui.show_demo(demo)
     if result.failed:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from macft.errors import MacftError
 
@@ -59,8 +59,10 @@ class LineError(ValueError):
     """A problem with one line; ``read_records`` adds the file name and line number."""
 
 
-def read_records(path: Path) -> list[Record]:
-    """Parse and validate every non-blank line of a JSONL file."""
+def read_records(path: Path, parse: Callable[[str, str], Any] | None = None) -> list[Any]:
+    """Parse and validate every non-blank line of a JSONL file (with ``parse(line, source)``,
+    ``parse_line`` by default: preference pairs and prompt sets bring their own)."""
+    parse = parse or parse_line
     path = Path(path)
     if not path.is_file():
         raise MacftError(f"Data file {path} does not exist.")
@@ -71,7 +73,7 @@ def read_records(path: Path) -> list[Record]:
                 continue
             source = f"{path.name}:{number}"
             try:
-                records.append(parse_line(_decode(raw), source))
+                records.append(parse(_decode(raw), source))
             except LineError as exc:
                 raise MacftError(f"{path.name} line {number}: {exc}") from None
     if not records:
@@ -86,7 +88,8 @@ def _decode(raw: bytes) -> str:
         raise LineError(f"not UTF-8 text (byte {exc.start + 1}); save the file as UTF-8") from None
 
 
-def parse_line(line: str, source: str) -> Record:
+def json_object(line: str, shapes: str) -> dict:
+    """The line's JSON object; ``shapes`` names what a line may look like, for the error."""
     line = line.rstrip("\r\n")  # json counts a trailing newline as a second line, which would throw the column off
     try:
         obj = json.loads(line)
@@ -94,7 +97,14 @@ def parse_line(line: str, source: str) -> Record:
         where = "at the end of the line" if exc.pos >= len(line.rstrip()) else f"at column {exc.pos + 1}"
         raise LineError(f"not valid JSON ({exc.msg} {where}); write one JSON object per line") from None
     if not isinstance(obj, dict):
-        raise LineError(f"expected a JSON object, got {_kind(obj)}; each line must be one of {SHAPES}")
+        raise LineError(f"expected a JSON object, got {_kind(obj)}; each line must be {shapes}")
+    return obj
+
+
+def parse_line(line: str, source: str) -> Record:
+    obj = json_object(line, f"one of {SHAPES}")
+    if "chosen" in obj or "rejected" in obj:
+        raise LineError("this is a preference pair (prompt/chosen/rejected); set train.objective to dpo, orpo or simpo")
     if "messages" in obj:
         return _chat(obj, source)
     if "conversations" in obj:

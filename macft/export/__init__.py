@@ -7,8 +7,11 @@
 | ``gguf_writer`` | an mlx-lm model -> a GGUF file (metadata, tensors, atomic write) |
 | ``families`` | per-family GGUF architecture keys, tensor names and layouts |
 | ``tokenizer_meta`` | the ``tokenizer.*`` keys (SentencePiece, byte-level BPE, or copied from a source GGUF) |
-| ``quant_plan`` | llama-quantize's per-tensor type rules for each ``--quant`` |
-| ``kquants`` | Q4_K / Q5_K / Q6_K in numpy (ggml's reference algorithms) |
+| ``quant_plan`` | llama-quantize's per-tensor type rules for each ``--quant``, and the delta-aware upgrades |
+| ``kquants`` | Q4_K / Q5_K / Q6_K in numpy (ggml's reference algorithms); importance-weighted rounding of every type |
+| ``imatrix`` | a run's importance matrix: mean x² per input column of each linear layer on its training data |
+| ``guidance`` | what a run tells the quantizer: that matrix, and how much the fine-tune changed each weight |
+| ``fidelity`` | the exported file against the fused float model on the run's validation data |
 | ``adapter_gguf`` | a LoRA adapter as a llama.cpp ``--lora`` GGUF |
 | ``modelfile`` | Ollama Modelfile with a Go TEMPLATE for the known chat formats |
 """

@@ -23,6 +23,7 @@ from pathlib import Path
 from macft.errors import MacftError
 from macft.outputs import check_output, has_record
 from macft.paths import atomic_path
+from macft.phases import phase
 
 FUSE_RECORD = "macft_fuse.json"
 IMPORT_RECORD = "macft_import.json"  # written by macft.models.gguf_import
@@ -60,8 +61,10 @@ def read_adapter_config(run_dir: Path) -> dict:
     return json.loads(config_file.read_text())
 
 
-def load_fused(run_dir: str | Path, *, dequantize: bool = False):
-    """Base + adapter, merged in memory: returns (LoadedModel with the fused model, adapter config, merged layers)."""
+def load_fused(run_dir: str | Path, *, dequantize: bool = False, on_base=None):
+    """Base + adapter, merged in memory: returns (LoadedModel with the fused model, adapter config, merged layers).
+
+    ``on_base(model)`` is called with the base model before the adapter touches it."""
     from mlx.utils import tree_flatten
 
     from macft.method_registry import method_spec
@@ -72,6 +75,8 @@ def load_fused(run_dir: str | Path, *, dequantize: bool = False):
     adapter_cfg = read_adapter_config(run_dir)
     method_spec(adapter_cfg.get("method", "lora")).refuse_fusing()  # before loading any weights
     loaded = load_run_base(run_dir)
+    if on_base is not None:
+        on_base(loaded.model)
     base_names = {name for name, _ in tree_flatten(loaded.model.parameters())}
     model, _ = load_adapter(loaded.model, run_dir)
     merged = sum(1 for _, m in model.named_modules() if hasattr(m, "fuse") and callable(m.fuse))
@@ -147,7 +152,7 @@ def fuse_adapter(
         config["quantization"] = entry
     elif mode == "as base":
         mode = "float"
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, phase(f"Saving the fused model to {out}"):
         save_model(tmp, model)
         save_config(config, tmp / "config.json")
         for name in TOKENIZER_FILES:

@@ -6,6 +6,10 @@
 Quantized MLX weights (GGUF imports, QLoRA bases) are dequantized to float32 first; the families
 module maps names and layouts; ``quant_plan`` picks each tensor's type and ``kquants`` (or gguf-py
 for the legacy types) packs it. The file appears only once complete (``macft.paths.atomic_path``).
+
+With a ``guide`` (``macft.export.guidance.QuantGuide``: a run's importance matrix and how much its
+fine-tune changed each weight) every tensor is rounded to minimise its importance-weighted error
+and ``quant_plan.guided_types`` raises the most-changed tensors within ``extra_bytes``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from gguf import GGMLQuantizationType as Q
 
 from macft.errors import MacftError
 from macft.export import families, kquants, tokenizer_meta
-from macft.export.quant_plan import SCHEMES, tensor_type
+from macft.export.quant_plan import EXTRA_BYTES, SCHEMES, PlanTensor, guided_types, sample_rows, tensor_bytes, tensor_type
 from macft.outputs import GGUF_COMMAND_KEY
 from macft.paths import atomic_path
 
@@ -35,6 +39,7 @@ class GGUFResult:
     types: dict[str, int] = field(default_factory=dict)  # GGUF type name -> tensor count
     size_bytes: int = 0
     seconds: float = 0.0
+    guided: dict | None = None  # with a guide: importance-weighted tensors, upgrades, plain and guided tensor bytes
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "path": str(self.path)}
@@ -73,11 +78,14 @@ def write_gguf(
     tokenizer_dir: Path,
     tokenizer_gguf: Path | None = None,
     name: str | None = None,
+    guide=None,
+    extra_bytes: float = EXTRA_BYTES,
 ) -> GGUFResult:
     """Export ``model`` to ``out`` at ``quant`` (see ``quant_plan.SCHEMES``).
 
     ``tokenizer_gguf``: a GGUF file whose tokenizer keys are copied verbatim (the model's origin);
-    otherwise the tokenizer comes from the HF files in ``tokenizer_dir``.
+    otherwise the tokenizer comes from the HF files in ``tokenizer_dir``. ``guide``: a
+    ``QuantGuide`` for importance-weighted rounding and delta-aware types (see the module docstring).
     """
     if quant not in SCHEMES:
         raise MacftError(f"Unknown GGUF quantization '{quant}'; choose from {', '.join(SCHEMES)}.")
@@ -102,22 +110,52 @@ def write_gguf(
             tokenizer_meta.copy_from_gguf(writer, tokenizer_gguf)
         else:
             tokenizer_meta.add_tokenizer(writer, tokenizer_dir, vocab_size=vocab_size, family=family)
-        for gguf_name, array in families.gguf_tensors(weights, config, family):
-            qtype = tensor_type(gguf_name, array.shape, scheme, n_layers, tied)
-            _add_tensor(writer, gguf_name, array, qtype)
-            types[qtype.name] += 1
+        tensors = dict(families.gguf_tensors(weights, config, family))
+        plain = {n: tensor_type(n, a.shape, scheme, n_layers, tied) for n, a in tensors.items()}
+        chosen, importance, guided = plain, {}, None
+        if guide is not None and scheme.base not in (Q.F16, Q.BF16):
+            chosen, importance, guided = _guided_plan(tensors, plain, guide, config, family, extra_bytes)
+        for gguf_name, array in tensors.items():
+            _add_tensor(writer, gguf_name, array, chosen[gguf_name], importance.get(gguf_name))
+            types[chosen[gguf_name].name] += 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    return GGUFResult(out, quant, sum(types.values()), dict(types), out.stat().st_size, time.time() - start)
+    return GGUFResult(out, quant, sum(types.values()), dict(types), out.stat().st_size, time.time() - start, guided)
 
 
-def _add_tensor(writer: gguf.GGUFWriter, name: str, array: np.ndarray, qtype: Q) -> None:
+def _guided_plan(tensors: dict, plain: dict, guide, config: dict, family: str, extra_bytes: float):
+    """(types, importance by GGUF name, summary) for a guided export."""
+    name_map, record = families.tensor_name_map(config, family), families.export_family(family)
+
+    def by_gguf_name(values: dict) -> dict:
+        renamed = {name_map.get_name(record.export_name(n), try_suffixes=(".weight", ".bias")): v for n, v in values.items()}
+        return {n: v for n, v in renamed.items() if n in tensors}
+
+    importance = {n: v for n, v in by_gguf_name(guide.importance).items() if v.shape[0] == tensors[n].shape[-1]}
+    change = by_gguf_name(guide.change)
+    candidates = [
+        PlanTensor(n, tensors[n].shape, plain[n], change.get(n, 0.0), sample_rows(tensors[n]), importance.get(n))
+        for n in tensors
+        if plain[n] not in (Q.F32, Q.F16, Q.BF16)
+    ]
+    chosen = {**plain, **guided_types(candidates, extra_bytes)}
+    quantized = [t.name for t in candidates]
+    summary = {
+        "importance_weighted": sum(n in importance for n in quantized),
+        "upgraded": {n: f"{plain[n].name}->{chosen[n].name}" for n in quantized if chosen[n] != plain[n]},
+        "plain_tensor_bytes": sum(tensor_bytes(tensors[n].shape, plain[n]) for n in tensors if plain[n] not in (Q.F32, Q.F16)),
+        "guided_tensor_bytes": sum(tensor_bytes(tensors[n].shape, chosen[n]) for n in tensors if chosen[n] not in (Q.F32, Q.F16)),
+    }
+    return chosen, importance, summary
+
+
+def _add_tensor(writer: gguf.GGUFWriter, name: str, array: np.ndarray, qtype: Q, importance: np.ndarray | None = None) -> None:
     if qtype == Q.F32:
         writer.add_tensor(name, array.astype(np.float32))
     elif qtype == Q.F16:
         writer.add_tensor(name, array.astype(np.float16))
     else:
-        packed = kquants.quantize(array.reshape(-1, array.shape[-1]), qtype)
+        packed = kquants.quantize(array.reshape(-1, array.shape[-1]), qtype, importance=importance)
         writer.add_tensor(name, packed.reshape(*array.shape[:-1], -1), raw_dtype=qtype)

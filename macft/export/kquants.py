@@ -12,11 +12,27 @@ The other GGUF types (F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1) come from ``gguf.quants
 bit-exact with ggml already. ``quantize(rows, qtype)`` dispatches to whichever applies:
 
     packed = quantize(weight.astype(np.float32), GGMLQuantizationType.Q4_K)  # (rows, bytes per row)
+    packed = quantize(weight, GGMLQuantizationType.Q4_K, importance=imatrix)  # imatrix: one weight per column
+
+With ``importance`` (how much each input column matters: the mean of x² of the activations that
+meet it, ``macft.export.imatrix``) the error each block minimises is ``sum_j importance[j]·(w_j − ŵ_j)²``,
+the expected squared change of the layer's output on those activations. The weighted searches:
+
+* Q4_K / Q5_K / Q5_1: the same least-squares scale-and-min search, with per-weight weights
+  importance·sqrt(σ² + x²) (σ² the block's mean square: keeps small weights in play), a finer and
+  wider grid of trial scales, and the super-block's 6-bit scales and mins themselves fitted by a
+  weighted search (``_qp``) instead of rounding max/63;
+* Q6_K / Q8_0 / Q5_0 / Q4_0: the symmetric trial-scale search of ``make_qx_quants`` with those weights.
+
+A weighted search is a heuristic, so every block keeps whichever of the weighted and the plain
+encoding has the smaller weighted error: an importance matrix never makes a block worse by the
+measure it is meant to improve.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 
@@ -25,11 +41,19 @@ _CHUNK_ELEMENTS = 1 << 21  # bounds the temporaries (a few dozen float32 copies 
 _EPS = np.float32(1e-15)  # ggml's GROUP_MAX_EPS
 
 
-def quantize(rows: np.ndarray, qtype: Q) -> np.ndarray:
-    """Quantize a 2-D float32 array row by row; returns the packed blocks, one byte row per row."""
+WEIGHTED = (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.Q5_1, Q.Q5_0, Q.Q4_0)  # the types ``importance`` guides
+
+
+def quantize(rows: np.ndarray, qtype: Q, importance: np.ndarray | None = None) -> np.ndarray:
+    """Quantize a 2-D float32 array row by row; returns the packed blocks, one byte row per row.
+
+    ``importance``: one non-negative weight per column (see the module docstring), or None.
+    """
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if importance is not None and qtype in WEIGHTED:
+        return _quantize_weighted(rows, qtype, _check_importance(importance, rows.shape[1]))
     if qtype not in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
         return gguf_quants.quantize(rows, qtype)
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
     n_rows, n_cols = rows.shape
     if n_cols % QK_K:
         raise ValueError(f"{qtype.name} needs rows that are a multiple of {QK_K}, got {n_cols}")
@@ -37,6 +61,43 @@ def quantize(rows: np.ndarray, qtype: Q) -> np.ndarray:
     step = max(1, _CHUNK_ELEMENTS // n_cols)
     parts = [encode(rows[i : i + step].reshape(-1, QK_K)) for i in range(0, n_rows, step)]
     return np.concatenate(parts).reshape(n_rows, -1)
+
+
+def weighted_error(rows: np.ndarray, packed: np.ndarray, qtype: Q, importance: np.ndarray) -> np.ndarray:
+    """Per block of ``qtype``: sum over its weights of importance·(w − ŵ)², shape (rows, blocks per row)."""
+    block = GGML_QUANT_SIZES[qtype][0]
+    restored = gguf_quants.dequantize(packed, qtype).reshape(rows.shape)
+    err = np.square(restored - rows) * np.asarray(importance, dtype=np.float32)[None, :]
+    return err.reshape(rows.shape[0], -1, block).sum(axis=2)
+
+
+def _check_importance(importance: np.ndarray, n_cols: int) -> np.ndarray:
+    importance = np.asarray(importance, dtype=np.float32).reshape(-1)
+    if importance.shape[0] != n_cols or not np.isfinite(importance).all() or (importance < 0).any():
+        raise ValueError(f"importance needs {n_cols} finite non-negative values, got shape {importance.shape}")
+    return importance
+
+
+def _quantize_weighted(rows: np.ndarray, qtype: Q, importance: np.ndarray) -> np.ndarray:
+    n_rows, n_cols = rows.shape
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    if n_cols % block:
+        raise ValueError(f"{qtype.name} needs rows that are a multiple of {block}, got {n_cols}")
+    # Columns no activation reached still carry some weight in the search (never none at all),
+    # so a block of them is not flattened to zero; the final choice uses the importance as given.
+    mean = float(importance.mean())
+    search = np.maximum(importance, np.float32(1e-3 * mean)) if mean > 0 else np.ones_like(importance)
+    step = max(1, _CHUNK_ELEMENTS // n_cols)
+    parts = []
+    for i in range(0, n_rows, step):
+        chunk = rows[i : i + step]
+        plain = quantize(chunk, qtype)
+        guided = _ENCODE_WEIGHTED[qtype](chunk, np.broadcast_to(search, chunk.shape))
+        better = weighted_error(chunk, guided, qtype, importance) < weighted_error(chunk, plain, qtype, importance)
+        blocks = plain.reshape(chunk.shape[0], -1, block_bytes).copy()
+        blocks[better] = guided.reshape(blocks.shape)[better]
+        parts.append(blocks.reshape(chunk.shape[0], -1))
+    return np.concatenate(parts)
 
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -95,22 +156,32 @@ def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, n
     return levels, scale.astype(f32), (-lo).astype(f32)
 
 
-def _scale_min_k4(x: np.ndarray, nmax: int, rmin: float, nstep: int):
-    """The Q4_K/Q5_K super-block header and levels for blocks ``x`` (nb, 256)."""
+def _scale_min_k4(x: np.ndarray, nmax: int, rmin: float, nstep: int, importance: np.ndarray | None = None):
+    """The Q4_K/Q5_K super-block header and levels for blocks ``x`` (nb, 256).
+
+    Without ``importance`` this is ggml's reference; with it (nb, 256), the weighted search."""
     nb = x.shape[0]
     sub = x.reshape(nb * 8, 32)
-    av_x = np.sqrt((sub * sub).sum(axis=1) / np.float32(32))
-    weights = av_x[:, None] + np.abs(sub)
-    levels, scales, mins = _qkx2(sub, weights, nmax, rmin, 0.1, nstep)
-    scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
-    max_scale = np.maximum(scales.max(axis=1), 0)
-    max_min = np.maximum(mins.max(axis=1), 0)
-    inv_scale = np.where(max_scale > 0, np.float32(63) / np.where(max_scale > 0, max_scale, 1), 0).astype(np.float32)
-    inv_min = np.where(max_min > 0, np.float32(63) / np.where(max_min > 0, max_min, 1), 0).astype(np.float32)
-    ls = np.clip(_nearest(inv_scale[:, None] * scales), 0, 63).astype(np.uint8)
-    lm = np.clip(_nearest(inv_min[:, None] * mins), 0, 63).astype(np.uint8)
-    d = (max_scale / np.float32(63)).astype(np.float16)
-    dmin = (max_min / np.float32(63)).astype(np.float16)
+    if importance is None:
+        av_x = np.sqrt((sub * sub).sum(axis=1) / np.float32(32))
+        weights = av_x[:, None] + np.abs(sub)
+        levels, scales, mins = _qkx2(sub, weights, nmax, rmin, 0.1, nstep)
+        scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
+        max_scale = np.maximum(scales.max(axis=1), 0)
+        max_min = np.maximum(mins.max(axis=1), 0)
+        inv_scale = np.where(max_scale > 0, np.float32(63) / np.where(max_scale > 0, max_scale, 1), 0).astype(np.float32)
+        inv_min = np.where(max_min > 0, np.float32(63) / np.where(max_min > 0, max_min, 1), 0).astype(np.float32)
+        ls = np.clip(_nearest(inv_scale[:, None] * scales), 0, 63).astype(np.uint8)
+        lm = np.clip(_nearest(inv_min[:, None] * mins), 0, 63).astype(np.uint8)
+        d = (max_scale / np.float32(63)).astype(np.float16)
+        dmin = (max_min / np.float32(63)).astype(np.float16)
+    else:
+        weights = _search_weights(x, importance.reshape(nb, 256), 2 * np.square(x).mean(axis=1)).reshape(nb * 8, 32)
+        levels, scales, mins = _qkx2(sub, weights, nmax, -0.9, 0.1, 18)
+        sub_weight = weights.sum(axis=1).reshape(nb, 8)
+        ls, d = _qp(scales.reshape(nb, 8), 63, sub_weight)
+        lm, dmin = _qp(mins.reshape(nb, 8), 63, sub_weight)
+        d, dmin = d.astype(np.float16), dmin.astype(np.float16)
     # Re-derive the levels from the rounded 6-bit scales, exactly as the decoder will see them.
     d_sub = d.astype(np.float32)[:, None] * ls
     m_sub = dmin.astype(np.float32)[:, None] * lm
@@ -126,6 +197,40 @@ def _scale_min_k4(x: np.ndarray, nmax: int, rmin: float, nstep: int):
     return header, levels.reshape(nb, 256)
 
 
+def _search_weights(x: np.ndarray, importance: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+    """importance·sqrt(σ² + x²): the importance, leaning towards the larger weights of each block."""
+    return importance * np.sqrt(sigma2[:, None] + x * x)
+
+
+def _qp(values: np.ndarray, nmax: int, weights: np.ndarray):
+    """Non-negative ``values`` (n, k) as levels 0..nmax times one scale per row, by weighted search
+    over trial scales around max/nmax, then the least-squares scale for the chosen levels."""
+    f32 = np.float32
+    top = values.max(axis=1)
+    empty = top < _EPS
+    top = np.where(empty, f32(1), top)
+
+    def levels_for(iscale):
+        return np.minimum(nmax, _nearest(iscale[:, None] * values))
+
+    def error(iscale):
+        return (weights * np.square(values - levels_for(iscale) / iscale[:, None])).sum(axis=1)
+
+    best_iscale = f32(nmax) / top
+    best = error(best_iscale)
+    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+        iscale = (f32(0.1) * f32(step) + f32(nmax)) / top
+        err = error(iscale)
+        better = err < best
+        best_iscale = np.where(better, iscale, best_iscale)
+        best = np.where(better, err, best)
+    levels = levels_for(best_iscale)
+    wl = weights * levels
+    suml2 = (wl * levels).sum(axis=1)
+    scale = np.where(suml2 > 0, (wl * values).sum(axis=1) / np.where(suml2 > 0, suml2, f32(1)), f32(0))
+    return np.where(empty[:, None], 0, levels).astype(np.uint8), np.where(empty, f32(0), scale).astype(f32)
+
+
 def _low_nibbles(levels: np.ndarray) -> np.ndarray:
     # Each 64-weight chunk stores weight j in the low nibble and weight j+32 in the high one.
     pairs = (levels & 0xF).reshape(-1, 4, 2, 32)
@@ -135,28 +240,30 @@ def _low_nibbles(levels: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------- the three types
 
 
-def _q4_k(x: np.ndarray) -> np.ndarray:
-    header, levels = _scale_min_k4(x, nmax=15, rmin=-1.0, nstep=20)
+def _q4_k(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    header, levels = _scale_min_k4(x, nmax=15, rmin=-1.0, nstep=20, importance=importance)
     return np.concatenate([header, _low_nibbles(levels)], axis=1)
 
 
-def _q5_k(x: np.ndarray) -> np.ndarray:
-    header, levels = _scale_min_k4(x, nmax=31, rmin=-0.5, nstep=15)
+def _q5_k(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    header, levels = _scale_min_k4(x, nmax=31, rmin=-0.5, nstep=15, importance=importance)
     high = (levels >> 4).reshape(-1, 4, 2, 32).astype(np.uint8)
     shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)
     qh = (high << shifts[None, :, :, None]).sum(axis=(1, 2), dtype=np.uint8)
     return np.concatenate([header, qh, _low_nibbles(levels)], axis=1)
 
 
-def _qx(x: np.ndarray, nmax: int):
-    """``make_qx_quants`` with rmse_type 1 (weights x²) on every row of ``x`` (n, 16)."""
+def _qx(x: np.ndarray, nmax: int, w: np.ndarray | None = None):
+    """``make_qx_quants`` on every row of ``x`` (n, block): levels in [0, 2·nmax) and the scale.
+
+    The weights ``w`` default to x² (rmse_type 1, the reference for Q6_K)."""
     f32 = np.float32
     rows = np.arange(x.shape[0])
     amax_at = np.abs(x).argmax(axis=1)
     peak = x[rows, amax_at]
     tiny = np.abs(peak) < _EPS
     peak = np.where(tiny, f32(1), peak)
-    w = x * x
+    w = x * x if w is None else w
 
     def trial(iscale):
         lv = np.clip(_nearest(iscale[:, None] * x), -nmax, nmax - 1)
@@ -178,9 +285,10 @@ def _qx(x: np.ndarray, nmax: int):
     return levels, np.where(tiny, f32(0), scale).astype(f32)
 
 
-def _q6_k(x: np.ndarray) -> np.ndarray:
+def _q6_k(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
     nb = x.shape[0]
-    levels, scales = _qx(x.reshape(nb * 16, 16), nmax=32)
+    weights = None if importance is None else importance.reshape(nb * 16, 16)
+    levels, scales = _qx(x.reshape(nb * 16, 16), nmax=32, w=weights)
     scales = scales.reshape(nb, 16)
     rows = np.arange(nb)
     max_scale = scales[rows, np.abs(scales).argmax(axis=1)]
@@ -202,3 +310,73 @@ def _q6_k(x: np.ndarray) -> np.ndarray:
     )
     block[empty] = 0
     return block
+
+
+# ---------------------------------------------------------------------------- weighted encoders
+
+
+def _per_row_sigma2(rows: np.ndarray, block: int) -> np.ndarray:
+    """Each row's mean square, repeated for each of its blocks."""
+    return np.repeat(np.square(rows).mean(axis=1), rows.shape[1] // block)
+
+
+def _symmetric(rows: np.ndarray, importance: np.ndarray, nmax: int):
+    blocks = rows.reshape(-1, 32)
+    weights = _search_weights(blocks, importance.reshape(-1, 32), _per_row_sigma2(rows, 32))
+    levels, scale = _qx(blocks, nmax, w=weights)
+    return levels.astype(np.int32), scale
+
+
+def _nibbles_32(levels: np.ndarray) -> np.ndarray:
+    # The legacy 32-weight blocks keep weight j in the low nibble and weight j+16 in the high one.
+    low = (levels & 0xF).astype(np.uint8)
+    return low[:, :16] | (low[:, 16:] << 4)
+
+
+def _fifth_bits(levels: np.ndarray) -> np.ndarray:
+    bits = ((levels >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+    return bits.sum(axis=1, dtype=np.uint32).astype("<u4").view(np.uint8).reshape(-1, 4)
+
+
+def _q8_0_weighted(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    levels, scale = _symmetric(rows, importance, 128)
+    quants = (levels - 128).astype(np.int8).view(np.uint8)
+    return np.concatenate([_f16_bytes(scale), quants], axis=1).reshape(rows.shape[0], -1)
+
+
+def _q4_0_weighted(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    levels, scale = _symmetric(rows, importance, 8)
+    return np.concatenate([_f16_bytes(scale), _nibbles_32(levels)], axis=1).reshape(rows.shape[0], -1)
+
+
+def _q5_0_weighted(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    levels, scale = _symmetric(rows, importance, 16)
+    packed = [_f16_bytes(scale), _fifth_bits(levels), _nibbles_32(levels)]
+    return np.concatenate(packed, axis=1).reshape(rows.shape[0], -1)
+
+
+def _q5_1_weighted(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    blocks = rows.reshape(-1, 32)
+    weights = _search_weights(blocks, importance.reshape(-1, 32), _per_row_sigma2(rows, 32))
+    levels, scale, neg_min = _qkx2(blocks, weights, 31, -0.9, 0.1, 18)
+    levels = levels.astype(np.int32)
+    packed = [_f16_bytes(scale), _f16_bytes(-neg_min), _fifth_bits(levels), _nibbles_32(levels)]
+    return np.concatenate(packed, axis=1).reshape(rows.shape[0], -1)
+
+
+def _k_weighted(encode):
+    def run(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        return encode(rows.reshape(-1, QK_K), np.ascontiguousarray(importance).reshape(-1, QK_K)).reshape(rows.shape[0], -1)
+
+    return run
+
+
+_ENCODE_WEIGHTED = {
+    Q.Q4_K: _k_weighted(_q4_k),
+    Q.Q5_K: _k_weighted(_q5_k),
+    Q.Q6_K: _k_weighted(_q6_k),
+    Q.Q8_0: _q8_0_weighted,
+    Q.Q5_1: _q5_1_weighted,
+    Q.Q5_0: _q5_0_weighted,
+    Q.Q4_0: _q4_0_weighted,
+}

@@ -5,6 +5,11 @@
     report = export_gguf(adapter="runs/quickstart", adapter_only=True)           # LoRA GGUF for --lora
     report = export_gguf(adapter="runs/quickstart", quant="q4_k_m", ollama="my-model")  # + `ollama create my-model`
     report = export_gguf(adapter="runs/quickstart", quant="q4_k_m", lm_studio=True)     # into LM Studio's models folder
+
+Exporting a run quantizes with what the run knows (its importance matrix, computed once into
+``RUN/imatrix.safetensors``, and how much the fine-tune changed each weight: ``guidance``; ``plain``
+turns this off) and ends with a fidelity report: the file scored against the fused float model on
+a sample of the run's validation data (``fidelity``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from macft.errors import MacftError
+from macft.export.fidelity import DEFAULT_EXAMPLES
+from macft.phases import phase
 
 
 @dataclass
@@ -22,6 +29,7 @@ class ExportReport:
     ollama_command: str | None = None
     ollama_created: bool = False  # `ollama create` ran and succeeded
     notes: list[str] = field(default_factory=list)
+    fidelity: dict | None = None  # Fidelity.to_dict() for exports of a run
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -46,8 +54,12 @@ def export_gguf(
     lm_studio: bool = False,
     name: str | None = None,
     force: bool = False,
+    plain: bool = False,
+    fidelity_examples: int = DEFAULT_EXAMPLES,
 ) -> ExportReport:
-    """``ollama``: True writes a Modelfile and the ``ollama create`` command to run; a model name also
+    """``plain``: llama-quantize's types and rounding, ignoring the run's importance matrix and deltas;
+    ``fidelity_examples``: validation examples the fidelity report scores (0: no report).
+    ``ollama``: True writes a Modelfile and the ``ollama create`` command to run; a model name also
     runs it when Ollama is installed. ``lm_studio`` writes the GGUF into LM Studio's models folder."""
     from macft.export.fuse import origin_gguf
 
@@ -75,27 +87,46 @@ def export_gguf(
 
     from macft.export.gguf_writer import write_gguf
 
+    notes, guide = [], None
     if adapter is not None:
         from macft.export.fuse import load_fused
+        from macft.export.guidance import base_layers
 
-        loaded, _, _ = load_fused(adapter, dequantize=True)
+        snapshot: dict = {}
+        loaded, _, _ = load_fused(adapter, dequantize=True, on_base=lambda base: snapshot.update(base_layers(base)))
+        if not plain and quant not in ("f16", "bf16"):
+            try:
+                with phase("Importance matrix and fine-tune deltas"):
+                    guide, note = _run_guide(Path(adapter), loaded, snapshot)
+            except MacftError as exc:  # e.g. the run's training data moved: its deltas still guide the types
+                from macft.export.guidance import QuantGuide
+
+                guide = QuantGuide.build(snapshot, loaded.model, None)
+                note = f"quantized without an importance matrix: {exc}"
+            notes.append(note)
+        snapshot.clear()
     else:
         from macft.models.load import load_model
 
         loaded = load_model(model)
     source = Path(loaded.identity["source"])
     tokenizer_gguf = source if source.suffix == ".gguf" and source.is_file() else origin_gguf(loaded.path)
-    result = write_gguf(
-        loaded.model,
-        loaded.config,
-        loaded.family,
-        out,
-        quant,
-        tokenizer_dir=loaded.path,
-        tokenizer_gguf=tokenizer_gguf,
-        name=name,
-    )
-    report = ExportReport(result.to_dict())
+    with phase(f"Writing {out.name} ({quant})"):
+        result = write_gguf(
+            loaded.model,
+            loaded.config,
+            loaded.family,
+            out,
+            quant,
+            tokenizer_dir=loaded.path,
+            tokenizer_gguf=tokenizer_gguf,
+            name=name,
+            guide=guide,
+        )
+    report = ExportReport(result.to_dict(), notes=notes)
+    if adapter is not None and fidelity_examples > 0:
+        with phase(f"Scoring {out.name} against the float model"):
+            report.fidelity = _fidelity(Path(adapter), out, loaded, quant, fidelity_examples, report.notes)
     if tokenizer_gguf is not None:
         report.notes.append(f"tokenizer copied from {tokenizer_gguf}")
     if ollama:
@@ -111,6 +142,35 @@ def export_gguf(
     if lm_studio:
         report.notes.append(f"LM Studio lists it as {out.parent.parent.name}/{out.parent.name}")
     return report
+
+
+def _run_guide(run_dir: Path, loaded, snapshot: dict):
+    from macft.export.guidance import QuantGuide
+    from macft.export.imatrix import IMATRIX_FILE, run_imatrix
+
+    imatrix, computed = run_imatrix(run_dir, loaded)
+    guide = QuantGuide.build(snapshot, loaded.model, imatrix)
+    where = run_dir / IMATRIX_FILE
+    if computed:
+        return guide, f"importance matrix computed from {imatrix.tokens} training tokens → {where}"
+    return guide, f"importance matrix from {where} ({imatrix.tokens} training tokens)"
+
+
+def _fidelity(run_dir: Path, out: Path, loaded, quant: str, count: int, notes: list[str]) -> dict | None:
+    from macft.export.fidelity import measure_fidelity, validation_sample
+
+    try:
+        examples, split = validation_sample(run_dir, loaded.tokenizer, count)
+    except MacftError as exc:
+        notes.append(f"no fidelity report: {exc}")
+        return None
+    if not examples:
+        notes.append("no fidelity report: the run has no validation or test examples")
+        return None
+    report = measure_fidelity(out, loaded.model, examples, quant=quant)
+    if split != "valid":
+        notes.append(f"fidelity measured on the {split} split (the run has no validation split)")
+    return report.to_dict()
 
 
 def check_export_outputs(out: Path, model: str | None, adapter: str | None, ollama: bool | str, force: bool) -> None:

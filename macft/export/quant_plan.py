@@ -11,13 +11,17 @@ The rules follow ``llama-quantize`` without an importance matrix:
   and every third layer between; a fused attn_qkv gets Q5_K / Q6_K;
 * a row length that is not a multiple of the type's block falls back: Q4_K -> Q5_0, Q5_K -> Q5_1,
   Q6_K -> Q8_0, and to F16 when even 32 does not divide it.
+
+``guided_types`` then raises some tensors of a fine-tuned model above those rules (see there).
 """
 
 from __future__ import annotations
 
+import heapq
 import re
 from dataclasses import dataclass
 
+import numpy as np
 from gguf import GGML_QUANT_SIZES, LlamaFileType
 from gguf import GGMLQuantizationType as Q
 
@@ -69,4 +73,102 @@ def tensor_type(name: str, shape: tuple[int, ...], scheme: Scheme, n_layers: int
         chosen = FALLBACK.get(chosen, chosen)
     if row % GGML_QUANT_SIZES[chosen][0]:
         chosen = Q.F16
+    return chosen
+
+
+# ---------------------------------------------------------------------------- delta-aware upgrades
+
+EXTRA_BYTES = 0.12  # guided plans may add this share of the plain plan's tensor bytes
+_K_LADDER = (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0)
+_LEGACY_LADDER = (Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.Q8_0)
+_SAMPLE_ROWS = 64
+
+
+def tensor_bytes(shape: tuple[int, ...], qtype: Q) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count // block * size
+
+
+def higher_types(qtype: Q, row: int) -> list[Q]:
+    """The types above ``qtype`` a row of this length can take, cheapest first (never float)."""
+    ladder = _K_LADDER if row % 256 == 0 else _LEGACY_LADDER if row % 32 == 0 else ()
+    if qtype not in ladder and qtype not in (*_K_LADDER, *_LEGACY_LADDER):
+        return []
+    bits = tensor_bytes((256,), qtype)
+    return [t for t in ladder if tensor_bytes((256,), t) > bits]
+
+
+@dataclass
+class PlanTensor:
+    """One GGUF tensor as the guided plan sees it."""
+
+    name: str
+    shape: tuple[int, ...]
+    base: Q  # the plain scheme's type
+    change: float  # how much the fine-tune changed it (``guidance.QuantGuide.change``); 0 = untouched
+    sample: np.ndarray  # a few of its rows, to estimate each type's error
+    importance: np.ndarray | None  # per column
+
+
+def sample_rows(array: np.ndarray, count: int = _SAMPLE_ROWS) -> np.ndarray:
+    rows = array.reshape(-1, array.shape[-1])
+    return rows[np.linspace(0, rows.shape[0] - 1, min(count, rows.shape[0])).astype(int)]
+
+
+def relative_error(tensor: PlanTensor, qtype: Q) -> float:
+    """Importance-weighted squared error of ``qtype`` on the sampled rows, relative to their weighted energy."""
+    from macft.export.kquants import quantize, weighted_error
+
+    weight = tensor.importance if tensor.importance is not None else np.ones(tensor.sample.shape[1], np.float32)
+    packed = quantize(tensor.sample, qtype, importance=tensor.importance)
+    energy = float(np.square(tensor.sample).sum(axis=0) @ weight)
+    return float(weighted_error(tensor.sample, packed, qtype, weight).sum()) / energy if energy > 0 else 0.0
+
+
+def guided_types(tensors: list[PlanTensor], extra_bytes: float = EXTRA_BYTES) -> dict[str, Q]:
+    """Each tensor's type: the plain scheme's, raised where the fine-tune's change meets the most error.
+
+    The value of moving tensor t from type a to b is change_t · (err_t(a) − err_t(b)): the error
+    removed, counted in proportion to how much of the tuned behaviour lives in t. Upgrades are
+    bought greedily by value per extra byte until ``extra_bytes`` of the plain plan's bytes are
+    spent; tensors the fine-tune did not change keep their plain type.
+    """
+    chosen = {t.name: t.base for t in tensors}
+    budget = extra_bytes * sum(tensor_bytes(t.shape, t.base) for t in tensors)
+    errors: dict[tuple[str, Q], float] = {}
+
+    def error(t: PlanTensor, qtype: Q) -> float:
+        if (t.name, qtype) not in errors:
+            errors[t.name, qtype] = relative_error(t, qtype)
+        return errors[t.name, qtype]
+
+    offers: list[tuple[float, int, str, Q, int]] = []
+
+    def offer(t: PlanTensor) -> None:
+        current = chosen[t.name]
+        for higher in higher_types(current, t.shape[-1]):
+            value = t.change * (error(t, current) - error(t, higher))
+            cost = tensor_bytes(t.shape, higher) - tensor_bytes(t.shape, current)
+            if value > 0:
+                heapq.heappush(offers, (-value / cost, len(offers), t.name, higher, cost))
+
+    by_name = {t.name: t for t in tensors}
+    for t in tensors:
+        if t.change > 0:
+            offer(t)
+    spent = 0
+    while offers:
+        _, _, name, higher, cost = heapq.heappop(offers)
+        current = chosen[name]
+        if higher not in higher_types(current, by_name[name].shape[-1]):
+            continue  # made by an earlier type of this tensor
+        real_cost = tensor_bytes(by_name[name].shape, higher) - tensor_bytes(by_name[name].shape, current)
+        if real_cost != cost or spent + cost > budget:
+            continue
+        chosen[name] = higher
+        spent += cost
+        offer(by_name[name])
     return chosen

@@ -21,6 +21,8 @@ from typing import Any
 from macft.config import DEFAULT_MODEL
 from macft.errors import MacftError
 from macft.families import for_model_type
+from macft.phases import phase
+
 
 @dataclass
 class LoadedModel:
@@ -137,19 +139,20 @@ def load_model(
     from macft.models.gguf_import.tokenizer import read_bytes_as_given
 
     model_dir, sha = resolve_model_dir(spec, revision=revision, dequantize=dequantize)
-    try:
-        model, config = mlx_load_model(model_dir, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        raise MacftError(f"Could not build the model in {model_dir}: {str(exc).splitlines()[0]}") from None
-    family = model_family(config)
-    check_finite(tree_flatten(model.parameters()), model_dir)
-    cast_floats(model, compute_dtype())
-    if quantize_bits is not None:
-        quantize_model(model, quantize_bits, group_size)
-    mx.eval(model.parameters())
-    tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
-    if (Path(model_dir) / SUMMARY_FILE).is_file():  # a GGUF import tokenizes as llama.cpp does
-        read_bytes_as_given(tokenizer)
+    with phase(f"Loading {spec}"):
+        try:
+            model, config = mlx_load_model(model_dir, trust_remote_code=trust_remote_code)
+        except ValueError as exc:
+            raise MacftError(f"Could not build the model in {model_dir}: {str(exc).splitlines()[0]}") from None
+        family = model_family(config)
+        check_finite(tree_flatten(model.parameters()), model_dir)
+        cast_floats(model, compute_dtype())
+        if quantize_bits is not None:
+            quantize_model(model, quantize_bits, group_size)
+        mx.eval(model.parameters())
+        tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+        if (Path(model_dir) / SUMMARY_FILE).is_file():  # a GGUF import tokenizes as llama.cpp does
+            read_bytes_as_given(tokenizer)
     identity = {"source": spec, "path": str(model_dir), "family": family, "sha256": sha}
     return LoadedModel(model, tokenizer, Path(model_dir), config, identity)
 

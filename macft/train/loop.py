@@ -9,7 +9,10 @@
 - ``valid_batches()`` yields the validation batches (or is None).
 - ``loss_fn`` has ``prepare(batch) -> arrays`` (host side), ``loss_fn(model, *arrays) ->
   (loss sum, trained tokens)`` (traced, differentiated) and ``loss_fn.evaluate(model, *arrays)``
-  (the same value for validation); see ``macft.train.losses.ChunkedLoss``.
+  (the same value for validation); see ``macft.train.losses.ChunkedLoss``. An objective that
+  averages over something else (pairs, sampled completions: ``macft.align``) returns
+  ``(loss sum, count, trained tokens, *stats)`` and ``loss_fn.metrics(stat sums, count) -> dict``,
+  which the train and validation reports carry.
 - ``config`` is the recipe's ``TrainConfig`` with ``iters`` resolved (> 0).
 - ``memory_budget(batch, length)`` (optional) caps the memory of each step (see ``Steps``).
 - ``divergence`` (optional, ``macft.train.divergence.DivergenceWatch``) stops a run whose loss climbs
@@ -99,7 +102,7 @@ class Steps:
         memory_budget: Callable[[int, int], int] | None = None,
         world: World = World(),
     ):
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.world = model, optimizer, world
         self.memory_budget = memory_budget
         self.compiled = compile
         self.note = "" if compile else "train.compile is false"
@@ -107,8 +110,8 @@ class Steps:
         max_norm = grad_clip if grad_clip > 0 else math.inf
 
         def grad_step(*arrays):
-            (loss_sum, tokens), grads = loss_and_grad(*arrays)
-            return loss_sum, tokens, grads
+            (loss_sum, tokens, *stats), grads = loss_and_grad(*arrays)
+            return loss_sum, tokens, grads, stats
 
         def apply_step(grads, loss_sum, tokens):
             # Sums over all ranks; average_gradients divided the gradient sum by the world size.
@@ -123,7 +126,7 @@ class Steps:
         self._compiled = (mx.compile(grad_step, inputs=state, outputs=state), mx.compile(apply_step, inputs=state, outputs=state))
         self._tried = not compile
 
-    def grad(self, arrays: tuple) -> tuple[mx.array, mx.array, dict]:
+    def grad(self, arrays: tuple) -> tuple[mx.array, mx.array, dict, list]:
         if self.memory_budget is not None:
             mx.set_memory_limit(self.memory_budget(*arrays[0].shape[:2]))
         if not self.compiled:
@@ -203,37 +206,54 @@ def deferred_interrupt() -> Iterator[Callable[[], bool]]:
             signal.signal(signum, old)
 
 
-def one_step(steps: Steps, batches: Iterator, loss_fn: Any, accumulation: int) -> tuple[mx.array, mx.array, mx.array, Any]:
+def one_step(steps: Steps, batches: Iterator, loss_fn: Any, accumulation: int) -> tuple[mx.array, mx.array, mx.array, Any, list]:
     """One optimizer step over ``accumulation`` batches: (loss sum, trained tokens, gradient norm, last
-    batch), the sums over all ranks."""
-    loss_sum = tokens = grads = None
+    batch, summed objective stats), the sums over all ranks."""
+    loss_sum = tokens = grads = stats = None
     for _ in range(accumulation):
         batch = next(batches)
-        micro_loss, micro_tokens, micro_grads = steps.grad(loss_fn.prepare(batch))
+        micro_loss, micro_tokens, micro_grads, micro_stats = steps.grad(loss_fn.prepare(batch))
         if grads is None:
-            loss_sum, tokens, grads = micro_loss, micro_tokens, micro_grads
+            loss_sum, tokens, grads, stats = micro_loss, micro_tokens, micro_grads, micro_stats
         else:
             loss_sum, tokens = loss_sum + micro_loss, tokens + micro_tokens
             grads = tree_map(mx.add, grads, micro_grads)
-        mx.eval(loss_sum, tokens, grads)  # keep one batch's graph alive at a time
+            stats = [a + b for a, b in zip(stats, micro_stats)]
+        mx.eval(loss_sum, tokens, grads, stats)  # keep one batch's graph alive at a time
     loss_sum, tokens, norm = steps.apply(grads, loss_sum, tokens)
-    mx.eval(loss_sum, tokens, norm, steps.model.state, steps.optimizer.state)
-    return loss_sum, tokens, norm, batch
+    if stats and steps.world.size > 1:
+        stats = list(steps.world.all_sum(mx.stack(stats)))
+    mx.eval(loss_sum, tokens, norm, stats, steps.model.state, steps.optimizer.state)
+    return loss_sum, tokens, norm, batch, stats
+
+
+def objective_metrics(loss_fn: Any, stats: list[float], count: float) -> dict[str, float]:
+    """An alignment objective's report values from its summed stats (none for SFT)."""
+    return loss_fn.metrics(stats, count) if stats and count else {}
 
 
 def evaluate(model: nn.Module, batches: Iterable, loss_fn: Any, max_batches: int = -1, world: World = World()) -> float:
     """Mean loss per trained token over ``batches`` (at most ``max_batches`` when positive), each
     rank holding its share of every batch."""
-    total, tokens = 0.0, 0.0
+    return evaluate_with_metrics(model, batches, loss_fn, max_batches, world)[0]
+
+
+def evaluate_with_metrics(
+    model: nn.Module, batches: Iterable, loss_fn: Any, max_batches: int = -1, world: World = World()
+) -> tuple[float, dict]:
+    """(mean loss, the objective's metrics) over ``batches``."""
+    total, tokens, stats = 0.0, 0.0, []
     for i, batch in enumerate(batches):
         if 0 < max_batches <= i:
             break
-        loss_sum, count = loss_fn.evaluate(model, *loss_fn.prepare(batch))
-        mx.eval(loss_sum, count)
+        loss_sum, count, *batch_stats = loss_fn.evaluate(model, *loss_fn.prepare(batch))
+        mx.eval(loss_sum, count, batch_stats)
         total, tokens = total + loss_sum.item(), tokens + count.item()
+        values = [s.item() for s in batch_stats]
+        stats = [a + b for a, b in zip(stats, values)] if stats else values
     if world.size > 1:
-        total, tokens = world.all_sum(mx.array([total, tokens])).tolist()
-    return total / tokens if tokens else math.nan
+        total, tokens, *stats = world.all_sum(mx.array([total, tokens, *stats])).tolist()
+    return (total / tokens if tokens else math.nan), objective_metrics(loss_fn, stats, tokens)
 
 
 def train(
@@ -267,7 +287,7 @@ def train(
     started = time.perf_counter()
     step_seconds, session_steps = 0.0, 0
     steady_seconds, steady_tokens = 0.0, 0
-    window = {"loss": 0.0, "tokens": 0, "seconds": 0.0}
+    window = {"loss": 0.0, "count": 0.0, "tokens": 0, "seconds": 0.0, "stats": []}
     last_loss = last_val = None
     stop_reason, message = "finished", ""
     in_step = False
@@ -282,7 +302,7 @@ def train(
                 in_step = True
                 tick = time.perf_counter()
                 mx.random.seed((config.seed * 1_000_003 + progress.step) * world.size + world.rank)
-                loss_sum, tokens, norm, batch = one_step(steps, batches, loss_fn, config.grad_accumulation)
+                loss_sum, tokens, norm, batch, stats = one_step(steps, batches, loss_fn, config.grad_accumulation)
                 loss = loss_sum.item() / tokens.item()
                 if problem := guard.check(loss, norm.item()):
                     stop_reason = "diverged" if math.isfinite(loss) and math.isfinite(norm.item()) else "nan"
@@ -292,7 +312,8 @@ def train(
                     stop_reason, message = "diverged", diverged
                     break
                 seconds = time.perf_counter() - tick
-                count = int(tokens.item())
+                # An objective normalised by pairs or completions reports its trained tokens first.
+                count = int(stats[0].item()) if stats else int(tokens.item())
                 progress.step += 1
                 progress.tokens += count
                 progress.epoch, progress.index = batch.epoch, batch.index + 1
@@ -304,8 +325,11 @@ def train(
                     steady_tokens += count
                 last_loss = loss
                 window["loss"] += loss_sum.item()
+                window["count"] += tokens.item()
                 window["tokens"] += count
                 window["seconds"] += seconds
+                values = [s.item() for s in stats]
+                window["stats"] = [a + b for a, b in zip(window["stats"], values)] if window["stats"] else values
 
                 step = progress.step
                 if step % config.report_every == 0 or step == config.iters:
@@ -315,7 +339,7 @@ def train(
                             "step": step,
                             "iters": config.iters,
                             "epoch": epoch,
-                            "train_loss": window["loss"] / max(window["tokens"], 1),
+                            "train_loss": window["loss"] / max(window["count"], 1),
                             "learning_rate": optimizer.learning_rate.item(),
                             "grad_norm": norm.item(),
                             "tokens_per_second": window["tokens"] / max(window["seconds"], 1e-9),
@@ -324,14 +348,15 @@ def train(
                             "elapsed": progress.elapsed + time.perf_counter() - started,
                             "eta": (config.iters - step) * step_seconds / session_steps,
                             "peak_memory": mx.get_peak_memory(),
+                            **objective_metrics(loss_fn, window["stats"], window["count"]),
                         }
                     )
-                    window = {"loss": 0.0, "tokens": 0, "seconds": 0.0}
+                    window = {"loss": 0.0, "count": 0.0, "tokens": 0, "seconds": 0.0, "stats": []}
 
                 validate_now = config.eval_every > 0 and step % config.eval_every == 0
                 if valid_batches is not None and (validate_now or step == config.iters):
                     model.eval()
-                    last_val = evaluate(model, valid_batches(), loss_fn, config.eval_batches, world)
+                    last_val, val_metrics = evaluate_with_metrics(model, valid_batches(), loss_fn, config.eval_batches, world)
                     model.train()
                     if not math.isfinite(last_val):
                         stop_reason = "nan"
@@ -344,7 +369,13 @@ def train(
                     else:
                         progress.evals_since_best += 1
                     callback.on_valid_report(
-                        {"step": step, "val_loss": last_val, "best_val_loss": progress.best_val_loss, "improved": improved}
+                        {
+                            "step": step,
+                            "val_loss": last_val,
+                            "best_val_loss": progress.best_val_loss,
+                            "improved": improved,
+                            **{f"val_{k}": v for k, v in val_metrics.items()},
+                        }
                     )
                     patience = config.early_stopping_patience
                     if patience > 0 and progress.evals_since_best >= patience:

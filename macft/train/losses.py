@@ -182,8 +182,11 @@ def head_slice(head: nn.Module, start: int, end: int, after: mx.array) -> tuple[
     return float_weight(head, packed=packed, rows=(start, end)), bias, None
 
 
-def frozen_head_loss(head: nn.Module, vocab_slice: int, with_gradient: bool = True) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
-    """Weighted cross-entropy sum of one chunk through a frozen matrix head, with a custom backward.
+def frozen_head_loss(
+    head: nn.Module, vocab_slice: int, with_gradient: bool = True, per_position: bool = False
+) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+    """Weighted cross-entropy sum of one chunk through a frozen matrix head, with a custom backward
+    (``per_position``: the weighted loss of each row instead of their sum, as alignment objectives need).
 
     The head is applied ``vocab_slice`` rows at a time with a running log-sum-exp (as flash
     attention does over keys), so neither the chunk's full logits nor a dequantized copy of a
@@ -223,7 +226,8 @@ def frozen_head_loss(head: nn.Module, vocab_slice: int, with_gradient: bool = Tr
         picked = (h * target_rows).sum(axis=-1).astype(mx.float32)
         if "bias" in head:
             picked = picked + head.bias[t]
-        loss = ((peak + mx.log(norm) - picked) * w).sum()
+        losses = (peak + mx.log(norm) - picked) * w
+        loss = losses if per_position else losses.sum()
         if not with_gradient:
             return loss, None
         hidden_grad = (grad / norm[:, None].astype(h.dtype) - target_rows) * w[:, None].astype(h.dtype)
@@ -240,7 +244,8 @@ def frozen_head_loss(head: nn.Module, vocab_slice: int, with_gradient: bool = Tr
     def backward(primals, cotangents, outputs):
         _, t, w = primals
         # Targets and loss weights are data: they get zero cotangents.
-        return cotangents[0] * outputs[1], mx.zeros_like(t), mx.zeros_like(w)
+        scale = cotangents[0][:, None] if per_position else cotangents[0]
+        return scale * outputs[1], mx.zeros_like(t), mx.zeros_like(w)
 
     return lambda h, t, w: loss_and_hidden_grad(h, t, w)[0]
 

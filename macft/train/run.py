@@ -35,6 +35,7 @@ from macft.methods import ADAPTER_FILE, apply_method, count_parameters, save_ada
 from macft.models.quantized import dequantize_for_generation
 from macft.methods.recompute import RecomputingMLP
 from macft.paths import atomic_path, recover
+from macft.plot import loss_curve_png
 from macft.train.checkpoint import Checkpoints
 from macft.train.divergence import DivergenceWatch
 from macft.train.distributed import World, check_same, connect, examples_digest, peer_errors, recipe_digest, share_state
@@ -143,9 +144,15 @@ def batching_options(recipe: Recipe) -> dict[str, Any]:
     return {"packing": recipe.data.packing, "bucket_by_length": recipe.data.bucket_by_length, "seed": recipe.train.seed}
 
 
-def training_loss(model: nn.Module, recipe: Recipe) -> ChunkedLoss:
-    """The loss a run trains and validates ``model`` with."""
-    return ChunkedLoss(auto_chunk_size(vocab_size(model), recipe.train.loss_chunk_size))
+def training_loss(model: nn.Module, recipe: Recipe, tokenizer: Any = None, reference: nn.Module | None = None):
+    """The loss a run trains and validates ``model`` with: SFT's chunked loss or an alignment
+    objective's (``macft.align``; ``reference`` is the frozen copy full fine-tuning needs)."""
+    chunk_size = auto_chunk_size(vocab_size(model), recipe.train.loss_chunk_size)
+    if recipe.train.objective == "sft":
+        return ChunkedLoss(chunk_size)
+    from macft.align import alignment_loss
+
+    return alignment_loss(recipe, model, tokenizer, chunk_size, reference)
 
 
 def run_training(
@@ -153,6 +160,14 @@ def run_training(
 ) -> RunOutcome:
     """Train in the recipe's run directory, which rank 0 holds exclusively until training ends.
     A resume refuses a base model or data that changed since the checkpoint unless ``allow_changed_inputs``."""
+    from macft.data.splits import data_files
+
+    if not recipe.data.train:
+        raise MacftError(
+            f"Recipe '{recipe.name}' needs training data: pass --data PATH (a .jsonl file or a folder with train.jsonl); "
+            f"`macft recipes show {recipe.name}` says what data it expects."
+        )
+    data_files(recipe.data)  # a missing data file is reported before the model loads
     world = world or connect()
     if not world.main:
         return _train_in(None, recipe, Callback(), world, allow_changed_inputs)
@@ -181,13 +196,21 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
     mx.random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     loaded = load_base(recipe)
-    splits = load_splits(recipe.data, loaded.tokenizer)
-    for note in data_notes(splits):
-        view.on_note(note)
-    facts = {"macft version": __version__, "MLX version": mx.__version__, "recipe": recipe_digest(recipe)}
-    facts |= {"data": examples_digest(splits.train, splits.valid), "base model": loaded.identity.get("sha256", "")}
-    with peer_errors(world, "Training had not started."):
-        check_same(world, facts)
+    aligning = cfg.objective != "sft"
+    if aligning:
+        from macft.align import alignment_batches, load_alignment_splits, needs_reference_copy, reference_note
+
+        if world.size > 1:
+            raise MacftError(f"train.objective {cfg.objective} runs on one process; distributed training covers sft.")
+        splits = load_alignment_splits(recipe, loaded.tokenizer)
+    else:
+        splits = load_splits(recipe.data, loaded.tokenizer)
+        for note in data_notes(splits):
+            view.on_note(note)
+        facts = {"macft version": __version__, "MLX version": mx.__version__, "recipe": recipe_digest(recipe)}
+        facts |= {"data": examples_digest(splits.train, splits.valid), "base model": loaded.identity.get("sha256", "")}
+        with peer_errors(world, "Training had not started."):
+            check_same(world, facts)
     # One shape and plan serve the fit check and, per batch shape, each step's memory limit.
     shape, plan = loaded_shape(loaded), dataclasses.replace(plan_from_recipe(recipe), ranks=world.size)
     check_memory(estimate(shape, plan), view)
@@ -198,7 +221,17 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
 
     batching = batching_options(recipe)
     max_len = recipe.data.max_seq_length
-    per_epoch = len(batch_order(splits.train, cfg.batch_size, max_len, **batching))
+
+    def train_batches(epoch: int, start: int):
+        return map(world.share, iterate_batches(splits.train, cfg.batch_size, max_len, epoch=epoch, start=start, loop=True, **batching))
+
+    def valid_batches():
+        return map(world.share, iterate_batches(splits.valid, cfg.batch_size, max_len, **batching))
+
+    if aligning:
+        per_epoch, train_batches, valid_batches = alignment_batches(recipe, splits)
+    else:
+        per_epoch = len(batch_order(splits.train, cfg.batch_size, max_len, **batching))
     if not cfg.iters:
         recipe, epochs_note = choose_epochs(recipe, len(splits.train), per_epoch, has_valid=bool(splits.valid))
         if epochs_note:
@@ -207,7 +240,14 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
     iters = cfg.iters or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accumulation))
     recipe = recipe.replace(train={"iters": iters})
     optimizer = make_optimizer(recipe, iters)
-    loss_fn = training_loss(model, recipe)
+    reference = None
+    if aligning:
+        view.on_note(reference_note(recipe) or f"Objective {cfg.objective}: reference-free.")
+        if needs_reference_copy(recipe):
+            reference = load_base(recipe).model
+            reference.freeze()
+            reference.eval()
+    loss_fn = training_loss(model, recipe, loaded.tokenizer, reference)
 
     checkpoints = Checkpoints(run_dir, recipe, loaded.identity, data_fingerprint(recipe.data)) if world.main else None
     progress = None
@@ -223,12 +263,6 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
     else:
         log = view
 
-    def train_batches(epoch: int, start: int):
-        return map(world.share, iterate_batches(splits.train, cfg.batch_size, max_len, epoch=epoch, start=start, loop=True, **batching))
-
-    def valid_batches():
-        return map(world.share, iterate_batches(splits.valid, cfg.batch_size, max_len, **batching))
-
     kept = "Rank 0 keeps the last complete checkpoint."
     if checkpoints:
         kept = f"The last complete checkpoint is {checkpoints.path('last')}; resume with: macft lora --resume {run_dir}"
@@ -243,7 +277,7 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
         checkpoints=checkpoints,
         progress=progress,
         batches_per_epoch=per_epoch,
-        memory_budget=step_budget(shape, plan),
+        memory_budget=None if aligning else step_budget(shape, plan),
         divergence=DivergenceWatch(cfg.learning_rate, recipe.method.name),
         world=world,
         guard=LossGuard(vocab_size(model)),
@@ -288,12 +322,12 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
         fast_paths=fast_paths(model, result, loss_fn.chunk_size),
         compiled=result.compiled,
         compile_note=result.compile_note,
+        objective=cfg.objective,
+        reference=reference_note(recipe) if aligning else None,
     )
     with atomic_path(run_dir / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary.to_dict(), indent=2))
-    plot_note = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    if plot_note:
-        notes.append(plot_note)
+    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     return RunOutcome(run_dir, recipe, result, summary, model, loaded.tokenizer, notes)
 
 
@@ -358,31 +392,18 @@ def fast_paths(model: nn.Module, result: TrainResult, chunk_size: int) -> list[s
     return paths
 
 
-def plot_losses(metrics: Path, out: Path) -> str | None:
-    """Write the loss curve; return a note when it cannot be drawn."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "loss.png skipped: matplotlib is not installed (pip install matplotlib)."
+def loss_history(metrics: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """The (step, loss) reports of ``metrics.jsonl``: train, then validation."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.exists() else []
-    train_rows = [r for r in rows if r["kind"] == "train"]
-    valid_rows = [r for r in rows if r["kind"] == "valid"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train_rows], [r["train_loss"] for r in train_rows], label="train")
-    if valid_rows:
-        ax.plot([r["step"] for r in valid_rows], [r["val_loss"] for r in valid_rows], "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss per trained token")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    train = [(r["step"], r["train_loss"]) for r in rows if r["kind"] == "train"]
+    valid = [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "valid"]
+    return train, valid
+
+
+def plot_losses(metrics: Path, out: Path) -> None:
+    """Write the loss curve of ``metrics.jsonl`` to ``out`` (a PNG)."""
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return None
+        tmp.write_bytes(loss_curve_png(*loss_history(metrics)))
 
 
 def demo_records(recipe: Recipe) -> list:
@@ -395,6 +416,10 @@ def demo_records(recipe: Recipe) -> list:
         return []
     if not path.is_file():
         raise MacftError(f"demo.prompts file {path} does not exist.")
+    if recipe.train.objective != "sft" and not recipe.demo.prompts:
+        from macft.align import demo_records as alignment_demo_records
+
+        return alignment_demo_records(recipe, path)
     return [r for r in read_records(path) if r.kind == "completion"]
 
 

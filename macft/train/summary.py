@@ -37,6 +37,8 @@ class RunSummary:
     fast_paths: list[str]  # the performance choices the run made
     compiled: bool
     compile_note: str | None
+    objective: str = "sft"  # train.objective
+    reference: str | None = None  # what DPO/GRPO compared the policy with
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -24,6 +24,7 @@ from macft.models.gguf_import.convert import SUMMARY_FILE, convert_gguf
 from macft.models.gguf_import.reader import read_gguf
 from macft.outputs import check_output, has_record
 from macft.paths import atomic_path, cache_dir
+from macft.phases import phase
 
 __all__ = ["ImportReport", "file_sha256", "import_gguf", "import_gguf_report"]
 
@@ -75,7 +76,7 @@ def import_gguf_report(path: str | Path, *, dequantize: bool = False, out: str |
 
     gguf = read_gguf(source)
     sibling = cache_dir("gguf") / (sha if dequantize else f"{sha}-dequantized")  # the other variant's tokenizer
-    with atomic_path(target) as tmp:
+    with atomic_path(target) as tmp, phase(f"Importing {source.name} (once; cached after)"):
         tmp.mkdir()
         reuse = (_read_summary(sibling) or {}).get("format") == FORMAT
         summary = convert_gguf(gguf, tmp, dequantize=dequantize, tokenizer_from=sibling if reuse else None)

@@ -1,0 +1,81 @@
+"""Generate the alignment demos' data: a preference task (DPO/ORPO/SimPO) and a GRPO prompt set.
+
+Both reuse the quickstart's sentences about people (``make_demo_data.py``):
+
+- ``recipes/data/prefer-city``: "Sentence: …\\nKeyword:" with the city as the chosen answer and the
+  person's name as the rejected one. Nothing in the prompt says which is wanted, so the base model
+  prefers either about equally (53% city on a sample); the preference is only in the pairs.
+- ``recipes/data/grpo-age``: "Sentence: …\\nAge:" prompts with the age as ``answer``; the recipe's
+  reward (``rewards.py``) pays for the right number on the first line and for stopping there.
+
+Held-out test sentences use phrasings never seen in training. The files are reproducible from the seed.
+
+    python scripts/make_align_data.py            # rewrites both folders' train/valid/test.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from make_demo_data import CITIES, HELD_OUT_TEMPLATES, NAMES, TEMPLATES
+
+RECIPE_DATA = Path(__file__).resolve().parent.parent / "recipes" / "data"
+
+
+def person(rng: random.Random, templates: list[str]) -> tuple[str, str, int, str]:
+    name, city, age = rng.choice(NAMES), rng.choice(CITIES), rng.randint(18, 89)
+    return name, city, age, rng.choice(templates).format(name=name, city=city, age=age)
+
+
+def pair(rng: random.Random, templates: list[str]) -> dict:
+    name, city, _, sentence = person(rng, templates)
+    return {"prompt": f"Sentence: {sentence}\nKeyword:", "chosen": f" {city}", "rejected": f" {name}"}
+
+
+def age_prompt(rng: random.Random, templates: list[str]) -> dict:
+    _, _, age, sentence = person(rng, templates)
+    return {"prompt": f"Sentence: {sentence}\nAge:", "answer": str(age)}
+
+
+def unique_rows(make, rng: random.Random, templates: list[str], count: int, seen: set[str]) -> list[dict]:
+    rows = []
+    while len(rows) < count:
+        row = make(rng, templates)
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append(row)
+    return rows
+
+
+def make_splits(make, seed: int, train: int, valid: int, test: int) -> dict[str, list[dict]]:
+    rng, seen = random.Random(seed), set()
+    held_out = test // 2
+    return {
+        "train": unique_rows(make, rng, TEMPLATES, train, seen),
+        "valid": unique_rows(make, rng, TEMPLATES, valid, seen),
+        "test": unique_rows(make, rng, TEMPLATES, test - held_out, seen) + unique_rows(make, rng, HELD_OUT_TEMPLATES, held_out, seen),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RECIPE_DATA)
+    parser.add_argument("--seed", type=int, default=11)
+    args = parser.parse_args()
+    datasets = {
+        "prefer-city": make_splits(pair, args.seed, train=256, valid=32, test=40),
+        "grpo-age": make_splits(age_prompt, args.seed + 1, train=128, valid=24, test=24),
+    }
+    for folder, splits in datasets.items():
+        (args.out / folder).mkdir(parents=True, exist_ok=True)
+        for split, rows in splits.items():
+            path = args.out / folder / f"{split}.jsonl"
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            print(f"wrote {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()
