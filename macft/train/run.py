@@ -187,7 +187,8 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
     from macft.data.splits import data_fingerprint
 
     recipe, lr_note = with_method_learning_rate(recipe)
-    for line in (lr_note, learning_rate_warning(recipe)):
+    # A resumed run was warned when it started.
+    for line in (lr_note, None if recipe.output.resume else learning_rate_warning(recipe)):
         if line:
             view.on_note(line)
     cfg = recipe.train
