@@ -21,11 +21,12 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from macft.errors import MacftError
+from macft.method_registry import METHOD_NAMES
 from macft.paths import RECIPES_DIR, atomic_path
 
 DEFAULT_MODEL = "gemma3-270m"  # the embedded Gemma 3 270M base (Q4_K_M GGUF package)
 
-Method = Literal["lora", "dora", "full", "prompt", "prefix", "ptuning", "adapter"]
+Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]  # the names in macft.method_registry
 Objective = Literal["sft", "dpo", "orpo", "simpo", "grpo"]
 
 
@@ -79,10 +80,10 @@ class MethodConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     iters: int = 0  # optimizer steps; 0 = derive from epochs
-    epochs: float = 1.0
+    epochs: float | Literal["auto"] = 1.0  # "auto": 1-5 passes chosen from the data size and method
     batch_size: int = 4
     grad_accumulation: int = 1
-    learning_rate: float = 1e-4
+    learning_rate: float | None = None  # None: the method's usual default (macft.method_registry)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # the schedule decays to learning_rate * min_lr_ratio
@@ -268,9 +269,12 @@ def validate(recipe: Recipe) -> Recipe:
         (0.0 <= recipe.method.dropout < 1.0, "method.dropout must be in [0, 1)."),
         (recipe.train.batch_size > 0, "train.batch_size must be at least 1."),
         (recipe.train.grad_accumulation > 0, "train.grad_accumulation must be at least 1."),
-        (recipe.train.learning_rate > 0, "train.learning_rate must be positive."),
+        (recipe.train.learning_rate is None or recipe.train.learning_rate > 0, "train.learning_rate must be positive."),
         (recipe.train.iters >= 0, "train.iters must be 0 (use epochs) or positive."),
-        (recipe.train.iters > 0 or recipe.train.epochs > 0, "set train.iters or train.epochs above 0."),
+        (
+            recipe.train.iters > 0 or recipe.train.epochs == "auto" or recipe.train.epochs > 0,
+            "set train.iters or train.epochs above 0 (or train.epochs: auto).",
+        ),
         (recipe.data.max_seq_length >= 8, "data.max_seq_length must be at least 8."),
         (0.0 <= recipe.data.split_valid < 1.0, "data.split_valid must be a fraction in [0, 1)."),
         (recipe.model.quantize_bits in (None, 2, 3, 4, 5, 6, 8), "model.quantize_bits must be 4 or 8 (or 2, 3, 5, 6)."),

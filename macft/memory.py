@@ -32,8 +32,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from macft.config import MethodConfig
 from macft.errors import MacftError
 from macft.families import lookup
+from macft.method_registry import method_spec
 
 GIB = 1024**3
 
@@ -67,7 +69,6 @@ MULTI_CHUNK_LOGIT_COPIES = 2.5
 # its backward pass, two more batch × heads × L × L buffers.
 ATTENTION_TRANSIENT = 2
 
-METHODS = ("lora", "qlora", "dora", "full", "prompt", "prefix", "ptuning", "adapter")
 EXPERT_MODULES = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -132,7 +133,7 @@ class ModelShape:
 class Plan:
     """The training settings memory depends on."""
 
-    method: str = "lora"  # lora, qlora, dora, full (and the small PEFT methods)
+    method: str = "lora"  # a name or alias of macft.method_registry (qlora: lora on a 4-bit base)
     batch: int = 4
     seq: int = 512
     rank: int = 8
@@ -145,7 +146,12 @@ class Plan:
     # None = a plain loss over the whole batch's logits.
     loss_chunk_size: int | None = 0
     compute_bytes: int = 4  # float32 on CPU, bfloat16 (2) on Metal/CUDA
-    extra_trainable: int = 0  # parameters of prompt/prefix/adapter methods
+    # The options of the other methods, which size their trainable parameters.
+    num_virtual_tokens: int = MethodConfig.num_virtual_tokens
+    ptuning_hidden_size: int = MethodConfig.ptuning_hidden_size
+    prefix_length: int = MethodConfig.prefix_length
+    adapter_size: int = MethodConfig.adapter_size
+    adapter_placement: str = MethodConfig.adapter_placement
     ranks: int = 1  # data-parallel ranks sharing ``batch``; the estimate is per rank
 
     @property
@@ -268,13 +274,16 @@ def _gguf_experts(gguf) -> dict[str, int]:
 def read_model_shape(spec: str) -> ModelShape:
     """The shape of a model spec (see ``macft.models.load``) without loading its weights."""
     from macft.config import DEFAULT_MODEL
+    from macft.discovery import resolve_app_model
+    from macft.models.gguf_import.reader import is_gguf_file
 
+    spec = resolve_app_model(spec)  # ollama:NAME / lmstudio:NAME -> their GGUF file
     if spec == DEFAULT_MODEL:
         from macft.models.load import embedded_default_gguf
 
         return dataclasses.replace(shape_from_gguf(embedded_default_gguf()), name=DEFAULT_MODEL)
     path = Path(spec).expanduser()
-    if path.suffix == ".gguf":
+    if is_gguf_file(path):
         if not path.is_file():
             raise MacftError(f"GGUF file {path} does not exist.")
         return shape_from_gguf(path)
@@ -305,23 +314,8 @@ def _hub_config(repo_id: str) -> dict:
 # ---------------------------------------------------------------------------- the estimate
 
 
-def adapted_layers(shape: ModelShape, plan: Plan) -> int:
-    return shape.layers if plan.num_layers < 0 else min(plan.num_layers, shape.layers)
-
-
 def trainable_params(shape: ModelShape, plan: Plan) -> int:
-    layers = adapted_layers(shape, plan)
-    if plan.method == "full":
-        # Training every layer includes the embeddings; training the last N layers does not.
-        return shape.params if layers == shape.layers else layers * shape.layer_params
-    if plan.method in ("lora", "qlora", "dora"):
-        modules = shape.module_shapes()
-        per_layer = 0
-        for name in plan.target_modules:
-            fan_in, fan_out = modules.get(name, (shape.hidden, shape.hidden))
-            per_layer += (plan.rank * (fan_in + fan_out) + (fan_out if plan.method == "dora" else 0)) * shape.copies(name)
-        return layers * per_layer
-    return plan.extra_trainable
+    return method_spec(plan.method).trainable_parameters(shape, plan)
 
 
 def quantized_base(shape: ModelShape, plan: Plan) -> bool:
@@ -345,8 +339,7 @@ def weight_bytes(shape: ModelShape, plan: Plan) -> int:
 
 def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None) -> Estimate:
     """Predict the peak memory of one training step of ``plan`` on a model of ``shape``."""
-    if plan.method not in METHODS:
-        raise MacftError(f"Unknown method '{plan.method}'; choose one of {', '.join(METHODS)}.")
+    method_spec(plan.method)  # an unknown name is a one-line error
     if available_bytes is None:
         from macft.backend import machine_memory_bytes
 
@@ -512,6 +505,11 @@ def plan_from_recipe(recipe, settings: dict[str, Any] | None = None) -> Plan:
         group_size=recipe.model.quantize_group_size,
         grad_checkpoint=recipe.train.grad_checkpoint,
         loss_chunk_size=recipe.train.loss_chunk_size,
+        num_virtual_tokens=recipe.method.num_virtual_tokens,
+        ptuning_hidden_size=recipe.method.ptuning_hidden_size,
+        prefix_length=recipe.method.prefix_length,
+        adapter_size=recipe.method.adapter_size,
+        adapter_placement=recipe.method.adapter_placement,
         **(settings if settings is not None else backend_settings()),
     )
 

@@ -22,27 +22,28 @@ from pathlib import Path
 
 import macft  # noqa: F401  (loads OpenBLAS before mlx is imported)
 from macft.config import DEFAULT_MODEL, Recipe, apply_overrides, validate
+from macft.method_registry import method_spec
 from macft.paths import PROJECT_ROOT, atomic_path
 
-# method -> (recipe method name, 4-bit base, learning rate, method options). The rates are each
-# method's usual order of magnitude for a short run with AdamW, not tuned on this data; soft prompts
+# method -> (recipe method name, 4-bit base, method options). Each trains at its registry learning rate
+# (macft.method_registry: the method's usual order of magnitude, not tuned on this data); soft prompts
 # start from the words of an instruction, as prompt-tuning practice recommends over random tokens.
 INSTRUCTION = "Translate the question about the table into an SQL query."
 METHODS = {
-    "lora": ("lora", False, 2e-4, {}),
-    "qlora": ("lora", True, 2e-4, {}),
-    "dora": ("dora", False, 2e-4, {}),
-    "prompt": ("prompt", False, 3e-2, {"init_text": INSTRUCTION}),
-    "prefix": ("prefix", False, 1e-2, {}),
-    "ptuning": ("ptuning", False, 1e-3, {"init_text": INSTRUCTION}),
-    "adapter": ("adapter", False, 1e-3, {}),
+    "lora": ("lora", False, {}),
+    "qlora": ("lora", True, {}),
+    "dora": ("dora", False, {}),
+    "prompt": ("prompt", False, {"init_text": INSTRUCTION}),
+    "prefix": ("prefix", False, {}),
+    "ptuning": ("ptuning", False, {"init_text": INSTRUCTION}),
+    "adapter": ("adapter", False, {}),
 }
 BASE = "base"  # the untrained model's validation loss, for reference
 DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "data" / "wikisql"
 
 
 def method_recipe(key: str, args: argparse.Namespace, stamp: str) -> Recipe:
-    name, quantized, learning_rate, options = METHODS[key]
+    name, quantized, options = METHODS[key]
     recipe = Recipe(name=f"compare-{key}").replace(
         model={"path": args.model, "dequantize": True, "quantize_bits": 4 if quantized else None},
         data={"train": str(args.data), "max_seq_length": args.seq},
@@ -50,7 +51,7 @@ def method_recipe(key: str, args: argparse.Namespace, stamp: str) -> Recipe:
         train={
             "iters": args.steps,
             "batch_size": args.batch_size,
-            "learning_rate": learning_rate,
+            "learning_rate": method_spec(name).learning_rate,
             "eval_every": 0,  # validate once, after the last step
             "save_every": 0,
             "seed": args.seed,

@@ -8,11 +8,12 @@ import click
 
 from macft import ui
 from macft.config import DEFAULT_MODEL
+from macft.method_registry import CLI_CHOICES
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "-m", "model_spec", default=DEFAULT_MODEL, show_default=True, help="Hub id, model folder, .gguf file or gemma3-270m.")
-@click.option("--method", type=click.Choice(["lora", "qlora", "dora", "full"]), default="lora", show_default=True)
+@click.option("--method", type=click.Choice(CLI_CHOICES), default="lora", show_default=True, help="Fine-tuning method (qlora = lora on a 4-bit base); other methods' options at their recipe defaults.")
 @click.option("--batch", "-b", type=click.IntRange(min=1), default=4, show_default=True, help="Batch size.")
 @click.option("--seq", "-s", type=click.IntRange(min=8), default=512, show_default=True, help="Sequence length in tokens.")
 @click.option("--rank", "-r", type=click.IntRange(min=1), default=8, show_default=True, help="LoRA/DoRA rank.")

@@ -20,19 +20,22 @@ def export():
 @click.option("--quant", "-q", type=click.Choice(list(SCHEMES)), default="f16", show_default=True, help="GGUF weight type (K-quant mixtures as llama-quantize makes them); adapters are always float32.")
 @click.option("--out", "-o", type=click.Path(), default=None, help="Output .gguf file.")
 @click.option("--adapter-only", is_flag=True, help="Write only the LoRA adapter, for llama.cpp --lora / Ollama ADAPTER.")
-@click.option("--ollama", is_flag=True, help="Also write an Ollama Modelfile next to the GGUF.")
+@click.option("--ollama", "ollama", is_flag=False, flag_value="", default=None, metavar="NAME", help="Also write an Ollama Modelfile; with NAME, run `ollama create NAME` too (when Ollama is installed).")
+@click.option("--lm-studio", is_flag=True, help="Write the GGUF into LM Studio's models folder (under macft/), where LM Studio lists it.")
 @click.option("--name", default=None, help="general.name stored in the file (default: the file name).")
 @click.option("--force", is_flag=True, help="Replace --out even when it is not an earlier macft export.")
 @click.option("--plain", is_flag=True, help="Quantize as llama-quantize does, without the run's importance matrix and delta-aware types.")
 @click.option("--fidelity", "fidelity_examples", type=click.IntRange(min=0), default=16, show_default=True, help="Validation examples the fidelity report scores the file on (0: none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, name, force, plain, fidelity_examples, as_json):
+def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, lm_studio, name, force, plain, fidelity_examples, as_json):
     """Write a GGUF file that llama.cpp and Ollama run, without needing llama.cpp.
 
     \b
     Examples:
       macft export gguf --model fused/quickstart --quant q4_k_m
       macft export gguf --adapter runs/quickstart --quant q8_0 --ollama
+      macft export gguf --adapter runs/quickstart --quant q4_k_m --ollama my-model
+      macft export gguf --adapter runs/quickstart --quant q4_k_m --lm-studio
       macft export gguf --adapter runs/quickstart --adapter-only --ollama
 
     Exporting a run (--adapter) rounds every weight by the importance its training data gives it,
@@ -42,8 +45,17 @@ def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, name, force, pla
     from macft.export.pipeline import export_gguf
 
     report = export_gguf(
-        model=model_spec, adapter=run_dir, quant=quant, out=out, adapter_only=adapter_only, ollama=ollama, name=name, force=force,
-        plain=plain, fidelity_examples=fidelity_examples,
+        model=model_spec,
+        adapter=run_dir,
+        quant=quant,
+        out=out,
+        adapter_only=adapter_only,
+        ollama=True if ollama == "" else ollama or False,
+        lm_studio=lm_studio,
+        name=name,
+        force=force,
+        plain=plain,
+        fidelity_examples=fidelity_examples,
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -67,7 +79,10 @@ def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, name, force, pla
             click.echo(f"Warning: {fidelity.warning}", err=True)
     if report.modelfile:
         click.echo(f"Modelfile → {report.modelfile}")
-        click.echo(f"Run: {report.ollama_command}")
+        if report.ollama_created:
+            click.echo(f"Ran: {report.ollama_command} (now `ollama run {ollama.lower()}`)")
+        else:
+            click.echo(f"Run: {report.ollama_command}")
 
 
 from macft.commands.export_imatrix import imatrix  # noqa: E402  (its own module: one command, one job)

@@ -14,7 +14,8 @@ import click
 @click.option("--force", is_flag=True, help="Replace --out even when it is not an earlier macft import.")
 @click.option("--json", "as_json", is_flag=True, help="Print the import report as JSON.")
 def import_gguf(gguf_file: str, out: str | None, dequantize: bool, force: bool, as_json: bool) -> None:
-    """Import GGUF_FILE (llama.cpp / Ollama) as an MLX model directory that mlx_lm.load opens.
+    """Import GGUF_FILE (llama.cpp / Ollama; also ollama:NAME[:TAG] or lmstudio:NAME) as an MLX model
+    directory that mlx_lm.load opens.
 
     Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q5_K weights become MLX quantized layers holding exactly
     the values llama.cpp uses; other types (Q6_K, F16, ...) become float. Imports are cached by
@@ -24,11 +25,13 @@ def import_gguf(gguf_file: str, out: str | None, dequantize: bool, force: bool, 
     Examples:
       macft import gemma-3-270m-q4_k_m.gguf
       macft import model.gguf --out my-model --dequantize
+      macft import ollama:qwen3:0.6b --out qwen3-mlx
       macft lora --model model.gguf        # imports on the fly
     """
+    from macft.discovery import resolve_app_model
     from macft.models.gguf_import import import_gguf_report
 
-    report = import_gguf_report(gguf_file, dequantize=dequantize, out=out, force=force)
+    report = import_gguf_report(resolve_app_model(gguf_file), dequantize=dequantize, out=out, force=force)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return

@@ -16,8 +16,7 @@ from typing import Any
 import click
 
 from macft.errors import MacftError
-
-METHOD_CHOICES = ["lora", "dora", "qlora", "full", "prompt", "prefix", "ptuning", "adapter"]
+from macft.method_registry import CLI_CHOICES, method_spec
 
 
 def flag_changes(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -55,7 +54,8 @@ def flag_changes(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[str], options: dict[str, Any]):
-    """The one resolved Recipe, plus notes about values a flag changed in a resumed run."""
+    """The one resolved Recipe, plus notes about values a flag changed: in a resumed run, and the
+    learning rate when a flag changed the method but not the learning rate."""
     from macft.config import apply_overrides, load_recipe, validate
 
     notes: list[str] = []
@@ -69,10 +69,17 @@ def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[
         recipe = apply_overrides(saved, overrides) if overrides else saved
     else:
         saved = None
-        recipe = load_recipe(recipe_name or "quickstart", overrides=overrides)
+        written = load_recipe(recipe_name or "quickstart")
+        recipe = apply_overrides(written, overrides) if overrides else written
     changes = flag_changes(options)
     recipe = validate(recipe.replace(**changes))
-    if saved is not None:
+    method_keys = [o.partition("=")[0].strip().removeprefix("method.") for o in overrides if o.strip().startswith("method.")]
+    method_spec(recipe.method.name).check_options([*changes.get("method", {}), *method_keys], "The command line")
+    if saved is None:
+        rate_given = options.get("learning_rate") is not None or any(o.partition("=")[0].strip() == "train.learning_rate" for o in overrides)
+        recipe, note = switched_method_rate(written, recipe, rate_given)
+        notes.extend([note] if note else [])
+    else:
         for section in ("model", "data", "method", "train", "output", "demo", "align"):
             before, after = getattr(saved, section), getattr(recipe, section)
             for key, value in vars(after).items():
@@ -80,6 +87,30 @@ def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[
                     notes.append(f"Overriding the resumed run's {section}.{key}: {getattr(before, key)!r} → {value!r}.")
         recipe = recipe.replace(output={"resume": str(Path(resume).expanduser())})
     return recipe, notes
+
+
+def switched_method_rate(written, recipe, rate_given: bool):
+    """When flags switched the recipe file's method but set no learning rate, the new method's default
+    (a rate written for one method misleads another: LoRA's 2e-4 wrecks full fine-tuning)."""
+    from macft.train.method_fit import with_method_learning_rate
+
+    if rate_given or recipe.method.name == written.method.name or written.train.learning_rate is None:
+        return recipe, None
+    replaced = (written.method.name, written.train.learning_rate)
+    return with_method_learning_rate(recipe.replace(train={"learning_rate": None}), replaced=replaced)
+
+
+def epochs_value(ctx, param, value: str | None) -> float | str | None:
+    """``--epochs 2``, ``--epochs 0.5`` or ``--epochs auto``."""
+    if value is None or value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if number <= 0:
+        raise click.BadParameter(f"'{value}' is not a positive number or 'auto'.")
+    return number
 
 
 def shared_recipe(world, recipe):
@@ -95,13 +126,13 @@ def shared_recipe(world, recipe):
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("recipe", required=False)
-@click.option("--model", "-m", help="Model: a hub id, a model folder, a .gguf file or gemma3-270m.")
+@click.option("--model", "-m", help="Model: a hub id, a model folder, a .gguf file, ollama:NAME[:TAG], lmstudio:NAME or gemma3-270m.")
 @click.option("--data", "-d", help="Training data: a .jsonl file or a folder with train/valid/test.jsonl.")
-@click.option("--method", type=click.Choice(METHOD_CHOICES), help="Fine-tuning method (qlora = lora on a 4-bit base).")
+@click.option("--method", type=click.Choice(CLI_CHOICES), help="Fine-tuning method (qlora = lora on a 4-bit base).")
 @click.option("--iters", type=click.IntRange(min=1), help="Optimizer steps (overrides epochs).")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Passes over the training data.")
+@click.option("--epochs", callback=epochs_value, help="Passes over the training data, or 'auto' (1-5 by data size and method, early stopping with validation data).")
 @click.option("--batch-size", type=click.IntRange(min=1))
-@click.option("--learning-rate", "--lr", type=float)
+@click.option("--learning-rate", "--lr", type=float, help="Peak learning rate (default: the method's usual one; see the README's method table).")
 @click.option("--rank", type=click.IntRange(min=1), help="LoRA/DoRA rank.")
 @click.option("--quantize-bits", type=click.Choice(["4", "8"]), help="Quantize the frozen base at load (QLoRA).")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue a run from its last checkpoint.")
@@ -132,6 +163,7 @@ def lora(
       macft lora
       macft lora quickstart --iters 40 --set train.learning_rate=5e-4
       macft lora --model Qwen/Qwen3-0.6B --data data/ --method qlora --rank 16
+      macft lora --model ollama:qwen3:0.6b --data data/ --epochs auto
       macft lora --resume runs/quickstart-20260101-120000
       macft lora my.yaml --hosts 192.168.1.10,192.168.1.11
 

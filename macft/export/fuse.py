@@ -67,11 +67,13 @@ def load_fused(run_dir: str | Path, *, dequantize: bool = False, on_base=None):
     ``on_base(model)`` is called with the base model before the adapter touches it."""
     from mlx.utils import tree_flatten
 
+    from macft.method_registry import method_spec
     from macft.methods import fuse_model, load_adapter
     from macft.run_base import load_run_base
 
     run_dir = Path(run_dir)
     adapter_cfg = read_adapter_config(run_dir)
+    method_spec(adapter_cfg.get("method", "lora")).refuse_fusing()  # before loading any weights
     loaded = load_run_base(run_dir)
     if on_base is not None:
         on_base(loaded.model)

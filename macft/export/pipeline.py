@@ -3,6 +3,8 @@
     report = export_gguf(model="fused/quickstart", quant="q4_k_m")              # a model directory
     report = export_gguf(adapter="runs/quickstart", quant="q8_0", ollama=True)   # base + adapter, fused
     report = export_gguf(adapter="runs/quickstart", adapter_only=True)           # LoRA GGUF for --lora
+    report = export_gguf(adapter="runs/quickstart", quant="q4_k_m", ollama="my-model")  # + `ollama create my-model`
+    report = export_gguf(adapter="runs/quickstart", quant="q4_k_m", lm_studio=True)     # into LM Studio's models folder
 
 Exporting a run quantizes with what the run knows (its importance matrix, computed once into
 ``RUN/imatrix.safetensors``, and how much the fine-tune changed each weight: ``guidance``; ``plain``
@@ -25,6 +27,7 @@ class ExportReport:
     gguf: dict  # GGUFResult.to_dict() or AdapterGGUFResult.to_dict()
     modelfile: str | None = None
     ollama_command: str | None = None
+    ollama_created: bool = False  # `ollama create` ran and succeeded
     notes: list[str] = field(default_factory=list)
     fidelity: dict | None = None  # Fidelity.to_dict() for exports of a run
 
@@ -47,21 +50,35 @@ def export_gguf(
     quant: str = "f16",
     out: str | Path | None = None,
     adapter_only: bool = False,
-    ollama: bool = False,
+    ollama: bool | str = False,
+    lm_studio: bool = False,
     name: str | None = None,
     force: bool = False,
     plain: bool = False,
     fidelity_examples: int = DEFAULT_EXAMPLES,
 ) -> ExportReport:
     """``plain``: llama-quantize's types and rounding, ignoring the run's importance matrix and deltas;
-    ``fidelity_examples``: validation examples the fidelity report scores (0: no report)."""
+    ``fidelity_examples``: validation examples the fidelity report scores (0: no report).
+    ``ollama``: True writes a Modelfile and the ``ollama create`` command to run; a model name also
+    runs it when Ollama is installed. ``lm_studio`` writes the GGUF into LM Studio's models folder."""
     from macft.export.fuse import origin_gguf
 
     if (model is None) == (adapter is None):
         raise MacftError("Pass exactly one of --model DIR or --adapter RUN.")
     if adapter_only and adapter is None:
         raise MacftError("--adapter-only needs --adapter RUN.")
+    if isinstance(ollama, str) and ollama:
+        from macft.export.apps import ollama_model_name
+
+        ollama = ollama_model_name(ollama)  # a bad name fails before the export, not after
+    if lm_studio and (adapter_only or out is not None):
+        raise MacftError("--lm-studio writes a whole model into LM Studio's folder; drop --adapter-only and --out.")
     out = Path(out) if out is not None else default_out(model, adapter, quant, adapter_only)
+    if lm_studio:
+        from macft.export.apps import lm_studio_path
+
+        out = lm_studio_path(out.name)
+        out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix != ".gguf":
         raise MacftError(f"The output file should end in .gguf (got {out}).")
     check_export_outputs(out, model, adapter, ollama, force)
@@ -121,7 +138,9 @@ def export_gguf(
             eos_token=getattr(loaded.tokenizer, "eos_token", None),
             context_length=int(loaded.config.get("max_position_embeddings", 4096)),
         )
-        _add_modelfile(report, spec, out)
+        _add_modelfile(report, spec, out, ollama)
+    if lm_studio:
+        report.notes.append(f"LM Studio lists it as {out.parent.parent.name}/{out.parent.name}")
     return report
 
 
@@ -154,7 +173,7 @@ def _fidelity(run_dir: Path, out: Path, loaded, quant: str, count: int, notes: l
     return report.to_dict()
 
 
-def check_export_outputs(out: Path, model: str | None, adapter: str | None, ollama: bool, force: bool) -> None:
+def check_export_outputs(out: Path, model: str | None, adapter: str | None, ollama: bool | str, force: bool) -> None:
     """Refuse, before any work, to write over an input or over files `macft export gguf` did not write."""
     from macft.export.fuse import origin_gguf, read_adapter_config
     from macft.outputs import check_output, is_exported_gguf, is_exported_modelfile
@@ -170,7 +189,7 @@ def check_export_outputs(out: Path, model: str | None, adapter: str | None, olla
         check_output(out.with_suffix(".Modelfile"), "export gguf", made_by=is_exported_modelfile, inputs=inputs, force=force)
 
 
-def _adapter_only(run_dir: Path, out: Path, ollama: bool) -> ExportReport:
+def _adapter_only(run_dir: Path, out: Path, ollama: bool | str) -> ExportReport:
     from macft.export.adapter_gguf import write_adapter_gguf
 
     result = write_adapter_gguf(run_dir, out)
@@ -197,15 +216,24 @@ def _adapter_only(run_dir: Path, out: Path, ollama: bool) -> ExportReport:
             chat_template=getattr(tokenizer, "chat_template", None),
             eos_token=getattr(tokenizer, "eos_token", None),
         )
-        _add_modelfile(report, spec, out)
+        _add_modelfile(report, spec, out, ollama)
     return report
 
 
-def _add_modelfile(report: ExportReport, spec, out: Path) -> None:
+def _add_modelfile(report: ExportReport, spec, out: Path, ollama: bool | str) -> None:
+    from macft.export.apps import ADAPTER_VERSIONS_NOTE, ollama_create
     from macft.export.modelfile import chat_format, ollama_command, write_modelfile
 
     path = write_modelfile(spec, out.with_suffix(".Modelfile"))
     report.modelfile = str(path)
-    report.ollama_command = ollama_command(out.stem.replace("_", "-").lower(), path)
     if chat_format(spec.chat_template) is None:
         report.notes.append("unrecognised chat template: the Modelfile relies on the template stored in the GGUF")
+    if spec.adapter:
+        report.notes.append(ADAPTER_VERSIONS_NOTE)
+    if not isinstance(ollama, str) or not ollama:
+        report.ollama_command = ollama_command(out.stem.replace("_", "-").lower(), path)
+        return
+    created = ollama_create(ollama, path)
+    report.ollama_command, report.ollama_created = created.command, created.ran
+    if not created.ran:
+        report.notes.append("the `ollama` command is not installed here; run the command below where Ollama is")

@@ -6,8 +6,9 @@
     with adapters_disabled(model): ...                                   # the base model's outputs
     merged = fuse_model(model)                                           # LoRA/DoRA layers -> plain Linear
 
-``METHODS`` maps a method name to ``apply(model, method_cfg, tokenizer) -> module to train``; a new
-method registers itself with one entry. Conventions a method's modules follow so the rest works:
+``APPLY`` maps each method of ``macft.method_registry.METHODS`` to ``apply(model, method_cfg, tokenizer)
+-> module to train``; what else macft knows about a method (options, fusability, learning rates,
+trainable-parameter count) is its registry entry. Conventions a method's modules follow so the rest works:
 a module with a ``fuse()`` method is replaced by its result in ``fuse_model``, and any other module
 class defined under ``macft.methods`` makes ``fuse_model`` refuse; a module with an ``enabled``
 attribute is switched off inside ``adapters_disabled`` (the demo's base answers need that).
@@ -27,6 +28,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from macft.config import MethodConfig, Recipe
 from macft.errors import MacftError
+from macft.method_registry import method_spec
 from macft.methods.bottleneck import apply_adapters
 from macft.methods.expert_lora import EXPERT_LAYERS, expert_layer_class
 from macft.methods.full import apply_full
@@ -73,7 +75,7 @@ def apply_lora(model: nn.Module, cfg: MethodConfig, tokenizer=None) -> nn.Module
     return model
 
 
-METHODS: dict[str, Callable[[nn.Module, MethodConfig, Any], nn.Module]] = {
+APPLY: dict[str, Callable[[nn.Module, MethodConfig, Any], nn.Module]] = {
     "lora": apply_lora,
     "dora": apply_lora,
     "full": apply_full,
@@ -89,9 +91,8 @@ def apply_method(model: nn.Module, method_cfg: MethodConfig, tokenizer=None) -> 
 
     The returned module also trains lean: quantized layers multiply through dequantized weights
     where that is faster, and gated MLPs recompute their activation in the backward pass."""
-    if method_cfg.name not in METHODS:
-        raise MacftError(f"Unknown method '{method_cfg.name}'; choose from {', '.join(sorted(METHODS))}.")
-    model = route_quantized_matmuls(METHODS[method_cfg.name](model, method_cfg, tokenizer))
+    method_spec(method_cfg.name)  # an unknown name is a one-line error
+    model = route_quantized_matmuls(APPLY[method_cfg.name](model, method_cfg, tokenizer))
     recompute_gated_activations(model)
     return model
 
@@ -200,7 +201,10 @@ def load_adapter(model: nn.Module, path: Path) -> tuple[nn.Module, dict]:
 
 
 def fuse_model(model: nn.Module) -> nn.Module:
-    """Replace every adapter layer by its merged plain layer; the result has no adapter left."""
+    """Replace every adapter layer by its merged plain layer; the result has no adapter left.
+
+    Callers that know the run's method refuse unmergeable methods first, with the registry's reason
+    (``method_spec(name).refuse_fusing()``); this check is the net for a model without that record."""
     modules = model.named_modules()
     # Any module a method inserted that cannot merge itself (soft prompts, prefixes, bottlenecks) blocks
     # fusing; a DequantizingLinear or RecomputingMLP is a base layer on a training fast path, not an insertion.

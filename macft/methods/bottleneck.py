@@ -53,12 +53,6 @@ class Adapted(nn.Module):
         y = self.base(*args, **kwargs)
         return y + self.adapter(y) if self.enabled else y
 
-    def fuse(self) -> nn.Module:
-        raise MacftError(
-            "Bottleneck adapters cannot be merged into the base weights (their GELU is not linear); "
-            "use the run directory as an adapter with chat, generate or eval, or train with --method lora to fuse."
-        )
-
 
 def apply_adapters(model: nn.Module, cfg: MethodConfig, tokenizer=None) -> nn.Module:
     """Freeze ``model`` and insert bottleneck adapters in place; returns the same model.

@@ -84,12 +84,6 @@ class PrefixedBackbone(WrappedBackbone):
                 mx.broadcast_to(k, (batch, *k.shape[1:])), mx.broadcast_to(v, (batch, *v.shape[1:]))
             )
 
-    def fuse(self) -> nn.Module:
-        raise MacftError(
-            "Prefix tuning has nothing to merge into the base weights (it trains attention keys and values "
-            "placed before every input); use the run directory as an adapter with chat, generate or eval instead."
-        )
-
 
 def base_prefix(model: nn.Module, token_ids: list[int]) -> list[PrefixKV]:
     """Per layer, the keys and values the (frozen) model caches while reading ``token_ids``."""

@@ -138,12 +138,6 @@ class PromptedBackbone(WrappedBackbone):
         finally:
             self.inner.embed_tokens = base
 
-    def fuse(self) -> nn.Module:
-        raise MacftError(
-            "Prompt tuning has nothing to merge into the base weights (it trains a soft prompt read before "
-            "every input); use the run directory as an adapter with chat, generate or eval instead."
-        )
-
 
 def apply_prompt_tuning(model: nn.Module, cfg: MethodConfig, tokenizer=None) -> nn.Module:
     """Freeze ``model`` and give it a trainable soft prompt (``cfg.name`` "prompt" or "ptuning").

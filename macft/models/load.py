@@ -6,6 +6,7 @@ GGUF files are imported first (``macft.models.gguf_import``) and cached by conte
     loaded = load_model("gemma3-270m")              # the embedded Gemma 3 270M
     loaded = load_model("path/to/model.gguf", quantize_bits=4)
     loaded = load_model("Qwen/Qwen3-0.6B")           # downloaded from the hub
+    loaded = load_model("ollama:qwen3:0.6b")         # the GGUF Ollama runs (also lmstudio:NAME)
 """
 
 from __future__ import annotations
@@ -50,10 +51,14 @@ def embedded_default_gguf() -> Path:
 
 def resolve_model_dir(spec: str, *, revision: str | None = None, dequantize: bool = False) -> tuple[Path, str]:
     """Map a model spec to an MLX model directory; also return the content hash that names it."""
+    from macft.discovery import resolve_app_model
+    from macft.models.gguf_import.reader import is_gguf_file
+
+    spec = resolve_app_model(spec)  # ollama:NAME / lmstudio:NAME -> their GGUF file
     if spec == DEFAULT_MODEL:
         spec = str(embedded_default_gguf())
     path = Path(spec).expanduser()
-    if path.suffix == ".gguf":
+    if is_gguf_file(path):
         if not path.is_file():
             raise MacftError(f"GGUF file {path} does not exist.")
         from macft.models.gguf_import import import_gguf_report

@@ -37,10 +37,12 @@ from macft.methods.recompute import RecomputingMLP
 from macft.paths import atomic_path, recover
 from macft.plot import loss_curve_png
 from macft.train.checkpoint import Checkpoints
+from macft.train.divergence import DivergenceWatch
 from macft.train.distributed import World, check_same, connect, examples_digest, peer_errors, recipe_digest, share_state
 from macft.train.guard import LossGuard
 from macft.train.loop import Callback, TrainResult, train
 from macft.train.losses import ChunkedLoss, auto_chunk_size, describe_loss, vocab_size
+from macft.train.method_fit import choose_epochs, learning_rate_warning, with_method_learning_rate
 from macft.train.rundir import claim_run_dir
 from macft.train.schedule import build_schedule
 from macft.train.summary import RunSummary
@@ -184,6 +186,11 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
     from macft.data import batch_order, iterate_batches, load_splits
     from macft.data.splits import data_fingerprint
 
+    recipe, lr_note = with_method_learning_rate(recipe)
+    # A resumed run was warned when it started.
+    for line in (lr_note, None if recipe.output.resume else learning_rate_warning(recipe)):
+        if line:
+            view.on_note(line)
     cfg = recipe.train
     if cfg.batch_size < world.size:
         raise MacftError(f"train.batch_size {cfg.batch_size} is the global batch and must be at least the {world.size} ranks.")
@@ -226,6 +233,11 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
         per_epoch, train_batches, valid_batches = alignment_batches(recipe, splits)
     else:
         per_epoch = len(batch_order(splits.train, cfg.batch_size, max_len, **batching))
+    if not cfg.iters:
+        recipe, epochs_note = choose_epochs(recipe, len(splits.train), per_epoch, has_valid=bool(splits.valid))
+        if epochs_note:
+            view.on_note(epochs_note)
+        cfg = recipe.train
     iters = cfg.iters or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accumulation))
     recipe = recipe.replace(train={"iters": iters})
     optimizer = make_optimizer(recipe, iters)
@@ -267,6 +279,7 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
         progress=progress,
         batches_per_epoch=per_epoch,
         memory_budget=None if aligning else step_budget(shape, plan),
+        divergence=DivergenceWatch(cfg.learning_rate, recipe.method.name),
         world=world,
         guard=LossGuard(vocab_size(model)),
     )
@@ -275,7 +288,7 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
 
     notes = []
     best, last = checkpoints.path("best") / ADAPTER_FILE, checkpoints.path("last") / ADAPTER_FILE
-    # The run's adapter: the best by validation loss; after a NaN, the last good checkpoint.
+    # The run's adapter: the best by validation loss; after a NaN or divergence, the last good checkpoint.
     source = best if best.exists() else last if result.failed and last.exists() else None
     if source is not None:
         model.load_weights(str(source), strict=False)

@@ -75,6 +75,17 @@ class GGUFFile:
         return data.reshape(rows, -1)
 
 
+def is_gguf_file(path: Path) -> bool:
+    """A .gguf file, or a file that starts like one (Ollama's blobs have no extension)."""
+    if path.suffix == ".gguf":
+        return True
+    try:
+        with path.open("rb") as fh:
+            return fh.read(4) == MAGIC
+    except OSError:
+        return False
+
+
 def read_gguf(path: str | Path) -> GGUFFile:
     """Parse ``path``; raise ``MacftError`` naming the file if it is not a complete GGUF."""
     path = Path(path)
