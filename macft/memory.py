@@ -153,11 +153,27 @@ class Plan:
     adapter_size: int = MethodConfig.adapter_size
     adapter_placement: str = MethodConfig.adapter_placement
     ranks: int = 1  # data-parallel ranks sharing ``batch``; the estimate is per rank
+    objective: str = "sft"  # train.objective: a preference pair is two rows, a GRPO prompt ``samples`` rows
+    samples: int = 1  # GRPO's completions per prompt (align.group_size)
+
+    @property
+    def rows_per_example(self) -> int:
+        if self.objective == "grpo":
+            return self.samples
+        return 1 if self.objective == "sft" else 2  # chosen and rejected go through the model together
 
     @property
     def rank_batch(self) -> int:
         """Rows of the global batch the busiest rank holds."""
-        return -(-self.batch // self.ranks)
+        return -(-self.batch // self.ranks) * self.rows_per_example
+
+    @property
+    def reference_copy(self) -> bool:
+        """Whether the objective's reference model is a second, frozen copy of the base: full
+        fine-tuning changes the base itself; adapter methods switch their adapters off instead."""
+        from macft.align.preference import REFERENCE_OBJECTIVES
+
+        return self.method == "full" and self.objective in REFERENCE_OBJECTIVES
 
 
 @dataclass(frozen=True)
@@ -385,6 +401,8 @@ def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None) 
 
     parts = {
         "weights": weights,
+        # Loaded as the base is, so it takes what the trained weights took before training.
+        **({"reference": weight_bytes(shape, plan)} if plan.reference_copy else {}),
         "trainable": trainable_bytes,
         "gradients": trainable_bytes,
         "optimizer": 2 * trainable_bytes,
@@ -415,13 +433,18 @@ def _notes(shape: ModelShape, plan: Plan, parts: dict[str, int]) -> list[str]:
         )
     if plan.method == "full":
         notes.append("Full fine-tuning keeps gradients and two AdamW moments for every weight.")
+    if plan.reference_copy:
+        notes.append(
+            f"{plan.objective.upper()} with full fine-tuning keeps a second, frozen copy of the base as its reference "
+            "(an adapter method such as LoRA reuses the base with its adapters switched off)."
+        )
     return notes
 
 
 def replica_bytes(parts: dict[str, int]) -> int:
     """What every data-parallel rank holds whatever its share of the batch: the whole model, the
     trainable weights, their gradients and optimizer state."""
-    return sum(parts[name] for name in ("weights", "trainable", "gradients", "optimizer"))
+    return sum(parts.get(name, 0) for name in ("weights", "reference", "trainable", "gradients", "optimizer"))
 
 
 def _replica_notes(parts: dict[str, int], available_bytes: int) -> list[str]:
@@ -510,6 +533,8 @@ def plan_from_recipe(recipe, settings: dict[str, Any] | None = None) -> Plan:
         prefix_length=recipe.method.prefix_length,
         adapter_size=recipe.method.adapter_size,
         adapter_placement=recipe.method.adapter_placement,
+        objective=recipe.train.objective,
+        samples=recipe.align.group_size,
         **(settings if settings is not None else backend_settings()),
     )
 

@@ -362,6 +362,8 @@ def show_estimate(result: Any, memory_gb: float | None) -> None:
     plan = result.plan
     where = f"a {memory_gb:g} GB Mac" if memory_gb is not None else "this machine"
     title = f"{result.model} · {plan.method} · batch {plan.batch} × {plan.seq} tokens"
+    if plan.objective != "sft":
+        title += f" · {plan.objective}: {plan.rank_batch} rows"
     if plan.ranks > 1:
         title += f" over {plan.ranks} ranks · per rank: {plan.rank_batch} rows"
         where = f"each {where}" if memory_gb is not None else "each machine like this one"

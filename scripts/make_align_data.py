@@ -2,9 +2,11 @@
 
 Both reuse the quickstart's sentences about people (``make_demo_data.py``):
 
-- ``recipes/data/prefer-city``: "Sentence: …\\nKeyword:" with the city as the chosen answer and the
-  person's name as the rejected one. Nothing in the prompt says which is wanted, so the base model
-  prefers either about equally (53% city on a sample); the preference is only in the pairs.
+- ``recipes/data/prefer-city``: "Sentence: …\\nTeam (red or blue):" where the pairs prefer " red" for
+  a person living in a European city and " blue" for anyone else. The base model knows no such rule,
+  and the pairs are balanced so that nothing but the rule tells chosen from rejected: both colours are
+  chosen equally often (one token each), and the prompt names them in either order. So the base
+  starts near chance, and what DPO teaches shows in the greedy answers.
 - ``recipes/data/grpo-age``: "Sentence: …\\nAge:" prompts with the age as ``answer``; the recipe's
   reward (``rewards.py``) pays for the right number on the first line and for stopping there.
 
@@ -23,19 +25,27 @@ from pathlib import Path
 from make_demo_data import CITIES, HELD_OUT_TEMPLATES, NAMES, TEMPLATES
 
 RECIPE_DATA = Path(__file__).resolve().parent.parent / "recipes" / "data"
+TEAMS = ["red", "blue"]  # red: the person lives in Europe
+EUROPEAN = ["Lisbon", "Madrid", "Dublin", "Lyon", "Kyiv", "Athens", "Berlin", "Prague", "Oslo", "Vienna", "Warsaw", "Zurich"]
+ELSEWHERE = ["Nairobi", "Osaka", "Toronto", "Mumbai", "Lima", "Lagos", "Shanghai", "Boston", "Cairo", "Sydney", "Seoul", "Manila"]
 
 
-def person(rng: random.Random, templates: list[str]) -> tuple[str, str, int, str]:
-    name, city, age = rng.choice(NAMES), rng.choice(CITIES), rng.randint(18, 89)
+def person(rng: random.Random, templates: list[str], cities: list[str] = CITIES) -> tuple[str, str, int, str]:
+    name, city, age = rng.choice(NAMES), rng.choice(cities), rng.randint(18, 89)
     return name, city, age, rng.choice(templates).format(name=name, city=city, age=age)
 
 
-def pair(rng: random.Random, templates: list[str]) -> dict:
-    name, city, _, sentence = person(rng, templates)
-    return {"prompt": f"Sentence: {sentence}\nKeyword:", "chosen": f" {city}", "rejected": f" {name}"}
+def pair(rng: random.Random, templates: list[str], index: int) -> dict:
+    """The ``index``-th pair of a split: the chosen colour alternates, and so (every other pair) does
+    the order the prompt names the colours in, so a base that favours either colour or the first one
+    named is right on exactly half the pairs."""
+    chosen, rejected = TEAMS if index % 2 == 0 else TEAMS[::-1]
+    first, second = TEAMS if index // 2 % 2 == 0 else TEAMS[::-1]
+    _, city, _, sentence = person(rng, templates, EUROPEAN if chosen == TEAMS[0] else ELSEWHERE)
+    return {"prompt": f"Sentence: {sentence}\nTeam ({first} or {second}):", "chosen": f" {chosen}", "rejected": f" {rejected}"}
 
 
-def age_prompt(rng: random.Random, templates: list[str]) -> dict:
+def age_prompt(rng: random.Random, templates: list[str], index: int) -> dict:
     _, _, age, sentence = person(rng, templates)
     return {"prompt": f"Sentence: {sentence}\nAge:", "answer": str(age)}
 
@@ -43,7 +53,7 @@ def age_prompt(rng: random.Random, templates: list[str]) -> dict:
 def unique_rows(make, rng: random.Random, templates: list[str], count: int, seen: set[str]) -> list[dict]:
     rows = []
     while len(rows) < count:
-        row = make(rng, templates)
+        row = make(rng, templates, len(rows))
         if row["prompt"] not in seen:
             seen.add(row["prompt"])
             rows.append(row)

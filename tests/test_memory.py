@@ -214,3 +214,71 @@ def test_check_fits_uses_the_loaded_model_and_recipe(tiny_model_dir):
     assert result.plan == plan_from_recipe(recipe) and result.plan.method == "qlora"
     assert result.total_bytes == estimate(read_model_shape(str(tiny_model_dir)), result.plan).total_bytes
     assert result.fits
+
+
+def measured_dpo_peak(method: str, hidden: int, layers: int, vocab: int, pairs: int, seq: int) -> int:
+    """Peak bytes of real DPO steps (the trainer's compiled step and ``PreferenceLoss``) above what was
+    live before the models were built, with the frozen reference copy that full fine-tuning loads."""
+    from macft.align.preference import PreferenceLoss
+    from macft.config import AlignConfig
+    from macft.data import Batch
+    from macft.train.loop import Steps, kept_memory_limit, one_step
+    from macft.train.losses import auto_chunk_size
+
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    model, _ = build("llama", hidden, layers, vocab)
+    reference = None
+    if method == "full":
+        reference, _ = build("llama", hidden, layers, vocab)
+        reference.freeze()
+    model = apply_method(model, MethodConfig(name=method, rank=8, target_modules=ATTENTION))
+    mx.eval(model.parameters())
+    loss = PreferenceLoss(AlignConfig(), "dpo", auto_chunk_size(vocab), reference=reference)
+    steps = Steps(model, optim.AdamW(learning_rate=1e-4), loss, grad_clip=1.0, compile=True)
+    # Rows 0..pairs-1 are the chosen answers, the rest the rejected ones; the last half of each row is trained.
+    tokens = mx.random.randint(0, vocab, (2 * pairs, seq + 1))
+    mask = mx.concatenate([mx.zeros((2 * pairs, seq // 2)), mx.ones((2 * pairs, seq - seq // 2))], axis=1)
+    data = Batch(tokens[:, :-1], tokens[:, 1:], mask, None, int(mask.sum().item()), 0.0)
+    with kept_memory_limit():
+        for _ in range(3):
+            mx.reset_peak_memory()
+            assert np.isfinite(one_step(steps, iter([data]), loss, 1)[0].item())
+    return mx.get_peak_memory() - before
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_dpo_prediction_counts_the_reference_copy_of_full_fine_tuning(method):
+    """DPO scores 2 rows a pair; with full fine-tuning it also holds a frozen copy of the base, which
+    the plan must count (and must not count for LoRA, whose reference is the base with adapters off)."""
+    hidden, layers, vocab, pairs, seq = 256, 2, 8000, 2, 32
+    measured = measured_dpo_peak(method, hidden, layers, vocab, pairs, seq)
+    shape = shape_from_config(family_config("llama", vocab, hidden=hidden, layers=layers))
+    plan = Plan(method=method, batch=pairs, seq=seq, rank=8, objective="dpo", **backend_settings())
+    predicted = estimate(shape, plan, available_bytes=64 * GIB)
+    assert plan.rank_batch == 2 * pairs
+    assert abs(predicted.total_bytes - measured) / measured < 0.20, (predicted.parts, measured)
+    sft_rows = estimate(shape, Plan(method=method, batch=2 * pairs, seq=seq, rank=8, **backend_settings()), available_bytes=64 * GIB)
+    if method == "full":
+        # The frozen copy is the whole model again, and leaving it out would miss the measured peak.
+        assert predicted.parts["reference"] == shape.params * plan.compute_bytes
+        assert predicted.total_bytes - sft_rows.total_bytes == predicted.parts["reference"]
+        assert abs(predicted.total_bytes - measured) / measured < 0.10
+        assert sft_rows.total_bytes < 0.90 * measured
+        assert any("frozen copy" in note for note in predicted.notes)
+    else:
+        assert "reference" not in predicted.parts and predicted.total_bytes == sft_rows.total_bytes
+
+
+def test_estimate_cli_objective(tiny_model_dir):
+    runner = CliRunner()
+
+    def parts(*options):
+        result = runner.invoke(cli, ["estimate", "--model", str(tiny_model_dir), "--batch", "2", "--seq", "64", "--json", *options])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)["parts"]
+
+    full_dpo, full_sft = parts("--method", "full", "--objective", "dpo"), parts("--method", "full")
+    assert full_dpo["reference"] == full_dpo["trainable"] and "reference" not in full_sft
+    assert "reference" not in parts("--method", "lora", "--objective", "dpo")
+    assert "reference" not in parts("--method", "full", "--objective", "simpo")  # reference-free

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import get_args
 
 import click
 
 from macft import ui
-from macft.config import DEFAULT_MODEL
+from macft.config import DEFAULT_MODEL, AlignConfig, Objective
 from macft.method_registry import CLI_CHOICES
 
 
@@ -21,9 +22,10 @@ from macft.method_registry import CLI_CHOICES
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=False, show_default=True)
 @click.option("--loss-chunk", type=click.IntRange(min=0), default=0, show_default=True, help="Positions per loss chunk, as train.loss_chunk_size (0 = automatic).")
 @click.option("--memory", "memory_gb", type=click.FloatRange(min=0.1), default=None, help="Plan for an Apple Silicon Mac with this many GB of RAM (bfloat16 compute) instead of this machine.")
+@click.option("--objective", type=click.Choice(get_args(Objective)), default="sft", show_default=True, help="train.objective: preference pairs take two rows each, GRPO align.group_size rows per prompt; DPO/GRPO with --method full hold a frozen reference copy.")
 @click.option("--ranks", type=click.IntRange(min=1), default=1, show_default=True, help="Plan one of this many data-parallel ranks (Macs) sharing the batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
-def estimate(model_spec, method, batch, seq, rank, targets, grad_checkpoint, loss_chunk, memory_gb, ranks, as_json):
+def estimate(model_spec, method, batch, seq, rank, targets, grad_checkpoint, loss_chunk, memory_gb, objective, ranks, as_json):
     """Predict the peak memory of training MODEL and whether it fits this machine.
 
     Only the model's config (config.json or GGUF metadata) is read; no weights are loaded.
@@ -34,6 +36,7 @@ def estimate(model_spec, method, batch, seq, rank, targets, grad_checkpoint, los
       macft estimate --model mistralai/Mistral-7B-Instruct-v0.3 --method qlora --memory 16
       macft estimate --model gemma3-270m --method full --batch 8 --seq 256 --json
       macft estimate --model Qwen/Qwen3-0.6B --method full --batch 16 --ranks 2 --memory 16
+      macft estimate --model gemma3-270m --method full --objective dpo --batch 4 --seq 256
     """
     from macft.memory import GIB, MAC_SETTINGS, Plan, backend_settings, mac_working_set, read_model_shape
     from macft.memory import estimate as predict
@@ -53,6 +56,8 @@ def estimate(model_spec, method, batch, seq, rank, targets, grad_checkpoint, los
         grad_checkpoint=grad_checkpoint,
         loss_chunk_size=loss_chunk,
         ranks=ranks,
+        objective=objective,
+        samples=AlignConfig.group_size if objective == "grpo" else 1,
         **settings,
     )
     result = predict(read_model_shape(model_spec), plan, available)
