@@ -20,7 +20,7 @@ from macft.methods.lora import LoRALinear
 from macft.models.load import load_model
 from macft.train.checkpoint import Checkpoints
 from macft.train.loop import Callback, evaluate, train
-from macft.train.losses import ChunkedLoss, chunked_loss, full_logits_loss, selected_positions
+from macft.train.losses import ChunkedLoss, chunked_loss, full_logits_losses, position_losses, selected_positions
 from macft.train.run import run_training
 from macft.train.schedule import build_schedule
 
@@ -66,7 +66,7 @@ def test_chunked_loss_matches_numpy_and_full_logits(tiny_models, family, bits):
         return dict(tree_flatten(nn.value_and_grad(model, lambda *a: fn(model, *a)[0])(*arrays)[1]))
 
     chunked = grads(lambda m, *a: chunked_loss(m, *a, chunk_size=chunk, vocab_slice=vocab_slice))
-    full = grads(full_logits_loss)
+    full = grads(lambda m, *a: (full_logits_losses(m, *a).sum(),))
     assert chunked.keys() == full.keys() and chunked
     for name in chunked:
         reference = np.array(full[name])
@@ -106,13 +106,42 @@ def reorder(selected):
     return select, targets, weights
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_position_losses_match_numpy_per_position(tiny_models, method):
+    """Per-position losses (what alignment objectives sum per answer) through several chunks, and the
+    gradient of an unequally weighted sum of them, against the full logits: the frozen head's custom
+    backward must scale each row by its own cotangent, the trainable head's checkpointed chunks too."""
+    mx.random.seed(1)
+    model = apply_method(load_model(str(tiny_models["qwen3"])).model, MethodConfig(name=method, rank=4))
+    batch = next(iterate_batches(random_examples(3, length=30, prompt=7), 3, 64))
+    arrays = (batch.inputs, *reorder(selected_positions(batch.targets, batch.loss_mask)))
+    losses = position_losses(model, *arrays, chunk_size=16, vocab_slice=100)
+    logits = np.array(model(batch.inputs)).reshape(-1, model.model.embed_tokens.weight.shape[0]).astype(np.float64)
+    select, targets, weights = (np.array(a) for a in arrays[1:])
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    expected = (lse[select] - logits[select, targets]) * weights
+    np.testing.assert_allclose(np.array(losses), expected, rtol=1e-4, atol=1e-5)
+
+    scale = mx.array(np.random.default_rng(0).uniform(-1, 2, losses.shape[0]).astype(np.float32))
+
+    def grads(fn):
+        return dict(tree_flatten(nn.value_and_grad(model, lambda *a: (fn(model, *a) * scale).sum())(*arrays)[1]))
+
+    chunked = grads(lambda m, *a: position_losses(m, *a, chunk_size=16, vocab_slice=100))
+    full = grads(full_logits_losses)
+    assert chunked.keys() == full.keys() and chunked
+    for name in chunked:
+        reference = np.array(full[name])
+        np.testing.assert_allclose(np.array(chunked[name]), reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max())
+
+
 def test_full_finetuning_gets_tied_head_gradient(tiny_models):
     """Through the checkpointed chunks, a trainable tied embedding still gets its head gradient."""
     model = apply_method(load_model(str(tiny_models["qwen3"])).model, MethodConfig(name="full"))
     batch = next(iterate_batches(random_examples(2), 2, 64))
     arrays = (batch.inputs, *reorder(selected_positions(batch.targets, batch.loss_mask)))
     chunked = nn.value_and_grad(model, lambda *a: chunked_loss(model, *a, chunk_size=8)[0])(*arrays)[1]
-    full = nn.value_and_grad(model, lambda *a: full_logits_loss(model, *a)[0])(*arrays)[1]
+    full = nn.value_and_grad(model, lambda *a: full_logits_losses(model, *a).sum())(*arrays)[1]
     reference = np.array(full["model"]["embed_tokens"]["weight"])
     assert np.abs(reference).max() > 0.1
     np.testing.assert_allclose(

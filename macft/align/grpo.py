@@ -27,12 +27,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from macft.align.logps import position_losses, row_sums, trained_positions
+from macft.align.logps import row_sums, trained_positions
 from macft.align.rewards import Reward, score
 from macft.config import AlignConfig
 from macft.data.batching import build_batch
 from macft.data.templates import Example
 from macft.methods import adapters_disabled
+from macft.train.losses import position_losses
 
 STATS = ("tokens", "reward", "reward_squared", "kl", "completion_tokens")
 

@@ -17,11 +17,12 @@ Chunks are chained with ``mx.depends`` so that MLX evaluates them one after anot
 
     targets, weights, select = selected_positions(batch.targets, batch.loss_mask)
     loss_sum, tokens = chunked_loss(model, batch.inputs, select, targets, weights, chunk_size=chunk_size)
+    losses = position_losses(model, batch.inputs, select, targets, weights, chunk_size=chunk_size)  # one per position
 
 Both losses return ``(sum of token losses, number of trained tokens)``; the caller divides, so
 gradient accumulation over batches of different sizes weighs every token equally. Any module
 exposes the body/head split either as mlx-lm models do (``model.model`` then ``lm_head`` or the
-tied ``embed_tokens``) or with a ``body_and_head()`` method; ``full_logits_loss`` covers the rest.
+tied ``embed_tokens``) or with a ``body_and_head()`` method; ``full_logits_losses`` covers the rest.
 """
 
 from __future__ import annotations
@@ -120,28 +121,49 @@ def chunked_loss(
     cache: Any = None,
     training: bool = True,
 ) -> tuple[mx.array, mx.array]:
-    """``training=False`` skips the gradient work of the frozen-head path (for validation);
-    ``vocab_slice`` is the head rows per slice (0: ``auto_vocab_slice``)."""
+    """(sum of the weighted token losses, trained tokens): ``position_losses`` summed."""
+    losses = position_losses(
+        model, inputs, select, targets, weights, chunk_size=chunk_size, vocab_slice=vocab_slice, cache=cache, training=training
+    )
+    return losses.sum(), weights.sum()
+
+
+def position_losses(
+    model: nn.Module,
+    inputs: mx.array,
+    select: mx.array,
+    targets: mx.array,
+    weights: mx.array,
+    *,
+    chunk_size: int,
+    vocab_slice: int = 0,
+    cache: Any = None,
+    training: bool = True,
+) -> mx.array:
+    """−log p(target) × weight at every selected position (zero on padding entries). SFT sums them;
+    alignment objectives sum them per answer (``macft.align.logps``). ``training=False`` skips the
+    gradient work of the frozen-head path (for validation and reference passes); ``vocab_slice`` is
+    the head rows per slice (0: ``auto_vocab_slice``)."""
     split = body_and_head(model)
     if split is None:
-        return full_logits_loss(model, inputs, select, targets, weights, cache=cache)
+        return full_logits_losses(model, inputs, select, targets, weights, cache=cache)
     body, head = split
     hidden = body(inputs, cache)
     hidden = hidden.reshape(-1, hidden.shape[-1])[select]
 
     if sliced_head(head, training):
         rows = vocab_slice or auto_vocab_slice(head.weight.shape[0], min(chunk_size, hidden.shape[0]))
-        chunk_loss = frozen_head_loss(head, rows, with_gradient=training)
+        chunk_losses = frozen_head_loss(head, rows, with_gradient=training)
     else:
-        chunk_loss = plain_head_loss(head, checkpoint=training and hidden.shape[0] > chunk_size)
-    total = mx.array(0.0, mx.float32)
+        chunk_losses = plain_head_loss(head, checkpoint=training and hidden.shape[0] > chunk_size)
+    parts: list[mx.array] = []
     for start in range(0, hidden.shape[0], chunk_size):
         end = start + chunk_size
         # Chained so that one chunk's logits are freed before the next chunk's are computed; MLX
         # would otherwise be free to schedule all chunks at once.
-        chunk = hidden[start:end] if start == 0 else mx.depends(hidden[start:end], total)
-        total = total + chunk_loss(chunk, targets[start:end], weights[start:end])
-    return total, weights.sum()
+        chunk = hidden[start:end] if not parts else mx.depends(hidden[start:end], parts[-1])
+        parts.append(chunk_losses(chunk, targets[start:end], weights[start:end]))
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
 
 
 def sliced_head(head: nn.Module, training: bool = True) -> bool:
@@ -182,11 +204,8 @@ def head_slice(head: nn.Module, start: int, end: int, after: mx.array) -> tuple[
     return float_weight(head, packed=packed, rows=(start, end)), bias, None
 
 
-def frozen_head_loss(
-    head: nn.Module, vocab_slice: int, with_gradient: bool = True, per_position: bool = False
-) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
-    """Weighted cross-entropy sum of one chunk through a frozen matrix head, with a custom backward
-    (``per_position``: the weighted loss of each row instead of their sum, as alignment objectives need).
+def frozen_head_loss(head: nn.Module, vocab_slice: int, with_gradient: bool = True) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+    """Weighted cross-entropy of each row of one chunk through a frozen matrix head, with a custom backward.
 
     The head is applied ``vocab_slice`` rows at a time with a running log-sum-exp (as flash
     attention does over keys), so neither the chunk's full logits nor a dequantized copy of a
@@ -227,11 +246,10 @@ def frozen_head_loss(
         if "bias" in head:
             picked = picked + head.bias[t]
         losses = (peak + mx.log(norm) - picked) * w
-        loss = losses if per_position else losses.sum()
         if not with_gradient:
-            return loss, None
+            return losses, None
         hidden_grad = (grad / norm[:, None].astype(h.dtype) - target_rows) * w[:, None].astype(h.dtype)
-        return loss, hidden_grad
+        return losses, hidden_grad
 
     if not with_gradient:
         return lambda h, t, w: forward(h, t, w)[0]
@@ -244,14 +262,13 @@ def frozen_head_loss(
     def backward(primals, cotangents, outputs):
         _, t, w = primals
         # Targets and loss weights are data: they get zero cotangents.
-        scale = cotangents[0][:, None] if per_position else cotangents[0]
-        return scale * outputs[1], mx.zeros_like(t), mx.zeros_like(w)
+        return cotangents[0][:, None] * outputs[1], mx.zeros_like(t), mx.zeros_like(w)
 
     return lambda h, t, w: loss_and_hidden_grad(h, t, w)[0]
 
 
 def plain_head_loss(head: nn.Module, checkpoint: bool) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
-    """Weighted cross-entropy sum of one chunk through any head, differentiated by MLX (under
+    """Weighted cross-entropy of each row of one chunk through any head, differentiated by MLX (under
     ``mx.checkpoint`` when several chunks must not keep their logits for the backward pass)."""
 
     def chunk_loss(head_params, h, t, w):
@@ -259,20 +276,20 @@ def plain_head_loss(head: nn.Module, checkpoint: bool) -> Callable[[mx.array, mx
         # through the checkpoint; targets and weights need none.
         head.update(head_params)
         t, w = mx.stop_gradient(t), mx.stop_gradient(w)
-        return (token_losses(project(head, h), t) * w).sum()
+        return token_losses(project(head, h), t) * w
 
     # One chunk has nothing to free early, so recomputing its logits would be wasted work.
     run = mx.checkpoint(chunk_loss) if checkpoint else chunk_loss
     return lambda h, t, w: run(head.trainable_parameters(), h, t, w)
 
 
-def full_logits_loss(
+def full_logits_losses(
     model: nn.Module, inputs: mx.array, select: mx.array, targets: mx.array, weights: mx.array, *, cache: Any = None
-) -> tuple[mx.array, mx.array]:
-    """The same loss from the model's full logits, for modules without a body/head split."""
+) -> mx.array:
+    """The same per-position losses from the model's full logits, for modules without a body/head split."""
     logits = model(inputs, cache=cache)
     logits = logits.reshape(-1, logits.shape[-1])[select]
-    return (token_losses(logits, targets) * weights).sum(), weights.sum()
+    return token_losses(logits, targets) * weights
 
 
 class ChunkedLoss:
