@@ -50,6 +50,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 WIKISQL = ROOT.parent / "shared" / "data" / "wikisql"
@@ -236,11 +237,17 @@ def command_for(cfg: dict, run_dir: Path, tools: dict) -> tuple[list[str], dict[
 def run_once(cfg: dict, run_dir: Path, tools: dict, probe_dir: Path) -> dict:
     """Start the system's command, timestamp its step reports, and measure the process."""
     command, extra = command_for(cfg, run_dir, tools)
+    if cfg["system"] == "mlx_lm-stock":
+        extra["MACFT_OPENBLAS"] = "0"
+    pattern = MACFT_STEP if cfg["system"].startswith("macft") else MLX_LM_LORA_STEP if cfg["system"] == "mlx-lm-lora" else MLX_LM_STEP
+    return run_command(command, extra, pattern, run_dir, probe_dir, macft=cfg["system"].startswith("macft"))
+
+
+def run_command(command: list[str], extra: dict[str, str], pattern: re.Pattern, run_dir: Path, probe_dir: Path, macft: bool) -> dict:
+    """Run one benchmark process (``extra``: environment on top of this one's; ``probe_dir`` goes first
+    on its PYTHONPATH), timestamp the step reports ``pattern`` matches, and measure the process."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(probe_dir), extra.get("PYTHONPATH"), os.environ.get("PYTHONPATH")) if p)
-    if cfg["system"] == "mlx_lm-stock":
-        env["MACFT_OPENBLAS"] = "0"
-    pattern = MACFT_STEP if cfg["system"].startswith("macft") else MLX_LM_LORA_STEP if cfg["system"] == "mlx-lm-lora" else MLX_LM_STEP
     watch = Watch()
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=run_dir.parent)
@@ -268,7 +275,7 @@ def run_once(cfg: dict, run_dir: Path, tools: dict, probe_dir: Path) -> dict:
     reader.join(timeout=10)
     others = watch.others_cores(usage.ru_utime + usage.ru_stime)
     load_end = os.getloadavg()
-    if cfg["system"].startswith("macft"):
+    if macft:
         attach_macft_tokens(steps, run_dir)
     result = {"exit_status": os.waitstatus_to_exitcode(status), "wall_seconds": wall, "rss_peak_bytes": usage.ru_maxrss * 1024,
               "mlx_peak_bytes": mlx_peak, "steps": steps, "load_start": watch.load_start, "load_end": load_end,
@@ -436,9 +443,15 @@ def main() -> None:
     if args.rounds < 1 or args.steps < 3:
         parser.error("--rounds must be at least 1 and --steps at least 3")
 
-    scratch = Path(tempfile.mkdtemp(prefix="macft-bench-"))
+    run_and_write(run_all, args, "macft-bench-")
+
+
+def run_and_write(run: Callable[[argparse.Namespace, Path], dict], args: argparse.Namespace, prefix: str) -> None:
+    """``run(args, scratch)`` in a scratch folder removed afterwards, then its report written to
+    ``args.out``, unless the machine was busy and ``args.allow_busy`` is not set (exit status 2)."""
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        report = run_all(args, scratch)
+        report = run(args, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # a float32 copy of the model lives there
     if report["busy"]:

@@ -1,19 +1,37 @@
-"""Benchmark macft's DPO against mlx-lm-lora's on the same model, data and settings, in the same run.
+"""Benchmark macft's DPO against mlx-lm-lora's: same model, pairs and settings, separate processes,
+interleaved rounds, on a machine checked to be quiet.
 
-Each system trains in its own process, one after the other: macft (`macft lora` with
-``train.objective: dpo``) from this checkout, and mlx-lm-lora's ``mlx_lm_lora.train --train-mode dpo``
-from its own virtual environment (``pip install mlx-lm-lora`` there, never into macft's). Same base
-(the embedded Gemma 3 270M, float weights), same pairs (``recipes/data/prefer-city``), batch size,
-maximum length, LoRA rank and layers, learning rate, beta and number of steps. Per system: optimizer
-steps/s over the steps after the first (compiling) one, which compares the same batches; tokens/s as
-each system counts them (macft: trained answer tokens; mlx-lm-lora: prompt and answer tokens of both
-sides); its reported MLX peak memory; and the process's peak RSS (``/usr/bin/time``).
+Every round runs both systems once (macft, mlx-lm-lora, macft, mlx-lm-lora, ...), each a fresh process
+of its public command: ``macft lora recipes/prefer-city-dpo.yaml`` from this checkout, and
+``mlx_lm_lora.train --train-mode dpo`` from its own virtual environment (``pip install mlx-lm-lora``
+there, never into macft's). Both train LoRA (rank, scale, the last N blocks, every linear layer of
+them, as mlx-lm-lora does) on the same float32 copy of the embedded Gemma 3 270M and the same pairs
+(``recipes/data/prefer-city``), rendered through a chat template (mlx-lm-lora always renders DPO
+pairs that way; macft is told to; the embedded base model has none, so the copy gets Gemma's turn
+format), with the same batch of pairs, maximum length, beta and
+steps, no gradient clipping and no validation until the end. Per run, with ``scripts/bench.py``'s
+machinery:
 
-Speed numbers need a quiet machine: the script records the load average before and after each run
-and marks the report ``"busy": true`` when the machine was busier than half its cores; busy numbers
-are for checking the script, not for publishing.
+  tokens/s     steps/s × pairs per step × the mean tokens of a pair (chosen and rejected rows,
+               prompt included, as mlx-lm-lora counts them), from the wall time between the step
+               reports after the first (compiling) one: one formula for both systems
+  own tok/s    what each tool printed (macft: trained answer tokens; mlx-lm-lora: all tokens)
+  MLX peak     mx.get_peak_memory() at exit (a probe that changes nothing else)
+  RSS peak     the process's peak resident memory
 
-    python scripts/bench_dpo.py --mlx-lm-lora-python /work/venvs/align-mlx-lm-lora/bin/python --steps 10
+mlx-lm-lora 5.10 sets MLX's wired-memory limit from ``mx.device_info()["max_recommended_working_set_size"]``,
+a field only Metal reports, so on a CPU its trainer stops before the first step. Its process gets a
+``sitecustomize`` that adds that one field (0: no wired memory, which is all a CPU has) and changes
+nothing else: the command, its argument parsing, data loading, trainer and reference model are
+mlx-lm-lora's own. It reads ``fuse: false`` from a config file (its default would fuse and save the
+whole model after training); everything else comes from its command-line flags.
+
+Speed needs a quiet machine: other processes' CPU use is sampled before and during every run, and a
+busy machine's results are printed but not written unless ``--allow-busy`` (the file then says
+``"busy": true``). About 6 minutes on a quiet 2-core machine with the defaults.
+
+    python scripts/bench_dpo.py                                     # writes scripts/results/bench-dpo-gemma3-270m.json
+    python scripts/bench_dpo.py --rounds 1 --steps 4 --allow-busy --out /tmp/bench-dpo.json
 """
 
 from __future__ import annotations
@@ -21,137 +39,155 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
-import subprocess
+import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench import prepare_models
+from bench import MACFT_STEP, PROBE, busy_processes, prepare_models, print_summary, run_and_write, run_command, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "recipes" / "data" / "prefer-city"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SYSTEMS = ("macft", "mlx-lm-lora")
+DPO_STEP = re.compile(r"Iter (?P<step>\d+): loss (?P<loss>[\d.]+),.*?tok/s (?P<tps>[\d.]+)")
+# Only for mlx-lm-lora's process (see the module docstring): the one field Metal reports and a CPU does not.
+METAL_FIELD = '''
+import mlx.core as _mx
+_device_info = _mx.device_info
+_mx.device_info = lambda: {"max_recommended_working_set_size": 0, **_device_info()}
+'''
 
 
-# mlx-lm-lora sets MLX's wired limit from a Metal-only device field; off a Mac that field is missing,
-# so its trainer stops before the first step. The launcher supplies it (0: no wired memory) and runs
-# the trainer's own main() unchanged.
-LAUNCH_MLX_LM_LORA = (
-    "import sys, mlx.core as mx; info = mx.device_info; "
-    "mx.device_info = lambda: {'max_recommended_working_set_size': 0, **info()}; "
-    "from mlx_lm_lora.train import main; sys.argv[0] = 'mlx_lm_lora.train'; main()"
+# Gemma's turn format, for a model copy without a template (see with_chat_template).
+GEMMA_TURNS = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else 'user' }}\n"
+    "{{ message['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
 
-def busy(load: float) -> bool:
-    return load > 0.5 * (os.cpu_count() or 1)
+def macft_command(args: argparse.Namespace, model_dir: str, run_dir: Path) -> list[str]:
+    command = [sys.executable, "-m", "macft.cli", "lora", str(ROOT / "recipes" / "prefer-city-dpo.yaml"),
+               "--out-dir", str(run_dir.parent), "--name", run_dir.name]
+    sets = {
+        "model.path": model_dir, "model.dequantize": "false", "data.train": args.data, "data.max_seq_length": args.seq,
+        "data.use_chat_template": "true", "train.iters": args.steps, "train.batch_size": args.batch,
+        "train.learning_rate": args.lr, "train.lr_schedule": "constant", "train.warmup_steps": 0, "train.grad_clip": 0,
+        "train.eval_every": 0, "train.eval_batches": 1, "train.save_every": 10**9, "train.report_every": 1,
+        "method.rank": args.rank, "method.alpha": args.scale * args.rank, "method.num_layers": args.layers,
+        "method.target_modules": f"[{','.join(ALL_LINEAR)}]", "align.beta": args.beta, "demo.count": 0,
+    }
+    for key, value in sets.items():
+        command += ["--set", f"{key}={value}"]
+    return command
 
 
-def timed(command: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, int, float, float]:
-    """(finished process, its peak RSS in bytes, seconds, 1-minute load average while it ran)."""
-    loads = [os.getloadavg()[0]]
-    started = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", *command], capture_output=True, text=True, env=env)
-    loads.append(os.getloadavg()[0])
-    match = re.search(r"MAXRSS_KB (\d+)", proc.stderr)
-    return proc, int(match.group(1)) * 1024 if match else 0, time.perf_counter() - started, max(loads)
-
-
-def blas_path() -> str | None:
-    from macft.backend import load_openblas
-
-    return load_openblas()
-
-
-def run_macft(args: argparse.Namespace, model_dir: str, scratch: Path) -> dict:
-    overrides = [
-        f"model.path={model_dir}", "model.dequantize=false", f"data.train={args.data}", f"data.max_seq_length={args.seq}",
-        f"train.iters={args.steps}", f"train.batch_size={args.batch}", f"train.learning_rate={args.lr}",
-        "train.eval_every=0", "train.save_every=0", "train.report_every=1", f"method.rank={args.rank}",
-        f"method.num_layers={args.layers}", f"align.beta={args.beta}", "demo.count=0", "train.warmup_steps=0",
-        "train.lr_schedule=constant",
-    ]
-    command = [sys.executable, "-m", "macft.cli", "lora", str(ROOT / "recipes" / "prefer-city-dpo.yaml"), "--json",
-               "--out-dir", str(scratch / "runs"), "--name", "macft"]
-    for item in overrides:
-        command += ["--set", item]
-    proc, rss, seconds, load = timed(command, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        summary = json.loads(proc.stdout[proc.stdout.index("{"):])
-    except ValueError:
-        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:], "load": load}
-    # macft counts trained (answer) tokens; steps/s compares the same batches whatever is counted.
-    tokens_per_step = summary["tokens_seen"] / summary["steps"]
-    return {"steps_per_second": summary["tokens_per_second"] / tokens_per_step, "tokens_per_second": summary["tokens_per_second"],
-            "peak_memory_bytes": summary["peak_memory_bytes"], "peak_rss_bytes": rss, "wall_seconds": seconds,
-            "final_loss": summary["final_train_loss"], "load": load}
-
-
-def run_mlx_lm_lora(args: argparse.Namespace, model_dir: str, scratch: Path) -> dict:
-    command = [
-        args.mlx_lm_lora_python, "-c", LAUNCH_MLX_LM_LORA, "--model", model_dir, "--train", "--train-mode", "dpo", "--data", str(args.data),
+def mlx_lm_lora_command(args: argparse.Namespace, model_dir: str, run_dir: Path) -> list[str]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = run_dir / "config.yaml"
+    config.write_text("fuse: false\n")
+    return [
+        str(Path(args.mlx_lm_lora_venv) / "bin" / "mlx_lm_lora.train"), "--config", str(config),
+        "--model", model_dir, "--train", "--train-mode", "dpo", "--data", str(args.data),
         "--iters", str(args.steps), "--batch-size", str(args.batch), "--learning-rate", str(args.lr),
         "--max-seq-length", str(args.seq), "--num-layers", str(args.layers), "--beta", str(args.beta),
-        "--steps-per-report", "1", "--steps-per-eval", str(args.steps * 10), "--val-batches", "1",
-        "--adapter-path", str(scratch / "mlx-lm-lora-adapters"),
+        "--steps-per-report", "1", "--steps-per-eval", str(10**9), "--val-batches", "1", "--save-every", str(10**9),
+        "--adapter-path", str(run_dir / "adapters"), "--seed", "0",
     ]
-    env = dict(os.environ)
-    if blas_path():  # the same BLAS as macft, so the comparison is about the training code
-        env["LD_PRELOAD"] = blas_path()
-    proc, rss, seconds, load = timed(command, env=env)
-    out = proc.stdout + proc.stderr
-    reports = re.findall(r"Iter \d+: loss ([\d.]+),.*?it/s ([\d.]+), tok/s ([\d.]+), peak_mem ([\d.]+)GB", out)
-    if proc.returncode != 0 or not reports:
-        return {"error": out.strip().splitlines()[-3:], "load": load}
-    steady = reports[1:] or reports  # the first report includes compilation
-    return {
-        "steps_per_second": sum(float(r[1]) for r in steady) / len(steady),
-        "tokens_per_second": sum(float(r[2]) for r in steady) / len(steady),  # its count: prompt and answer tokens of both sides
-        "peak_memory_bytes": int(max(float(r[3]) for r in reports) * 1e9),
-        "peak_rss_bytes": rss,
-        "wall_seconds": seconds,
-        "final_loss": float(reports[-1][0]),
-        "load": load,
+
+
+def with_chat_template(model_dir: str) -> None:
+    """Give the model copy a Gemma-style chat template where it has none (the embedded Gemma 3 270M is
+    a base model): mlx-lm-lora renders every DPO pair through one, and macft is told to do the same."""
+    config_path = Path(model_dir) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.setdefault("chat_template", GEMMA_TURNS)
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def mean_pair_tokens(model_dir: str, data: Path) -> float:
+    """Mean tokens of a training pair's two rows through the chat template, as both systems render them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines() if line.strip()]
+
+    def length(row: dict, answer: str) -> int:
+        messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row[answer]}]
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+
+    return statistics.mean(length(row, "chosen") + length(row, "rejected") for row in rows)
+
+
+def run_all(args: argparse.Namespace, scratch: Path) -> dict:
+    model_dir = prepare_models(args.model, scratch)["float32"]
+    with_chat_template(model_dir)
+    pair_tokens = mean_pair_tokens(model_dir, args.data)
+    probes = {}
+    for system in SYSTEMS:
+        probes[system] = scratch / f"probe-{system}"
+        probes[system].mkdir()
+        (probes[system] / "sitecustomize.py").write_text(PROBE + (METAL_FIELD if system == "mlx-lm-lora" else ""))
+    before = busy_processes()
+    report = {"machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores", "model": args.model,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "settings": {k: str(v) for k, v in vars(args).items() if k != "out"},
+              "mean_pair_tokens": pair_tokens, "busy_before": before, "load_before": os.getloadavg(), "runs": []}
+    for round_ in range(1, args.rounds + 1):
+        for system in SYSTEMS:
+            run_dir = scratch / "runs" / f"{system}-r{round_}"
+            run_dir.parent.mkdir(exist_ok=True)
+            if system == "macft":
+                result = run_command(macft_command(args, model_dir, run_dir), {"PYTHONPATH": str(ROOT)}, MACFT_STEP, run_dir, probes[system], macft=True)
+            else:
+                result = run_command(mlx_lm_lora_command(args, model_dir, run_dir), {}, DPO_STEP, run_dir, probes[system], macft=False)
+            if "step_seconds" in result:
+                result["tokens_per_second"] = args.batch * pair_tokens / result["step_seconds"]
+            report["runs"].append({"system": system, "round": round_, "result": result})
+            shown = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.items() if k not in ("steps", "load_start", "load_end")}
+            print(f"  round {round_} {system}: {json.dumps(shown)[:300]}", flush=True)
+    summary = summarise(report["runs"], list(SYSTEMS))
+    report["summary"] = summary
+    ours, theirs = summary["macft"], summary["mlx-lm-lora"]
+    report["ratios"] = {
+        metric: ours[metric]["median"] / theirs[metric]["median"]
+        for metric in ("tokens_per_second", "mlx_peak_bytes", "rss_peak_bytes")
+        if metric in ours and metric in theirs and theirs[metric]["median"]
     }
+    others = [r["result"]["other_cores"] for r in report["runs"] if r["result"].get("other_cores") is not None]
+    report["other_cores_max"] = max(others, default=None)
+    report["busy"] = sum(p["cores"] for p in before) > args.busy_cores or any(o > args.busy_cores for o in others)
+    print_summary(summary, ["mlx-lm-lora"])
+    return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mlx-lm-lora-python", default="/work/venvs/align-mlx-lm-lora/bin/python",
-                        help="the python of a virtual environment with mlx-lm-lora installed")
-    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--mlx-lm-lora-venv", type=Path, default=Path("/work/venvs/align-mlx-lm-lora"),
+                        help="a virtual environment where `pip install mlx-lm-lora` put bin/mlx_lm_lora.train")
+    parser.add_argument("--model", default="gemma3-270m", help="gemma3-270m, tiny-llama, or a model folder")
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each system, interleaved")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4, help="pairs per step")
+    parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--scale", type=float, default=20.0, help="LoRA scale (mlx-lm-lora's default); macft's alpha is scale × rank")
     parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--out", type=Path, default=ROOT / "scripts" / "results" / "bench-dpo.json")
+    parser.add_argument("--busy-cores", type=float, default=0.25,
+                        help="the machine counts as busy when other processes use more cores than this during a run")
+    parser.add_argument("--allow-busy", action="store_true", help="write the results even when the machine was busy")
+    parser.add_argument("--out", type=Path, default=ROOT / "scripts" / "results" / "bench-dpo-gemma3-270m.json")
     args = parser.parse_args()
+    if args.rounds < 1 or args.steps < 4:
+        parser.error("--rounds must be at least 1 and --steps at least 4")
+    if not (args.mlx_lm_lora_venv / "bin" / "mlx_lm_lora.train").exists():
+        sys.exit(f"mlx-lm-lora: no bin/mlx_lm_lora.train in {args.mlx_lm_lora_venv}; pass --mlx-lm-lora-venv")
 
-    with tempfile.TemporaryDirectory(prefix="macft-bench-dpo-") as tmp:
-        scratch = Path(tmp)
-        model_dir = prepare_models(args.model, scratch)["float32"]
-        rows = {"macft": run_macft(args, model_dir, scratch), "mlx-lm-lora": run_mlx_lm_lora(args, model_dir, scratch)}
-    loaded = any(busy(r["load"]) for r in rows.values())
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(), "busy": loaded, "blas": blas_path(),
-              "settings": {k: str(v) for k, v in vars(args).items() if k != "out"}, "rows": rows}
-    ours, theirs = rows["macft"], rows["mlx-lm-lora"]
-    if "error" not in ours and "error" not in theirs:
-        report["steps_per_second_ratio"] = ours["steps_per_second"] / theirs["steps_per_second"]
-        report["peak_memory_ratio"] = ours["peak_memory_bytes"] / theirs["peak_memory_bytes"]
-        report["peak_rss_ratio"] = ours["peak_rss_bytes"] / theirs["peak_rss_bytes"]
-    print(json.dumps(report, indent=2))
-    if loaded:
-        print(f"The machine was busy (1-minute load up to {max(r['load'] for r in rows.values()):.1f} on "
-              f"{os.cpu_count()} cores): these speeds are not fit to publish.", file=sys.stderr)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-
+    run_and_write(run_all, args, "macft-bench-dpo-")
 
 if __name__ == "__main__":
     main()

@@ -109,23 +109,9 @@ def token_losses(logits: mx.array, targets: mx.array) -> mx.array:
     return mx.logsumexp(logits, axis=-1) - picked
 
 
-def chunked_loss(
-    model: nn.Module,
-    inputs: mx.array,
-    select: mx.array,
-    targets: mx.array,
-    weights: mx.array,
-    *,
-    chunk_size: int,
-    vocab_slice: int = 0,
-    cache: Any = None,
-    training: bool = True,
-) -> tuple[mx.array, mx.array]:
-    """(sum of the weighted token losses, trained tokens): ``position_losses`` summed."""
-    losses = position_losses(
-        model, inputs, select, targets, weights, chunk_size=chunk_size, vocab_slice=vocab_slice, cache=cache, training=training
-    )
-    return losses.sum(), weights.sum()
+def chunked_loss(model: nn.Module, inputs: mx.array, select: mx.array, targets: mx.array, weights: mx.array, **options: Any) -> tuple[mx.array, mx.array]:
+    """(sum of the weighted token losses, trained tokens): ``position_losses`` (same keywords) summed."""
+    return position_losses(model, inputs, select, targets, weights, **options).sum(), weights.sum()
 
 
 def position_losses(
