@@ -2,11 +2,12 @@
 
 Both reuse the quickstart's sentences about people (``make_demo_data.py``):
 
-- ``recipes/data/prefer-city``: "Sentence: …\\nTeam (red or blue):" where the pairs prefer " red" for
-  a person living in a European city and " blue" for anyone else. The base model knows no such rule,
-  and the pairs are balanced so that nothing but the rule tells chosen from rejected: both colours are
-  chosen equally often (one token each), and the prompt names them in either order. So the base
-  starts near chance, and what DPO teaches shows in the greedy answers.
+- ``recipes/data/prefer-city``: "Sentence: …\\nQuestion: Is Noah on the red or the blue team?\\nAnswer:
+  Noah is on the" where the pairs prefer " red team." for a person living in a European city and
+  " blue team." for anyone else. The base model knows no such rule, and the pairs are balanced so that
+  nothing but the rule tells chosen from rejected: both colours are chosen equally often (one token
+  each), and the question names them in either order. The base answers with the colour named first,
+  so it starts at chance, and what DPO teaches shows in its greedy answers.
 - ``recipes/data/grpo-age``: "Sentence: …\\nAge:" prompts with the age as ``answer``; the recipe's
   reward (``rewards.py``) pays for the right number on the first line and for stopping there.
 
@@ -41,8 +42,9 @@ def pair(rng: random.Random, templates: list[str], index: int) -> dict:
     named is right on exactly half the pairs."""
     chosen, rejected = TEAMS if index % 2 == 0 else TEAMS[::-1]
     first, second = TEAMS if index // 2 % 2 == 0 else TEAMS[::-1]
-    _, city, _, sentence = person(rng, templates, EUROPEAN if chosen == TEAMS[0] else ELSEWHERE)
-    return {"prompt": f"Sentence: {sentence}\nTeam ({first} or {second}):", "chosen": f" {chosen}", "rejected": f" {rejected}"}
+    name, _, _, sentence = person(rng, templates, EUROPEAN if chosen == TEAMS[0] else ELSEWHERE)
+    prompt = f"Sentence: {sentence}\nQuestion: Is {name} on the {first} or the {second} team?\nAnswer: {name} is on the"
+    return {"prompt": prompt, "chosen": f" {chosen} team.", "rejected": f" {rejected} team."}
 
 
 def age_prompt(rng: random.Random, templates: list[str], index: int) -> dict:
