@@ -9,7 +9,7 @@ Both reuse the quickstart's sentences about people (``make_demo_data.py``):
   each), and the question names them in either order. The base answers with the colour named first,
   so it starts at chance, and what DPO teaches shows in its greedy answers.
 - ``recipes/data/grpo-age``: "Sentence: …\\nAge:" prompts with the age as ``answer``; the recipe's
-  reward (``rewards.py``) pays for the right number on the first line and for stopping there.
+  reward (``rewards.py``) pays for the right number alone on the first line (" 46", not " 46 years").
 
 Held-out test sentences use phrasings never seen in training. The files are reproducible from the seed.
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -355,3 +359,27 @@ def test_data_check_reports_pairs(tmp_path, tiny_model_dir):
     assert train["identical"] == 1 and train["duplicates"] == 1
     assert train["truncated"] == 7 and train["dropped"] == 0  # the long rejected answers run past 24 tokens
     assert train["chosen_lengths"]["max"] < train["rejected_lengths"]["max"]
+
+
+def test_demo_data_is_the_scripts_output_and_balanced(tmp_path):
+    """The shipped demo data is what scripts/make_align_data.py writes, and in the preference pairs
+    nothing but the rule (a European city: red) tells chosen from rejected: each colour is chosen in
+    half the pairs, each named first in half of those, answers differ in the colour token alone."""
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, str(root / "scripts" / "make_align_data.py"), "--out", str(tmp_path)], check=True, capture_output=True)
+    for folder in ("prefer-city", "grpo-age"):
+        for split in ("train", "valid", "test"):
+            assert (tmp_path / folder / f"{split}.jsonl").read_text() == (root / "recipes" / "data" / folder / f"{split}.jsonl").read_text()
+    sys.path.insert(0, str(root / "scripts"))
+    try:
+        from make_align_data import ELSEWHERE, EUROPEAN
+    finally:
+        sys.path.remove(str(root / "scripts"))
+    for split in ("train", "valid", "test"):
+        rows = [json.loads(line) for line in (root / "recipes" / "data" / "prefer-city" / f"{split}.jsonl").read_text().splitlines()]
+        cells = Counter((row["chosen"], row["prompt"].index(" red ") < row["prompt"].index(" blue ")) for row in rows)
+        assert set(cells.values()) == {len(rows) // 4} and len(cells) == 4
+        for row in rows:
+            city = next(c for c in EUROPEAN + ELSEWHERE if c in row["prompt"])
+            assert row["chosen"] == (" red team." if city in EUROPEAN else " blue team.")
+            assert row["rejected"] == row["chosen"].replace(" red", " BLUE").replace(" blue", " red").replace("BLUE", "blue")
