@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--model", default="gemma3-270m", help="gemma3-270m, tiny-llama, or a model folder")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--rounds", type=int, default=3, help="runs of each system, interleaved")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rank", type=int, default=8)
