@@ -134,7 +134,7 @@ class LlamaCppModel:
 
 def open_llamacpp(model_spec: str | None, adapter: str | Path | None = None):
     """An ``OpenedModel`` whose ``model`` is a ``LlamaCppModel`` (no MLX weights are loaded once cached)."""
-    from mlx_lm.utils import load_tokenizer
+    from macft.models.tokenizer_cache import load_tokenizer
 
     from macft.chat import OpenedModel
     from macft.config import DEFAULT_MODEL

@@ -132,7 +132,7 @@ def load_model(
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model as mlx_load_model
-    from mlx_lm.utils import load_tokenizer
+    from macft.models.tokenizer_cache import load_tokenizer
 
     from macft.backend import compute_dtype
     from macft.models.gguf_import.convert import SUMMARY_FILE
