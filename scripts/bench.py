@@ -226,7 +226,9 @@ def command_for(cfg: dict, run_dir: Path, tools: dict) -> tuple[list[str], dict[
     if system == "mlx-lm-lora":
         return [tools["mlx-lm-lora"], "--config", str(config)], env
     if system == "mlx_lm" and tools.get("openblas"):
-        env["LD_PRELOAD"] = tools["openblas"]
+        from macft.backend import preload_environment
+
+        env.update(preload_environment(tools["openblas"]))
     return [tools["mlx_lm"], "--config", str(config)], env
 
 
