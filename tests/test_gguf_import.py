@@ -66,7 +66,10 @@ def write_gguf(model_dir: Path, out: Path, quant=lambda name, shape: Q.F32, arch
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(layers)
-    writer.add_feed_forward_length(config["intermediate_size"])
+    widths = config["intermediate_size"]
+    if family == "gemma4":  # double-wide MLPs in the k/v-sharing layers
+        widths = [widths * (2 if i >= layers - config["num_kv_shared_layers"] else 1) for i in range(layers)]
+    writer.add_feed_forward_length(widths)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])

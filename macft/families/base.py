@@ -120,6 +120,8 @@ class Family:
     # Training: mlx-lm MLP class ("module.Class") -> mlx.nn activation name it applies to its gate
     gated_mlps: Mapping[str, str] = field(default_factory=dict)
     chat_format: ChatFormat | None = None  # the format this family's chat templates write
+    # Training: method name -> why this family's blocks cannot take it (apply_method refuses it)
+    refused_methods: Mapping[str, str] = field(default_factory=dict)
     # Memory planner: shape facts config.json spells its own way (experts), as ModelShape fields
     planner_shape: Callable[[dict], dict] = _no_shape_facts
     # Memory planner: values kept per token and layer beyond the common decoder block's

@@ -247,6 +247,12 @@ FAMILY = Family(
     writes_head_dim=True,
     gated_mlps={"gemma4_text.MLP": "gelu_approx"},
     chat_format=GEMMA4_TURNS,
+    # These methods run or wrap the blocks themselves, and Gemma 4's blocks also take per-layer
+    # inputs and shared keys/values and return them, which the methods do not pass on.
+    refused_methods={
+        name: "its blocks pass per-layer inputs and shared keys/values, which this method's wrapping does not; use lora, dora, qlora or full"
+        for name in ("prompt", "ptuning", "prefix", "adapter")
+    },
     planner_shape=planner_shape,
     # as Gemma 3: two more norms per block and a tanh-GELU; plus the per-layer input's gated residual
     saved_extra_hidden=3,
