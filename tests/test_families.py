@@ -90,21 +90,27 @@ def test_qwen3_moe_qlora_fuses_over_quantized_experts(tiny_models, tmp_path):
     assert type(model.layers[0].mlp.gate).__name__ == "QuantizedLinear"  # the router was not adapted: kept exactly
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_qwen3_moe_trains_its_experts(tiny_models, tmp_path, method):
+def cli_lora_run(model_dir: Path, tmp_path: Path, method: str, *options: str) -> Path:
+    """A three-step `macft lora` run on a small counting task; returns its run directory."""
     data = tmp_path / "data"
     data.mkdir()
     rows = [{"prompt": f"Q: {i} plus one?", "completion": f" {i + 1}"} for i in range(12)]
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = CliRunner().invoke(
         cli,
-        ["lora", "--model", str(tiny_models["qwen3_moe"]), "--data", str(data), "--method", method, "--iters", "3",
-         "--batch-size", "4", "--rank", "4", "--out-dir", str(tmp_path / "runs"), "--name", "moe", "--json",
-         "--set", "method.target_modules=[q_proj,v_proj,gate_proj,up_proj,down_proj]", "--set", "demo.count=0"],
+        ["lora", "--model", str(model_dir), "--data", str(data), "--method", method, "--iters", "3", "--batch-size", "4",
+         "--rank", "4", "--out-dir", str(tmp_path / "runs"), "--name", "run", "--json", "--set", "demo.count=0", *options],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "runs" / "moe" / "summary.json").read_text())["steps"] == 3
-    saved = mx.load(str(tmp_path / "runs" / "moe" / "adapters.safetensors"))
+    assert json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())["steps"] == 3
+    return tmp_path / "runs" / "run"
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_qwen3_moe_trains_its_experts(tiny_models, tmp_path, method):
+    targets = "method.target_modules=[q_proj,v_proj,gate_proj,up_proj,down_proj]"
+    run = cli_lora_run(tiny_models["qwen3_moe"], tmp_path, method, "--set", targets)
+    saved = mx.load(str(run / "adapters.safetensors"))
     # B starts at zero: a non-zero B on every expert stack means the experts received gradients
     for part in EXPERTS:
         assert mx.abs(saved[f"model.layers.1.mlp.switch_mlp.{part}.lora_b"]).max().item() > 0, part

@@ -15,17 +15,16 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from test_export_gguf import PROMPT, SAMPLE, export, gguf_logits, llama, llama_cpp
-from test_families import QUANTIZED, check_quantized_export
+from test_families import QUANTIZED, check_quantized_export, cli_lora_run
 from test_fuse import ALL_LINEAR, make_run
 from test_gguf_import import SAMPLE_TEXTS, VARIED_TEXTS, write_gguf
 from test_peft_methods import corpus_examples
 
-from macft.cli import cli
 from macft.config import MethodConfig, TrainConfig
 from macft.errors import MacftError
 from macft.export.pipeline import export_gguf
+from macft.memory import read_model_shape
 from macft.methods import apply_method
 from macft.models.gguf_import import import_gguf_report
 from macft.models.load import load_model
@@ -72,6 +71,8 @@ def test_f16_export_runs_in_llama_cpp_as_in_mlx(wide_gemma4):
     assert np.abs(ours - reference).max() < 0.01 * np.abs(reference).max() + 0.01  # fp16 weights
     tokens_gguf, tokens_mlx = greedy(f16, loaded.model, ids)
     assert tokens_gguf == tokens_mlx
+    for shape in (read_model_shape(str(model_dir)), read_model_shape(str(f16))):  # the memory planner
+        assert (shape.intermediate, shape.layers, shape.vocab) == (1024, 4, loaded.config["vocab_size"])
 
 
 def test_import_agrees_with_llama_cpp_on_the_same_file(wide_gemma4, tmp_path):
@@ -162,18 +163,9 @@ def test_lora_and_qlora_training_lower_the_loss(tiny_models, quantize_bits):
 
 
 def test_qlora_run_from_the_command_line(tiny_models, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = [{"prompt": f"Q: {i} plus one?", "completion": f" {i + 1}"} for i in range(12)]
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = CliRunner().invoke(
-        cli,
-        ["lora", "--model", str(tiny_models["gemma4"]), "--data", str(data), "--method", "qlora", "--iters", "3",
-         "--batch-size", "4", "--rank", "4", "--out-dir", str(tmp_path / "runs"), "--name", "g4", "--json",
-         "--set", "demo.count=0"],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "runs" / "g4" / "summary.json").read_text())["steps"] == 3
+    run = cli_lora_run(tiny_models["gemma4"], tmp_path, "qlora")
+    saved = mx.load(str(run / "adapters.safetensors"))
+    assert mx.abs(saved["model.layers.1.self_attn.q_proj.lora_b"]).max().item() > 0  # B starts at zero: it learned
 
 
 def test_methods_that_wrap_the_blocks_are_refused(tiny_models):

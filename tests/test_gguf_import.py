@@ -461,7 +461,7 @@ def test_bad_files_give_one_line_errors(tmp_path, gguf_files):
 
 def test_unsupported_architecture_is_named(tmp_path, tiny_models):
     path = write_gguf(tiny_models["llama"], tmp_path / "falcon.gguf", arch="falcon")
-    with pytest.raises(MacftError, match="'falcon' is not supported.*gemma3, llama, phi3, qwen2, qwen3"):
+    with pytest.raises(MacftError, match="'falcon' is not supported.*gemma3, gemma4, llama, phi3, qwen2, qwen3"):
         import_gguf(path)
 
 
