@@ -134,8 +134,9 @@ def test_lora_adapter_gguf_on_base_equals_fused_gguf(wide_gemma4, tmp_path):
     ids = load_model(str(model_dir)).tokenizer.encode(PROMPT)
     with_adapter = gguf_logits(f16, ids, lora_path=str(tmp_path / "lora.gguf"))
     merged = gguf_logits(Path(fused.gguf["path"]), ids)
-    assert np.abs(with_adapter - merged).max() < 0.01 * np.abs(merged).max() + 0.01
-    assert np.abs(gguf_logits(f16, ids) - merged).max() > 0.3  # the adapter does change the model
+    # attention without query scaling amplifies the fp16 rounding of the merged weights (0.09 measured)
+    assert np.abs(with_adapter - merged).max() < 0.02 * np.abs(merged).max()
+    assert np.abs(gguf_logits(f16, ids) - merged).max() > 1.0  # the adapter does change the model
 
 
 @pytest.mark.parametrize("quantize_bits", [None, 4], ids=["lora", "qlora"])
