@@ -48,7 +48,7 @@ def mlx_logits(model, ids: list[int]) -> np.ndarray:
     return np.array(model(mx.array(ids)[None])[0].astype(mx.float32))
 
 
-def greedy(model_path: Path, mlx_model, ids: list[int], steps: int = 6) -> tuple[list[int], list[int]]:
+def greedy(model_path: Path, mlx_model, ids: list[int], steps: int = 4) -> tuple[list[int], list[int]]:
     reference, tokens_gguf, tokens_mlx = llama(model_path), list(ids), list(ids)
     for _ in range(steps):
         reference.reset()

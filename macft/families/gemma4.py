@@ -32,6 +32,11 @@ from macft.families.base import LAYER_NAMES, ChatFormat, Family, gguf_int
 ROPE_FREQS = "rope_freqs.weight"
 UNROTATED = 1e30  # a divisor that makes a RoPE angle zero: llama.cpp leaves that pair as it is
 SLIDING, GLOBAL = "sliding_attention", "full_attention"
+# mlx-lm's ModelArgs defaults, used when config.json has no rope_parameters
+DEFAULT_ROPE = {
+    GLOBAL: {"rope_type": "proportional", "rope_theta": 1_000_000.0, "partial_rotary_factor": 0.25},
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+}
 
 
 def tiny_config(common: dict) -> dict:
@@ -53,10 +58,7 @@ def tiny_config(common: dict) -> dict:
         "vocab_size_per_layer_input": common["vocab_size"],
         "final_logit_softcapping": 30.0,
         "tie_word_embeddings": True,
-        "rope_parameters": {
-            GLOBAL: {"rope_type": "proportional", "rope_theta": 1_000_000.0, "partial_rotary_factor": 0.25},
-            SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
-        },
+        "rope_parameters": DEFAULT_ROPE,
     }
 
 
@@ -74,11 +76,7 @@ def layer_types(config: dict) -> list[str]:
 
 
 def rope_parameters(config: dict) -> dict:
-    defaults = {
-        GLOBAL: {"rope_type": "proportional", "rope_theta": 1_000_000.0, "partial_rotary_factor": 0.25},
-        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
-    }
-    return config.get("rope_parameters") or defaults
+    return config.get("rope_parameters") or DEFAULT_ROPE
 
 
 def ffn_lengths(config: dict) -> list[int]:
