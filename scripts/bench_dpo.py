@@ -9,7 +9,8 @@ them, as mlx-lm-lora does) on the same float32 copy of the embedded Gemma 3 270M
 (``recipes/data/prefer-city``), rendered through a chat template (mlx-lm-lora always renders DPO
 pairs that way; macft is told to; the embedded base model has none, so the copy gets Gemma's turn
 format), with the same batch of pairs, maximum length, beta and
-steps, no gradient clipping and no validation until the end. Per run, with ``scripts/bench.py``'s
+steps, no gradient clipping and no validation until the end; mlx-lm-lora is given the OpenBLAS macft
+loads (as ``scripts/bench.py`` gives mlx_lm), so the comparison is about the training code. Per run, with ``scripts/bench.py``'s
 machinery:
 
   tokens/s     steps/s × pairs per step × the mean tokens of a pair (chosen and rejected rows,
@@ -46,7 +47,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench import MACFT_STEP, PROBE, busy_processes, prepare_models, print_summary, run_and_write, run_command, summarise
+from bench import MACFT_STEP, PROBE, busy_processes, openblas_path, prepare_models, print_summary, run_and_write, run_command, summarise
+
+from macft.backend import preload_environment
+from macft.models.tokenizer_cache import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "recipes" / "data" / "prefer-city"
@@ -103,8 +107,11 @@ def with_chat_template(model_dir: str) -> None:
     a base model): mlx-lm-lora renders every DPO pair through one, and macft is told to do the same."""
     config_path = Path(model_dir) / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
-    config.setdefault("chat_template", GEMMA_TURNS)
-    config_path.write_text(json.dumps(config, indent=2))
+    if "chat_template" in config:
+        return
+    config_path.write_text(json.dumps(dict(config, chat_template=GEMMA_TURNS), indent=2))
+    # Refill macft's tokenizer cache for the changed files, as prepare_models filled it for the old ones.
+    load_tokenizer(Path(model_dir), eos_token_ids=json.loads((Path(model_dir) / "config.json").read_text()).get("eos_token_id"))
 
 
 def mean_pair_tokens(model_dir: str, data: Path) -> float:
@@ -130,10 +137,12 @@ def run_all(args: argparse.Namespace, scratch: Path) -> dict:
         probes[system] = scratch / f"probe-{system}"
         probes[system].mkdir()
         (probes[system] / "sitecustomize.py").write_text(PROBE + (METAL_FIELD if system == "mlx-lm-lora" else ""))
+    # mlx-lm-lora gets the OpenBLAS macft uses, so the comparison is about the training code.
+    blas = preload_environment(openblas) if (openblas := openblas_path()) else {}
     before = busy_processes()
     report = {"machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores", "model": args.model,
               "date": time.strftime("%Y-%m-%d %H:%M"), "settings": {k: str(v) for k, v in vars(args).items() if k != "out"},
-              "mean_pair_tokens": pair_tokens, "busy_before": before, "load_before": os.getloadavg(), "runs": []}
+              "mean_pair_tokens": pair_tokens, "blas_for_mlx_lm_lora": openblas, "busy_before": before, "load_before": os.getloadavg(), "runs": []}
     for round_ in range(1, args.rounds + 1):
         for system in SYSTEMS:
             run_dir = scratch / "runs" / f"{system}-r{round_}"
@@ -141,7 +150,7 @@ def run_all(args: argparse.Namespace, scratch: Path) -> dict:
             if system == "macft":
                 result = run_command(macft_command(args, model_dir, run_dir), {"PYTHONPATH": str(ROOT)}, MACFT_STEP, run_dir, probes[system], macft=True)
             else:
-                result = run_command(mlx_lm_lora_command(args, model_dir, run_dir), {}, DPO_STEP, run_dir, probes[system], macft=False)
+                result = run_command(mlx_lm_lora_command(args, model_dir, run_dir), blas, DPO_STEP, run_dir, probes[system], macft=False)
             if "step_seconds" in result:
                 result["tokens_per_second"] = args.batch * pair_tokens / result["step_seconds"]
             report["runs"].append({"system": system, "round": round_, "result": result})
