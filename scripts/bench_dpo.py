@@ -29,7 +29,8 @@ whole model after training); everything else comes from its command-line flags.
 
 Speed needs a quiet machine: other processes' CPU use is sampled before and during every run, and a
 busy machine's results are printed but not written unless ``--allow-busy`` (the file then says
-``"busy": true``). About 6 minutes on a quiet 2-core machine with the defaults.
+``"busy": true``). About 8 minutes on a quiet 2-core machine with the defaults (2 rounds of 5 steps;
+one round of 4 steps took 9 minutes on the loaded VM).
 
     python scripts/bench_dpo.py                                     # writes scripts/results/bench-dpo-gemma3-270m.json
     python scripts/bench_dpo.py --rounds 1 --steps 4 --allow-busy --out /tmp/bench-dpo.json
@@ -177,8 +178,8 @@ def main() -> None:
                         help="a virtual environment where `pip install mlx-lm-lora` put bin/mlx_lm_lora.train")
     parser.add_argument("--model", default="gemma3-270m", help="gemma3-270m, tiny-llama, or a model folder")
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each system, interleaved")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each system, interleaved")
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rank", type=int, default=8)
