@@ -93,9 +93,10 @@ def write_gguf(
     start = time.time()
     arch = families.gguf_arch(family)
     weights = float_weights(model)
-    tied = "lm_head.weight" not in weights
+    prefix = families.export_family(family).weights_prefix
+    tied = f"{prefix}lm_head.weight" not in weights
     n_layers = int(config["num_hidden_layers"])
-    vocab_size = int(weights["model.embed_tokens.weight"].shape[0])
+    vocab_size = int(weights[f"{prefix}model.embed_tokens.weight"].shape[0])
     out = Path(out)
     types: Counter[str] = Counter()
     with atomic_path(out) as tmp, closing(gguf.GGUFWriter(str(tmp), arch)) as writer:  # closed on a failed write too

@@ -55,8 +55,8 @@ def more_bits(layer: int, n_layers: int) -> bool:
 
 def tensor_type(name: str, shape: tuple[int, ...], scheme: Scheme, n_layers: int, tied: bool) -> Q:
     """The GGUF type of tensor ``name`` whose numpy shape is ``shape`` (rows, row length)."""
-    if len(shape) < 2 or ".ffn_gate_inp." in name:
-        return Q.F32  # an MoE router stays F32, as convert_hf_to_gguf and llama-quantize keep it
+    if len(shape) < 2 or ".ffn_gate_inp." in name or ".ssm_conv1d." in name:
+        return Q.F32  # an MoE router and a recurrent block's conv kernel stay F32, as convert_hf_to_gguf and llama-quantize keep them
     if scheme.base in (Q.F16, Q.BF16):
         return scheme.base
     chosen = scheme.base

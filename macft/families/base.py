@@ -98,6 +98,8 @@ class Family:
     config_tensors: tuple[str, ...] = ()  # GGUF tensors import consumes as configuration
     rope_kinds_as_tensors: tuple[str, ...] = ()  # rope_scaling kinds that travel as export_tensors
     layer_names: Mapping[str, str] = field(default_factory=lambda: dict(LAYER_NAMES))
+    # mlx-lm's parameter names start with this where its Model wraps the decoder ("language_model.")
+    weights_prefix: str = ""
     # mlx-lm name part -> the HF name part gguf-py's tensor map knows (export; import uses layer_names)
     export_renames: Mapping[str, str] = field(default_factory=dict)
     # Transform pairs: export applies the forward direction, import its inverse.
@@ -113,6 +115,8 @@ class Family:
     # Memory planner: values kept per token and layer beyond the common decoder block's
     saved_extra_hidden: int = 0
     saved_extra_intermediate: int = 0
+    # Training: this family's linear layers (leaf name) adapted when any of the named common ones is targeted
+    lora_aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ transform pairs
 
@@ -136,8 +140,21 @@ class Family:
             return n_kv_heads(config)
         return None
 
+    def export_columns(self, name: str, columns: np.ndarray, config: dict) -> np.ndarray:
+        """HF -> llama.cpp order of a weight's input features (the last axis; LoRA A's columns follow)."""
+        return columns
+
+    def import_columns(self, name: str, columns: np.ndarray, config: dict) -> np.ndarray:
+        """The inverse of ``export_columns``, on floats."""
+        return columns
+
+    def keeps_blocks(self, name: str, config: dict) -> bool:
+        """Whether import may keep this tensor's quantized blocks: not when ``import_columns`` moves its columns."""
+        return True
+
     def export_name(self, name: str) -> str:
         """The HF name gguf-py maps to a GGUF name, for an mlx-lm parameter name."""
+        name = name.removeprefix(self.weights_prefix)
         for part, hf in self.export_renames.items():
             name = name.replace(part, hf)
         return name

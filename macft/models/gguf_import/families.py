@@ -28,11 +28,14 @@ def hf_name(family: Family, name: str) -> str:
         return ""
     stem, _, suffix = name.rpartition(".")
     if stem in _GLOBAL and suffix in ("weight", "bias"):
-        return f"{_GLOBAL[stem]}.{suffix}"
+        return f"{family.weights_prefix}{_GLOBAL[stem]}.{suffix}"
+    layer, _, tail = name.removeprefix("blk.").partition(".")
+    if name.startswith("blk.") and layer.isdigit() and tail in family.layer_names:  # a whole tensor name ("ssm_a")
+        return f"{family.weights_prefix}model.layers.{layer}.{family.layer_names[tail]}"
     match = _BLOCK.match(name)
     if match and match.group(2) in family.layer_names:
         layer, part, suffix = match.groups()
-        return f"model.layers.{layer}.{family.layer_names[part]}.{suffix}"
+        return f"{family.weights_prefix}model.layers.{layer}.{family.layer_names[part]}.{suffix}"
     raise MacftError(f"Tensor '{name}' is not part of a standard {family.gguf_arch} model; this GGUF variant is not supported.")
 
 
