@@ -19,6 +19,8 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.generate import batch_generate, generate, generate_step
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from conftest import ATTENTION_FAMILIES
+
 from macft.config import MethodConfig, Recipe, TrainConfig, load_recipe
 from macft.data import Example, iterate_batches, packing_cache
 from macft.errors import MacftError
@@ -32,6 +34,12 @@ from macft.train.losses import ChunkedLoss
 TEXT = "The quick brown fox jumps over the lazy dog."
 INIT_TEXT = "SELECT name FROM users"
 PEFT = ("prompt", "ptuning", "prefix", "adapter")
+
+
+@pytest.fixture(params=ATTENTION_FAMILIES)
+def family_model_dir(request, tiny_models):
+    """These methods reach the model through every block's attention (test_qwen3_5 checks the refusal)."""
+    return tiny_models[request.param]
 LEARNING_RATES = {"prompt": 3e-2, "ptuning": 1e-2, "prefix": 3e-2, "adapter": 1e-2}
 
 

@@ -27,6 +27,8 @@ from test_fuse import ALL_LINEAR, make_run
 
 from macft.cli import cli
 from macft.config import MethodConfig
+from macft.data import packing_cache
+from macft.errors import MacftError
 from macft.export.fidelity import gguf_weights
 from macft.export.pipeline import export_gguf
 from macft.export.quant_plan import SCHEMES
@@ -170,3 +172,17 @@ def test_qwen35_tokenizer_exports_with_its_pre_tokenizer(tiny_models, tmp_path):
         # Qwen's tokenizer NFC-normalizes and llama.cpp does not, so the texts are already NFC
         assert unicodedata.normalize("NFC", text) == text
         assert vocab.tokenize(text.encode(), add_bos=True, special=True) == tokenizer.encode(text), text
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "adapter"])
+def test_methods_needing_attention_in_every_block_are_refused(tiny_models, method):
+    loaded = load_model(str(tiny_models["qwen3_5"]))
+    with pytest.raises(MacftError, match="linear-attention"):
+        apply_method(loaded.model, MethodConfig(name=method))
+
+
+def test_packing_is_refused(tiny_models):
+    """The recurrent state would carry one packed example into the next."""
+    loaded = load_model(str(tiny_models["qwen3_5"]))
+    with pytest.raises(MacftError, match="data.packing: false"):
+        packing_cache(loaded.model, mx.array([[1, 1, 2, 2]]))
