@@ -66,7 +66,7 @@ def test_training_lowers_the_loss(tiny_models, tmp_path, method):
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "q35"
     losses = [r["train_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
-    assert len(losses) == 8 and losses[-1] < 0.8 * losses[0], losses
+    assert len(losses) == 8 and np.mean(losses[-3:]) < 0.8 * losses[0], losses
     saved = mx.load(str(run / "adapters.safetensors"))
     for leaf in ("in_proj_qkv", "in_proj_z", "out_proj"):  # B starts at zero: these received gradients
         assert mx.abs(saved[f"language_model.model.layers.0.linear_attn.{leaf}.lora_b"]).max().item() > 0, leaf
