@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlx_lm.utils import _get_classes
-from gguf import quants as gguf_quants
-from test_export_gguf import export, gguf_logits, llama_cpp
+from test_export_gguf import assert_adapter_equals_fused, assert_like_llama_quantize, export, gguf_logits
 from test_fuse import make_run, mlx_logits
 
 from macft.cli import cli
@@ -74,10 +73,7 @@ def test_qwen3_moe_lora_on_experts_fuses_and_runs_as_a_llama_cpp_adapter(tiny_mo
     names = {t.name: t.shape.tolist() for t in gguf.GGUFReader(str(tmp_path / "lora.gguf")).tensors}
     assert names["blk.0.ffn_up_exps.weight.lora_a"] == [64, 4, 4]  # ggml order: in, rank, experts
     ids = tokenizer.encode("Q: What is the capital of France? A:")
-    with_adapter = gguf_logits(Path(base.gguf["path"]), ids, lora_path=str(tmp_path / "lora.gguf"))
-    merged = gguf_logits(Path(fused.gguf["path"]), ids)
-    assert np.abs(with_adapter - merged).max() < 0.01 * np.abs(merged).max() + 0.01
-    assert np.abs(gguf_logits(Path(base.gguf["path"]), ids) - merged).max() > 0.3
+    assert_adapter_equals_fused(Path(base.gguf["path"]), Path(fused.gguf["path"]), tmp_path / "lora.gguf", ids)
 
 
 def test_qwen3_moe_qlora_fuses_over_quantized_experts(tiny_models, tmp_path):
@@ -90,21 +86,27 @@ def test_qwen3_moe_qlora_fuses_over_quantized_experts(tiny_models, tmp_path):
     assert type(model.layers[0].mlp.gate).__name__ == "QuantizedLinear"  # the router was not adapted: kept exactly
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_qwen3_moe_trains_its_experts(tiny_models, tmp_path, method):
+def train_with_cli(model_dir: Path, tmp_path: Path, method: str, iters: int, *options: str) -> Path:
+    """`macft lora` on a few "N plus one" examples; returns the run directory."""
     data = tmp_path / "data"
     data.mkdir()
     rows = [{"prompt": f"Q: {i} plus one?", "completion": f" {i + 1}"} for i in range(12)]
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = CliRunner().invoke(
         cli,
-        ["lora", "--model", str(tiny_models["qwen3_moe"]), "--data", str(data), "--method", method, "--iters", "3",
-         "--batch-size", "4", "--rank", "4", "--out-dir", str(tmp_path / "runs"), "--name", "moe", "--json",
-         "--set", "method.target_modules=[q_proj,v_proj,gate_proj,up_proj,down_proj]", "--set", "demo.count=0"],
+        ["lora", "--model", str(model_dir), "--data", str(data), "--method", method, "--iters", str(iters),
+         "--batch-size", "4", "--out-dir", str(tmp_path / "runs"), "--name", "run", "--json", "--set", "demo.count=0", *options],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "runs" / "moe" / "summary.json").read_text())["steps"] == 3
-    saved = mx.load(str(tmp_path / "runs" / "moe" / "adapters.safetensors"))
+    assert json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())["steps"] == iters
+    return tmp_path / "runs" / "run"
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_qwen3_moe_trains_its_experts(tiny_models, tmp_path, method):
+    targets = "method.target_modules=[q_proj,v_proj,gate_proj,up_proj,down_proj]"
+    run = train_with_cli(tiny_models["qwen3_moe"], tmp_path, method, 3, "--rank", "4", "--set", targets)
+    saved = mx.load(str(run / "adapters.safetensors"))
     # B starts at zero: a non-zero B on every expert stack means the experts received gradients
     for part in EXPERTS:
         assert mx.abs(saved[f"model.layers.1.mlp.switch_mlp.{part}.lora_b"]).max().item() > 0, part
@@ -122,25 +124,10 @@ def wide_moe(tmp_path_factory) -> tuple[Path, Path]:
 def test_qwen3_moe_quantized_export_matches_llama_quantize(wide_moe, tmp_path, quant):
     """Every quantized export: the type llama-quantize gives each tensor (3-D expert stacks and the
     router included), and per tensor no more error than llama-quantize's own."""
-    import ctypes
-
     model_dir, f16 = wide_moe
     ours = export(model_dir, tmp_path / "ours.gguf", quant)
-    theirs = tmp_path / "theirs.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = int(SCHEMES[quant].file_type), 1
-    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
-    original, mine, reference = ({t.name: t for t in gguf.GGUFReader(str(p)).tensors} for p in (f16, ours, theirs))
-    assert set(mine) == set(reference)
+    mine = assert_like_llama_quantize(f16, ours, quant)
     assert mine["blk.0.ffn_up_exps.weight"].tensor_type == SCHEMES[quant].base
-    for name, ref in reference.items():
-        assert mine[name].tensor_type == ref.tensor_type, name
-        if ref.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            continue
-        target = np.asarray(original[name].data, dtype=np.float32)
-        err_mine = np.sqrt(np.mean((gguf_quants.dequantize(mine[name].data, ref.tensor_type).reshape(target.shape) - target) ** 2))
-        err_ref = np.sqrt(np.mean((gguf_quants.dequantize(ref.data, ref.tensor_type).reshape(target.shape) - target) ** 2))
-        assert err_mine <= 1.02 * err_ref + 1e-7, (name, err_mine, err_ref)
     ids = load_model(str(model_dir)).tokenizer.encode("Q: What is the capital of France? A:")
     assert np.isfinite(gguf_logits(ours, ids)).all()  # llama.cpp loads and runs it
 

@@ -8,7 +8,6 @@ pre-tokenizer.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
 import unicodedata
@@ -18,14 +17,12 @@ import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from gguf import GGMLQuantizationType as Q
-from gguf import quants as gguf_quants
 from mlx.utils import tree_flatten
-from test_export_gguf import export, gguf_logits, llama_cpp
+from test_export_gguf import assert_adapter_equals_fused, assert_like_llama_quantize, export, gguf_logits, llama_cpp
+from test_families import train_with_cli
 from test_fuse import ALL_LINEAR, make_run
 
-from macft.cli import cli
 from macft.config import MethodConfig
 from macft.data import packing_cache
 from macft.errors import MacftError
@@ -53,18 +50,8 @@ def test_lora_targets_reach_the_linear_attention_blocks(tiny_models):
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_training_lowers_the_loss(tiny_models, tmp_path, method):
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = [{"prompt": f"Q: What is {i} plus one?", "completion": f" {i + 1}"} for i in range(8)]
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = CliRunner().invoke(
-        cli,
-        ["lora", "--model", str(tiny_models["qwen3_5"]), "--data", str(data), "--method", method, "--iters", "8",
-         "--batch-size", "4", "--rank", "8", "--out-dir", str(tmp_path / "runs"), "--name", "q35", "--json",
-         "--set", "train.learning_rate=0.01", "--set", "train.report_every=1", "--set", "demo.count=0"],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    run = tmp_path / "runs" / "q35"
+    options = ("--rank", "8", "--set", "train.learning_rate=0.01", "--set", "train.report_every=1")
+    run = train_with_cli(tiny_models["qwen3_5"], tmp_path, method, 8, *options)
     losses = [r["train_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
     assert len(losses) == 8 and np.mean(losses[-3:]) < 0.8 * losses[0], losses
     saved = mx.load(str(run / "adapters.safetensors"))
@@ -84,10 +71,7 @@ def test_adapter_gguf_on_base_equals_fused_gguf(tiny_models, tmp_path):
     names = {t.name for t in gguf.GGUFReader(str(tmp_path / "lora.gguf")).tensors}
     assert {"blk.0.attn_qkv.weight.lora_a", "blk.0.ssm_out.weight.lora_b", "blk.0.ssm_alpha.weight.lora_b"} <= names
     ids = load_model(str(model_dir)).tokenizer.encode(PROMPT)
-    with_adapter = gguf_logits(Path(base.gguf["path"]), ids, lora_path=str(tmp_path / "lora.gguf"))
-    merged = gguf_logits(Path(fused.gguf["path"]), ids)
-    assert np.abs(with_adapter - merged).max() < 0.01 * np.abs(merged).max() + 0.01
-    assert np.abs(gguf_logits(Path(base.gguf["path"]), ids) - merged).max() > 0.3  # the adapter does change the model
+    assert_adapter_equals_fused(Path(base.gguf["path"]), Path(fused.gguf["path"]), tmp_path / "lora.gguf", ids)
 
 
 @pytest.fixture(scope="module")
@@ -104,22 +88,9 @@ def test_quantized_export_matches_llama_quantize(wide_qwen35, tmp_path, quant):
     kernel, A, dt bias and gated norm stay F32), no more error per tensor, and llama.cpp runs it."""
     model_dir, f16 = wide_qwen35
     ours = export(model_dir, tmp_path / "ours.gguf", quant)
-    theirs = tmp_path / "theirs.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = int(SCHEMES[quant].file_type), 1
-    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
-    original, mine, reference = ({t.name: t for t in gguf.GGUFReader(str(p)).tensors} for p in (f16, ours, theirs))
-    assert set(mine) == set(reference)
+    mine = assert_like_llama_quantize(f16, ours, quant)
     assert all(mine[n].tensor_type == Q.F32 for n in mine if n.endswith(F32_TENSORS))
     assert mine["blk.0.attn_gate.weight"].tensor_type == SCHEMES[quant].base
-    for name, ref in reference.items():
-        assert mine[name].tensor_type == ref.tensor_type, name
-        if ref.tensor_type in (Q.F32, Q.F16):
-            continue
-        target = np.asarray(original[name].data, dtype=np.float32)
-        err_mine = np.sqrt(np.mean((gguf_quants.dequantize(mine[name].data, ref.tensor_type).reshape(target.shape) - target) ** 2))
-        err_ref = np.sqrt(np.mean((gguf_quants.dequantize(ref.data, ref.tensor_type).reshape(target.shape) - target) ** 2))
-        assert err_mine <= 1.02 * err_ref + 1e-7, (name, err_mine, err_ref)
     # llama.cpp runs the function the file holds: mlx-lm with the file's dequantized weights (llama.cpp
     # also rounds activations to 8 bits for quantized matmuls; a misplaced head would be off by ~3)
     loaded = load_model(str(model_dir))
