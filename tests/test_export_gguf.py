@@ -152,6 +152,19 @@ def test_quantized_exports_load_and_keep_perplexity(wide_llama, tmp_path):
     assert abs(ppl["q4_k_m"] / ppl["f16"] - 1) < 0.05, ppl
 
 
+def wide_model(family: str, root: Path) -> tuple[Path, Path]:
+    """A tiny ``family`` model with 256-wide rows (real K-quant blocks) and its F16 GGUF."""
+    model_dir = build_random_model(family, root / "model", hidden=256)
+    return model_dir, export(model_dir, root / "f16.gguf", "f16")
+
+
+def bf16_and_mlx_logits(model_dir: Path, out: Path) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's logits on the model's BF16 export and mlx-lm's own, for PROMPT."""
+    loaded = load_model(str(model_dir))
+    ids = loaded.tokenizer.encode(PROMPT)
+    return gguf_logits(export(model_dir, out, "bf16"), ids), np.array(loaded.model(mx.array(ids)[None])[0])
+
+
 def assert_like_llama_quantize(f16: Path, ours: Path, quant: str) -> dict:
     """llama.cpp's own llama_model_quantize on our F16 file: the same type per tensor, and our blocks'
     error within 2% of its blocks' error on every tensor. Returns our file's tensors by name."""

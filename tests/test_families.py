@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlx_lm.utils import _get_classes
-from test_export_gguf import assert_adapter_equals_fused, assert_like_llama_quantize, export, gguf_logits
+from test_export_gguf import assert_adapter_equals_fused, assert_like_llama_quantize, bf16_and_mlx_logits, export, gguf_logits, wide_model
 from test_fuse import make_run, mlx_logits
 
 from macft.cli import cli
@@ -25,7 +25,7 @@ from macft.export.pipeline import export_gguf
 from macft.export.quant_plan import SCHEMES
 from macft.families import FAMILIES, family_named, for_gguf_arch, for_model_type
 from macft.models.load import load_model
-from macft.models.random_init import build_random_model, family_config
+from macft.models.random_init import family_config
 
 EXPERTS = ("gate_proj", "up_proj", "down_proj")
 
@@ -115,9 +115,7 @@ def test_qwen3_moe_trains_its_experts(tiny_models, tmp_path, method):
 @pytest.fixture(scope="module")
 def wide_moe(tmp_path_factory) -> tuple[Path, Path]:
     """A Qwen3-MoE with 256-wide rows (real K-quant blocks for attention and experts) and its F16 GGUF."""
-    root = tmp_path_factory.mktemp("wide-moe")
-    model_dir = build_random_model("qwen3_moe", root / "model", hidden=256)
-    return model_dir, export(model_dir, root / "f16.gguf", "f16")
+    return wide_model("qwen3_moe", tmp_path_factory.mktemp("wide-moe"))
 
 
 @pytest.mark.parametrize("quant", [q for q in SCHEMES if q not in ("f16", "bf16")])
@@ -133,11 +131,7 @@ def test_qwen3_moe_quantized_export_matches_llama_quantize(wide_moe, tmp_path, q
 
 
 def test_qwen3_moe_bf16_export_matches_mlx(wide_moe, tmp_path):
-    model_dir, _ = wide_moe
-    loaded = load_model(str(model_dir))
-    ids = loaded.tokenizer.encode("Q: What is the capital of France? A:")
-    reference = np.array(loaded.model(mx.array(ids)[None])[0])
-    ours = gguf_logits(export(model_dir, tmp_path / "bf16.gguf", "bf16"), ids)
+    ours, reference = bf16_and_mlx_logits(wide_moe[0], tmp_path / "bf16.gguf")
     assert np.abs(ours - reference).max() < 0.02 * np.abs(reference).max()
     assert (ours.argmax(-1) == reference.argmax(-1)).all()
 

@@ -19,7 +19,15 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 from mlx.utils import tree_flatten
-from test_export_gguf import assert_adapter_equals_fused, assert_like_llama_quantize, export, gguf_logits, llama_cpp
+from test_export_gguf import (
+    assert_adapter_equals_fused,
+    assert_like_llama_quantize,
+    bf16_and_mlx_logits,
+    export,
+    gguf_logits,
+    llama_cpp,
+    wide_model,
+)
 from test_families import train_with_cli
 from test_fuse import ALL_LINEAR, make_run
 
@@ -31,7 +39,6 @@ from macft.export.pipeline import export_gguf
 from macft.export.quant_plan import SCHEMES
 from macft.methods import apply_method
 from macft.models.load import load_model
-from macft.models.random_init import build_random_model
 
 PROMPT = "Q: What is the capital of France? A:"
 F32_TENSORS = (".ssm_conv1d.weight", ".ssm_a", ".ssm_dt.bias", ".ssm_norm.weight")  # kept F32 by convert_hf_to_gguf and llama-quantize
@@ -77,9 +84,7 @@ def test_adapter_gguf_on_base_equals_fused_gguf(tiny_models, tmp_path):
 @pytest.fixture(scope="module")
 def wide_qwen35(tmp_path_factory) -> tuple[Path, Path]:
     """A Qwen3.5 with 256-wide rows (real K-quant blocks) and its F16 GGUF."""
-    root = tmp_path_factory.mktemp("wide-qwen35")
-    model_dir = build_random_model("qwen3_5", root / "model", hidden=256)
-    return model_dir, export(model_dir, root / "f16.gguf", "f16")
+    return wide_model("qwen3_5", tmp_path_factory.mktemp("wide-qwen35"))
 
 
 @pytest.mark.parametrize("quant", [q for q in SCHEMES if q not in ("f16", "bf16")])
@@ -101,11 +106,7 @@ def test_quantized_export_matches_llama_quantize(wide_qwen35, tmp_path, quant):
 
 
 def test_bf16_export_matches_mlx(wide_qwen35, tmp_path):
-    model_dir, _ = wide_qwen35
-    loaded = load_model(str(model_dir))
-    ids = loaded.tokenizer.encode(PROMPT)
-    reference = np.array(loaded.model(mx.array(ids)[None])[0])
-    ours = gguf_logits(export(model_dir, tmp_path / "bf16.gguf", "bf16"), ids)
+    ours, reference = bf16_and_mlx_logits(wide_qwen35[0], tmp_path / "bf16.gguf")
     assert np.abs(ours - reference).max() < 0.03 * np.abs(reference).max()  # llama.cpp rounds activations to bf16 too
     assert (ours.argmax(-1) == reference.argmax(-1)).all()
 
