@@ -158,3 +158,27 @@ def test_packing_is_refused(tiny_models):
     loaded = load_model(str(tiny_models["qwen3_5"]))
     with pytest.raises(MacftError, match="data.packing: false"):
         packing_cache(loaded.model, mx.array([[1, 1, 2, 2]]))
+
+
+def test_hf_layout_with_nested_text_config_exports_the_same(tiny_models, tmp_path):
+    """Qwen3.5 checkpoints nest the decoder's keys under text_config (Qwen3_5ForConditionalGeneration)."""
+    model_dir = Path(shutil.copytree(tiny_models["qwen3_5"], tmp_path / "model"))
+    flat = json.loads((model_dir / "config.json").read_text())
+    nested = {"model_type": "qwen3_5", "architectures": ["Qwen3_5ForConditionalGeneration"], "text_config": flat}
+    (model_dir / "config.json").write_text(json.dumps(nested))
+    files = [export(d, tmp_path / f"{i}.gguf", "f16") for i, d in enumerate((tiny_models["qwen3_5"], model_dir))]
+    readers = [gguf.GGUFReader(str(f)) for f in files]
+    assert [(t.name, t.data.tobytes()) for t in readers[0].tensors] == [(t.name, t.data.tobytes()) for t in readers[1].tensors]
+    keys = [{k: f.contents() for k, f in r.fields.items() if k.startswith("qwen35.")} for r in readers]
+    assert keys[0] == keys[1] and keys[0]["qwen35.ssm.time_step_rank"] == 4
+
+
+def test_a_log_stays_float32_under_a_half_compute_dtype(tiny_models):
+    """mlx-lm's cast_predicate keeps A_log in float32 (exp of a bf16 log would move every decay rate)."""
+    from macft.models.load import cast_floats
+
+    model = load_model(str(tiny_models["qwen3_5"])).model
+    cast_floats(model, mx.bfloat16)
+    dtypes = {name: value.dtype for name, value in tree_flatten(model.parameters())}
+    assert dtypes["language_model.model.layers.0.linear_attn.A_log"] == mx.float32
+    assert dtypes["language_model.model.layers.0.linear_attn.in_proj_qkv.weight"] == mx.bfloat16

@@ -23,6 +23,7 @@ import numpy as np
 from macft.errors import MacftError
 from macft.export import families
 from macft.export.fuse import read_adapter_config
+from macft.families.base import text_config
 from macft.outputs import GGUF_COMMAND_KEY
 from macft.paths import atomic_path
 
@@ -69,7 +70,7 @@ def base_config(adapter_cfg: dict) -> dict:
     model_dir, _ = resolve_model_dir(base.get("source") or base["path"])
     config = json.loads((Path(model_dir) / "config.json").read_text())
     model_family(config)  # refuses unsupported model types with a clear message
-    return config
+    return text_config(config)
 
 
 def write_adapter_gguf(run_dir: str | Path, out: Path) -> AdapterGGUFResult:

@@ -27,6 +27,7 @@ from gguf import GGMLQuantizationType as Q
 from macft.errors import MacftError
 from macft.export import families, kquants, tokenizer_meta
 from macft.export.quant_plan import EXTRA_BYTES, SCHEMES, PlanTensor, guided_types, sample_rows, tensor_bytes, tensor_type
+from macft.families.base import text_config
 from macft.outputs import GGUF_COMMAND_KEY
 from macft.paths import atomic_path
 
@@ -91,6 +92,7 @@ def write_gguf(
         raise MacftError(f"Unknown GGUF quantization '{quant}'; choose from {', '.join(SCHEMES)}.")
     scheme = SCHEMES[quant]
     start = time.time()
+    config = text_config(config)  # HF Qwen3.5 (and Gemma 3) nest the decoder's keys
     arch = families.gguf_arch(family)
     weights = float_weights(model)
     prefix = families.export_family(family).weights_prefix
