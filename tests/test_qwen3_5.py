@@ -39,6 +39,7 @@ from macft.export.pipeline import export_gguf
 from macft.export.quant_plan import SCHEMES
 from macft.methods import apply_method
 from macft.models.load import load_model
+from macft.train.losses import describe_loss
 
 PROMPT = "Q: What is the capital of France? A:"
 F32_TENSORS = (".ssm_conv1d.weight", ".ssm_a", ".ssm_dt.bias", ".ssm_norm.weight")  # kept F32 by convert_hf_to_gguf and llama-quantize
@@ -182,3 +183,9 @@ def test_a_log_stays_float32_under_a_half_compute_dtype(tiny_models):
     dtypes = {name: value.dtype for name, value in tree_flatten(model.parameters())}
     assert dtypes["language_model.model.layers.0.linear_attn.A_log"] == mx.float32
     assert dtypes["language_model.model.layers.0.linear_attn.in_proj_qkv.weight"] == mx.bfloat16
+
+
+def test_loss_is_chunked_through_the_wrapped_text_model(tiny_models):
+    """mlx-lm nests the decoder under language_model; the loss still finds its body and tied head."""
+    model = load_model(str(tiny_models["qwen3_5"])).model
+    assert describe_loss(model, 64).startswith("chunked loss")  # not "loss over the full logits"
