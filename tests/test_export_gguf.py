@@ -165,28 +165,6 @@ def bf16_and_mlx_logits(model_dir: Path, out: Path) -> tuple[np.ndarray, np.ndar
     return gguf_logits(export(model_dir, out, "bf16"), ids), np.array(loaded.model(mx.array(ids)[None])[0])
 
 
-def assert_like_llama_quantize(f16: Path, ours: Path, quant: str) -> dict:
-    """llama.cpp's own llama_model_quantize on our F16 file: the same type per tensor, and our blocks'
-    error within 2% of its blocks' error on every tensor. Returns our file's tensors by name."""
-    from macft.export.quant_plan import SCHEMES
-
-    theirs = ours.with_name(f"{ours.stem}-llama-quantize.gguf")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.nthread = int(SCHEMES[quant].file_type), 1
-    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
-    original, mine, reference = ({t.name: t for t in gguf.GGUFReader(str(p)).tensors} for p in (f16, ours, theirs))
-    assert set(mine) == set(reference)
-    for name, ref in reference.items():
-        assert mine[name].tensor_type == ref.tensor_type, name
-        if ref.tensor_type in (Q.F32, Q.F16):
-            continue
-        target = np.asarray(original[name].data, dtype=np.float32)
-        err_mine = np.sqrt(np.mean((gguf_quants.dequantize(mine[name].data, ref.tensor_type).reshape(target.shape) - target) ** 2))
-        err_ref = np.sqrt(np.mean((gguf_quants.dequantize(ref.data, ref.tensor_type).reshape(target.shape) - target) ** 2))
-        assert err_mine <= 1.02 * err_ref + 1e-7, (name, err_mine, err_ref)
-    return mine
-
-
 def assert_adapter_equals_fused(base: Path, fused: Path, adapter: Path, ids: list[int]) -> None:
     """The adapter GGUF applied by llama.cpp on the base GGUF gives the fused GGUF's logits."""
     with_adapter = gguf_logits(base, ids, lora_path=str(adapter))
@@ -196,8 +174,29 @@ def assert_adapter_equals_fused(base: Path, fused: Path, adapter: Path, ids: lis
 
 
 def test_q4_k_m_matches_llama_quantize(wide_llama, tmp_path):
+    """llama.cpp's own llama_model_quantize on our F16 file: same type per tensor, and our
+    blocks' error within 2% of its blocks' error on every tensor."""
     f16 = export(wide_llama, tmp_path / "wide-f16.gguf", "f16")
-    assert_like_llama_quantize(f16, export(wide_llama, tmp_path / "wide-ours.gguf", "q4_k_m"), "q4_k_m")
+    ours = export(wide_llama, tmp_path / "wide-ours.gguf", "q4_k_m")
+    theirs = tmp_path / "wide-theirs.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    params.nthread = 1
+    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+
+    def tensors(path):
+        return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+    original, mine, reference = tensors(f16), tensors(ours), tensors(theirs)
+    assert set(mine) == set(reference)
+    for name, ref in reference.items():
+        assert mine[name].tensor_type == ref.tensor_type, name
+        if ref.tensor_type in (Q.F32, Q.F16):
+            continue
+        target = np.asarray(original[name].data, dtype=np.float32)
+        err_mine = np.sqrt(np.mean((gguf_quants.dequantize(mine[name].data, ref.tensor_type) - target) ** 2))
+        err_ref = np.sqrt(np.mean((gguf_quants.dequantize(ref.data, ref.tensor_type) - target) ** 2))
+        assert err_mine <= 1.02 * err_ref + 1e-7, (name, err_mine, err_ref)
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gemma3"])

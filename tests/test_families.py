@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlx_lm.utils import _get_classes
-from test_export_gguf import assert_adapter_equals_fused, assert_like_llama_quantize, bf16_and_mlx_logits, export, gguf_logits, wide_model
+from gguf import quants as gguf_quants
+from test_export_gguf import bf16_and_mlx_logits, export, gguf_logits, llama_cpp, wide_model
 from test_fuse import make_run, mlx_logits
 
 from macft.cli import cli
@@ -73,7 +74,10 @@ def test_qwen3_moe_lora_on_experts_fuses_and_runs_as_a_llama_cpp_adapter(tiny_mo
     names = {t.name: t.shape.tolist() for t in gguf.GGUFReader(str(tmp_path / "lora.gguf")).tensors}
     assert names["blk.0.ffn_up_exps.weight.lora_a"] == [64, 4, 4]  # ggml order: in, rank, experts
     ids = tokenizer.encode("Q: What is the capital of France? A:")
-    assert_adapter_equals_fused(Path(base.gguf["path"]), Path(fused.gguf["path"]), tmp_path / "lora.gguf", ids)
+    with_adapter = gguf_logits(Path(base.gguf["path"]), ids, lora_path=str(tmp_path / "lora.gguf"))
+    merged = gguf_logits(Path(fused.gguf["path"]), ids)
+    assert np.abs(with_adapter - merged).max() < 0.01 * np.abs(merged).max() + 0.01
+    assert np.abs(gguf_logits(Path(base.gguf["path"]), ids) - merged).max() > 0.3
 
 
 def test_qwen3_moe_qlora_fuses_over_quantized_experts(tiny_models, tmp_path):
@@ -86,16 +90,16 @@ def test_qwen3_moe_qlora_fuses_over_quantized_experts(tiny_models, tmp_path):
     assert type(model.layers[0].mlp.gate).__name__ == "QuantizedLinear"  # the router was not adapted: kept exactly
 
 
-def train_with_cli(model_dir: Path, tmp_path: Path, method: str, iters: int, *options: str) -> Path:
-    """`macft lora` on a few "N plus one" examples; returns the run directory."""
+def cli_lora_run(model_dir: Path, tmp_path: Path, method: str, *options: str, iters: int = 3) -> Path:
+    """An ``iters``-step `macft lora` run on a small counting task; returns its run directory."""
     data = tmp_path / "data"
     data.mkdir()
     rows = [{"prompt": f"Q: {i} plus one?", "completion": f" {i + 1}"} for i in range(12)]
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = CliRunner().invoke(
         cli,
-        ["lora", "--model", str(model_dir), "--data", str(data), "--method", method, "--iters", str(iters),
-         "--batch-size", "4", "--out-dir", str(tmp_path / "runs"), "--name", "run", "--json", "--set", "demo.count=0", *options],
+        ["lora", "--model", str(model_dir), "--data", str(data), "--method", method, "--iters", str(iters), "--batch-size", "4",
+         "--rank", "4", "--out-dir", str(tmp_path / "runs"), "--name", "run", "--json", "--set", "demo.count=0", *options],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())["steps"] == iters
@@ -105,7 +109,7 @@ def train_with_cli(model_dir: Path, tmp_path: Path, method: str, iters: int, *op
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_qwen3_moe_trains_its_experts(tiny_models, tmp_path, method):
     targets = "method.target_modules=[q_proj,v_proj,gate_proj,up_proj,down_proj]"
-    run = train_with_cli(tiny_models["qwen3_moe"], tmp_path, method, 3, "--rank", "4", "--set", targets)
+    run = cli_lora_run(tiny_models["qwen3_moe"], tmp_path, method, "--set", targets)
     saved = mx.load(str(run / "adapters.safetensors"))
     # B starts at zero: a non-zero B on every expert stack means the experts received gradients
     for part in EXPERTS:
@@ -118,16 +122,40 @@ def wide_moe(tmp_path_factory) -> tuple[Path, Path]:
     return wide_model("qwen3_moe", tmp_path_factory.mktemp("wide-moe"))
 
 
-@pytest.mark.parametrize("quant", [q for q in SCHEMES if q not in ("f16", "bf16")])
+QUANTIZED = [q for q in SCHEMES if q not in ("f16", "bf16")]
+
+
+@pytest.mark.parametrize("quant", QUANTIZED)
 def test_qwen3_moe_quantized_export_matches_llama_quantize(wide_moe, tmp_path, quant):
-    """Every quantized export: the type llama-quantize gives each tensor (3-D expert stacks and the
-    router included), and per tensor no more error than llama-quantize's own."""
+    """Every quantized export (3-D expert stacks and the router included) against llama-quantize."""
     model_dir, f16 = wide_moe
-    ours = export(model_dir, tmp_path / "ours.gguf", quant)
-    mine = assert_like_llama_quantize(f16, ours, quant)
+    mine = check_quantized_export(model_dir, f16, tmp_path, quant)
     assert mine["blk.0.ffn_up_exps.weight"].tensor_type == SCHEMES[quant].base
+
+
+def check_quantized_export(model_dir: Path, f16: Path, tmp_path: Path, quant: str) -> dict:
+    """A quantized export gives each tensor the type llama-quantize gives it from the F16 export,
+    with no more error per tensor than llama-quantize's own, and llama.cpp runs it; returns its tensors."""
+    import ctypes
+
+    ours = export(model_dir, tmp_path / "ours.gguf", quant)
+    theirs = tmp_path / "theirs.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = int(SCHEMES[quant].file_type), 1
+    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    original, mine, reference = ({t.name: t for t in gguf.GGUFReader(str(p)).tensors} for p in (f16, ours, theirs))
+    assert set(mine) == set(reference)
+    for name, ref in reference.items():
+        assert mine[name].tensor_type == ref.tensor_type, name
+        if ref.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            continue
+        target = np.asarray(original[name].data, dtype=np.float32)
+        err_mine = np.sqrt(np.mean((gguf_quants.dequantize(mine[name].data, ref.tensor_type).reshape(target.shape) - target) ** 2))
+        err_ref = np.sqrt(np.mean((gguf_quants.dequantize(ref.data, ref.tensor_type).reshape(target.shape) - target) ** 2))
+        assert err_mine <= 1.02 * err_ref + 1e-7, (name, err_mine, err_ref)
     ids = load_model(str(model_dir)).tokenizer.encode("Q: What is the capital of France? A:")
     assert np.isfinite(gguf_logits(ours, ids)).all()  # llama.cpp loads and runs it
+    return mine
 
 
 def test_qwen3_moe_bf16_export_matches_mlx(wide_moe, tmp_path):

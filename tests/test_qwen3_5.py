@@ -19,16 +19,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 from mlx.utils import tree_flatten
-from test_export_gguf import (
-    assert_adapter_equals_fused,
-    assert_like_llama_quantize,
-    bf16_and_mlx_logits,
-    export,
-    gguf_logits,
-    llama_cpp,
-    wide_model,
-)
-from test_families import train_with_cli
+from test_export_gguf import assert_adapter_equals_fused, bf16_and_mlx_logits, export, gguf_logits, llama_cpp, wide_model
+from test_families import QUANTIZED, check_quantized_export, cli_lora_run
 from test_fuse import ALL_LINEAR, make_run
 
 from macft.config import MethodConfig
@@ -58,8 +50,8 @@ def test_lora_targets_reach_the_linear_attention_blocks(tiny_models):
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_training_lowers_the_loss(tiny_models, tmp_path, method):
-    options = ("--rank", "8", "--set", "train.learning_rate=0.01", "--set", "train.report_every=1")
-    run = train_with_cli(tiny_models["qwen3_5"], tmp_path, method, 8, *options)
+    options = ("--set", "train.learning_rate=0.01", "--set", "train.report_every=1")
+    run = cli_lora_run(tiny_models["qwen3_5"], tmp_path, method, *options, iters=8)
     losses = [r["train_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
     assert len(losses) == 8 and np.mean(losses[-3:]) < 0.8 * losses[0], losses
     saved = mx.load(str(run / "adapters.safetensors"))
@@ -88,13 +80,13 @@ def wide_qwen35(tmp_path_factory) -> tuple[Path, Path]:
     return wide_model("qwen3_5", tmp_path_factory.mktemp("wide-qwen35"))
 
 
-@pytest.mark.parametrize("quant", [q for q in SCHEMES if q not in ("f16", "bf16")])
+@pytest.mark.parametrize("quant", QUANTIZED)
 def test_quantized_export_matches_llama_quantize(wide_qwen35, tmp_path, quant):
     """Every quantized export: the type llama-quantize gives each tensor (the recurrent block's conv
     kernel, A, dt bias and gated norm stay F32), no more error per tensor, and llama.cpp runs it."""
     model_dir, f16 = wide_qwen35
-    ours = export(model_dir, tmp_path / "ours.gguf", quant)
-    mine = assert_like_llama_quantize(f16, ours, quant)
+    mine = check_quantized_export(model_dir, f16, tmp_path, quant)
+    ours = tmp_path / "ours.gguf"
     assert all(mine[n].tensor_type == Q.F32 for n in mine if n.endswith(F32_TENSORS))
     assert mine["blk.0.attn_gate.weight"].tensor_type == SCHEMES[quant].base
     # llama.cpp runs the function the file holds: mlx-lm with the file's dequantized weights (llama.cpp
@@ -150,7 +142,7 @@ def test_qwen35_tokenizer_exports_with_its_pre_tokenizer(tiny_models, tmp_path):
 @pytest.mark.parametrize("method", ["prompt", "prefix", "adapter"])
 def test_methods_needing_attention_in_every_block_are_refused(tiny_models, method):
     loaded = load_model(str(tiny_models["qwen3_5"]))
-    with pytest.raises(MacftError, match="linear-attention"):
+    with pytest.raises(MacftError, match="cannot train a qwen3_5 model: it hooks into every block's attention"):
         apply_method(loaded.model, MethodConfig(name=method))
 
 

@@ -207,4 +207,8 @@ FAMILY = HybridFamily(
     # A linear block adapts its fused q/k/v projection, its output gate (the counterpart of the gate
     # full-attention blocks keep in q_proj) and out_proj; in_proj_a/b (one output per head) stay frozen.
     lora_aliases={"in_proj_qkv": ("q_proj", "k_proj", "v_proj"), "in_proj_z": ("q_proj",), "out_proj": ("o_proj",)},
+    refused_methods={
+        name: "it hooks into every block's attention, and the linear-attention (recurrent) blocks have none; use lora, dora, qlora or full"
+        for name in ("prompt", "ptuning", "prefix", "adapter")
+    },
 )

@@ -27,9 +27,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from macft.config import MethodConfig, Recipe
-from macft.data.packing import has_recurrent_blocks
 from macft.errors import MacftError
-from macft.families import FAMILIES
+from macft.families import FAMILIES, lookup
 from macft.method_registry import method_spec
 from macft.methods.bottleneck import apply_adapters
 from macft.methods.expert_lora import EXPERT_LAYERS, expert_layer_class
@@ -87,7 +86,6 @@ APPLY: dict[str, Callable[[nn.Module, MethodConfig, Any], nn.Module]] = {
     "prefix": apply_prefix_tuning,
     "adapter": apply_adapters,
 }
-CACHE_METHODS = ("prompt", "ptuning", "prefix", "adapter")  # they reach the model through its attention blocks or KV cache
 
 
 def apply_method(model: nn.Module, method_cfg: MethodConfig, tokenizer=None) -> nn.Module:
@@ -96,11 +94,9 @@ def apply_method(model: nn.Module, method_cfg: MethodConfig, tokenizer=None) -> 
     The returned module also trains lean: quantized layers multiply through dequantized weights
     where that is faster, and gated MLPs recompute their activation in the backward pass."""
     method_spec(method_cfg.name)  # an unknown name is a one-line error
-    if method_cfg.name in CACHE_METHODS and has_recurrent_blocks(model):
-        raise MacftError(
-            f"Method '{method_cfg.name}' hooks into every block's attention and this model's linear-attention "
-            "(recurrent) blocks have none; use --method lora, dora, qlora or full."
-        )
+    family = lookup(str(getattr(model, "model_type", "")))
+    if family is not None and method_cfg.name in family.refused_methods:
+        raise MacftError(f"The '{method_cfg.name}' method cannot train a {family.name} model: {family.refused_methods[method_cfg.name]}.")
     model = route_quantized_matmuls(APPLY[method_cfg.name](model, method_cfg, tokenizer))
     recompute_gated_activations(model)
     return model
