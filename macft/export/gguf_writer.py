@@ -114,7 +114,7 @@ def write_gguf(
         else:
             tokenizer_meta.add_tokenizer(writer, tokenizer_dir, vocab_size=vocab_size, family=family)
         tensors = dict(families.gguf_tensors(weights, config, family))
-        v_layers = sum(n.endswith(".attn_v.weight") for n in tensors)
+        v_layers = sum(n.endswith((".attn_v.weight", ".attn_qkv.weight")) for n in tensors)  # llama-quantize's attn_v-like
         plain = {n: tensor_type(n, a.shape, scheme, n_layers, tied, v_layers) for n, a in tensors.items()}
         chosen, importance, guided = plain, {}, None
         if guide is not None and scheme.base not in (Q.F16, Q.BF16):

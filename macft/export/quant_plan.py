@@ -58,8 +58,8 @@ def more_bits(layer: int, n_layers: int) -> bool:
 def tensor_type(name: str, shape: tuple[int, ...], scheme: Scheme, n_layers: int, tied: bool, v_layers: int | None = None) -> Q:
     """The GGUF type of tensor ``name`` whose numpy shape is ``shape`` (rows, row length).
 
-    ``v_layers``: how many (first) layers have an attn_v, when not all do (Gemma 4's k/v-sharing
-    layers have none): llama-quantize spreads the extra bits over the attn_v tensors there are."""
+    ``v_layers``: how many (first) layers have an attn_v or attn_qkv, when not all do (Gemma 4's
+    k/v-sharing layers have none): llama-quantize spreads the extra bits over the ones there are."""
     if len(shape) < 2 or ".ffn_gate_inp." in name or ".ssm_conv1d." in name:
         return Q.F32  # an MoE router and a recurrent block's conv kernel stay F32, as convert_hf_to_gguf and llama-quantize keep them
     if scheme.base in (Q.F16, Q.BF16):
