@@ -54,14 +54,17 @@ def export_gguf(
     lm_studio: bool = False,
     name: str | None = None,
     force: bool = False,
-    plain: bool = False,
+    plain: bool | None = None,
     fidelity_examples: int = DEFAULT_EXAMPLES,
 ) -> ExportReport:
-    """``plain``: llama-quantize's types and rounding, ignoring the run's importance matrix and deltas;
+    """``plain``: True for llama-quantize's types and rounding, ignoring the run's importance matrix and
+    deltas; False for the guided export; None for the quant type's default (``Scheme.guided``: guided
+    for the 4-bit types only, where it pays);
     ``fidelity_examples``: validation examples the fidelity report scores (0: no report).
     ``ollama``: True writes a Modelfile and the ``ollama create`` command to run; a model name also
     runs it when Ollama is installed. ``lm_studio`` writes the GGUF into LM Studio's models folder."""
     from macft.export.fuse import origin_gguf
+    from macft.export.quant_plan import SCHEMES
 
     if (model is None) == (adapter is None):
         raise MacftError("Pass exactly one of --model DIR or --adapter RUN.")
@@ -94,7 +97,8 @@ def export_gguf(
 
         snapshot: dict = {}
         loaded, _, _ = load_fused(adapter, dequantize=True, on_base=lambda base: snapshot.update(base_layers(base)))
-        if not plain and quant not in ("f16", "bf16"):
+        scheme = SCHEMES.get(quant)
+        if scheme is not None and quant not in ("f16", "bf16") and (scheme.guided if plain is None else not plain):
             try:
                 with phase("Importance matrix and fine-tune deltas"):
                     guide, note = _run_guide(Path(adapter), loaded, snapshot)
