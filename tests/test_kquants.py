@@ -215,14 +215,7 @@ def direct_qkx2(x, w, nmax, rmin, rdelta, nstep):
         iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / np.where(flat, f32(1), hi - lo)
         lv = np.clip(np.rint(iscale[:, None] * (x - lo[:, None])), 0, nmax)
         sum_l, sum_l2, sum_xl = (w * lv).sum(axis=1), (w * lv * lv).sum(axis=1), (w * lv * x).sum(axis=1)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        solvable = det > 0
-        det = np.where(solvable, det, f32(1))
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-        positive = this_min > 0
-        this_scale = np.where(positive, sum_xl / np.where(sum_l2 > 0, sum_l2, f32(1)), this_scale)
-        this_min = np.where(positive, f32(0), this_min)
+        solvable, this_scale, this_min = kquants._scale_and_min(sum_w, sum_x, sum_l, sum_l2, sum_xl)
         err = (w * np.square(this_scale[:, None] * lv + this_min[:, None] - x)).sum(axis=1)
         better = solvable & (err < best)
         levels = np.where(better[:, None], lv, levels)

@@ -146,14 +146,7 @@ def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, n
         sum_l = wl.sum(axis=1)
         sum_l2 = np.multiply(wl, trial, out=prod).sum(axis=1)
         sum_xl = np.multiply(wl, x, out=prod).sum(axis=1)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        solvable = det > 0
-        det = np.where(solvable, det, f32(1))
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-        positive = this_min > 0
-        this_scale = np.where(positive, sum_xl / np.where(sum_l2 > 0, sum_l2, f32(1)), this_scale)
-        this_min = np.where(positive, f32(0), this_min)
+        solvable, this_scale, this_min = _scale_and_min(sum_w, sum_x, sum_l, sum_l2, sum_xl)
         np.multiply(this_scale[:, None], trial, out=prod)
         np.subtract(np.add(prod, this_min[:, None], out=prod), x, out=prod)
         err = np.multiply(w, np.square(prod, out=prod), out=prod).sum(axis=1)
@@ -167,6 +160,20 @@ def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, n
     levels = np.where(flat[:, None], 0, levels)
     scale = np.where(flat, f32(0), scale)
     return levels, scale.astype(f32), (-lo).astype(f32)
+
+
+def _scale_and_min(sum_w, sum_x, sum_l, sum_l2, sum_xl):
+    """The weighted least-squares scale and min of x ≈ scale·L + min from the sums over a block;
+    a positive min is dropped (the format stores min ≤ 0) and the scale refitted alone."""
+    f32 = np.float32
+    det = sum_w * sum_l2 - sum_l * sum_l
+    solvable = det > 0
+    det = np.where(solvable, det, f32(1))
+    scale = (sum_w * sum_xl - sum_x * sum_l) / det
+    low = (sum_l2 * sum_x - sum_l * sum_xl) / det
+    positive = low > 0
+    scale = np.where(positive, sum_xl / np.where(sum_l2 > 0, sum_l2, f32(1)), scale)
+    return solvable, scale, np.where(positive, f32(0), low)
 
 
 def _shifted_levels(x: np.ndarray, origin: np.ndarray, iscale: np.ndarray, nmax: int, out: np.ndarray) -> np.ndarray:
