@@ -72,7 +72,7 @@ def test_guided_export_and_its_fidelity_numbers(run, exported):
     out, payload = exported
     guided = payload["gguf"]["guided"]
     assert guided["importance_weighted"] == 15  # every quantized tensor of the 2-layer model
-    assert guided["upgraded"] and guided["plain_tensor_bytes"] < guided["guided_tensor_bytes"] <= 1.12 * guided["plain_tensor_bytes"]
+    assert guided["upgraded"] and guided["plain_tensor_bytes"] < guided["guided_tensor_bytes"] <= 1.15 * guided["plain_tensor_bytes"]
     assert (run / IMATRIX_FILE).is_file() and any("importance matrix computed" in n for n in payload["notes"])
 
     report = payload["fidelity"]

@@ -39,7 +39,7 @@ def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, lm_studio, name,
       macft export gguf --adapter runs/quickstart --adapter-only --ollama
 
     Exporting a run (--adapter) to q4_k_m or q4_0 rounds every weight by the importance its training
-    data gives it and raises the tensors the fine-tune changed most within 12% more bytes (--guided
+    data gives it and raises the tensors the fine-tune changed most within 15% more bytes (--guided
     does this for the other types too, --plain turns it off). Every export of a run ends with a fidelity
     report: the file against the fused float model on the run's validation examples.
     """

@@ -81,7 +81,7 @@ def tensor_type(name: str, shape: tuple[int, ...], scheme: Scheme, n_layers: int
 
 # ---------------------------------------------------------------------------- delta-aware upgrades
 
-EXTRA_BYTES = 0.12  # guided plans may add this share of the plain plan's tensor bytes
+EXTRA_BYTES = 0.15  # guided plans may add this share of the plain plan's tensor bytes (the size goal)
 _K_LADDER = (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0)
 _LEGACY_LADDER = (Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.Q8_0)
 _SAMPLE_ROWS = 64
