@@ -6,9 +6,9 @@
     report = export_gguf(adapter="runs/quickstart", quant="q4_k_m", ollama="my-model")  # + `ollama create my-model`
     report = export_gguf(adapter="runs/quickstart", quant="q4_k_m", lm_studio=True)     # into LM Studio's models folder
 
-Exporting a run quantizes with what the run knows (its importance matrix, computed once into
-``RUN/imatrix.safetensors``, and how much the fine-tune changed each weight: ``guidance``; ``plain``
-turns this off) and ends with a fidelity report: the file scored against the fused float model on
+Exporting a run to Q4_K_M, Q5_K_M or Q4_0 quantizes with what the run knows (its importance matrix, computed
+once into ``RUN/imatrix.safetensors``, and how much the fine-tune changed each weight: ``guidance``;
+``plain=True`` turns this off, ``plain=False`` turns it on for the other types) and ends with a fidelity report: the file scored against the fused float model on
 a sample of the run's validation data (``fidelity``).
 """
 
@@ -59,7 +59,7 @@ def export_gguf(
 ) -> ExportReport:
     """``plain``: True for llama-quantize's types and rounding, ignoring the run's importance matrix and
     deltas; False for the guided export; None for the quant type's default (``Scheme.guided``: guided
-    for the 4-bit types only, where it pays);
+    for Q4_K_M, Q5_K_M and Q4_0, where it pays);
     ``fidelity_examples``: validation examples the fidelity report scores (0: no report).
     ``ollama``: True writes a Modelfile and the ``ollama create`` command to run; a model name also
     runs it when Ollama is installed. ``lm_studio`` writes the GGUF into LM Studio's models folder."""
