@@ -122,6 +122,18 @@ def _load_globally(path: str) -> bool:
         return False
 
 
+def preload_environment(openblas: str) -> dict[str, str]:
+    """Environment variables that make another program (mlx_lm.lora in the benchmark) load ``openblas``
+    as macft does: preloaded, with the libgfortran.so.5 that pip's OpenBLAS needs found beside it."""
+    gfortran = bundled_gfortran()
+    if gfortran is None:
+        return {"LD_PRELOAD": openblas}
+    folder = _linked_folder(openblas, gfortran)
+    # The bundled libgfortran finds its libquadmath in its own folder.
+    paths = [str(folder), os.path.dirname(gfortran), *filter(None, [os.environ.get("LD_LIBRARY_PATH")])]
+    return {"LD_PRELOAD": str(folder / "libopenblas.so.0"), "LD_LIBRARY_PATH": os.pathsep.join(paths)}
+
+
 def _linked_folder(openblas: str, gfortran: str) -> Path:
     """``<cache>/blas/<hash>/`` with ``libopenblas.so.0`` and ``libgfortran.so.5`` linking to the given files."""
     from macft.paths import cache_dir

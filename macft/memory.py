@@ -248,7 +248,7 @@ def shape_from_gguf(path: Path) -> ModelShape:
         family=arch,
         hidden=int(hidden),
         layers=int(gguf.arch_key("block_count")),
-        intermediate=int(gguf.arch_key("feed_forward_length")),
+        intermediate=int(np.max(gguf.arch_key("feed_forward_length"))),  # a per-layer list for Gemma 4: the widest
         heads=int(heads),
         kv_heads=int(gguf.arch_key("attention.head_count_kv", heads)),
         head_dim=int(gguf.arch_key("attention.key_length", int(hidden) // int(heads))),

@@ -12,10 +12,21 @@ process's resource usage, each run gives:
                   before its last step), one formula for every tool
   own tok/s       the median of the tokens/s the tool itself printed over the same steps
   step s          the median wall time between consecutive step reports
-  first step s    process start to the first finished step's report (imports, loading, compiling)
+  first step s    process start to the first finished step's report (imports, loading, compiling);
+                  macft's tokenizer cache is filled before the rounds, as after a user's first run
   wall s          process start to exit, for all N steps
   MLX peak        mx.get_peak_memory() at exit, read by a probe (sitecustomize) that changes nothing else
   RSS peak        the process's peak resident memory (wait4)
+
+The FLOPs a step must do are counted per trained token from the model's config.json (every
+token of these runs is trained): 2 per weight of every layer's linear maps (q, k, v, o, gate, up,
+down) and of the output head in the forward pass; 2 per weight again in the backward pass for the
+head and for the layers from the first adapted one on (the gradient with respect to the activations;
+the frozen weights need none, and the layers below the first adapter need no backward pass); 6 per
+LoRA weight. Attention scores (about 1% at these lengths), norms and elementwise work are left out.
+For Gemma 3 270M with 16 adapted layers that is about 1.05 GFLOP per token. The machine's float32
+matmul limit is MLX's measured GFLOP/s on a 2048 x 2048 product (macft.backend.matmul_gflops);
+the summary gives each system's achieved GFLOP/s (FLOPs per token x tokens/s) as a share of it.
 
 The summary gives each metric's median and spread (min-max) over the rounds, and ratios of medians
 against each mlx_lm row. The machine is sampled during every run: the CPU time that processes
@@ -138,6 +149,7 @@ def prepare_models(name: str, scratch: Path) -> dict[str, str]:
 
     from macft.models.load import resolve_model_dir
     from macft.models.random_init import build_random_model
+    from macft.models.tokenizer_cache import load_tokenizer
 
     if name == "tiny-llama":
         native = build_random_model("llama", scratch / "tiny-llama", hidden=256, layers=4, dtype="bfloat16")
@@ -154,6 +166,7 @@ def prepare_models(name: str, scratch: Path) -> dict[str, str]:
                 mx.save_safetensors(str(fp32 / item.name), {k: v.astype(mx.float32) for k, v in weights.items()})
             elif item.is_file() and not item.name.startswith("."):
                 (fp32 / item.name).write_bytes(item.read_bytes())
+    load_tokenizer(fp32, eos_token_ids=json.loads((fp32 / "config.json").read_text()).get("eos_token_id"))
     return {"native": str(native), "float32": str(fp32)}
 
 
@@ -226,7 +239,9 @@ def command_for(cfg: dict, run_dir: Path, tools: dict) -> tuple[list[str], dict[
     if system == "mlx-lm-lora":
         return [tools["mlx-lm-lora"], "--config", str(config)], env
     if system == "mlx_lm" and tools.get("openblas"):
-        env["LD_PRELOAD"] = tools["openblas"]
+        from macft.backend import preload_environment
+
+        env.update(preload_environment(tools["openblas"]))
     return [tools["mlx_lm"], "--config", str(config)], env
 
 
@@ -306,6 +321,40 @@ def step_metrics(steps: list[dict]) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def flops_per_token(model_dir: str | Path, adapted_layers: int, rank: int) -> dict:
+    """FLOPs of one trained token's training step, counted as the module docstring says."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q_out, kv_out = config["num_attention_heads"] * head_dim, config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
+    shapes = [(hidden, q_out), (hidden, kv_out), (hidden, kv_out), (q_out, hidden)] + [(hidden, config["intermediate_size"])] * 2
+    shapes.append((config["intermediate_size"], hidden))
+    per_layer = sum(a * b for a, b in shapes)
+    head = config["vocab_size"] * hidden
+    adapted = min(adapted_layers, layers)
+    lora = adapted * sum(rank * (a + b) for a, b in shapes)
+    counts = {
+        "forward_layers": 2 * per_layer * layers,
+        "forward_head": 2 * head,
+        "backward_layers": 2 * per_layer * adapted,
+        "backward_head": 2 * head,
+        "lora": 6 * lora,
+    }
+    return {**counts, "total": sum(counts.values())}
+
+
+def add_flop_shares(summary: dict, per_token: float, matmul_gflops: float) -> None:
+    """Each system's achieved GFLOP/s (median tokens/s x FLOPs per token) and its share of the matmul limit."""
+    for row in summary.values():
+        if "tokens_per_second" in row:
+            achieved = row["tokens_per_second"]["median"] * per_token / 1e9
+            row["achieved_gflops"] = achieved
+            row["share_of_matmul_limit"] = achieved / matmul_gflops if matmul_gflops else None
+
+
 # ----------------------------------------------------------------------------- rounds and summary
 
 
@@ -348,6 +397,9 @@ def print_summary(summary: dict, references: list[str]) -> None:
             cells.append(f"{show(m['median']) + ' (' + show(m['min']) + '-' + show(m['max']) + ')':>22}")
         print(f"{system:<14}{row['runs']:>5}" + "".join(cells))
     print("  (median over rounds, min-max in brackets)")
+    for system, row in summary.items():
+        if row.get("share_of_matmul_limit") is not None:
+            print(f"  {system}: {row['achieved_gflops']:.1f} GFLOP/s counted, {row['share_of_matmul_limit']:.0%} of the float32 matmul limit")
     for reference in references:
         ref = summary.get(reference, {})
         for system, row in summary.items():
@@ -384,10 +436,16 @@ def run_all(args: argparse.Namespace, scratch: Path) -> dict:
             data = joined_rows(args.data, max(1, seq // 100), scratch / f"rows-{seq}")
             settings.append(dict(base, seq=seq, batch=1, data=str(data)))
 
+    from macft.backend import matmul_gflops
+
+    flops = flops_per_token(models["float32"], args.layers, args.rank)
+    limit = matmul_gflops(2048, seconds=2.0)
+    print(f"FLOPs per trained token {flops['total'] / 1e9:.3f} G (see the docstring); float32 matmul limit {limit:.1f} GFLOP/s", flush=True)
     before = busy_processes()
     report = {"machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores", "model": args.model,
               "date": time.strftime("%Y-%m-%d %H:%M"), "rounds": args.rounds, "blas_for_mlx_lm": tools["openblas"],
-              "busy_before": before, "load_before": os.getloadavg(), "settings": []}
+              "busy_before": before, "load_before": os.getloadavg(), "flops_per_token": flops,
+              "matmul_limit_gflops": limit, "settings": []}
     for setting in settings:
         print(f"\n== {args.model}: batch {setting['batch']}, seq {setting['seq']}, rank {setting['rank']}, "
               f"{setting['layers']} layers, {setting['steps']} steps, {args.rounds} rounds of {', '.join(systems)}"
@@ -402,6 +460,7 @@ def run_all(args: argparse.Namespace, scratch: Path) -> dict:
                 shown = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.items() if k not in ("steps", "load_start", "load_end")}
                 print(f"  round {round_} {system}: {json.dumps(shown)[:240]}", flush=True)
         summary = summarise(runs, systems)
+        add_flop_shares(summary, flops["total"], limit)
         print_summary(summary, [s for s in ("mlx_lm", "mlx_lm-stock") if s in systems])
         report["settings"].append({"settings": setting, "summary": summary, "runs": runs})
     others = [r["result"]["other_cores"] for s in report["settings"] for r in s["runs"] if r["result"].get("other_cores") is not None]

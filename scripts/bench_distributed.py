@@ -3,8 +3,9 @@
 1. Measured: the same recipe and global batch trained by 1 rank with 2 BLAS threads and by 2 ranks
    (``macft lora --hosts 127.0.0.1,127.0.0.1``, ring backend over loopback) with 1 thread each.
    Each run is its own ``macft lora`` process tree; tokens/s are macft's steady-state figure (steps
-   after the first). The machine's load average is recorded before and after each run; a busy
-   machine is reported as such and its numbers must not be published as speeds.
+   after the first). The CPU that other processes used during each run is measured (``bench.Watch``,
+   from /proc/stat, not the load average, which lags a minute behind); a busy machine is reported as
+   such and its numbers must not be published as speeds.
 2. Computed: the bytes every rank all-reduces per optimizer step (the gradients of the trainable
    parameters, plus the loss and token count) for LoRA, QLoRA and full fine-tuning of 1B-, 8B- and
    70B-class Llama shapes, checked against the tiny model's real parameter count, and from them a
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -29,6 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench import Watch  # noqa: E402
 
 # What the projection assumes (stated in the README next to its table).
 ASSUMED = {
@@ -133,8 +138,12 @@ def print_projection(rows: list[dict]) -> None:
 # ----------------------------------------------------------------------------- measurement
 
 
-def load() -> float:
-    return os.getloadavg()[0]
+BUSY_CORES = 0.25  # other processes using more than this share of a core make the machine busy
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # includes the ranks mlx.launch waited for
+    return usage.ru_utime + usage.ru_stime
 
 
 def prepare(scratch: Path, hidden: int, layers: int, examples: int) -> Path:
@@ -165,9 +174,9 @@ def measure(recipe: Path, name: str, steps: int, ranks: int, threads: int) -> di
     command = [sys.executable, "-m", "macft.cli", "lora", str(recipe), "--iters", str(steps), "--name", name, "--json"]
     if ranks > 1:
         command += ["--hosts", ",".join(["127.0.0.1"] * ranks)]
-    before, started = load(), time.perf_counter()
+    watch, child_cpu, started = Watch(), children_cpu_seconds(), time.perf_counter()
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
-    wall, after = time.perf_counter() - started, load()
+    wall, others = time.perf_counter() - started, watch.others_cores(children_cpu_seconds() - child_cpu)
     if out.returncode != 0:
         raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
     summary = json.loads(out.stdout[out.stdout.index("{") :])
@@ -180,8 +189,7 @@ def measure(recipe: Path, name: str, steps: int, ranks: int, threads: int) -> di
         "wall_seconds": wall,
         "final_train_loss": summary["final_train_loss"],
         "fast_paths": summary["fast_paths"],
-        "load_before": before,
-        "load_after": after,
+        "other_processes_cores": others,
     }
 
 
@@ -221,15 +229,16 @@ def main() -> None:
             print(f"tiny model LoRA: {counted:,} trainable parameters counted, {planned:,} planned")
 
             runs = [measure(recipe, "1rank-2threads", args.steps, 1, 2), measure(recipe, "2ranks-1thread", args.steps, 2, 1)]
-        cores = os.cpu_count() or 1
-        busy = any(r["load_before"] > 0.5 * cores or r["load_after"] > 1.5 * cores for r in runs)
+        busy = any(r["other_processes_cores"] is None or r["other_processes_cores"] > BUSY_CORES for r in runs)
         results["measured"] = {"runs": runs, "busy_machine": busy}
         for r in runs:
+            others = "?" if r["other_processes_cores"] is None else f"{r['other_processes_cores']:.2f}"
             print(f"{r['name']}: {r['tokens_per_second']:.0f} tokens/s, {r['train_seconds']:.1f} s training, "
-                  f"{r['wall_seconds']:.1f} s wall, final loss {r['final_train_loss']:.4f}, load {r['load_before']:.1f}→{r['load_after']:.1f}")
+                  f"{r['wall_seconds']:.1f} s wall, final loss {r['final_train_loss']:.4f}, other processes {others} cores")
         print(f"2 ranks x 1 thread / 1 rank x 2 threads: {runs[1]['tokens_per_second'] / runs[0]['tokens_per_second']:.2f}x")
         if busy:
-            print(f"WARNING: the machine was busy (load average above half its {cores} cores): these are not speeds to publish.")
+            print(f"WARNING: the machine was busy (other processes used over {BUSY_CORES} of a core, or it could not be "
+                  "measured): these are not speeds to publish.")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -13,7 +14,7 @@ from test_chat import PROMPT, make_run
 from macft.chat import ChatSession, Sampling, open_model, prompt_tokens
 from macft.cli import cli
 from macft.config import MethodConfig
-from macft.engines.llamacpp import cached_gguf
+from macft.engines.llamacpp import EXPORT_CODE, cached_gguf, exporter_fingerprint
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
 
@@ -88,6 +89,19 @@ def test_export_is_cached_per_base_and_adapter(tiny_model_dir, run, tmp_path):
     fresh, cached = cached_gguf(str(tiny_model_dir), other, sha)
     assert not cached and fresh.parent != first.parent
     assert not [p for p in first.parent.parent.iterdir() if p.name.startswith(".")]  # no half-written entries
+
+
+def test_cache_key_follows_the_exporting_code(tmp_path):
+    import shutil
+
+    import macft
+
+    for package in EXPORT_CODE:
+        shutil.copytree(Path(macft.__file__).parent / package, tmp_path / package)
+    assert exporter_fingerprint(tmp_path) == exporter_fingerprint()
+    kquants = tmp_path / "export" / "kquants.py"
+    kquants.write_text(kquants.read_text() + "\n# a changed rounding\n")
+    assert exporter_fingerprint(tmp_path) != exporter_fingerprint()
 
 
 def test_chat_refuses_adapter_commands(run):

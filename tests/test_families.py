@@ -90,21 +90,27 @@ def test_qwen3_moe_qlora_fuses_over_quantized_experts(tiny_models, tmp_path):
     assert type(model.layers[0].mlp.gate).__name__ == "QuantizedLinear"  # the router was not adapted: kept exactly
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_qwen3_moe_trains_its_experts(tiny_models, tmp_path, method):
+def cli_lora_run(model_dir: Path, tmp_path: Path, method: str, *options: str) -> Path:
+    """A three-step `macft lora` run on a small counting task; returns its run directory."""
     data = tmp_path / "data"
     data.mkdir()
     rows = [{"prompt": f"Q: {i} plus one?", "completion": f" {i + 1}"} for i in range(12)]
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = CliRunner().invoke(
         cli,
-        ["lora", "--model", str(tiny_models["qwen3_moe"]), "--data", str(data), "--method", method, "--iters", "3",
-         "--batch-size", "4", "--rank", "4", "--out-dir", str(tmp_path / "runs"), "--name", "moe", "--json",
-         "--set", "method.target_modules=[q_proj,v_proj,gate_proj,up_proj,down_proj]", "--set", "demo.count=0"],
+        ["lora", "--model", str(model_dir), "--data", str(data), "--method", method, "--iters", "3", "--batch-size", "4",
+         "--rank", "4", "--out-dir", str(tmp_path / "runs"), "--name", "run", "--json", "--set", "demo.count=0", *options],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "runs" / "moe" / "summary.json").read_text())["steps"] == 3
-    saved = mx.load(str(tmp_path / "runs" / "moe" / "adapters.safetensors"))
+    assert json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())["steps"] == 3
+    return tmp_path / "runs" / "run"
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_qwen3_moe_trains_its_experts(tiny_models, tmp_path, method):
+    targets = "method.target_modules=[q_proj,v_proj,gate_proj,up_proj,down_proj]"
+    run = cli_lora_run(tiny_models["qwen3_moe"], tmp_path, method, "--set", targets)
+    saved = mx.load(str(run / "adapters.safetensors"))
     # B starts at zero: a non-zero B on every expert stack means the experts received gradients
     for part in EXPERTS:
         assert mx.abs(saved[f"model.layers.1.mlp.switch_mlp.{part}.lora_b"]).max().item() > 0, part
@@ -118,13 +124,22 @@ def wide_moe(tmp_path_factory) -> tuple[Path, Path]:
     return model_dir, export(model_dir, root / "f16.gguf", "f16")
 
 
-@pytest.mark.parametrize("quant", [q for q in SCHEMES if q not in ("f16", "bf16")])
+QUANTIZED = [q for q in SCHEMES if q not in ("f16", "bf16")]
+
+
+@pytest.mark.parametrize("quant", QUANTIZED)
 def test_qwen3_moe_quantized_export_matches_llama_quantize(wide_moe, tmp_path, quant):
-    """Every quantized export: the type llama-quantize gives each tensor (3-D expert stacks and the
-    router included), and per tensor no more error than llama-quantize's own."""
+    """Every quantized export (3-D expert stacks and the router included) against llama-quantize."""
+    model_dir, f16 = wide_moe
+    mine = check_quantized_export(model_dir, f16, tmp_path, quant)
+    assert mine["blk.0.ffn_up_exps.weight"].tensor_type == SCHEMES[quant].base
+
+
+def check_quantized_export(model_dir: Path, f16: Path, tmp_path: Path, quant: str) -> dict:
+    """A quantized export gives each tensor the type llama-quantize gives it from the F16 export,
+    with no more error per tensor than llama-quantize's own, and llama.cpp runs it; returns its tensors."""
     import ctypes
 
-    model_dir, f16 = wide_moe
     ours = export(model_dir, tmp_path / "ours.gguf", quant)
     theirs = tmp_path / "theirs.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
@@ -132,7 +147,6 @@ def test_qwen3_moe_quantized_export_matches_llama_quantize(wide_moe, tmp_path, q
     assert llama_cpp.llama_model_quantize(str(f16).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
     original, mine, reference = ({t.name: t for t in gguf.GGUFReader(str(p)).tensors} for p in (f16, ours, theirs))
     assert set(mine) == set(reference)
-    assert mine["blk.0.ffn_up_exps.weight"].tensor_type == SCHEMES[quant].base
     for name, ref in reference.items():
         assert mine[name].tensor_type == ref.tensor_type, name
         if ref.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
@@ -143,6 +157,7 @@ def test_qwen3_moe_quantized_export_matches_llama_quantize(wide_moe, tmp_path, q
         assert err_mine <= 1.02 * err_ref + 1e-7, (name, err_mine, err_ref)
     ids = load_model(str(model_dir)).tokenizer.encode("Q: What is the capital of France? A:")
     assert np.isfinite(gguf_logits(ours, ids)).all()  # llama.cpp loads and runs it
+    return mine
 
 
 def test_qwen3_moe_bf16_export_matches_mlx(wide_moe, tmp_path):

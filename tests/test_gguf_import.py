@@ -54,7 +54,7 @@ def write_gguf(model_dir: Path, out: Path, quant=lambda name, shape: Q.F32, arch
     """Write a tiny HF/MLX model directory as GGUF; ``quant(gguf_name, shape)`` picks each 2-D tensor's
     type; ``vocab`` replaces the model's own byte-level BPE vocabulary (see ``bpe_vocab``)."""
     config = json.loads((model_dir / "config.json").read_text())
-    family = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe"}.get(config["model_type"], config["model_type"])
+    family = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe", "gemma4_text": "gemma4"}.get(config["model_type"], config["model_type"])
     arch = arch or family
     weights = {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(model_dir / "model.safetensors")).items()}
     layers = config["num_hidden_layers"]
@@ -66,15 +66,21 @@ def write_gguf(model_dir: Path, out: Path, quant=lambda name, shape: Q.F32, arch
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(layers)
-    writer.add_feed_forward_length(config["intermediate_size"])
+    widths = config["intermediate_size"]
+    if family == "gemma4":  # double-wide MLPs in the k/v-sharing layers
+        widths = [widths * (2 if i >= layers - config["num_kv_shared_layers"] else 1) for i in range(layers)]
+    writer.add_feed_forward_length(widths)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_freq_base(config["rope_theta"])
-    writer.add_rope_dimension_count(head_dim)
-    if family in ("gemma3", "qwen3", "qwen3moe"):
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    rope_dims, rope_theta = head_dim, config["rope_theta"]
+    if family == "gemma4":  # the global layers' head size and RoPE base; the sliding layers' below
+        rope_dims, rope_theta = config["global_head_dim"], config["rope_parameters"]["full_attention"]["rope_theta"]
+    writer.add_rope_freq_base(rope_theta)
+    writer.add_rope_dimension_count(rope_dims)
+    if family in ("gemma3", "qwen3", "qwen3moe", "gemma4"):
+        writer.add_key_length(rope_dims)
+        writer.add_value_length(rope_dims)
     if "num_experts" in config:
         writer.add_expert_count(config["num_experts"])
         writer.add_expert_used_count(config["num_experts_per_tok"])
@@ -83,6 +89,19 @@ def write_gguf(model_dir: Path, out: Path, quant=lambda name, shape: Q.F32, arch
         writer.add_sliding_window(config["sliding_window"])
         writer.add_sliding_window_pattern([(i + 1) % config["sliding_window_pattern"] != 0 for i in range(layers)])
         writer.add_rope_freq_base_swa(config["rope_local_base_freq"])
+    if family == "gemma4":
+        writer.add_key_length_swa(head_dim)
+        writer.add_value_length_swa(head_dim)
+        writer.add_rope_dimension_count_swa(head_dim)
+        writer.add_rope_freq_base_swa(config["rope_parameters"]["sliding_attention"]["rope_theta"])
+        writer.add_sliding_window(config["sliding_window"])
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in config["layer_types"]])
+        writer.add_shared_kv_layers(config["num_kv_shared_layers"])
+        writer.add_embedding_length_per_layer_input(config["hidden_size_per_layer_input"])
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+        # proportional RoPE: the first pairs rotate, the rest are held still by a huge divisor
+        rotated = int(rope_dims * config["rope_parameters"]["full_attention"]["partial_rotary_factor"]) // 2
+        writer.add_tensor("rope_freqs.weight", np.array([1.0] * rotated + [1e30] * (rope_dims // 2 - rotated), dtype=np.float32))
 
     vocab = vocab or bpe_vocab(model_dir, family)
     writer.add_tokenizer_model(vocab["model"])
@@ -109,7 +128,8 @@ def write_gguf(model_dir: Path, out: Path, quant=lambda name, shape: Q.F32, arch
         if name in ("model.embed_tokens.weight", "lm_head.weight") and value.shape[0] != n_tokens:
             value = np.resize(value, (n_tokens, value.shape[1]))  # another vocabulary: reuse random rows
         # gguf-py knows HF's stacked expert names ("mlp.experts.up_proj"), not mlx-lm's "switch_mlp"
-        target = names.get_name(name.replace(".switch_mlp.", ".experts."), try_suffixes=(".weight", ".bias"))
+        hf_name = name.replace(".switch_mlp.", ".experts.") + (".weight" if name.endswith("layer_scalar") else "")
+        target = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert target is not None, name
         if family == "gemma3" and "norm" in name:
             value = value + 1.0
@@ -441,7 +461,7 @@ def test_bad_files_give_one_line_errors(tmp_path, gguf_files):
 
 def test_unsupported_architecture_is_named(tmp_path, tiny_models):
     path = write_gguf(tiny_models["llama"], tmp_path / "falcon.gguf", arch="falcon")
-    with pytest.raises(MacftError, match="'falcon' is not supported.*gemma3, llama, phi3, qwen2, qwen3"):
+    with pytest.raises(MacftError, match="'falcon' is not supported.*gemma3, gemma4, llama, phi3, qwen2, qwen3"):
         import_gguf(path)
 
 

@@ -251,12 +251,12 @@ def test_loss_pinned_at_a_uniform_guess_stops_the_run(trained, tmp_path):
 
 def test_guard_rules():
     guard = LossGuard(vocab_size=1000)
-    assert all(guard.check(x) is None for x in (3.0, 2.5, 6.8, 6.9))  # two bad steps are noise
-    assert "uniform guess" in guard.check(6.9)
+    assert all(guard.check(step, x) is None for step, x in enumerate((3.0, 2.5, 6.8, 6.9), 1))  # two bad steps are noise
+    assert "uniform guess" in guard.check(5, 6.9).problem
     rising = LossGuard(vocab_size=1000)
-    assert [rising.check(x) for x in (2.0, 1.5, 5.8, 5.9)] == [None] * 4
-    assert "rose to 6.00 from 2.00" in rising.check(6.0)
-    assert "NaN/inf" in LossGuard().check(1.0, math.inf)
+    assert [rising.check(step, x) for step, x in enumerate((2.0, 1.5, 5.8, 5.9), 1)] == [None] * 4
+    assert "rose to 6.00 from 2.00" in rising.check(5, 6.0).problem
+    assert LossGuard().check(1, 1.0, math.inf).nonfinite
 
 
 class NanValidation(ChunkedLoss):

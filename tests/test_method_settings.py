@@ -16,7 +16,7 @@ from macft.memory import Plan, loaded_shape, plan_from_recipe, trainable_params
 from macft.method_registry import METHODS, method_spec
 from macft.methods import APPLY, apply_method, count_parameters, save_adapter
 from macft.models.load import load_model
-from macft.train.divergence import DivergenceWatch
+from macft.train.guard import LossGuard
 
 
 @pytest.fixture
@@ -184,11 +184,16 @@ def test_divergence_stops_early_and_suggests_a_learning_rate(lora_recipe, tmp_pa
     assert not (tmp_path / "runs" / "wild" / "adapters.safetensors").exists()  # the wrecked weights are not kept
 
 
-def test_divergence_watch_rules():
-    watch = DivergenceWatch(learning_rate=2e-4, method="lora")
+def test_early_rise_names_a_learning_rate():
+    guard = LossGuard(learning_rate=2e-4, method="lora")
     losses = [2.0, 2.8, 3.9, 1.5]  # noisy but never above 2.0 × 1.5 + 1
-    assert all(watch.check(step, loss) is None for step, loss in enumerate(losses, 1))
-    assert "try --lr 2e-05." in watch.check(5, 4.5)  # at LoRA's default: no "usually trains at"
-    late = DivergenceWatch(learning_rate=1.0, method="prompt")
+    assert all(guard.check(step, loss) is None for step, loss in enumerate(losses, 1))
+    stop = guard.check(5, 4.5)
+    assert "try --lr 2e-05." in stop.advice and "usually trains at" not in stop.advice  # at LoRA's default
+    high = LossGuard(learning_rate=1e-3, method="lora")
+    high.check(1, 2.0)
+    assert "try --lr 0.0001, and LoRA usually trains at 0.0002." in high.check(2, 9.0).advice
+    late = LossGuard(learning_rate=1.0, method="prompt")
     late.check(1, 2.0)
-    assert late.check(51, 50.0) is None  # after the first 50 steps a rise is not the rate's doing
+    assert late.check(51, 50.0) is None  # after the first 50 steps a single rise is not the rate's doing
+    assert LossGuard().check(2, 50.0) is None  # without a learning rate only the patient rules apply

@@ -43,7 +43,7 @@ def check(
     Example:
       macft data check data/ --model Qwen/Qwen3-0.6B --max-seq-length 1024
     """
-    from mlx_lm.utils import load_tokenizer
+    from macft.models.tokenizer_cache import load_tokenizer
 
     from macft.data.check import check_data
     from macft.models.load import resolve_model_dir

@@ -2,8 +2,8 @@
 
 On a CPU, MLX re-reads the full float32 output matrix for every token; llama.cpp runs the Q8_0 file
 the user would ship, several times faster. The export goes through ``macft.export.pipeline`` (the
-adapter fused in), is cached under ``<macft home>/llama.cpp/`` keyed by the base weights' sha256 and the
-adapter's files, and is written atomically. Prompts are tokenized by the same tokenizer and chat
+adapter fused in), is cached under ``<macft home>/llama.cpp/`` keyed by the base weights' sha256, the
+adapter's files and the exporting code, and is written atomically. Prompts are tokenized by the same tokenizer and chat
 template as the MLX path, and generation stops on the same end-of-sequence ids, so only the
 weights' rounding differs.
 
@@ -53,12 +53,27 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(base_sha256: str, adapter: Path | None) -> str:
-    """Names the export: the base weights, the adapter's weights and config, the quant and macft's version."""
+# The code a cached export depends on: a change to any of it (a fixed tensor map, a new rounding)
+# must not keep serving the file the old code wrote, even within one version of macft.
+EXPORT_CODE = ("export", "families", "methods", "models")
+
+
+def exporter_fingerprint(root: Path | None = None) -> str:
+    """sha256 of the source of the packages (under macft's folder, or ``root``) that write the cached GGUF."""
     import macft
+
+    root = root or Path(macft.__file__).parent
+    digest = hashlib.sha256()
+    for source in sorted(f for package in EXPORT_CODE for f in (root / package).rglob("*.py")):
+        digest.update(str(source.relative_to(root)).encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()
+
+
+def cache_key(base_sha256: str, adapter: Path | None) -> str:
+    """Names the export: the base weights, the adapter's weights and config, the quant and the exporter's code."""
     from macft.methods import adapter_files
 
-    parts = [base_sha256, QUANT, getattr(macft, "__version__", "")]
+    parts = [base_sha256, QUANT, exporter_fingerprint()]
     if adapter is not None:
         parts += [file_sha256(f) for f in adapter_files(adapter)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
@@ -134,7 +149,7 @@ class LlamaCppModel:
 
 def open_llamacpp(model_spec: str | None, adapter: str | Path | None = None):
     """An ``OpenedModel`` whose ``model`` is a ``LlamaCppModel`` (no MLX weights are loaded once cached)."""
-    from mlx_lm.utils import load_tokenizer
+    from macft.models.tokenizer_cache import load_tokenizer
 
     from macft.chat import OpenedModel
     from macft.config import DEFAULT_MODEL

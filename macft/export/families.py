@@ -43,10 +43,12 @@ def _arch_enum(arch: str) -> gguf.MODEL_ARCH:
 def add_hparams(writer: gguf.GGUFWriter, config: dict, family: str) -> None:
     """Write the ``{arch}.*`` keys llama.cpp reads for this family."""
     record = export_family(family)
+    original, config = config, record.hparam_config(config)
+    ffn = config["intermediate_size"]
     writer.add_context_length(int(config.get("max_position_embeddings", 4096)))
     writer.add_embedding_length(int(config["hidden_size"]))
     writer.add_block_count(int(config["num_hidden_layers"]))
-    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_feed_forward_length([int(n) for n in ffn] if isinstance(ffn, list) else int(ffn))
     writer.add_head_count(int(config["num_attention_heads"]))
     writer.add_head_count_kv(n_kv_heads(config))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
@@ -54,7 +56,7 @@ def add_hparams(writer: gguf.GGUFWriter, config: dict, family: str) -> None:
     if record.writes_head_dim or "head_dim" in config:
         writer.add_key_length(head_dim(config))
         writer.add_value_length(head_dim(config))
-    record.export_hparams(writer, config)
+    record.export_hparams(writer, original)
     _add_rope_scaling(writer, config, record)
 
 

@@ -111,7 +111,8 @@ def write_gguf(
         else:
             tokenizer_meta.add_tokenizer(writer, tokenizer_dir, vocab_size=vocab_size, family=family)
         tensors = dict(families.gguf_tensors(weights, config, family))
-        plain = {n: tensor_type(n, a.shape, scheme, n_layers, tied) for n, a in tensors.items()}
+        v_layers = sum(n.endswith(".attn_v.weight") for n in tensors)
+        plain = {n: tensor_type(n, a.shape, scheme, n_layers, tied, v_layers) for n, a in tensors.items()}
         chosen, importance, guided = plain, {}, None
         if guide is not None and scheme.base not in (Q.F16, Q.BF16):
             chosen, importance, guided = _guided_plan(tensors, plain, guide, config, family, extra_bytes)

@@ -199,7 +199,7 @@ def _adapter_only(run_dir: Path, out: Path, ollama: bool | str) -> ExportReport:
     result = write_adapter_gguf(run_dir, out)
     report = ExportReport(result.to_dict())
     if ollama:
-        from mlx_lm.utils import load_tokenizer
+        from macft.models.tokenizer_cache import load_tokenizer
 
         from macft.export.fuse import origin_gguf, read_adapter_config
         from macft.export.modelfile import ModelfileSpec

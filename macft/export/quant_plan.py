@@ -4,9 +4,10 @@
     qtype = tensor_type("blk.0.attn_v.weight", (256, 640), scheme, n_layers=18, tied=True)
 
 The rules follow ``llama-quantize`` without an importance matrix:
-* 1-D tensors (norms, biases, rope factors) and mixture-of-experts routers stay F32;
+* 1-D tensors (norms, biases, rope factors) and mixture-of-experts routers stay F32, Gemma's
+  per-layer input projection F16;
 * the output projection, or the token embedding when it is tied to the output, goes to Q6_K
-  (Q8_0 stays Q8_0);
+  (Q8_0 stays Q8_0), and so does Gemma's per-layer token embedding;
 * Q4_K_M / Q5_K_M put attn_v and ffn_down (ffn_down_exps of MoE models too) at Q6_K in the first and last eighth of the layers
   and every third layer between; a fused attn_qkv gets Q5_K / Q6_K;
 * a row length that is not a multiple of the type's block falls back: Q4_K -> Q5_0, Q5_K -> Q5_1,
@@ -59,18 +60,24 @@ def more_bits(layer: int, n_layers: int) -> bool:
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
-def tensor_type(name: str, shape: tuple[int, ...], scheme: Scheme, n_layers: int, tied: bool) -> Q:
-    """The GGUF type of tensor ``name`` whose numpy shape is ``shape`` (rows, row length)."""
+def tensor_type(name: str, shape: tuple[int, ...], scheme: Scheme, n_layers: int, tied: bool, v_layers: int | None = None) -> Q:
+    """The GGUF type of tensor ``name`` whose numpy shape is ``shape`` (rows, row length).
+
+    ``v_layers``: how many (first) layers have an attn_v, when not all do (Gemma 4's k/v-sharing
+    layers have none): llama-quantize spreads the extra bits over the attn_v tensors there are."""
     if len(shape) < 2 or ".ffn_gate_inp." in name:
         return Q.F32  # an MoE router stays F32, as convert_hf_to_gguf and llama-quantize keep it
     if scheme.base in (Q.F16, Q.BF16):
         return scheme.base
+    if name == "per_layer_model_proj.weight":
+        return Q.F16  # llama-quantize keeps Gemma's per-layer input projection as converted
     chosen = scheme.base
     layer = _LAYER.match(name)
-    if name == "output.weight" or (tied and name == "token_embd.weight"):
+    if name in ("output.weight", "per_layer_token_embd.weight") or (tied and name == "token_embd.weight"):
         chosen = Q.Q8_0 if scheme.base == Q.Q8_0 else Q.Q6_K
     elif scheme.mixture and layer and (".attn_v." in name or ".ffn_down" in name):  # ffn_down_exps too
-        if more_bits(int(layer.group(1)), n_layers):
+        counted = (v_layers or n_layers) if ".attn_v." in name else n_layers
+        if more_bits(int(layer.group(1)), counted):
             chosen = Q.Q6_K
     elif scheme.mixture and ".attn_qkv." in name:
         chosen = Q.Q5_K if scheme.base == Q.Q4_K else Q.Q6_K

@@ -82,6 +82,10 @@ def _no_tensors(config: dict) -> Iterator[tuple[str, np.ndarray]]:
     return iter(())
 
 
+def _same_config(config: dict) -> dict:
+    return config
+
+
 @dataclass(frozen=True)
 class Family:
     name: str  # macft's name, recorded with every run ("gemma3")
@@ -93,12 +97,20 @@ class Family:
     import_config: Callable[[GGUFFile, dict], dict]
     # GGUF export: the family's ``{arch}.*`` keys beyond the common ones
     export_hparams: Callable[[GGUFWriter, dict], None] = _no_hparams
+    # GGUF export: config.json -> the config the common keys are read from, for a family whose
+    # config.json means something else by them (Gemma 4: the global layers' head size, per-layer MLP widths)
+    hparam_config: Callable[[dict], dict] = _same_config
+    # GGUF import: common ``{arch}.*`` keys that may hold one value per layer; the common config
+    # takes the first layer's and the family's import_config reads the list
+    layer_lists: tuple[str, ...] = ()
     # GGUF export: tensors that carry configuration (Llama 3 rope factors); import reads them back
     export_tensors: Callable[[dict], Iterator[tuple[str, np.ndarray]]] = _no_tensors
     config_tensors: tuple[str, ...] = ()  # GGUF tensors import consumes as configuration
     rope_kinds_as_tensors: tuple[str, ...] = ()  # rope_scaling kinds that travel as export_tensors
     layer_names: Mapping[str, str] = field(default_factory=lambda: dict(LAYER_NAMES))
-    # mlx-lm name part -> the HF name part gguf-py's tensor map knows (export; import uses layer_names)
+    # GGUF name -> mlx-lm name of tensors outside the blocks, beyond token_embd, output_norm and output
+    global_names: Mapping[str, str] = field(default_factory=dict)
+    # mlx-lm name part -> the HF name part gguf-py's tensor map knows (export; import undoes them)
     export_renames: Mapping[str, str] = field(default_factory=dict)
     # Transform pairs: export applies the forward direction, import its inverse.
     norm_offset: float = 0.0  # GGUF stores norm weight + offset (Gemma keeps w and adds 1 at run time)
@@ -108,6 +120,8 @@ class Family:
     # Training: mlx-lm MLP class ("module.Class") -> mlx.nn activation name it applies to its gate
     gated_mlps: Mapping[str, str] = field(default_factory=dict)
     chat_format: ChatFormat | None = None  # the format this family's chat templates write
+    # Training: method name -> why this family's blocks cannot take it (apply_method refuses it)
+    refused_methods: Mapping[str, str] = field(default_factory=dict)
     # Memory planner: shape facts config.json spells its own way (experts), as ModelShape fields
     planner_shape: Callable[[dict], dict] = _no_shape_facts
     # Memory planner: values kept per token and layer beyond the common decoder block's
@@ -140,6 +154,12 @@ class Family:
         """The HF name gguf-py maps to a GGUF name, for an mlx-lm parameter name."""
         for part, hf in self.export_renames.items():
             name = name.replace(part, hf)
+        return name
+
+    def import_name(self, name: str) -> str:
+        """The inverse of ``export_name``, for the mlx-lm name GGUF import derives from a GGUF name."""
+        for part, hf in self.export_renames.items():
+            name = name.replace(hf, part)
         return name
 
     def export_float(self, name: str, values: np.ndarray) -> np.ndarray:

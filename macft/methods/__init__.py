@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from macft.config import MethodConfig, Recipe
 from macft.errors import MacftError
+from macft.families import lookup
 from macft.method_registry import method_spec
 from macft.methods.bottleneck import apply_adapters
 from macft.methods.expert_lora import EXPERT_LAYERS, expert_layer_class
@@ -92,6 +93,9 @@ def apply_method(model: nn.Module, method_cfg: MethodConfig, tokenizer=None) -> 
     The returned module also trains lean: quantized layers multiply through dequantized weights
     where that is faster, and gated MLPs recompute their activation in the backward pass."""
     method_spec(method_cfg.name)  # an unknown name is a one-line error
+    family = lookup(str(getattr(model, "model_type", "")))
+    if family is not None and method_cfg.name in family.refused_methods:
+        raise MacftError(f"The '{method_cfg.name}' method cannot train a {family.name} model: {family.refused_methods[method_cfg.name]}.")
     model = route_quantized_matmuls(APPLY[method_cfg.name](model, method_cfg, tokenizer))
     recompute_gated_activations(model)
     return model

@@ -118,8 +118,9 @@ def build_random_model(
     model = model_class(args_class.from_dict(config))
     weights = {}
     for name, value in tree_flatten(model.parameters()):
-        if "norm" in name:
-            # Random norm weights exercise the norm conversions (Gemma's 1 + w) that ones would hide.
+        if "norm" in name or name.endswith("layer_scalar"):
+            # Random norm weights exercise the norm conversions (Gemma's 1 + w) that ones would hide;
+            # Gemma 4's per-layer output scale is drawn the same way (near 1, as trained models have it).
             value = 0.1 * mx.random.normal(value.shape) + (1.0 - FAMILY_RECORDS[family].norm_offset)
         else:
             value = 0.08 * mx.random.normal(value.shape)

@@ -15,8 +15,8 @@
   which the train and validation reports carry.
 - ``config`` is the recipe's ``TrainConfig`` with ``iters`` resolved (> 0).
 - ``memory_budget(batch, length)`` (optional) caps the memory of each step (see ``Steps``).
-- ``divergence`` (optional, ``macft.train.divergence.DivergenceWatch``) stops a run whose loss climbs
-  in its first steps (stop reason "diverged"; no checkpoint of the climbing weights is written).
+- ``guard`` (optional, ``macft.train.guard.LossGuard``) stops a run whose loss turns NaN, climbs or
+  collapses to a uniform guess (stop reason "nan" or "diverged"; no checkpoint of those weights is written).
 - ``world`` (optional, ``macft.train.distributed.World``): the ranks of a data-parallel run; each
   rank's ``train_batches`` yields its share of every global batch, and the step sums losses and
   trained tokens and averages gradients over the ranks, so every rank applies the same update.
@@ -47,7 +47,6 @@ from mlx.utils import tree_map
 
 from macft.config import TrainConfig
 from macft.train.checkpoint import Checkpoints, Progress
-from macft.train.divergence import DivergenceWatch
 from macft.train.distributed import World
 from macft.train.guard import LossGuard
 
@@ -269,7 +268,6 @@ def train(
     progress: Progress | None = None,
     batches_per_epoch: int | None = None,
     memory_budget: Callable[[int, int], int] | None = None,
-    divergence: DivergenceWatch | None = None,
     world: World = World(),
     guard: LossGuard | None = None,
 ) -> TrainResult:
@@ -304,12 +302,9 @@ def train(
                 mx.random.seed((config.seed * 1_000_003 + progress.step) * world.size + world.rank)
                 loss_sum, tokens, norm, batch, stats = one_step(steps, batches, loss_fn, config.grad_accumulation)
                 loss = loss_sum.item() / tokens.item()
-                if problem := guard.check(loss, norm.item()):
-                    stop_reason = "diverged" if math.isfinite(loss) and math.isfinite(norm.item()) else "nan"
-                    message = failure_message(progress.step + 1, problem, checkpoints)
-                    break
-                if divergence is not None and (diverged := divergence.check(progress.step + 1, loss)):
-                    stop_reason, message = "diverged", diverged
+                if stop := guard.check(progress.step + 1, loss, norm.item()):
+                    stop_reason = "nan" if stop.nonfinite else "diverged"
+                    message = stop.advice or failure_message(progress.step + 1, stop.problem, checkpoints)
                     break
                 seconds = time.perf_counter() - tick
                 # An objective normalised by pairs or completions reports its trained tokens first.

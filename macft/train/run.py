@@ -37,7 +37,6 @@ from macft.methods.recompute import RecomputingMLP
 from macft.paths import atomic_path, recover
 from macft.plot import loss_curve_png
 from macft.train.checkpoint import Checkpoints
-from macft.train.divergence import DivergenceWatch
 from macft.train.distributed import World, check_same, connect, examples_digest, peer_errors, recipe_digest, share_state
 from macft.train.guard import LossGuard
 from macft.train.loop import Callback, TrainResult, train
@@ -279,9 +278,8 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
         progress=progress,
         batches_per_epoch=per_epoch,
         memory_budget=None if aligning else step_budget(shape, plan),
-        divergence=DivergenceWatch(cfg.learning_rate, recipe.method.name),
         world=world,
-        guard=LossGuard(vocab_size(model)),
+        guard=LossGuard(vocab_size(model), cfg.learning_rate, recipe.method.name),
     )
     if not world.main:
         return RunOutcome(None, recipe, result, {}, model, loaded.tokenizer)

@@ -27,12 +27,13 @@ def hf_name(family: Family, name: str) -> str:
     if name in family.config_tensors:
         return ""
     stem, _, suffix = name.rpartition(".")
-    if stem in _GLOBAL and suffix in ("weight", "bias"):
-        return f"{_GLOBAL[stem]}.{suffix}"
+    global_names = {**_GLOBAL, **family.global_names}
+    if stem in global_names and suffix in ("weight", "bias"):
+        return family.import_name(f"{global_names[stem]}.{suffix}")
     match = _BLOCK.match(name)
     if match and match.group(2) in family.layer_names:
         layer, part, suffix = match.groups()
-        return f"model.layers.{layer}.{family.layer_names[part]}.{suffix}"
+        return family.import_name(f"model.layers.{layer}.{family.layer_names[part]}.{suffix}")
     raise MacftError(f"Tensor '{name}' is not part of a standard {family.gguf_arch} model; this GGUF variant is not supported.")
 
 
@@ -45,7 +46,7 @@ def import_config(gguf: GGUFFile, family: Family) -> dict:
         "architectures": list(family.architectures),
         "hidden_size": gguf_int(gguf, "embedding_length"),
         "num_hidden_layers": gguf_int(gguf, "block_count"),
-        "intermediate_size": gguf_int(gguf, "feed_forward_length"),
+        "intermediate_size": _first_layer_int(gguf, family, "feed_forward_length"),
         "num_attention_heads": heads,
         "num_key_value_heads": gguf_int(gguf, "attention.head_count_kv", heads),
         "rms_norm_eps": float(gguf.arch_key("attention.layer_norm_rms_epsilon", 1e-6)),
@@ -62,6 +63,14 @@ def import_config(gguf: GGUFFile, family: Family) -> dict:
     if gguf.arch_key("rope.scaling.type") == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": float(gguf.arch_key("rope.scaling.factor", 1.0))}
     return config | family.import_config(gguf, config)
+
+
+def _first_layer_int(gguf: GGUFFile, family: Family, key: str) -> int:
+    """``gguf_int``, or the first layer's value of a per-layer list the family reads itself."""
+    value = gguf.arch_key(key)
+    if key in family.layer_lists and isinstance(value, list) and value:
+        return int(value[0])
+    return gguf_int(gguf, key)
 
 
 def family_for(gguf: GGUFFile) -> Family:

@@ -49,7 +49,10 @@ def quantize_exact(rows: np.ndarray, qtype: GGMLQuantizationType) -> QuantizedWe
     n_rows = rows.shape[0]
     block_weights, block_bytes = GGML_QUANT_SIZES[qtype]
     blocks = np.ascontiguousarray(rows).reshape(-1, block_bytes)
-    q, scales, biases = _UNPACK[qtype](blocks)
+    # A corrupt scale (inf/NaN half) is the file's fault, named by the per-tensor finiteness check
+    # that follows; numpy's warning about it would only be noise above that one line.
+    with np.errstate(invalid="ignore", over="ignore"):
+        q, scales, biases = _UNPACK[qtype](blocks)
     bits = EXACT_BITS[qtype]
     return QuantizedWeight(
         weight=pack(q.reshape(n_rows, -1), bits),

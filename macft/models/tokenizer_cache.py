@@ -1,0 +1,76 @@
+"""A model's tokenizer, built by mlx-lm once per tokenizer and read back from macft's cache after.
+
+mlx-lm's ``load_tokenizer`` parses a 262k-word ``tokenizer.json`` three times (its own decoder check,
+transformers' added-token scan, the Rust tokenizer) and walks the vocabulary three more times; that
+is most of a run's start-up on a small model. The finished ``TokenizerWrapper`` is pickled into
+``<macft home>/tokenizers/`` under a key made of the tokenizer files' contents, the EOS ids asked for,
+and the versions of the libraries whose objects the pickle holds; a changed file or upgraded library
+makes a new key, and a cache that cannot be read is rebuilt.
+
+    tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from macft.errors import DiskFullError
+from macft.paths import atomic_path, cache_dir
+
+# Everything mlx-lm's load_tokenizer reads from a local model folder (tokenizer_config.json names the
+# chat template; config.json is read for the model type's tokenizer defaults).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "chat_template.jinja", "chat_template.json", "config.json", "generation_config.json",
+                   "vocab.json", "merges.txt")
+LIBRARIES = ("macft", "mlx-lm", "transformers", "tokenizers")
+
+
+def cache_key(model_dir: Path, eos_token_ids: Any) -> str:
+    """sha256 over the tokenizer files' names and contents, the EOS ids and the library versions."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = model_dir / name
+        if path.is_file():
+            digest.update(f"{name}\0{path.stat().st_size}\0".encode())
+            digest.update(path.read_bytes())
+    extra = sorted(str(p.relative_to(model_dir)) for p in model_dir.glob("*.jinja"))
+    digest.update(json.dumps({"eos": eos_token_ids, "jinja": extra, "python": sys.version, "versions": library_versions()}).encode())
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "?"
+    return found
+
+
+def load_tokenizer(model_dir: str | Path, eos_token_ids: Any = None):
+    """mlx-lm's ``TokenizerWrapper`` for a local model folder, from the cache when it has this one."""
+    model_dir = Path(model_dir)
+    cached = cache_dir("tokenizers") / f"{cache_key(model_dir, eos_token_ids)}.pickle"
+    try:
+        with cached.open("rb") as fh:
+            return pickle.load(fh)
+    except FileNotFoundError:
+        pass
+    except Exception:  # noqa: BLE001  (a damaged or stale entry of our own cache is rebuilt below)
+        cached.unlink(missing_ok=True)
+    from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
+
+    tokenizer = mlx_lm_load_tokenizer(model_dir, eos_token_ids=eos_token_ids)
+    try:
+        with atomic_path(cached) as tmp:
+            tmp.write_bytes(pickle.dumps(tokenizer, protocol=pickle.HIGHEST_PROTOCOL))
+    except (OSError, DiskFullError, pickle.PicklingError, TypeError, AttributeError):
+        pass  # a tokenizer that cannot be pickled, or a full or read-only cache, loads the slow way next time
+    return tokenizer
