@@ -4,11 +4,12 @@
 
 Each round runs the whole export (load and fuse, importance matrix and deltas for the guided one,
 plan, quantize, write; no fidelity report) once plain and once guided, interleaved, and records the
-process's CPU time (every thread's), the wall time and the load average. The importance matrix is
+process's CPU time (every thread's), the wall time, and the cores other processes used meanwhile
+(``bench.Watch``, from /proc/stat). The importance matrix is
 computed before the first round (it is computed once per run and then read from the run), so the
 rounds time what a user waits for on every export. On a shared machine wall time says little; the
-CPU-time ratio is the figure to read, and the result is marked ``busy`` when the load average
-exceeded the core count or the process got less than 80% of a core while it ran.
+CPU-time ratio is the figure to read, and an export is marked ``busy`` when other processes used
+more than ``--busy-cores`` cores while it ran.
 Results go to ``scripts/results/bench-export-<name>.json``.
 """
 
@@ -20,21 +21,23 @@ import os
 import time
 from pathlib import Path
 
+from bench import Watch
+
 from macft.export.pipeline import export_gguf
 
 
-def timed_export(run: Path, quant: str, plain: bool, out: Path) -> dict:
-    load_before = os.getloadavg()[0]
-    cpu, wall = time.process_time(), time.perf_counter()
+def timed_export(run: Path, quant: str, plain: bool, out: Path, busy_cores: float) -> dict:
+    watch = Watch()
     report = export_gguf(adapter=str(run), quant=quant, out=out, plain=plain, force=True, fidelity_examples=0)
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    load = max(load_before, os.getloadavg()[0])
+    cpu, wall = time.process_time() - watch.self_start, time.perf_counter() - watch.started
+    others = watch.others_cores(0.0)  # the export runs in this process: its CPU time is ours
     out.unlink()
     return {
         "cpu_seconds": round(cpu, 1),
         "wall_seconds": round(wall, 1),
-        "load_average": round(load, 2),
-        "busy": load > os.cpu_count() or cpu < 0.8 * wall,
+        "other_cores": None if others is None else round(others, 2),
+        "load_before": round(watch.load_start[0], 2),
+        "busy": others is None or others > busy_cores,
         "size_bytes": report.gguf["size_bytes"],
     }
 
@@ -45,13 +48,14 @@ def main() -> None:
     parser.add_argument("--quant", default="q4_k_m")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--name", default=None)
+    parser.add_argument("--busy-cores", type=float, default=0.25, help="busy when other processes use more cores than this")
     args = parser.parse_args()
     out = args.run / f"bench-{args.quant}.gguf"
     export_gguf(adapter=str(args.run), quant=args.quant, out=out, force=True, fidelity_examples=0)  # computes the imatrix once
     out.unlink()
     rounds = []
     for _ in range(args.rounds):
-        row = {kind: timed_export(args.run, args.quant, kind == "plain", out) for kind in ("plain", "guided")}
+        row = {kind: timed_export(args.run, args.quant, kind == "plain", out, args.busy_cores) for kind in ("plain", "guided")}
         row["cpu_ratio"] = round(row["guided"]["cpu_seconds"] / row["plain"]["cpu_seconds"], 2)
         rounds.append(row)
         print(json.dumps(row), flush=True)
