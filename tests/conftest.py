@@ -11,7 +11,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import macft  # noqa: E402,F401  (loads OpenBLAS before mlx is imported)
-from macft.models.random_init import FAMILIES, build_random_model  # noqa: E402
+from macft.models.random_init import FAMILIES, build_random_model, family_config  # noqa: E402
+
+
+def _attention_only(family: str) -> bool:
+    from mlx_lm.utils import _get_classes
+
+    from macft.data.packing import has_recurrent_blocks
+
+    model_class, args_class = _get_classes(family_config(family, 128))
+    return not has_recurrent_blocks(model_class(args_class.from_dict(family_config(family, 128))))
+
+
+# Families whose every block attends over a KV cache: what prompt/prefix tuning, adapters and packing need
+ATTENTION_FAMILIES = tuple(f for f in FAMILIES if _attention_only(f))
 
 
 @pytest.fixture(scope="session", autouse=True)

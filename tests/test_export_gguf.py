@@ -152,6 +152,27 @@ def test_quantized_exports_load_and_keep_perplexity(wide_llama, tmp_path):
     assert abs(ppl["q4_k_m"] / ppl["f16"] - 1) < 0.05, ppl
 
 
+def wide_model(family: str, root: Path) -> tuple[Path, Path]:
+    """A tiny ``family`` model with 256-wide rows (real K-quant blocks) and its F16 GGUF."""
+    model_dir = build_random_model(family, root / "model", hidden=256)
+    return model_dir, export(model_dir, root / "f16.gguf", "f16")
+
+
+def bf16_and_mlx_logits(model_dir: Path, out: Path) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's logits on the model's BF16 export and mlx-lm's own, for PROMPT."""
+    loaded = load_model(str(model_dir))
+    ids = loaded.tokenizer.encode(PROMPT)
+    return gguf_logits(export(model_dir, out, "bf16"), ids), np.array(loaded.model(mx.array(ids)[None])[0])
+
+
+def assert_adapter_equals_fused(base: Path, fused: Path, adapter: Path, ids: list[int]) -> None:
+    """The adapter GGUF applied by llama.cpp on the base GGUF gives the fused GGUF's logits."""
+    with_adapter = gguf_logits(base, ids, lora_path=str(adapter))
+    merged = gguf_logits(fused, ids)
+    assert np.abs(with_adapter - merged).max() < 0.01 * np.abs(merged).max() + 0.01
+    assert np.abs(gguf_logits(base, ids) - merged).max() > 0.3  # the adapter does change the model
+
+
 def test_q4_k_m_matches_llama_quantize(wide_llama, tmp_path):
     """llama.cpp's own llama_model_quantize on our F16 file: same type per tensor, and our
     blocks' error within 2% of its blocks' error on every tensor."""
@@ -189,11 +210,7 @@ def test_adapter_gguf_on_base_equals_fused_gguf(tiny_models, f16_files, tmp_path
     assert fields["adapter.lora.alpha"].contents() == pytest.approx(8.0)
 
     ids = load_model(str(tiny_models[family])).tokenizer.encode(PROMPT)
-    with_adapter = gguf_logits(f16_files[family], ids, lora_path=str(tmp_path / "lora.gguf"))
-    merged = gguf_logits(Path(fused.gguf["path"]), ids)
-    base = gguf_logits(f16_files[family], ids)
-    assert np.abs(with_adapter - merged).max() < 0.01 * np.abs(merged).max() + 0.01
-    assert np.abs(base - merged).max() > 0.3  # the adapter does change the model
+    assert_adapter_equals_fused(f16_files[family], Path(fused.gguf["path"]), tmp_path / "lora.gguf", ids)
 
 
 def test_adapter_only_refuses_what_llama_cpp_cannot_express(tiny_models, tmp_path):

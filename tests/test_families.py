@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from mlx_lm.utils import _get_classes
 from gguf import quants as gguf_quants
-from test_export_gguf import export, gguf_logits, llama_cpp
+from test_export_gguf import bf16_and_mlx_logits, export, gguf_logits, llama_cpp, wide_model
 from test_fuse import make_run, mlx_logits
 
 from macft.cli import cli
@@ -26,7 +26,7 @@ from macft.export.pipeline import export_gguf
 from macft.export.quant_plan import SCHEMES
 from macft.families import FAMILIES, family_named, for_gguf_arch, for_model_type
 from macft.models.load import load_model
-from macft.models.random_init import build_random_model, family_config
+from macft.models.random_init import family_config
 
 EXPERTS = ("gate_proj", "up_proj", "down_proj")
 
@@ -90,19 +90,19 @@ def test_qwen3_moe_qlora_fuses_over_quantized_experts(tiny_models, tmp_path):
     assert type(model.layers[0].mlp.gate).__name__ == "QuantizedLinear"  # the router was not adapted: kept exactly
 
 
-def cli_lora_run(model_dir: Path, tmp_path: Path, method: str, *options: str) -> Path:
-    """A three-step `macft lora` run on a small counting task; returns its run directory."""
+def cli_lora_run(model_dir: Path, tmp_path: Path, method: str, *options: str, iters: int = 3) -> Path:
+    """An ``iters``-step `macft lora` run on a small counting task; returns its run directory."""
     data = tmp_path / "data"
     data.mkdir()
     rows = [{"prompt": f"Q: {i} plus one?", "completion": f" {i + 1}"} for i in range(12)]
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = CliRunner().invoke(
         cli,
-        ["lora", "--model", str(model_dir), "--data", str(data), "--method", method, "--iters", "3", "--batch-size", "4",
+        ["lora", "--model", str(model_dir), "--data", str(data), "--method", method, "--iters", str(iters), "--batch-size", "4",
          "--rank", "4", "--out-dir", str(tmp_path / "runs"), "--name", "run", "--json", "--set", "demo.count=0", *options],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())["steps"] == 3
+    assert json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())["steps"] == iters
     return tmp_path / "runs" / "run"
 
 
@@ -119,9 +119,7 @@ def test_qwen3_moe_trains_its_experts(tiny_models, tmp_path, method):
 @pytest.fixture(scope="module")
 def wide_moe(tmp_path_factory) -> tuple[Path, Path]:
     """A Qwen3-MoE with 256-wide rows (real K-quant blocks for attention and experts) and its F16 GGUF."""
-    root = tmp_path_factory.mktemp("wide-moe")
-    model_dir = build_random_model("qwen3_moe", root / "model", hidden=256)
-    return model_dir, export(model_dir, root / "f16.gguf", "f16")
+    return wide_model("qwen3_moe", tmp_path_factory.mktemp("wide-moe"))
 
 
 QUANTIZED = [q for q in SCHEMES if q not in ("f16", "bf16")]
@@ -161,11 +159,7 @@ def check_quantized_export(model_dir: Path, f16: Path, tmp_path: Path, quant: st
 
 
 def test_qwen3_moe_bf16_export_matches_mlx(wide_moe, tmp_path):
-    model_dir, _ = wide_moe
-    loaded = load_model(str(model_dir))
-    ids = loaded.tokenizer.encode("Q: What is the capital of France? A:")
-    reference = np.array(loaded.model(mx.array(ids)[None])[0])
-    ours = gguf_logits(export(model_dir, tmp_path / "bf16.gguf", "bf16"), ids)
+    ours, reference = bf16_and_mlx_logits(wide_moe[0], tmp_path / "bf16.gguf")
     assert np.abs(ours - reference).max() < 0.02 * np.abs(reference).max()
     assert (ours.argmax(-1) == reference.argmax(-1)).all()
 

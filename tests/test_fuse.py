@@ -22,13 +22,13 @@ TEXT = "The quick brown fox jumps over the lazy dog. SELECT name FROM users WHER
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def make_run(model_dir: Path, run_dir: Path, *, method: str = "lora", quantize_bits: int | None = None, seed: int = 1):
+def make_run(model_dir: Path, run_dir: Path, *, method: str = "lora", quantize_bits: int | None = None, seed: int = 1, targets=ALL_LINEAR):
     """A run directory as `macft lora` leaves it, with random (non-zero) trained weights.
 
     Returns the adapted model's logits on TEXT (the reference a fused model must reproduce)."""
     recipe = Recipe().replace(
         model={"path": str(model_dir), "quantize_bits": quantize_bits},
-        method={"name": method, "rank": 4, "alpha": 8.0, "target_modules": ALL_LINEAR, "num_virtual_tokens": 4},
+        method={"name": method, "rank": 4, "alpha": 8.0, "target_modules": targets, "num_virtual_tokens": 4},
     )
     loaded = load_model(str(model_dir), quantize_bits=quantize_bits, group_size=recipe.model.quantize_group_size)
     model = apply_method(loaded.model, recipe.method, loaded.tokenizer)

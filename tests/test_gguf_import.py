@@ -54,9 +54,9 @@ def write_gguf(model_dir: Path, out: Path, quant=lambda name, shape: Q.F32, arch
     """Write a tiny HF/MLX model directory as GGUF; ``quant(gguf_name, shape)`` picks each 2-D tensor's
     type; ``vocab`` replaces the model's own byte-level BPE vocabulary (see ``bpe_vocab``)."""
     config = json.loads((model_dir / "config.json").read_text())
-    family = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe", "gemma4_text": "gemma4"}.get(config["model_type"], config["model_type"])
+    family = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe", "gemma4_text": "gemma4", "qwen3_5": "qwen35"}.get(config["model_type"], config["model_type"])
     arch = arch or family
-    weights = {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(model_dir / "model.safetensors")).items()}
+    weights = {k.removeprefix("language_model."): np.array(v.astype(mx.float32)) for k, v in mx.load(str(model_dir / "model.safetensors")).items()}
     layers = config["num_hidden_layers"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim", config["hidden_size"] // heads)
@@ -77,8 +77,8 @@ def write_gguf(model_dir: Path, out: Path, quant=lambda name, shape: Q.F32, arch
     if family == "gemma4":  # the global layers' head size and RoPE base; the sliding layers' below
         rope_dims, rope_theta = config["global_head_dim"], config["rope_parameters"]["full_attention"]["rope_theta"]
     writer.add_rope_freq_base(rope_theta)
-    writer.add_rope_dimension_count(rope_dims)
-    if family in ("gemma3", "qwen3", "qwen3moe", "gemma4"):
+    writer.add_rope_dimension_count(int(rope_dims * (config["rope_parameters"]["partial_rotary_factor"] if family == "qwen35" else 1)))
+    if family in ("gemma3", "qwen3", "qwen3moe", "gemma4", "qwen35"):
         writer.add_key_length(rope_dims)
         writer.add_value_length(rope_dims)
     if "num_experts" in config:
@@ -102,6 +102,8 @@ def write_gguf(model_dir: Path, out: Path, quant=lambda name, shape: Q.F32, arch
         # proportional RoPE: the first pairs rotate, the rest are held still by a huge divisor
         rotated = int(rope_dims * config["rope_parameters"]["full_attention"]["partial_rotary_factor"]) // 2
         writer.add_tensor("rope_freqs.weight", np.array([1.0] * rotated + [1e30] * (rope_dims // 2 - rotated), dtype=np.float32))
+    if family == "qwen35":
+        add_qwen35_hparams(writer, config)
 
     vocab = vocab or bpe_vocab(model_dir, family)
     writer.add_tokenizer_model(vocab["model"])
@@ -125,6 +127,8 @@ def write_gguf(model_dir: Path, out: Path, quant=lambda name, shape: Q.F32, arch
 
     n_tokens = len(vocab["tokens"])
     for name, value in weights.items():
+        if family == "qwen35":
+            name, value = qwen35_tensor(name, value, config)
         if name in ("model.embed_tokens.weight", "lm_head.weight") and value.shape[0] != n_tokens:
             value = np.resize(value, (n_tokens, value.shape[1]))  # another vocabulary: reuse random rows
         # gguf-py knows HF's stacked expert names ("mlp.experts.up_proj"), not mlx-lm's "switch_mlp"
@@ -136,7 +140,7 @@ def write_gguf(model_dir: Path, out: Path, quant=lambda name, shape: Q.F32, arch
         if family == "llama" and (".q_proj." in name or ".k_proj." in name):
             n = heads if ".q_proj." in name else kv_heads
             value = value.reshape(n, 2, value.shape[0] // n // 2, *value.shape[1:]).swapaxes(1, 2).reshape(value.shape)
-        qtype = quant(target, value.shape) if value.ndim >= 2 else Q.F32
+        qtype = quant(target, value.shape) if value.ndim >= 2 and ".ssm_conv1d." not in target else Q.F32
         if qtype in (Q.F32, Q.F16):
             writer.add_tensor(target, np.ascontiguousarray(value, dtype=np.float32 if qtype == Q.F32 else np.float16))
         else:
@@ -146,6 +150,41 @@ def write_gguf(model_dir: Path, out: Path, quant=lambda name, shape: Q.F32, arch
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def add_qwen35_hparams(writer: gguf.GGUFWriter, config: dict) -> None:
+    """The keys convert_hf_to_gguf.py writes for Qwen3.5's linear-attention blocks and partial M-RoPE."""
+    writer.add_full_attention_interval(config["full_attention_interval"])
+    writer.add_rope_dimension_sections(config["rope_parameters"]["mrope_section"] + [0])
+    writer.add_ssm_conv_kernel(config["linear_conv_kernel_dim"])
+    writer.add_ssm_state_size(config["linear_key_head_dim"])
+    writer.add_ssm_group_count(config["linear_num_key_heads"])
+    writer.add_ssm_time_step_rank(config["linear_num_value_heads"])
+    writer.add_ssm_inner_size(config["linear_value_head_dim"] * config["linear_num_value_heads"])
+
+
+def qwen35_tensor(name: str, value: np.ndarray, config: dict) -> tuple[str, np.ndarray]:
+    """One Qwen3.5 tensor as convert_hf_to_gguf.py writes it: A = -exp(A_log), dt_bias as ssm_dt.bias,
+    the conv kernel 2-D, and value heads reordered from grouped by key head to tiled over key heads."""
+    n_k, n_v, dim = config["linear_num_key_heads"], config["linear_num_value_heads"], config["linear_value_head_dim"]
+    heads = [k * (n_v // n_k) + j for j in range(n_v // n_k) for k in range(n_k)]  # tiled slot -> grouped head
+    value_rows = lambda size: np.concatenate([np.arange(h * size, (h + 1) * size) for h in heads])  # noqa: E731
+    qk = 2 * n_k * config["linear_key_head_dim"]
+    if name.endswith(".A_log"):
+        value = -np.exp(value)
+    if name.endswith(".dt_bias"):
+        name = name.replace(".dt_bias", ".dt_proj.bias")
+    if ".conv1d." in name:
+        value = value[..., 0]
+    if ".in_proj_qkv." in name or ".conv1d." in name:
+        value = np.concatenate([value[:qk], value[qk:][value_rows(dim)]])
+    elif ".in_proj_z." in name:
+        value = value[value_rows(dim)]
+    elif any(part in name for part in (".in_proj_a.", ".in_proj_b.", ".A_log", ".dt_proj.")):
+        value = value[value_rows(1)]
+    elif ".linear_attn.out_proj." in name:
+        value = value[:, value_rows(dim)]
+    return name, value
 
 
 def bpe_vocab(model_dir: Path, family: str) -> dict:
@@ -161,8 +200,8 @@ def bpe_vocab(model_dir: Path, family: str) -> dict:
     template = template_file.read_text() if template_file.exists() else json.loads((model_dir / "tokenizer_config.json").read_text())["chat_template"]
     return {
         "model": "gpt2",
-        # transformers loads a qwen2 model directory with Qwen2's own pre-tokenizer, whatever tokenizer.json says
-        "pre": "qwen2" if family == "qwen2" else "gpt-2",
+        # transformers loads a qwen2 (qwen3_5) model directory with Qwen2's (Qwen3.5's) own pre-tokenizer, whatever tokenizer.json says
+        "pre": {"qwen2": "qwen2", "qwen35": "qwen35"}.get(family, "gpt-2"),
         "tokens": tokens,
         "types": [3 if t in special else 1 for t in tokens],
         "merges": [m if isinstance(m, str) else " ".join(m) for m in merges],
@@ -306,26 +345,35 @@ def test_quantized_import_is_exact(family_model_dir, gguf_files):
     family = family_model_dir.name
     path = gguf_files[family]["mixed"]
     report = import_gguf_report(path)
-    assert report.summary["exact"] and not set(report.summary["float"]) - {"F32"}
     model, tokenizer = load(str(report.path))
     config = json.loads((report.path / "config.json").read_text())
     gguf_file = read_gguf(path)
     # every quantized layer holds exactly gguf-py's dequantization of the file's tensor
     params = dict(tree_flatten(model.parameters()))
-    n_checked = 0
+    n_checked, n_float = 0, 0
     for name, info in gguf_file.tensors.items():
         if info.qtype == Q.F32:
             continue
         module = _hf_module(family, name, params)
+        expected = gguf.quants.dequantize(gguf_file.rows(name), info.qtype)
+        if not FAMILIES[family].keeps_blocks(f"{module}.weight", config):  # its columns move: float, same values
+            got = np.array(params[f"{module}.weight"])
+            assert config["quantization"][module] is False
+            np.testing.assert_array_equal(qwen35_tensor(f"{module}.weight", got, config)[1], expected)
+            n_float += 1
+            continue
         assert config["quantization"][module]["bits"] == EXACT_BITS[info.qtype]
         got = np.array(mx.dequantize(params[f"{module}.weight"], params[f"{module}.scales"], params[f"{module}.biases"], group_size=32, bits=EXACT_BITS[info.qtype]))
-        expected = gguf.quants.dequantize(gguf_file.rows(name), info.qtype).reshape(got.shape)  # 3-D: experts
+        expected = expected.reshape(got.shape)  # 3-D: experts
         if family == "llama" and name.split(".")[-2] in ("attn_q", "attn_k"):
             n = config["num_attention_heads"] if "attn_q" in name else config["num_key_value_heads"]
             got = got.reshape(n, 2, got.shape[0] // n // 2, -1).swapaxes(1, 2).reshape(got.shape)
+        if family == "qwen3_5":
+            got = qwen35_tensor(f"{module}.weight", got, config)[1]
         np.testing.assert_array_equal(got, expected)
         n_checked += 1
-    assert n_checked == sum(report.summary["exact"].values())
+    assert n_checked == sum(report.summary["exact"].values()) > 0
+    assert n_float == sum(report.summary["float"].values()) - report.summary["float"].get("F32", 0)
     # the all-float import of the same file computes the same function
     float_model, _ = load(str(import_gguf(path, dequantize=True)))
     ids = tokenizer.encode(SAMPLE_TEXTS[2])
@@ -354,15 +402,17 @@ def test_half_precision_tensors_keep_their_values(tiny_models, tmp_path):
 def _hf_module(family: str, gguf_name: str, params: dict) -> str:
     """The mlx-lm module path whose GGUF name (by gguf-py's own map) is ``gguf_name``."""
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == FAMILIES[family].gguf_arch)
-    layers = 1 + max(int(k.split(".")[2]) for k in params if k.startswith("model.layers."))
+    prefix = FAMILIES[family].weights_prefix  # mlx-lm's qwen3_5 nests the decoder under language_model.
+    layers = 1 + max(int(k.removeprefix(prefix).split(".")[2]) for k in params if k.startswith(f"{prefix}model.layers."))
     names = gguf.get_tensor_name_map(arch, layers)
     modules = {k.rsplit(".", 1)[0] for k in params}
     stem = gguf_name.rsplit(".", 1)[0] + ".weight"
-    return next(m for m in modules if names.get_name(m.replace(".switch_mlp.", ".experts.") + ".weight", try_suffixes=(".weight",)) == stem)
+    hf = lambda m: m.removeprefix(prefix).replace(".switch_mlp.", ".experts.") + ".weight"  # noqa: E731
+    return next(m for m in modules if names.get_name(hf(m), try_suffixes=(".weight",)) == stem)
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3", "qwen3_moe", "qwen3_5"])
 def test_tiny_models_agree_with_llama_cpp(family, gguf_files):
     path = gguf_files[family]["f32"]
     loaded = load_model(str(path))  # macft's loader: transformers alone would NFC-normalize qwen2 text

@@ -42,7 +42,7 @@ def method(name: str, **options) -> MethodConfig:
 
 
 def skip_refused(loaded, name: str) -> None:
-    """Families whose blocks these methods cannot wrap refuse them (tests/test_family_gemma4.py checks how)."""
+    """Families whose blocks these methods cannot wrap refuse them (test_family_gemma4.py, test_qwen3_5.py check how)."""
     if name in lookup(loaded.config["model_type"]).refused_methods:
         pytest.skip(f"{loaded.family} refuses {name}")
 

@@ -41,7 +41,7 @@ def numpy_loss(logits: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> flo
     return float(((lse - picked) * mask).sum() / mask.sum())
 
 
-@pytest.mark.parametrize("family,bits", [("llama", None), ("qwen3", None), ("gemma3", None), ("llama", 4)])
+@pytest.mark.parametrize("family,bits", [("llama", None), ("qwen3", None), ("gemma3", None), ("qwen3_5", None), ("llama", 4)])
 def test_chunked_loss_matches_numpy_and_full_logits(tiny_models, family, bits):
     """A frozen head (plain, tied or quantized) through the chunks with the custom backward."""
     mx.random.seed(0)

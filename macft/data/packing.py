@@ -17,6 +17,13 @@ from typing import Any
 
 import mlx.core as mx
 
+from macft.errors import MacftError
+
+
+def has_recurrent_blocks(model: Any) -> bool:
+    """Whether some blocks keep a recurrent state (Qwen3.5's linear attention) instead of attending over a KV cache."""
+    return any(not hasattr(layer, "self_attn") for layer in model.layers)
+
 
 def pack_rows(lengths: list[int], capacity: int, order: list[int]) -> list[list[int]]:
     """Group example indices into rows holding at most ``capacity`` positions each.
@@ -82,5 +89,7 @@ def packing_cache(model: Any, segment_ids: mx.array | None) -> list[PackedSegmen
     (the model's own causal mask) when the batch is not packed."""
     if segment_ids is None:
         return None
+    if has_recurrent_blocks(model):
+        raise MacftError("This model's linear-attention blocks carry their state from one packed example into the next; set data.packing: false.")
     shared = PackedSegments(segment_ids)
     return [shared] * len(model.layers)

@@ -23,6 +23,7 @@ import numpy as np
 from macft.errors import MacftError
 from macft.export import families
 from macft.export.fuse import read_adapter_config
+from macft.families.base import text_config
 from macft.outputs import GGUF_COMMAND_KEY
 from macft.paths import atomic_path
 
@@ -44,8 +45,8 @@ class AdapterGGUFResult:
         return {**self.__dict__, "path": str(self.path)}
 
 
-def check_exportable(adapter_cfg: dict, weight_names: list[str]) -> None:
-    """Raise with a one-line reason when llama.cpp has no form for this adapter."""
+def check_exportable(adapter_cfg: dict, weight_names: list[str], prefix: str = "") -> None:
+    """Raise with a one-line reason when llama.cpp has no form for this adapter (``prefix``: the family's weights_prefix)."""
     method = adapter_cfg.get("method")
     if method == "dora":
         raise MacftError(f"llama.cpp's LoRA adapters have no place for DoRA's magnitude vectors; {ALTERNATIVE}.")
@@ -56,7 +57,7 @@ def check_exportable(adapter_cfg: dict, weight_names: list[str]) -> None:
             f"llama.cpp has no form for a '{method}' adapter, neither as an adapter file nor merged into the weights; "
             "use the run directory with `macft chat`, `generate` or `eval --adapter RUN`, or train with --method lora to export."
         )
-    heads = [n for n in weight_names if n.startswith(("lm_head.", "model.embed_tokens."))]
+    heads = [n for n in weight_names if n.removeprefix(prefix).startswith(("lm_head.", "model.embed_tokens."))]
     if heads:
         raise MacftError(f"The adapter changes the embedding/output head ('{heads[0]}'), which llama.cpp adapters cannot carry; {ALTERNATIVE}.")
 
@@ -69,7 +70,7 @@ def base_config(adapter_cfg: dict) -> dict:
     model_dir, _ = resolve_model_dir(base.get("source") or base["path"])
     config = json.loads((Path(model_dir) / "config.json").read_text())
     model_family(config)  # refuses unsupported model types with a clear message
-    return config
+    return text_config(config)
 
 
 def write_adapter_gguf(run_dir: str | Path, out: Path) -> AdapterGGUFResult:
@@ -83,9 +84,9 @@ def write_adapter_gguf(run_dir: str | Path, out: Path) -> AdapterGGUFResult:
     adapter_cfg = read_adapter_config(run_dir)
     weights_file, _ = adapter_files(run_dir)
     weights = {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(weights_file)).items()}
-    check_exportable(adapter_cfg, list(weights))
     config = base_config(adapter_cfg)
     family = model_family(config)
+    check_exportable(adapter_cfg, list(weights), families.export_family(family).weights_prefix)
     arch = families.gguf_arch(family)
     name_map = families.tensor_name_map(config, family)
     rank = int(adapter_cfg["rank"])
@@ -104,7 +105,7 @@ def write_adapter_gguf(run_dir: str | Path, out: Path) -> AdapterGGUFResult:
             record = families.export_family(family)
             target = families.gguf_name(record.export_name(f"{prefix}.weight"), name_map)
             # (r, in) and (out, r), per expert for a mixture-of-experts stack
-            lora_a = weights[f"{prefix}.lora_a"].swapaxes(-1, -2)
+            lora_a = record.export_columns(f"{prefix}.", weights[f"{prefix}.lora_a"].swapaxes(-1, -2), config)
             lora_b = weights[f"{prefix}.lora_b"].swapaxes(-1, -2)
             lora_b = record.export_rows(f"{prefix}.", lora_b, config)
             writer.add_tensor(f"{target}.lora_a", np.ascontiguousarray(lora_a, dtype=np.float32))

@@ -97,6 +97,6 @@ def gguf_tensors(weights: dict[str, np.ndarray], config: dict, family: str) -> I
         if name.endswith("rotary_emb.inv_freq"):
             continue  # recomputed by llama.cpp
         value = np.asarray(value, dtype=np.float32)
-        value = record.export_float(name, record.export_rows(name, value, config))
+        value = record.export_float(name, record.export_columns(name, record.export_rows(name, value, config), config))
         yield gguf_name(record.export_name(name), name_map), value
     yield from record.export_tensors(config)

@@ -114,7 +114,8 @@ def gguf_weights(path: Path) -> dict:
     for name, info in gguf.tensors.items():
         hf = hf_name(family, name)
         if hf:
-            values = family.import_float(hf, family.import_rows(hf, to_float(gguf.rows(name), info.qtype, info.shape), config))
+            values = to_float(gguf.rows(name), info.qtype, info.shape)
+            values = family.import_float(hf, family.import_columns(hf, family.import_rows(hf, values, config), config))
             weights[hf] = mx.array(np.ascontiguousarray(values, dtype=np.float32))
     return weights
 

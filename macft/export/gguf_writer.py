@@ -27,6 +27,7 @@ from gguf import GGMLQuantizationType as Q
 from macft.errors import MacftError
 from macft.export import families, kquants, tokenizer_meta
 from macft.export.quant_plan import EXTRA_BYTES, SCHEMES, PlanTensor, guided_types, sample_rows, tensor_bytes, tensor_type
+from macft.families.base import text_config
 from macft.outputs import GGUF_COMMAND_KEY
 from macft.paths import atomic_path
 
@@ -91,11 +92,13 @@ def write_gguf(
         raise MacftError(f"Unknown GGUF quantization '{quant}'; choose from {', '.join(SCHEMES)}.")
     scheme = SCHEMES[quant]
     start = time.time()
+    config = text_config(config)  # HF Qwen3.5 (and Gemma 3) nest the decoder's keys
     arch = families.gguf_arch(family)
     weights = float_weights(model)
-    tied = "lm_head.weight" not in weights
+    prefix = families.export_family(family).weights_prefix
+    tied = f"{prefix}lm_head.weight" not in weights
     n_layers = int(config["num_hidden_layers"])
-    vocab_size = int(weights["model.embed_tokens.weight"].shape[0])
+    vocab_size = int(weights[f"{prefix}model.embed_tokens.weight"].shape[0])
     out = Path(out)
     types: Counter[str] = Counter()
     with atomic_path(out) as tmp, closing(gguf.GGUFWriter(str(tmp), arch)) as writer:  # closed on a failed write too
@@ -111,7 +114,7 @@ def write_gguf(
         else:
             tokenizer_meta.add_tokenizer(writer, tokenizer_dir, vocab_size=vocab_size, family=family)
         tensors = dict(families.gguf_tensors(weights, config, family))
-        v_layers = sum(n.endswith(".attn_v.weight") for n in tensors)
+        v_layers = sum(n.endswith((".attn_v.weight", ".attn_qkv.weight")) for n in tensors)  # llama-quantize's attn_v-like
         plain = {n: tensor_type(n, a.shape, scheme, n_layers, tied, v_layers) for n, a in tensors.items()}
         chosen, importance, guided = plain, {}, None
         if guide is not None and scheme.base not in (Q.F16, Q.BF16):

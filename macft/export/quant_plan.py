@@ -9,7 +9,8 @@ The rules follow ``llama-quantize`` without an importance matrix:
 * the output projection, or the token embedding when it is tied to the output, goes to Q6_K
   (Q8_0 stays Q8_0), and so does Gemma's per-layer token embedding;
 * Q4_K_M / Q5_K_M put attn_v and ffn_down (ffn_down_exps of MoE models too) at Q6_K in the first and last eighth of the layers
-  and every third layer between; a fused attn_qkv gets Q5_K / Q6_K;
+  and every third layer between; a fused attn_qkv (Phi-3, Qwen3.5's linear attention) counts as attn_v, as
+  llama-quantize's "attention-v-like" category does (every block holds one of the two);
 * a row length that is not a multiple of the type's block falls back: Q4_K -> Q5_0, Q5_K -> Q5_1,
   Q6_K -> Q8_0, and to F16 when even 32 does not divide it.
 
@@ -32,13 +33,11 @@ class Scheme:
     name: str
     file_type: LlamaFileType
     base: Q
-    mixture: bool = False  # the _M rules for attn_v / ffn_down / attn_qkv
+    mixture: bool = False  # the _M rules for attn_v (and attn_qkv) / ffn_down
     # Exports of a run use the importance matrix and the delta-aware plan by default: measured on the
     # quickstart, they keep what Q4_K_M and Q5_K_M lose (7-15x the F16 loss plain), while Q6_K and Q8_0
     # plain are already at the F16 export's loss and guidance only adds bytes and time.
     guided: bool = False
-
-
 
 
 SCHEMES = {
@@ -63,10 +62,10 @@ def more_bits(layer: int, n_layers: int) -> bool:
 def tensor_type(name: str, shape: tuple[int, ...], scheme: Scheme, n_layers: int, tied: bool, v_layers: int | None = None) -> Q:
     """The GGUF type of tensor ``name`` whose numpy shape is ``shape`` (rows, row length).
 
-    ``v_layers``: how many (first) layers have an attn_v, when not all do (Gemma 4's k/v-sharing
-    layers have none): llama-quantize spreads the extra bits over the attn_v tensors there are."""
-    if len(shape) < 2 or ".ffn_gate_inp." in name:
-        return Q.F32  # an MoE router stays F32, as convert_hf_to_gguf and llama-quantize keep it
+    ``v_layers``: how many (first) layers have an attn_v or attn_qkv, when not all do (Gemma 4's
+    k/v-sharing layers have none): llama-quantize spreads the extra bits over the ones there are."""
+    if len(shape) < 2 or ".ffn_gate_inp." in name or ".ssm_conv1d." in name:
+        return Q.F32  # an MoE router and a recurrent block's conv kernel stay F32, as convert_hf_to_gguf and llama-quantize keep them
     if scheme.base in (Q.F16, Q.BF16):
         return scheme.base
     if name == "per_layer_model_proj.weight":
@@ -75,12 +74,10 @@ def tensor_type(name: str, shape: tuple[int, ...], scheme: Scheme, n_layers: int
     layer = _LAYER.match(name)
     if name in ("output.weight", "per_layer_token_embd.weight") or (tied and name == "token_embd.weight"):
         chosen = Q.Q8_0 if scheme.base == Q.Q8_0 else Q.Q6_K
-    elif scheme.mixture and layer and (".attn_v." in name or ".ffn_down" in name):  # ffn_down_exps too
-        counted = (v_layers or n_layers) if ".attn_v." in name else n_layers
+    elif scheme.mixture and layer and (".attn_v." in name or ".attn_qkv." in name or ".ffn_down" in name):  # ffn_down_exps too
+        counted = (v_layers or n_layers) if ".ffn_down" not in name else n_layers
         if more_bits(int(layer.group(1)), counted):
             chosen = Q.Q6_K
-    elif scheme.mixture and ".attn_qkv." in name:
-        chosen = Q.Q5_K if scheme.base == Q.Q4_K else Q.Q6_K
     row = shape[-1]
     if row % GGML_QUANT_SIZES[chosen][0]:
         chosen = FALLBACK.get(chosen, chosen)

@@ -60,6 +60,8 @@ _TAIL = "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 KNOWN_SPLITS = {
     (_CONTRACTIONS + "\\p{N}{1,3}" + _TAIL, True): "llama-bpe",
     (_CONTRACTIONS + "\\p{N}" + _TAIL, False): "qwen2",
+    # Qwen3.5: combining marks stay with their letters
+    ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?[\\p{L}\\p{M}]+|\\p{N}| ?[^\\s\\p{L}\\p{M}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+", False): "qwen35",
 }
 
 

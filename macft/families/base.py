@@ -108,6 +108,8 @@ class Family:
     config_tensors: tuple[str, ...] = ()  # GGUF tensors import consumes as configuration
     rope_kinds_as_tensors: tuple[str, ...] = ()  # rope_scaling kinds that travel as export_tensors
     layer_names: Mapping[str, str] = field(default_factory=lambda: dict(LAYER_NAMES))
+    # mlx-lm's parameter names start with this where its Model wraps the decoder ("language_model.")
+    weights_prefix: str = ""
     # GGUF name -> mlx-lm name of tensors outside the blocks, beyond token_embd, output_norm and output
     global_names: Mapping[str, str] = field(default_factory=dict)
     # mlx-lm name part -> the HF name part gguf-py's tensor map knows (export; import undoes them)
@@ -127,6 +129,8 @@ class Family:
     # Memory planner: values kept per token and layer beyond the common decoder block's
     saved_extra_hidden: int = 0
     saved_extra_intermediate: int = 0
+    # Training: this family's linear layers (leaf name) adapted when any of the named common ones is targeted
+    lora_aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ transform pairs
 
@@ -150,8 +154,21 @@ class Family:
             return n_kv_heads(config)
         return None
 
+    def export_columns(self, name: str, columns: np.ndarray, config: dict) -> np.ndarray:
+        """HF -> llama.cpp order of a weight's input features (the last axis; LoRA A's columns follow)."""
+        return columns
+
+    def import_columns(self, name: str, columns: np.ndarray, config: dict) -> np.ndarray:
+        """The inverse of ``export_columns``, on floats."""
+        return columns
+
+    def keeps_blocks(self, name: str, config: dict) -> bool:
+        """Whether import may keep this tensor's quantized blocks: not when ``import_columns`` moves its columns."""
+        return True
+
     def export_name(self, name: str) -> str:
         """The HF name gguf-py maps to a GGUF name, for an mlx-lm parameter name."""
+        name = name.removeprefix(self.weights_prefix)
         for part, hf in self.export_renames.items():
             name = name.replace(part, hf)
         return name
@@ -160,7 +177,7 @@ class Family:
         """The inverse of ``export_name``, for the mlx-lm name GGUF import derives from a GGUF name."""
         for part, hf in self.export_renames.items():
             name = name.replace(hf, part)
-        return name
+        return self.weights_prefix + name
 
     def export_float(self, name: str, values: np.ndarray) -> np.ndarray:
         if self.norm_offset and "norm." in name:
@@ -183,6 +200,12 @@ def unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     """The inverse of ``permute_rows``."""
     shape = rows.shape
     return rows.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def text_config(config: dict) -> dict:
+    """config.json with a multimodal wrapper's nested decoder keys (``text_config``) brought to the top."""
+    nested = config.get("text_config")
+    return {**config, **nested} if isinstance(nested, dict) else config
 
 
 def head_dim(config: dict) -> int:

@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from macft.config import MethodConfig, Recipe
 from macft.errors import MacftError
-from macft.families import lookup
+from macft.families import FAMILIES, lookup
 from macft.method_registry import method_spec
 from macft.methods.bottleneck import apply_adapters
 from macft.methods.expert_lora import EXPERT_LAYERS, expert_layer_class
@@ -45,6 +45,7 @@ CONFIG_FILE = "adapter_config.json"
 ALL_LINEAR = "all-linear"
 # Fused projections some families use, adapted when any of their parts is targeted.
 FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+FUSED_PROJECTIONS |= {leaf: names for family in FAMILIES.values() for leaf, names in family.lora_aliases.items()}
 
 
 def apply_lora(model: nn.Module, cfg: MethodConfig, tokenizer=None) -> nn.Module:

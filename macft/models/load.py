@@ -231,10 +231,11 @@ def cast_floats(model, dtype) -> None:
     for name, module in model.named_modules():
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             quantized_params.update(f"{name}.{k}" if name else k for k in ("weight", "scales", "biases"))
+    keeps = getattr(model, "cast_predicate", None) or (lambda name: True)  # mlx-lm's: False keeps float32 (A_log)
     updates = [
         (k, v.astype(dtype))
         for k, v in tree_flatten(model.parameters())
-        if k not in quantized_params and mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype
+        if k not in quantized_params and mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype and keeps(k)
     ]
     if updates:
         model.update(tree_unflatten(updates))

@@ -68,6 +68,8 @@ def body_and_head(model: nn.Module) -> tuple[Callable[[mx.array, Any], mx.array]
     """(body(inputs, cache) -> hidden states, output head module), or None when not exposed."""
     if hasattr(model, "body_and_head"):
         return model.body_and_head()
+    if isinstance(model, dict) and "model" not in model and isinstance(model.get("language_model"), nn.Module):
+        model = model["language_model"]  # mlx-lm's multimodal wrappers (qwen3_5) hold the text model here
     body = model.get("model") if isinstance(model, dict) else None
     if body is None:
         return None

@@ -48,7 +48,7 @@ def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_f
             continue
         rows = gguf.rows(name)
         packed = None
-        if not dequantize and len(info.shape) in (2, 3) and hf.endswith(".weight"):  # 3-D: stacked experts
+        if not dequantize and len(info.shape) in (2, 3) and hf.endswith(".weight") and family.keeps_blocks(hf, config):  # 3-D: stacked experts
             packed = quantize_exact(family.import_rows(hf, rows, config), info.qtype)
         module = hf.removesuffix(".weight")
         if packed is not None:
@@ -59,7 +59,7 @@ def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_f
             per_module[module] = {"group_size": GROUP_SIZE, "bits": packed.bits}
             exact[info.qtype.name] += 1
             continue
-        values = family.import_float(hf, family.import_rows(hf, to_float(rows, info.qtype, info.shape), config))
+        values = family.import_float(hf, family.import_columns(hf, family.import_rows(hf, to_float(rows, info.qtype, info.shape), config), config))
         array = mx.array(np.ascontiguousarray(values))
         if len(info.shape) in (2, 3) and hf.endswith(".weight"):
             per_module[module] = False
@@ -99,7 +99,7 @@ def check_names(family: Family, config: dict, weights: dict) -> None:
     model = model_class(args_class.from_dict(config))  # parameters stay lazy: nothing is allocated
     expected = {name for name, _ in tree_flatten(model.parameters())}
     if config.get("tie_word_embeddings"):
-        expected.discard("lm_head.weight")
+        expected.discard(f"{family.weights_prefix}lm_head.weight")
     got = {name for name in weights if not name.endswith((".scales", ".biases"))}
     if missing := sorted(expected - got):
         raise MacftError(f"This {family.gguf_arch} GGUF lacks '{missing[0]}' (and {len(missing) - 1} more) that mlx-lm's {config['model_type']} needs.")

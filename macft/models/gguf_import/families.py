@@ -30,6 +30,9 @@ def hf_name(family: Family, name: str) -> str:
     global_names = {**_GLOBAL, **family.global_names}
     if stem in global_names and suffix in ("weight", "bias"):
         return family.import_name(f"{global_names[stem]}.{suffix}")
+    layer, _, tail = name.removeprefix("blk.").partition(".")
+    if name.startswith("blk.") and layer.isdigit() and tail in family.layer_names:  # a whole tensor name ("ssm_a")
+        return family.import_name(f"model.layers.{layer}.{family.layer_names[tail]}")
     match = _BLOCK.match(name)
     if match and match.group(2) in family.layer_names:
         layer, part, suffix = match.groups()
