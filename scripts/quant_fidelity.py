@@ -8,7 +8,10 @@ and compared with the fused float model (MLX) at the completion tokens: completi
 top-1 agreement with the float model, and examples whose every completion token is top-1. "plain"
 is llama-quantize's types and rounding (``--plain``); "guided" uses the run's importance matrix and
 delta-aware types (the default of ``macft export gguf --adapter``). Also scored: the untrained base
-exported to F16. Results go to ``scripts/results/quant-fidelity-<name>.json``.
+exported to F16. Results go to ``scripts/results/quant-fidelity-<name>.json``; ``--table FILE`` prints
+one as the README's markdown table.
+
+    python scripts/quant_fidelity.py --table scripts/results/quant-fidelity-quickstart.json
 Quality numbers only: the export times in the file are wall clock on whatever machine ran it.
 """
 
@@ -58,13 +61,19 @@ def summary(reference: Positions, exported: Positions) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, type=Path)
-    parser.add_argument("--name", required=True)
+    parser.add_argument("--run", type=Path)
+    parser.add_argument("--name")
     parser.add_argument("--completion-after", default=None, help="split text records here (WikiSQL: 'A:')")
     parser.add_argument("--examples", type=int, default=0, help="validation examples (0: all)")
     parser.add_argument("--only", nargs="*", default=None, help="e.g. q4_k_m:guided f16:plain")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--table", type=Path, default=None, help="print this results file as a markdown table and stop")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return
+    if not args.run or not args.name:
+        parser.error("--run and --name are needed to measure")
     run = args.run
     results_file = args.out or Path(__file__).parent / "results" / f"quant-fidelity-{args.name}.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {"rows": {}}
@@ -94,6 +103,32 @@ def main() -> None:
         results_file.parent.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(results, indent=2))
         out.unlink()
+
+
+TABLE_ORDER = ["f16:plain", "q8_0:plain", "q8_0:guided", "q6_k:plain", "q6_k:guided", "q5_k_m:plain", "q5_k_m:guided", "q4_k_m:plain", "q4_k_m:guided-budget12", "q4_k_m:guided", "base:f16"]
+
+
+def markdown_table(results: dict) -> str:
+    """File size, size against plain Q4_K_M, completion loss (and x F16's), top-1 agreement, exact answers."""
+    rows = results["rows"]
+    plain_q4 = rows["q4_k_m:plain"]["size_bytes"]
+    f16_loss = rows["f16:plain"]["export_loss"]
+    lines = [
+        "| export | file size | vs plain Q4_K_M | completion loss per token | × F16's | top-1 agreement with float | exact answers |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label in TABLE_ORDER:
+        if label not in rows:
+            continue
+        row = rows[label]
+        quant, kind = label.split(":")
+        kind = kind.replace("-budget12", " within 12% (before)")  # a row kept from the earlier budget
+        name = "base model, untrained (F16)" if quant == "base" else quant.upper() + ("" if quant == "f16" else f", {kind}")
+        lines.append(
+            f"| {name} | {row['size_bytes'] / 1e6:.1f} MB | {row['size_bytes'] / plain_q4:.3f}× | {row['export_loss']:.4f} "
+            f"| {row['export_loss'] / f16_loss:.2f} | {row['agreement']:.2%} | {row['export_exact']}/{results['examples']} |"
+        )
+    return "\n".join(lines)
 
 
 def export_base(run: Path, out: Path) -> dict:

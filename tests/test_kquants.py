@@ -18,6 +18,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 
+from macft.export import kquants
 from macft.export.kquants import quantize
 from macft.export.quant_plan import SCHEMES, tensor_type
 
@@ -176,3 +177,63 @@ def test_weighted_quantizer_checks_its_importance():
     with pytest.raises(ValueError, match="finite non-negative"):
         quantize(rows, Q.Q4_K, importance=-np.ones(256))
     np.testing.assert_array_equal(quantize(rows, Q.F16, importance=np.ones(256)), quantize(rows, Q.F16))
+
+
+
+# ---------------------------------------------------------------------------- the searches, written out plainly
+
+
+def direct_qx(x, nmax, w):
+    """ggml's ``make_qx_quants`` trial loop, keeping every better trial's levels as it goes."""
+    f32 = np.float32
+    peak = x[np.arange(len(x)), np.abs(x).argmax(axis=1)]
+    tiny = np.abs(peak) < f32(1e-15)
+    peak = np.where(tiny, f32(1), peak)
+    levels = scale = best = None
+    for step in [0, *range(-9, 0), *range(1, 10)]:
+        lv = np.clip(np.rint((-(f32(nmax) + f32(0.1) * f32(step)) / peak)[:, None] * x), -nmax, nmax - 1)
+        sumlx, suml2 = (w * lv * x).sum(axis=1), (w * lv * lv).sum(axis=1)
+        this_scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, f32(1)), f32(0))
+        better = np.ones(len(x), bool) if levels is None else (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        levels = lv if levels is None else np.where(better[:, None], lv, levels)
+        scale = this_scale if best is None else np.where(better, this_scale, scale)
+        best = np.where(better, scale * sumlx, best if best is not None else 0)
+    return np.where(tiny[:, None], 0, levels + nmax), np.where(tiny, f32(0), scale)
+
+
+def direct_qkx2(x, w, nmax, rmin, rdelta, nstep):
+    """ggml's ``make_qkx2_quants``: least-squares scale and min per trial, the origin moving with each gain."""
+    f32 = np.float32
+    lo, hi = np.minimum(x.min(axis=1), 0).astype(f32), x.max(axis=1)
+    flat = hi == lo
+    sum_w, sum_x = w.sum(axis=1), (w * x).sum(axis=1)
+    iscale = f32(nmax) / np.where(flat, f32(1), hi - lo)
+    scale = f32(1) / iscale
+    levels = np.clip(np.rint(iscale[:, None] * (x - lo[:, None])), 0, nmax)
+    best = (w * np.square(scale[:, None] * levels + lo[:, None] - x)).sum(axis=1)
+    for step in range(nstep + 1):
+        iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / np.where(flat, f32(1), hi - lo)
+        lv = np.clip(np.rint(iscale[:, None] * (x - lo[:, None])), 0, nmax)
+        sum_l, sum_l2, sum_xl = (w * lv).sum(axis=1), (w * lv * lv).sum(axis=1), (w * lv * x).sum(axis=1)
+        solvable, this_scale, this_min = kquants._scale_and_min(sum_w, sum_x, sum_l, sum_l2, sum_xl)
+        err = (w * np.square(this_scale[:, None] * lv + this_min[:, None] - x)).sum(axis=1)
+        better = solvable & (err < best)
+        levels = np.where(better[:, None], lv, levels)
+        best, scale, lo = np.where(better, err, best), np.where(better, this_scale, scale), np.where(better, this_min, lo)
+    return np.where(flat[:, None], 0, levels), np.where(flat, f32(0), scale), -lo
+
+
+def test_vectorised_searches_equal_the_plain_loops_bit_for_bit():
+    """The searches reuse buffers and recompute only the winning levels (for speed): the same
+    choices, the same bits, as the loops written out plainly."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((3000, 32)) * np.exp(2 * rng.standard_normal((3000, 1)))).astype(np.float32)
+    x[0], x[1], x[2] = 0, 0.25, 1e-20  # empty, flat, below epsilon
+    x[3, ::2] = 0
+    w = np.exp(rng.standard_normal(x.shape)).astype(np.float32)
+    for nmax, weights in ((128, w), (16, w), (32, x * x), (8, w)):
+        for mine, plain in zip(kquants._qx(x, nmax, w=weights), direct_qx(x, nmax, weights)):
+            np.testing.assert_array_equal(mine, plain)
+    for args in ((15, -1.0, 0.1, 20), (31, -0.5, 0.1, 15), (31, -0.9, 0.1, 18)):
+        for mine, plain in zip(kquants._qkx2(x, w, *args), direct_qkx2(x, w, *args)):
+            np.testing.assert_array_equal(mine, plain)

@@ -24,7 +24,7 @@ def export():
 @click.option("--lm-studio", is_flag=True, help="Write the GGUF into LM Studio's models folder (under macft/), where LM Studio lists it.")
 @click.option("--name", default=None, help="general.name stored in the file (default: the file name).")
 @click.option("--force", is_flag=True, help="Replace --out even when it is not an earlier macft export.")
-@click.option("--plain", is_flag=True, help="Quantize as llama-quantize does, without the run's importance matrix and delta-aware types.")
+@click.option("--plain/--guided", "plain", default=None, help="--plain: quantize as llama-quantize does; --guided: use the run's importance matrix and delta-aware types. Default: guided for q4_k_m, q5_k_m and q4_0, plain for the rest.")
 @click.option("--fidelity", "fidelity_examples", type=click.IntRange(min=0), default=16, show_default=True, help="Validation examples the fidelity report scores the file on (0: none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, lm_studio, name, force, plain, fidelity_examples, as_json):
@@ -38,8 +38,9 @@ def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, lm_studio, name,
       macft export gguf --adapter runs/quickstart --quant q4_k_m --lm-studio
       macft export gguf --adapter runs/quickstart --adapter-only --ollama
 
-    Exporting a run (--adapter) rounds every weight by the importance its training data gives it,
-    raises the tensors the fine-tune changed most within 12% more bytes, and ends with a fidelity
+    Exporting a run (--adapter) to q4_k_m, q5_k_m or q4_0 rounds every weight by the importance its training
+    data gives it and raises the tensors the fine-tune changed most within 15% more bytes (--guided
+    does this for the other types too, --plain turns it off). Every export of a run ends with a fidelity
     report: the file against the fused float model on the run's validation examples.
     """
     from macft.export.pipeline import export_gguf

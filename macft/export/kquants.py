@@ -52,23 +52,30 @@ def quantize(rows: np.ndarray, qtype: Q, importance: np.ndarray | None = None) -
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     if importance is not None and qtype in WEIGHTED:
         return _quantize_weighted(rows, qtype, _check_importance(importance, rows.shape[1]))
-    if qtype not in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+    if qtype in (Q.F32, Q.F16):
         return gguf_quants.quantize(rows, qtype)
     n_rows, n_cols = rows.shape
-    if n_cols % QK_K:
-        raise ValueError(f"{qtype.name} needs rows that are a multiple of {QK_K}, got {n_cols}")
-    encode = {Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k}[qtype]
+    block = GGML_QUANT_SIZES[qtype][0]
+    if n_cols % block:
+        raise ValueError(f"{qtype.name} needs rows that are a multiple of {block}, got {n_cols}")
+    encode = _ENCODE_PLAIN.get(qtype) or _gguf_type(qtype).quantize_rows
     step = max(1, _CHUNK_ELEMENTS // n_cols)
-    parts = [encode(rows[i : i + step].reshape(-1, QK_K)) for i in range(0, n_rows, step)]
+    parts = [encode(rows[i : i + step]) for i in range(0, n_rows, step)]
     return np.concatenate(parts).reshape(n_rows, -1)
 
 
 def weighted_error(rows: np.ndarray, packed: np.ndarray, qtype: Q, importance: np.ndarray) -> np.ndarray:
     """Per block of ``qtype``: sum over its weights of importance·(w − ŵ)², shape (rows, blocks per row)."""
     block = GGML_QUANT_SIZES[qtype][0]
-    restored = gguf_quants.dequantize(packed, qtype).reshape(rows.shape)
+    restored = _gguf_type(qtype).dequantize_rows(packed).reshape(rows.shape)
     err = np.square(restored - rows) * np.asarray(importance, dtype=np.float32)[None, :]
     return err.reshape(rows.shape[0], -1, block).sum(axis=2)
+
+
+def _gguf_type(qtype: Q):
+    """gguf-py's bit-exact codec of ``qtype``. Called on whole chunks: ``gguf.quants.quantize`` and
+    ``dequantize`` cut every array into groups of 16 rows, which costs more than the arithmetic."""
+    return getattr(gguf_quants, qtype.name)
 
 
 def _check_importance(importance: np.ndarray, n_cols: int) -> np.ndarray:
@@ -103,9 +110,9 @@ def _quantize_weighted(rows: np.ndarray, qtype: Q, importance: np.ndarray) -> np
 # ---------------------------------------------------------------------------- shared helpers
 
 
-def _nearest(values: np.ndarray) -> np.ndarray:
+def _nearest(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     # ggml rounds with the float "+ 1.5·2^23" trick: round half to even, as np.rint does.
-    return np.rint(values)
+    return np.rint(values, out=out)
 
 
 def _f16_bytes(values: np.ndarray) -> np.ndarray:
@@ -125,35 +132,55 @@ def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, n
     def span(low):
         return np.where(flat, f32(1), hi - low)
 
-    iscale = nmax_f / span(lo)
-    scale = f32(1) / iscale
-    levels = np.clip(_nearest(iscale[:, None] * (x - lo[:, None])), 0, nmax)
-    best = (w * np.square(scale[:, None] * levels + lo[:, None] - x)).sum(axis=1)
+    # As in ``_qx``: three reused buffers, and each row remembers only the trial it keeps.
+    trial, wl, prod = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+    best_iscale, best_origin = nmax_f / span(lo), lo
+    scale = f32(1) / best_iscale
+    _shifted_levels(x, best_origin, best_iscale, nmax, out=trial)
+    best = np.multiply(w, np.square(scale[:, None] * trial + lo[:, None] - x, out=prod), out=prod).sum(axis=1)
     for step in range(nstep + 1):
         # The search moves its origin with each improvement, as the reference does.
         iscale = (f32(rmin) + f32(rdelta) * f32(step) + nmax_f) / span(lo)
-        trial = np.clip(_nearest(iscale[:, None] * (x - lo[:, None])), 0, nmax)
-        wl = w * trial
+        _shifted_levels(x, lo, iscale, nmax, out=trial)
+        np.multiply(w, trial, out=wl)
         sum_l = wl.sum(axis=1)
-        sum_l2 = (wl * trial).sum(axis=1)
-        sum_xl = (wl * x).sum(axis=1)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        solvable = det > 0
-        det = np.where(solvable, det, f32(1))
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-        positive = this_min > 0
-        this_scale = np.where(positive, sum_xl / np.where(sum_l2 > 0, sum_l2, f32(1)), this_scale)
-        this_min = np.where(positive, f32(0), this_min)
-        err = (w * np.square(this_scale[:, None] * trial + this_min[:, None] - x)).sum(axis=1)
+        sum_l2 = np.multiply(wl, trial, out=prod).sum(axis=1)
+        sum_xl = np.multiply(wl, x, out=prod).sum(axis=1)
+        solvable, this_scale, this_min = _scale_and_min(sum_w, sum_x, sum_l, sum_l2, sum_xl)
+        np.multiply(this_scale[:, None], trial, out=prod)
+        np.subtract(np.add(prod, this_min[:, None], out=prod), x, out=prod)
+        err = np.multiply(w, np.square(prod, out=prod), out=prod).sum(axis=1)
         better = solvable & (err < best)
-        levels = np.where(better[:, None], trial, levels)
+        best_iscale = np.where(better, iscale, best_iscale)
+        best_origin = np.where(better, lo, best_origin)
         best = np.where(better, err, best)
         scale = np.where(better, this_scale, scale)
         lo = np.where(better, this_min, lo)
+    levels = _shifted_levels(x, best_origin, best_iscale, nmax, out=trial)
     levels = np.where(flat[:, None], 0, levels)
     scale = np.where(flat, f32(0), scale)
     return levels, scale.astype(f32), (-lo).astype(f32)
+
+
+def _scale_and_min(sum_w, sum_x, sum_l, sum_l2, sum_xl):
+    """The weighted least-squares scale and min of x ≈ scale·L + min from the sums over a block;
+    a positive min is dropped (the format stores min ≤ 0) and the scale refitted alone."""
+    f32 = np.float32
+    det = sum_w * sum_l2 - sum_l * sum_l
+    solvable = det > 0
+    det = np.where(solvable, det, f32(1))
+    scale = (sum_w * sum_xl - sum_x * sum_l) / det
+    low = (sum_l2 * sum_x - sum_l * sum_xl) / det
+    positive = low > 0
+    scale = np.where(positive, sum_xl / np.where(sum_l2 > 0, sum_l2, f32(1)), scale)
+    return solvable, scale, np.where(positive, f32(0), low)
+
+
+def _shifted_levels(x: np.ndarray, origin: np.ndarray, iscale: np.ndarray, nmax: int, out: np.ndarray) -> np.ndarray:
+    """clip(round(iscale·(x − origin)), 0, nmax) per row, in ``out``."""
+    np.subtract(x, origin[:, None], out=out)
+    np.multiply(iscale[:, None], out, out=out)
+    return np.clip(_nearest(out, out=out), 0, nmax, out=out)
 
 
 def _scale_min_k4(x: np.ndarray, nmax: int, rmin: float, nstep: int, importance: np.ndarray | None = None):
@@ -264,25 +291,38 @@ def _qx(x: np.ndarray, nmax: int, w: np.ndarray | None = None):
     tiny = np.abs(peak) < _EPS
     peak = np.where(tiny, f32(1), peak)
     w = x * x if w is None else w
+    # The trials reuse three buffers and remember only each row's best inverse scale: the search
+    # is memory-bound, and the levels of the winning trial are cheap to recompute once.
+    lv, wl, prod = np.empty_like(x), np.empty_like(x), np.empty_like(x)
 
     def trial(iscale):
-        lv = np.clip(_nearest(iscale[:, None] * x), -nmax, nmax - 1)
-        wl = w * lv
-        return lv, (wl * x).sum(axis=1), (wl * lv).sum(axis=1)
+        _levels(x, iscale, -nmax, nmax - 1, out=lv)
+        np.multiply(w, lv, out=wl)
+        sumlx = np.multiply(wl, x, out=prod).sum(axis=1)
+        return sumlx, np.multiply(wl, lv, out=prod).sum(axis=1)
 
-    levels, sumlx, suml2 = trial(-f32(nmax) / peak)
+    best_iscale = -f32(nmax) / peak
+    sumlx, suml2 = trial(best_iscale)
     scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, f32(1)), f32(0))
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        lv, sumlx, suml2 = trial(-(f32(nmax) + f32(0.1) * f32(step)) / peak)
+        iscale = -(f32(nmax) + f32(0.1) * f32(step)) / peak
+        sumlx, suml2 = trial(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        levels = np.where(better[:, None], lv, levels)
+        best_iscale = np.where(better, iscale, best_iscale)
         scale = np.where(better, sumlx / np.where(suml2 > 0, suml2, f32(1)), scale)
         best = np.where(better, scale * sumlx, best)
+    levels = _levels(x, best_iscale, -nmax, nmax - 1, out=lv)
     levels = np.where(tiny[:, None], 0, levels + nmax)
     return levels, np.where(tiny, f32(0), scale).astype(f32)
+
+
+def _levels(x: np.ndarray, iscale: np.ndarray, low: int, high: int, out: np.ndarray | None = None) -> np.ndarray:
+    """clip(round(iscale·x)) per row, in place in ``out`` when given."""
+    out = np.multiply(iscale[:, None], x, out=out)
+    return np.clip(_nearest(out, out=out), low, high, out=out)
 
 
 def _q6_k(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
@@ -364,11 +404,21 @@ def _q5_1_weighted(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
     return np.concatenate(packed, axis=1).reshape(rows.shape[0], -1)
 
 
+def _k_plain(encode):
+    def run(rows: np.ndarray) -> np.ndarray:
+        return encode(rows.reshape(-1, QK_K)).reshape(rows.shape[0], -1)
+
+    return run
+
+
 def _k_weighted(encode):
     def run(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
         return encode(rows.reshape(-1, QK_K), np.ascontiguousarray(importance).reshape(-1, QK_K)).reshape(rows.shape[0], -1)
 
     return run
+
+
+_ENCODE_PLAIN = {Q.Q4_K: _k_plain(_q4_k), Q.Q5_K: _k_plain(_q5_k), Q.Q6_K: _k_plain(_q6_k)}  # others: gguf-py
 
 
 _ENCODE_WEIGHTED = {

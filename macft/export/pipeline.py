@@ -6,9 +6,9 @@
     report = export_gguf(adapter="runs/quickstart", quant="q4_k_m", ollama="my-model")  # + `ollama create my-model`
     report = export_gguf(adapter="runs/quickstart", quant="q4_k_m", lm_studio=True)     # into LM Studio's models folder
 
-Exporting a run quantizes with what the run knows (its importance matrix, computed once into
-``RUN/imatrix.safetensors``, and how much the fine-tune changed each weight: ``guidance``; ``plain``
-turns this off) and ends with a fidelity report: the file scored against the fused float model on
+Exporting a run to Q4_K_M, Q5_K_M or Q4_0 quantizes with what the run knows (its importance matrix, computed
+once into ``RUN/imatrix.safetensors``, and how much the fine-tune changed each weight: ``guidance``;
+``plain=True`` turns this off, ``plain=False`` turns it on for the other types) and ends with a fidelity report: the file scored against the fused float model on
 a sample of the run's validation data (``fidelity``).
 """
 
@@ -54,14 +54,17 @@ def export_gguf(
     lm_studio: bool = False,
     name: str | None = None,
     force: bool = False,
-    plain: bool = False,
+    plain: bool | None = None,
     fidelity_examples: int = DEFAULT_EXAMPLES,
 ) -> ExportReport:
-    """``plain``: llama-quantize's types and rounding, ignoring the run's importance matrix and deltas;
+    """``plain``: True for llama-quantize's types and rounding, ignoring the run's importance matrix and
+    deltas; False for the guided export; None for the quant type's default (``Scheme.guided``: guided
+    for Q4_K_M, Q5_K_M and Q4_0, where it pays);
     ``fidelity_examples``: validation examples the fidelity report scores (0: no report).
     ``ollama``: True writes a Modelfile and the ``ollama create`` command to run; a model name also
     runs it when Ollama is installed. ``lm_studio`` writes the GGUF into LM Studio's models folder."""
     from macft.export.fuse import origin_gguf
+    from macft.export.quant_plan import SCHEMES
 
     if (model is None) == (adapter is None):
         raise MacftError("Pass exactly one of --model DIR or --adapter RUN.")
@@ -94,7 +97,8 @@ def export_gguf(
 
         snapshot: dict = {}
         loaded, _, _ = load_fused(adapter, dequantize=True, on_base=lambda base: snapshot.update(base_layers(base)))
-        if not plain and quant not in ("f16", "bf16"):
+        scheme = SCHEMES.get(quant)
+        if scheme is not None and quant not in ("f16", "bf16") and (scheme.guided if plain is None else not plain):
             try:
                 with phase("Importance matrix and fine-tune deltas"):
                     guide, note = _run_guide(Path(adapter), loaded, snapshot)
