@@ -392,16 +392,16 @@ def print_summary(summary: dict, references: list[str]) -> None:
     columns = [("tokens_per_second", "tok/s", "{:.1f}"), ("own_tokens_per_second", "own tok/s", "{:.1f}"),
                ("step_seconds", "step s", "{:.2f}"), ("first_step_seconds", "1st step s", "{:.1f}"),
                ("wall_seconds", "wall s", "{:.1f}"), ("mlx_peak_bytes", "MLX GiB", None), ("rss_peak_bytes", "RSS GiB", None)]
-    print(f"{'system':<14}{'runs':>5}" + "".join(f"{label:>22}" for _, label, _ in columns))
+    print(f"{'system':<14}{'runs':>5}" + "".join(f" {label:>24}" for _, label, _ in columns))
     for system, row in summary.items():
         cells = []
         for metric, _, fmt in columns:
             if metric not in row:
-                cells.append(f"{'-':>22}")
+                cells.append(f" {'-':>24}")
                 continue
             m = row[metric]
             show = (lambda v: gib(v)) if fmt is None else (lambda v, f=fmt: f.format(v))
-            cells.append(f"{show(m['median']) + ' (' + show(m['min']) + '-' + show(m['max']) + ')':>22}")
+            cells.append(f" {show(m['median']) + ' (' + show(m['min']) + '-' + show(m['max']) + ')':>24}")
         print(f"{system:<14}{row['runs']:>5}" + "".join(cells))
     print("  (median over rounds, min-max in brackets)")
     for system, row in summary.items():
