@@ -56,6 +56,7 @@ FAMILY = Family(
     export_hparams=export_hparams,
     config_tensors=(LONG_FACTORS, SHORT_FACTORS),
     layer_names={**LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+    lora_aliases={"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
     gated_mlps={"phi3.MLP": "silu"},
     chat_format=PHI3_TAGS,
 )

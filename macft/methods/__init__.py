@@ -28,7 +28,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from macft.config import MethodConfig, Recipe
 from macft.errors import MacftError
-from macft.families import FAMILIES, lookup
+from macft.families import lookup
+from macft.families.base import Family
 from macft.method_registry import method_spec
 from macft.methods.bottleneck import apply_adapters
 from macft.methods.expert_lora import EXPERT_LAYERS, expert_layer_class
@@ -43,9 +44,11 @@ from macft.paths import atomic_path
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 ALL_LINEAR = "all-linear"
-# Fused projections some families use, adapted when any of their parts is targeted.
-FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-FUSED_PROJECTIONS |= {leaf: names for family in FAMILIES.values() for leaf, names in family.lora_aliases.items()}
+
+
+def family_of(model: nn.Module) -> Family | None:
+    """The family record of an mlx-lm model (None for a model type macft has no record of)."""
+    return lookup(str(getattr(model, "model_type", "")))
 
 
 def apply_lora(model: nn.Module, cfg: MethodConfig, tokenizer=None) -> nn.Module:
@@ -53,6 +56,8 @@ def apply_lora(model: nn.Module, cfg: MethodConfig, tokenizer=None) -> nn.Module
     in LoRA (or DoRA when ``cfg.name == "dora"``) layers."""
     layer_class = DoRALinear if cfg.name == "dora" else LoRALinear
     targets = set(cfg.target_modules)
+    family = family_of(model)
+    aliases = family.lora_aliases if family is not None else {}  # fused or renamed projections
     model.freeze()
     blocks = model.layers if cfg.num_layers == -1 else model.layers[max(0, len(model.layers) - cfg.num_layers) :]
     seen: set[str] = set()
@@ -64,7 +69,7 @@ def apply_lora(model: nn.Module, cfg: MethodConfig, tokenizer=None) -> nn.Module
                 continue
             leaf = path.rsplit(".", 1)[-1]
             seen.add(leaf)
-            if ALL_LINEAR in targets or leaf in targets or targets & set(FUSED_PROJECTIONS.get(leaf, ())):
+            if ALL_LINEAR in targets or leaf in targets or targets & set(aliases.get(leaf, ())):
                 kind = expert_layer_class(cfg.name) if isinstance(module, EXPERT_LAYERS) else layer_class
                 swaps.append((path, kind.from_base(module, cfg.rank, cfg.alpha, cfg.dropout)))
         block.update_modules(tree_unflatten(swaps))
@@ -94,7 +99,7 @@ def apply_method(model: nn.Module, method_cfg: MethodConfig, tokenizer=None) -> 
     The returned module also trains lean: quantized layers multiply through dequantized weights
     where that is faster, and gated MLPs recompute their activation in the backward pass."""
     method_spec(method_cfg.name)  # an unknown name is a one-line error
-    family = lookup(str(getattr(model, "model_type", "")))
+    family = family_of(model)
     if family is not None and method_cfg.name in family.refused_methods:
         raise MacftError(f"The '{method_cfg.name}' method cannot train a {family.name} model: {family.refused_methods[method_cfg.name]}.")
     model = route_quantized_matmuls(APPLY[method_cfg.name](model, method_cfg, tokenizer))
