@@ -381,7 +381,7 @@ def fast_paths(model: nn.Module, result: TrainResult, chunk_size: int) -> list[s
     paths = [f"{backend.compute_dtype} compute", f"BLAS {backend.blas}"]
     paths.append("compiled step" if result.compiled else f"uncompiled step ({result.compile_note})")
     paths.append(describe_loss(model, chunk_size))
-    paths.append("memory limit held at each step's predicted peak")
+    paths.append("memory limit held a quarter above each step's predicted peak")
     recomputed = sum(isinstance(m, RecomputingMLP) for _, m in model.named_modules())
     if recomputed:
         paths.append(f"gated MLP activation recomputed in the backward pass ({recomputed} layers)")
