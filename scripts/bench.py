@@ -24,9 +24,13 @@ down) and of the output head in the forward pass; 2 per weight again in the back
 head and for the layers from the first adapted one on (the gradient with respect to the activations;
 the frozen weights need none, and the layers below the first adapter need no backward pass); 6 per
 LoRA weight. Attention scores (about 1% at these lengths), norms and elementwise work are left out.
-For Gemma 3 270M with 16 adapted layers that is about 1.05 GFLOP per token. The machine's float32
-matmul limit is MLX's measured GFLOP/s on a 2048 x 2048 product (macft.backend.matmul_gflops);
-the summary gives each system's achieved GFLOP/s (FLOPs per token x tokens/s) as a share of it.
+For Gemma 3 270M with 16 adapted layers that is about 1.06 GFLOP per token. Two matmul limits:
+MLX's measured GFLOP/s on a 2048 x 2048 float32 product (macft.backend.matmul_gflops), and the
+step's own: the tokens/s of a step that did only those products, each timed alone at the speed MLX
+multiplies that very shape with the runs' median trained tokens per step as its rows (a 262,144-wide
+head product and a 640 x 2048 layer map run at different speeds). The summary gives each system's
+achieved GFLOP/s (FLOPs per token x tokens/s) as a share of the first, and its tokens/s as a share
+of the second.
 
 The summary gives each metric's median and spread (min-max) over the rounds, and ratios of medians
 against each mlx_lm row. The machine is sampled during every run: the CPU time that processes
@@ -331,35 +335,74 @@ def step_metrics(steps: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def flops_per_token(model_dir: str | Path, adapted_layers: int, rank: int) -> dict:
-    """FLOPs of one trained token's training step, counted as the module docstring says."""
+def counted_products(model_dir: str | Path, adapted_layers: int, rank: int) -> list[tuple[str, int, int, int]]:
+    """The matrix products one trained token's training step must do, as the module docstring counts
+    them: (part, inner size, output size, times per step), each costing 2 x inner x output FLOPs."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
     q_out, kv_out = config["num_attention_heads"] * head_dim, config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
     shapes = [(hidden, q_out), (hidden, kv_out), (hidden, kv_out), (q_out, hidden)] + [(hidden, config["intermediate_size"])] * 2
     shapes.append((config["intermediate_size"], hidden))
-    per_layer = sum(a * b for a, b in shapes)
-    head = config["vocab_size"] * hidden
     adapted = min(adapted_layers, layers)
-    lora = adapted * sum(rank * (a + b) for a, b in shapes)
-    counts = {
-        "forward_layers": 2 * per_layer * layers,
-        "forward_head": 2 * head,
-        "backward_layers": 2 * per_layer * adapted,
-        "backward_head": 2 * head,
-        "lora": 6 * lora,
-    }
+    products = [("forward_head", hidden, config["vocab_size"], 1), ("backward_head", config["vocab_size"], hidden, 1)]
+    for a, b in shapes:
+        products += [("forward_layers", a, b, layers), ("backward_layers", b, a, adapted)]
+        # A LoRA pair's forward products; its backward pass does the same FLOPs twice more
+        # (the input's gradient and the adapter weights' gradients).
+        products += [("lora", a, rank, 3 * adapted), ("lora", rank, b, 3 * adapted)]
+    return products
+
+
+def flops_per_token(products: list[tuple[str, int, int, int]]) -> dict:
+    """FLOPs of one trained token's training step, by part and in total."""
+    counts: dict[str, int] = {}
+    for part, inner, out, times in products:
+        counts[part] = counts.get(part, 0) + 2 * inner * out * times
     return {**counts, "total": sum(counts.values())}
 
 
-def add_flop_shares(summary: dict, per_token: float, matmul_gflops: float) -> None:
-    """Each system's achieved GFLOP/s (median tokens/s x FLOPs per token) and its share of the matmul limit."""
+HEAD_BLOCK = 8192
+
+
+def matmul_bound_tokens_per_second(products: list[tuple[str, int, int, int]], tokens: int, seconds: float = 0.3) -> float:
+    """Trained tokens/s of a step that did nothing but its counted products, each at the speed MLX
+    multiplies that very shape (``tokens`` rows) on its own: the matmul limit for this step's FLOPs."""
+    import mlx.core as mx
+
+    step_seconds = 0.0
+    for inner, out in {(inner, out) for _, inner, out, _ in products}:
+        # The head's 262,144-wide products are timed in blocks of HEAD_BLOCK, as a loss that never
+        # holds the whole logits does them (one product would allocate hundreds of MB per call).
+        blocks = max(1, max(inner, out) // HEAD_BLOCK)
+        x = mx.random.normal((tokens, inner // blocks if inner > out else inner))
+        w = mx.random.normal((x.shape[1], out // blocks if out > inner else out))
+        mx.eval(x @ w)  # warm-up: first-touch pages
+        runs, start = 0, time.perf_counter()
+        while runs < 3 or time.perf_counter() - start < seconds:
+            mx.eval(x @ w)
+            runs += 1
+        each = blocks * (time.perf_counter() - start) / runs
+        step_seconds += each * sum(times for _, i, o, times in products if (i, o) == (inner, out))
+    return tokens / step_seconds
+
+
+def tokens_per_step(runs: list[dict]) -> int | None:
+    """The median trained tokens per step over every run (all systems train on the same batches)."""
+    counts = [s["tokens"] / s["step"] for r in runs for s in r["result"].get("steps", [])[-1:] if s.get("tokens")]
+    return round(statistics.median(counts)) if counts else None
+
+
+def add_flop_shares(summary: dict, per_token: float, matmul_gflops: float, bound_tokens_per_second: float | None) -> None:
+    """Each system's achieved GFLOP/s (median tokens/s x FLOPs per token), its share of the 2048^2
+    matmul limit, and its share of the matmul-bound tokens/s of the step's own products."""
     for row in summary.values():
         if "tokens_per_second" in row:
             achieved = row["tokens_per_second"]["median"] * per_token / 1e9
             row["achieved_gflops"] = achieved
             row["share_of_matmul_limit"] = achieved / matmul_gflops if matmul_gflops else None
+            if bound_tokens_per_second:
+                row["share_of_step_matmul_limit"] = row["tokens_per_second"]["median"] / bound_tokens_per_second
 
 
 # ----------------------------------------------------------------------------- rounds and summary
@@ -406,7 +449,9 @@ def print_summary(summary: dict, references: list[str]) -> None:
     print("  (median over rounds, min-max in brackets)")
     for system, row in summary.items():
         if row.get("share_of_matmul_limit") is not None:
-            print(f"  {system}: {row['achieved_gflops']:.1f} GFLOP/s counted, {row['share_of_matmul_limit']:.0%} of the float32 matmul limit")
+            step_share = row.get("share_of_step_matmul_limit")
+            print(f"  {system}: {row['achieved_gflops']:.1f} GFLOP/s counted, {row['share_of_matmul_limit']:.0%} of the 2048^2 float32 matmul limit"
+                  + (f", {step_share:.0%} of the step's own matmul limit" if step_share else ""))
     for reference in references:
         ref = summary.get(reference, {})
         for system, row in summary.items():
@@ -445,7 +490,8 @@ def run_all(args: argparse.Namespace, scratch: Path) -> dict:
 
     from macft.backend import matmul_gflops
 
-    flops = flops_per_token(models["float32"], args.layers, args.rank)
+    products = counted_products(models["float32"], args.layers, args.rank)
+    flops = flops_per_token(products)
     limit = matmul_gflops(2048, seconds=2.0)
     print(f"FLOPs per trained token {flops['total'] / 1e9:.3f} G (see the docstring); float32 matmul limit {limit:.1f} GFLOP/s", flush=True)
     before = busy_processes()
@@ -467,9 +513,15 @@ def run_all(args: argparse.Namespace, scratch: Path) -> dict:
                 shown = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.items() if k not in ("steps", "load_start", "load_end")}
                 print(f"  round {round_} {system}: {json.dumps(shown)[:240]}", flush=True)
         summary = summarise(runs, systems)
-        add_flop_shares(summary, flops["total"], limit)
+        step_tokens = tokens_per_step(runs)
+        bound = matmul_bound_tokens_per_second(products, step_tokens) if step_tokens else None
+        if bound:
+            print(f"  a step of {step_tokens} trained tokens doing only its counted products, each at the speed "
+                  f"MLX multiplies that shape alone: {bound:.1f} tokens/s", flush=True)
+        add_flop_shares(summary, flops["total"], limit, bound)
         print_summary(summary, [s for s in ("mlx_lm", "mlx_lm-stock") if s in systems])
-        report["settings"].append({"settings": setting, "summary": summary, "runs": runs})
+        report["settings"].append({"settings": setting, "summary": summary, "runs": runs,
+                                   "step_matmul_limit": {"tokens_per_step": step_tokens, "tokens_per_second": bound}})
     others = [r["result"]["other_cores"] for s in report["settings"] for r in s["runs"] if r["result"].get("other_cores") is not None]
     report["other_cores_max"] = max(others, default=None)
     report["busy"] = bool(before) and sum(p["cores"] for p in before) > args.busy_cores or any(o > args.busy_cores for o in others)
