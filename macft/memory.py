@@ -90,6 +90,10 @@ class ModelShape:
     stored_bits: float | None = None  # bits per weight when the model is stored quantized (GGUF, MLX 4-bit)
     experts: int = 0  # a mixture-of-experts MLP: experts per layer, each ``intermediate`` wide (0: dense)
     experts_per_token: int = 0
+    # The exact parameter count where it is known (a GGUF's tensors, or mlx-lm's model built without
+    # computing weights): families whose blocks differ from the common one (Gemma 4's per-layer
+    # embedding table, Qwen3.5's linear-attention blocks) are only approximated by the formula.
+    counted_params: int | None = None
 
     @property
     def q_dim(self) -> int:
@@ -127,7 +131,7 @@ class ModelShape:
 
     @property
     def params(self) -> int:
-        return self.layers * self.layer_params + self.embedding_params + self.hidden
+        return self.counted_params or self.layers * self.layer_params + self.embedding_params + self.hidden
 
 
 @dataclass(frozen=True)
@@ -236,7 +240,23 @@ def shape_from_config(config: dict, name: str = "model") -> ModelShape:
             shape = dataclasses.replace(shape, **family.planner_shape(config))
     except (KeyError, TypeError, ValueError) as exc:
         raise MacftError(f"{name}: config.json lacks the field {exc} the memory planner needs.") from None
-    return shape
+    return dataclasses.replace(shape, counted_params=model_params(config, shape.tied_embeddings))
+
+
+def model_params(config: dict, tied_embeddings: bool) -> int | None:
+    """The parameter count of the mlx-lm model ``config`` describes, read off the model built lazily:
+    MLX computes no initial weight until it is evaluated, so this allocates nothing. None where
+    mlx-lm cannot build it. Some mlx-lm models build an output head even when it is tied to the
+    embeddings (loading drops it), so a tied model's head is not counted."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    try:
+        model_class, args_class = _get_classes(config)
+        model = model_class(args_class.from_dict(config))
+    except Exception:  # an architecture or config mlx-lm does not know: the formula stands
+        return None
+    return sum(v.size for k, v in tree_flatten(model.parameters()) if not (tied_embeddings and k.endswith("lm_head.weight")))
 
 
 def _config_bits(config: dict) -> float | None:
@@ -273,7 +293,8 @@ def shape_from_gguf(path: Path) -> ModelShape:
         tied_embeddings="output.weight" not in gguf.tensors,
         stored_bits=bits if bits is not None and bits < 15 else None,  # F16/F32 files are cast at load
     )
-    return dataclasses.replace(shape, **_gguf_experts(gguf))
+    counted = sum(int(np.prod(t.shape)) for t in gguf.tensors.values())
+    return dataclasses.replace(shape, counted_params=counted, **_gguf_experts(gguf))
 
 
 def _gguf_experts(gguf) -> dict[str, int]:

@@ -15,6 +15,7 @@ from mlx_lm.utils import _get_classes
 
 from macft.cli import cli
 from macft.config import MethodConfig
+from macft.families import FAMILIES
 from macft.methods import apply_method
 from macft.memory import GIB, ModelShape, Plan, backend_settings, estimate, read_model_shape, shape_from_config, step_budget
 from macft.models.random_init import family_config
@@ -162,6 +163,14 @@ def test_shape_from_model_dir_and_gguf_agree(tmp_path, tiny_model_dir):
     from_gguf = read_model_shape(str(path))
     for key in ("hidden", "layers", "intermediate", "heads", "kv_heads", "head_dim", "vocab", "tied_embeddings"):
         assert getattr(from_gguf, key) == getattr(shape, key), key
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_parameter_count_is_the_loaded_models(family):
+    """Every family, those whose blocks differ from the common one (Gemma 4's per-layer embeddings,
+    Qwen3.5's linear attention) included: the planner's count is the loaded model's."""
+    model, config = build(family, 64, 2, 512)
+    assert shape_from_config(config).params == sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
 def test_embedded_default_shape_is_gemma3_270m():
