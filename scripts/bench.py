@@ -17,7 +17,7 @@ process's resource usage, each run gives:
   wall s          process start to exit, for all N steps
   MLX peak        mx.get_peak_memory() at exit, read by a probe (sitecustomize) that changes nothing else
   RSS peak        the process's own peak resident memory (VmHWM), read by the same probe at exit; wait4's
-                  ru_maxrss only where there is no /proc: on Linux it also counts this script's own peak
+                  ru_maxrss (bytes on macOS) only where there is no /proc: on Linux it also counts this script's own peak
                   (about 1.5 GiB after copying the model), which the kernel carries into a child at exec
 
 The FLOPs a step must do are counted per trained token from the model's config.json (every
@@ -303,7 +303,7 @@ def run_command(command: list[str], extra: dict[str, str], pattern: re.Pattern, 
     load_end = os.getloadavg()
     if macft:
         attach_macft_tokens(steps, run_dir)
-    result = {"exit_status": os.waitstatus_to_exitcode(status), "wall_seconds": wall, "rss_peak_bytes": rss_peak or usage.ru_maxrss * 1024,
+    result = {"exit_status": os.waitstatus_to_exitcode(status), "wall_seconds": wall, "rss_peak_bytes": rss_peak or usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024),
               "mlx_peak_bytes": mlx_peak, "steps": steps, "load_start": watch.load_start, "load_end": load_end,
               "other_cores": others}
     if result["exit_status"] != 0 or len(steps) < 3:
