@@ -16,7 +16,9 @@ process's resource usage, each run gives:
                   macft's tokenizer cache is filled before the rounds, as after a user's first run
   wall s          process start to exit, for all N steps
   MLX peak        mx.get_peak_memory() at exit, read by a probe (sitecustomize) that changes nothing else
-  RSS peak        the process's peak resident memory (wait4)
+  RSS peak        the process's own peak resident memory (VmHWM), read by the same probe at exit; wait4's
+                  ru_maxrss (bytes on macOS) only where there is no /proc: on Linux it also counts this script's own peak
+                  (about 1.5 GiB after copying the model), which the kernel carries into a child at exec
 
 The FLOPs a step must do are counted per trained token from the model's config.json (every
 token of these runs is trained): 2 per weight of every layer's linear maps (q, k, v, o, gate, up,
@@ -74,12 +76,19 @@ MLX_LM_KEYS = [f"self_attn.{k}" for k in ALL_LINEAR[:4]] + [f"mlp.{k}" for k in 
 METRICS = ("tokens_per_second", "own_tokens_per_second", "step_seconds", "first_step_seconds", "wall_seconds",
            "mlx_peak_bytes", "rss_peak_bytes")
 
-# Imported by every child's Python before the tool's code (PYTHONPATH); it only reads MLX's peak at exit.
+# Imported by every child's Python before the tool's code (PYTHONPATH); it only reads MLX's peak and
+# the process's own peak resident memory at exit.
 PROBE = '''import atexit, sys
 def _macft_bench_peak():
     mx = sys.modules.get("mlx.core")
     if mx is not None:
         print(f"BENCH_MLX_PEAK {mx.get_peak_memory()}", file=sys.stderr, flush=True)
+    try:
+        with open("/proc/self/status") as fh:
+            hwm = next(line.split()[1] for line in fh if line.startswith("VmHWM:"))
+        print(f"BENCH_RSS_PEAK {int(hwm) * 1024}", file=sys.stderr, flush=True)
+    except (OSError, StopIteration):
+        pass
 atexit.register(_macft_bench_peak)
 '''
 
@@ -270,10 +279,10 @@ def run_command(command: list[str], extra: dict[str, str], pattern: re.Pattern, 
     watch = Watch()
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=run_dir.parent)
-    steps, tail, mlx_peak = [], [], None
+    steps, tail, mlx_peak, rss_peak = [], [], None, None
 
     def read() -> None:
-        nonlocal mlx_peak
+        nonlocal mlx_peak, rss_peak
         for line in proc.stdout:
             now = time.perf_counter()
             line = ANSI.sub("", line)
@@ -281,6 +290,8 @@ def run_command(command: list[str], extra: dict[str, str], pattern: re.Pattern, 
             del tail[:-20]
             if line.startswith("BENCH_MLX_PEAK "):
                 mlx_peak = int(line.split()[1])
+            elif line.startswith("BENCH_RSS_PEAK "):
+                rss_peak = int(line.split()[1])
             elif match := pattern.search(line):
                 found = match.groupdict()
                 tokens = float(found["tokens"]) * (1000 if pattern is MLX_LM_STEP else 1) if "tokens" in found else None
@@ -296,7 +307,7 @@ def run_command(command: list[str], extra: dict[str, str], pattern: re.Pattern, 
     load_end = os.getloadavg()
     if macft:
         attach_macft_tokens(steps, run_dir)
-    result = {"exit_status": os.waitstatus_to_exitcode(status), "wall_seconds": wall, "rss_peak_bytes": usage.ru_maxrss * 1024,
+    result = {"exit_status": os.waitstatus_to_exitcode(status), "wall_seconds": wall, "rss_peak_bytes": rss_peak or usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024),
               "mlx_peak_bytes": mlx_peak, "steps": steps, "load_start": watch.load_start, "load_end": load_end,
               "other_cores": others}
     if result["exit_status"] != 0 or len(steps) < 3:

@@ -66,3 +66,22 @@ def test_preload_environment_gives_a_child_process_the_openblas(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == "64.0"
     assert "libopenblas" in done.stdout
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_rss_peak_is_the_childs_own_not_this_processs(bench, tmp_path):
+    # On Linux a child's ru_maxrss starts at its parent's peak (exec carries it over): hold more than
+    # the child ever touches here, and the child's reported peak must still be its own.
+    held = bytearray(400 << 20)
+    held[:: 1 << 12] = b"\1" * len(held[:: 1 << 12])
+    child = (
+        "touched = bytearray(100 << 20); touched[::4096] = b'\\1' * len(touched[::4096])\n"
+        "for i in range(1, 4): print(f'step {i}/3  loss 1.0  lr 1e-4  5 tok/s', flush=True)\n"
+    )
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(bench.PROBE)
+    result = bench.run_command([sys.executable, "-c", child], {}, bench.MACFT_STEP, tmp_path / "run", probe, macft=False)
+    assert result["exit_status"] == 0 and len(result["steps"]) == 3
+    assert 100 << 20 < result["rss_peak_bytes"] < 300 << 20
+    del held

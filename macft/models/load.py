@@ -141,13 +141,15 @@ def load_model(
     model_dir, sha = resolve_model_dir(spec, revision=revision, dequantize=dequantize)
     with phase(f"Loading {spec}"):
         try:
-            # QLoRA reads the weights lazily so that each layer is quantized as it is read.
-            model, config = mlx_load_model(model_dir, lazy=quantize_bits is not None, trust_remote_code=trust_remote_code)
+            if quantize_bits is None:
+                model, config = mlx_load_model(model_dir, trust_remote_code=trust_remote_code)
+            else:  # QLoRA reads the weights lazily so that each layer is quantized as it is read
+                model, config, stored = load_lazily(model_dir, trust_remote_code)
         except ValueError as exc:
             raise MacftError(f"Could not build the model in {model_dir}: {str(exc).splitlines()[0]}") from None
         family = model_family(config)
         if quantize_bits is not None:
-            quantize_while_loading(model, quantize_bits, group_size, compute_dtype(), model_dir)
+            quantize_while_loading(model, quantize_bits, group_size, compute_dtype(), model_dir, stored)
         check_finite(tree_flatten(model.parameters()), model_dir)
         cast_floats(model, compute_dtype())
         mx.eval(model.parameters())
@@ -173,6 +175,85 @@ def check_finite(weights, source) -> None:
 
 
 QUANTIZE_BLOCK = 1 << 22  # float elements quantized at a time while loading
+# Safetensors dtypes whose rows are read straight from the file (bfloat16 as its bits).
+FILE_DTYPES = {"F32": ("float32", "float32"), "F16": ("float16", "float16"), "BF16": ("uint16", "bfloat16")}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a tensor's bytes lie in a safetensors file."""
+
+    file: Path
+    dtype: str  # the safetensors name: F32, F16, BF16
+    shape: tuple[int, ...]
+    offset: int  # of its first byte in the file
+
+    def rows(self, start: int, stop: int):
+        """Rows ``start:stop`` as an MLX array, read from the file alone (MLX's lazy load of a slice
+        reads the whole tensor first: 671 MB for Gemma 3 270M's float32 embedding)."""
+        import mlx.core as mx
+        import numpy as np
+
+        stored, dtype = FILE_DTYPES[self.dtype]
+        row = math.prod(self.shape[1:])
+        itemsize = np.dtype(stored).itemsize
+        with self.file.open("rb") as fh:
+            fh.seek(self.offset + start * row * itemsize)
+            values = np.fromfile(fh, dtype=stored, count=(stop - start) * row)
+        block = mx.array(values.reshape(stop - start, *self.shape[1:]))
+        return block.view(getattr(mx, dtype)) if stored != dtype else block
+
+
+def safetensors_index(model_dir: Path) -> dict[str, StoredTensor]:
+    """Every tensor of the weight files mlx-lm loads (``model*.safetensors``), from their headers."""
+    index = {}
+    for file in sorted(model_dir.glob("model*.safetensors")):
+        with file.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        for key, info in header.items():
+            if key != "__metadata__" and info["dtype"] in FILE_DTYPES:
+                index[key] = StoredTensor(file, info["dtype"], tuple(info["shape"]), 8 + size + info["data_offsets"][0])
+    return index
+
+
+def load_lazily(model_dir: Path, trust_remote_code: bool):
+    """mlx-lm's lazy load, and for the weights it took unchanged from a safetensors file (the same
+    array object in and out of the architecture's ``sanitize``, which may rename, transpose or stack
+    others), where their bytes are: ``(model, config, {parameter name: StoredTensor})``."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+    from mlx_lm.utils import load_model as mlx_load_model
+
+    passed = {}  # the arrays kept as read, by name (lazy: nothing is read until a layer is quantized)
+
+    def classes(config):
+        model_class, args_class = _get_classes(config)
+
+        def build(args):
+            model = model_class(args)
+            sanitize = getattr(model, "sanitize", None)
+
+            def recording(weights):
+                read = dict(weights)
+                out = sanitize(weights) if sanitize is not None else weights
+                passed.update((k, v) for k, v in out.items() if read.get(k) is v)
+                return out
+
+            object.__setattr__(model, "sanitize", recording)  # an instance attribute, removed after loading
+            return model
+
+        return build, args_class
+
+    model, config = mlx_load_model(model_dir, lazy=True, get_model_classes=classes, trust_remote_code=trust_remote_code)
+    vars(model).pop("sanitize", None)
+    index = safetensors_index(model_dir)
+    stored = {
+        name: index[name]
+        for name, value in tree_flatten(model.parameters())
+        if passed.get(name) is value and name in index
+    }
+    return model, config, stored
 
 
 def quantizable(module, group_size: int) -> bool:
@@ -187,34 +268,45 @@ def quantize_model(model, bits: int, group_size: int) -> None:
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=lambda _, m: quantizable(m, group_size))
 
 
-def quantize_while_loading(model, bits: int, group_size: int, dtype, source) -> None:
+def quantize_while_loading(model, bits: int, group_size: int, dtype, source, stored: dict[str, StoredTensor]) -> None:
     """``quantize_model`` on a lazily loaded model, one layer at a time: each layer's float weights are
     read, checked, cast to ``dtype`` and quantized before the next layer is read, so the float model
-    never exists whole (a 270M model in float32 is 1.07 GB; its 4-bit form about 0.2 GB)."""
+    never exists whole (a 270M model in float32 is 1.07 GB; its 4-bit form about 0.2 GB). Weights
+    in ``stored`` are read from their file a block of rows at a time, so not even one exists whole."""
     from mlx.utils import tree_unflatten
 
     pending = [(p, m) for p, m in model.named_modules() if quantizable(m, group_size)]
     pending.reverse()
     while pending:  # popped, so that no reference keeps a quantized layer's float weights alive
         path, module = pending.pop()
-        model.update_modules(tree_unflatten([(path, quantized_layer(module, path, bits, group_size, dtype, source))]))
+        rows = stored.get(f"{path}.weight")
+        layer = quantized_layer(module, path, bits, group_size, dtype, source, rows.rows if rows else None)
+        model.update_modules(tree_unflatten([(path, layer)]))
         del module
 
 
-def quantized_layer(module, path: str, bits: int, group_size: int, dtype, source):
+def quantized_layer(module, path: str, bits: int, group_size: int, dtype, source, read_rows=None):
     """``module.to_quantized`` evaluated a block of rows at a time: groups run along rows, so the arrays
     are the same while the temporaries stay a block's size (a whole 262k x 640 embedding's would
-    double its peak)."""
+    double its peak). ``read_rows(start, stop)`` gives the weight's rows from its file; without it
+    the lazy weight is read whole when its first block is evaluated."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    check_finite([(f"{path}.{k}", v) for k, v in tree_flatten(module.parameters())], source)
+    others = [(f"{path}.{k}", v) for k, v in tree_flatten(module.parameters()) if read_rows is None or k != "weight"]
+    check_finite(others, source)
     cast_floats(module, dtype)
     quantized = module.to_quantized(group_size=group_size, bits=bits)
     weight, step = module.weight, max(1, QUANTIZE_BLOCK // module.weight.shape[-1])
     blocks = []
     for start in range(0, weight.shape[0], step):
-        blocks.append(mx.quantize(weight[start : start + step], group_size, bits))
+        if read_rows is None:
+            block = weight[start : start + step]
+        else:
+            block = read_rows(start, min(start + step, weight.shape[0]))
+            check_finite([(f"{path}.weight", block)], source)
+            block = block.astype(weight.dtype)  # the dtype cast_floats gave the module's weight
+        blocks.append(mx.quantize(block, group_size, bits))
         mx.eval(blocks[-1])
     quantized.weight, quantized.scales, quantized.biases = (mx.concatenate(parts) for parts in zip(*blocks))
     mx.eval(quantized.parameters())
