@@ -8,12 +8,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from macft import backend
-from macft.backend import OPENBLAS_HINT, detect, load_openblas
+from macft.backend import OPENBLAS_HINT, BlasThreads, detect, load_openblas, threads_for_free_cores
 
 
 def run_cli(*args: str, openblas: str) -> subprocess.CompletedProcess:
@@ -71,3 +72,43 @@ def test_faster_blas_goes_first_and_is_remembered(tmp_path, monkeypatch):
     assert len(speeds) == 1 and all(v > 0 for v in next(iter(speeds.values())).values())
     monkeypatch.setattr(backend, "measure_in_child", lambda path: pytest.fail("measured twice"))
     assert backend.faster_first(str(reference), backend.pip_openblas())[0] == backend.pip_openblas()
+
+
+def test_blas_threads_take_the_free_cores():
+    assert threads_for_free_cores(2, 1.5, most=2) == 1  # the benchmark machine, shared
+    assert threads_for_free_cores(2, 0.3, most=2) == 2
+    assert threads_for_free_cores(4, 9.0, most=4) == 1  # never fewer than one
+    assert threads_for_free_cores(16, 3.0, most=8) == 8  # never more than OpenBLAS's own count
+
+
+class Machine:
+    """A machine's busy CPU seconds: this process's own plus ``others`` cores kept busy by other processes."""
+
+    def __init__(self):
+        self.others, self.busy, self.at = 0.0, 0.0, time.monotonic()
+
+    def __call__(self) -> float:
+        now = time.monotonic()
+        self.busy, self.at = self.busy + self.others * (now - self.at), now
+        return self.busy + time.process_time()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or load_openblas() is None, reason="needs an OpenBLAS")
+def test_openblas_threads_follow_the_machine_load():
+    machine = Machine()
+    threads = BlasThreads(interval=0.05, busy_seconds=machine)
+    if threads.lib is None or threads.most < 2:
+        pytest.skip("OpenBLAS runs one thread here")
+    try:
+        machine.others = float(os.cpu_count())  # every core taken by others
+        for _ in range(2):
+            threads.adjust()
+            time.sleep(0.1)
+        threads.adjust()
+        assert threads.lib.openblas_get_num_threads() == 1
+        machine.others = 0.0
+        time.sleep(0.1)
+        threads.adjust()
+        assert threads.lib.openblas_get_num_threads() == threads.most
+    finally:
+        threads.restore()

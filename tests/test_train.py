@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from macft.backend import BlasThreads
 from macft.config import MethodConfig, Recipe, TrainConfig
 from macft.data import Example, iterate_batches
 from macft.methods import apply_method
@@ -254,6 +255,27 @@ def test_grad_checkpoint_and_accumulation_give_the_same_step(tiny_model_dir):
     assert abs(checkpointed[1] - plain[1]) < 1e-5
     accumulated = losses(grad_accumulation=2)
     assert len(accumulated[0]) == 3 and all(math.isfinite(x) for x in accumulated[0])
+
+
+@pytest.mark.skipif(BlasThreads().lib is None, reason="needs OpenBLAS on the CPU")
+def test_one_blas_thread_trains_the_same_steps(tiny_model_dir):
+    """The loop drops OpenBLAS to one thread on a busy machine: the losses must not change with it."""
+    examples = random_examples(8, length=40)
+    blas = BlasThreads()
+
+    def losses(threads: int) -> list[float]:
+        mx.random.seed(0)
+        model = apply_method(load_model(str(tiny_model_dir)).model, MethodConfig(rank=4))
+        recorder = Recorder()
+        blas.set(threads)  # the loop never goes above the count it finds
+        try:
+            train_tiny(model, examples, iters=4, callback=recorder)
+        finally:
+            blas.restore()
+        return [r["train_loss"] for r in recorder.train]
+
+    many = losses(blas.most)
+    assert losses(1) == many and len(many) == 4
 
 
 def write_jsonl(path, rows):

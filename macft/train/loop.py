@@ -26,7 +26,8 @@ The step is two compiled functions, ``grad_step`` (loss and gradients of one bat
 ``apply_step`` (normalise by the trained tokens of all accumulated batches, clip, update), each
 compiled with ``inputs=state, outputs=state``. If tracing fails for some method the loop runs them
 uncompiled and says so in the result. Dropout's random key is reseeded from (seed, step, rank)
-before every step, so a resumed run draws the same masks as an uninterrupted one.
+before every step, so a resumed run draws the same masks as an uninterrupted one. Between steps,
+OpenBLAS's thread count follows the cores other processes leave free (``macft.backend.BlasThreads``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
+from macft.backend import blas_threads_fitted
 from macft.config import TrainConfig
 from macft.train.checkpoint import Checkpoints, Progress
 from macft.train.distributed import World
@@ -294,9 +296,10 @@ def train(
         if checkpoints is not None:
             checkpoints.save(kind, model, optimizer if kind == "last" else None, progress)
 
-    with deferred_interrupt() as interrupted, kept_memory_limit():
+    with deferred_interrupt() as interrupted, kept_memory_limit(), blas_threads_fitted() as blas:
         try:
             while progress.step < config.iters:
+                blas.adjust()
                 in_step = True
                 tick = time.perf_counter()
                 mx.random.seed((config.seed * 1_000_003 + progress.step) * world.size + world.rank)
