@@ -13,7 +13,9 @@ from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
 import macft.models.tokenizer_cache as tokenizer_cache
 from macft.config import DataConfig, Recipe
 from macft.data import load_splits
+from macft.errors import MacftError
 from macft.models.load import model_tokenizer
+from macft.paths import cache_dir
 from macft.train.run import run_training
 
 ROWS = [
@@ -182,3 +184,11 @@ def test_a_rerun_trains_the_same_steps_and_never_loads_the_tokenizer(tiny_model_
     assert losses(again.run_dir) == losses(first.run_dir)
     assert again.tokenizer.encode("Q: 1 plus one?") == mlx_lm_load_tokenizer(tiny_model_dir).encode("Q: 1 plus one?")
     assert len(loads) == 2  # asked for, it loads
+
+
+def test_tokenizer_files_changed_before_the_tokenizer_loads_are_refused(model, data, loads):
+    tokenizer = lazy(model)  # its key is taken now
+    (model / "chat_template.jinja").write_text("{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}")
+    with pytest.raises(MacftError, match="changed while macft was running"):
+        load_splits(DataConfig(train=str(data)), tokenizer)
+    assert list(cache_dir("tokenized").glob("*.pickle")) == []

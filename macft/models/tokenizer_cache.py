@@ -25,7 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from macft.errors import DiskFullError
+from macft.errors import DiskFullError, MacftError
 from macft.paths import atomic_path, cache_dir
 
 # Everything mlx-lm's load_tokenizer reads from a local model folder (tokenizer_config.json names the
@@ -96,6 +96,9 @@ class LazyTokenizer:
 
     def get(self):
         if self._tokenizer is None:
+            # Files changed since ``key`` was taken would make the key name another tokenizer's tokens.
+            if cache_key(self.model_dir, self.eos_token_ids) != self.files_key:
+                raise MacftError(f"The tokenizer files in {self.model_dir} changed while macft was running; run the command again.")
             tokenizer = load_tokenizer(self.model_dir, self.eos_token_ids, key=self.files_key)
             if self.as_given:
                 from macft.models.gguf_import.tokenizer import read_bytes_as_given
