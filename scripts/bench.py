@@ -13,7 +13,8 @@ process's resource usage, each run gives:
   own tok/s       the median of the tokens/s the tool itself printed over the same steps
   step s          the median wall time between consecutive step reports
   first step s    process start to the first finished step's report (imports, loading, compiling);
-                  macft's tokenizer cache is filled before the rounds, as after a user's first run
+                  macft's caches (the tokenizer, the tokenized data) are filled before the rounds,
+                  as after a user's first run on the data
   wall s          process start to exit, for all N steps
   MLX peak        mx.get_peak_memory() at exit, read by a probe (sitecustomize) that changes nothing else
   RSS peak        the process's own peak resident memory (VmHWM), read by the same probe at exit; wait4's
@@ -73,6 +74,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WIKISQL = ROOT.parent / "shared" / "data" / "wikisql"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MLX_LM_KEYS = [f"self_attn.{k}" for k in ALL_LINEAR[:4]] + [f"mlp.{k}" for k in ALL_LINEAR[4:]]
+MACFT_DATA = {"packing": False, "mask_prompt": False}  # macft's data options (as plain mlx_lm.lora trains)
 METRICS = ("tokens_per_second", "own_tokens_per_second", "step_seconds", "first_step_seconds", "wall_seconds",
            "mlx_peak_bytes", "rss_peak_bytes")
 
@@ -163,7 +165,6 @@ def prepare_models(name: str, scratch: Path) -> dict[str, str]:
 
     from macft.models.load import resolve_model_dir
     from macft.models.random_init import build_random_model
-    from macft.models.tokenizer_cache import load_tokenizer
 
     if name == "tiny-llama":
         native = build_random_model("llama", scratch / "tiny-llama", hidden=256, layers=4, dtype="bfloat16")
@@ -180,8 +181,18 @@ def prepare_models(name: str, scratch: Path) -> dict[str, str]:
                 mx.save_safetensors(str(fp32 / item.name), {k: v.astype(mx.float32) for k, v in weights.items()})
             elif item.is_file() and not item.name.startswith("."):
                 (fp32 / item.name).write_bytes(item.read_bytes())
-    load_tokenizer(fp32, eos_token_ids=json.loads((fp32 / "config.json").read_text()).get("eos_token_id"))
     return {"native": str(native), "float32": str(fp32)}
+
+
+def fill_macft_caches(model_dir: str, data: str) -> None:
+    """Load the tokenizer and tokenize ``data`` as `macft lora` does on a user's first run (with the
+    encoding options of ``macft_command``), so that every round finds both in macft's caches."""
+    from macft.config import DataConfig
+    from macft.data import load_splits
+    from macft.models.load import model_tokenizer
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    load_splits(DataConfig(train=data, **MACFT_DATA), model_tokenizer(Path(model_dir), config))
 
 
 def joined_rows(source: Path, per_row: int, out: Path) -> Path:
@@ -212,7 +223,7 @@ def macft_command(cfg: dict, run_dir: Path) -> list[str]:
         "--out-dir", str(run_dir.parent), "--name", run_dir.name,
     ]
     sets = {
-        "data.max_seq_length": cfg["seq"], "data.packing": "false", "data.mask_prompt": "false",
+        "data.max_seq_length": cfg["seq"], **{f"data.{k}": str(v).lower() for k, v in MACFT_DATA.items()},
         "method.alpha": cfg["scale"] * cfg["rank"], "method.num_layers": cfg["layers"],
         "method.target_modules": f"[{','.join(ALL_LINEAR)}]", "train.lr_schedule": "constant", "train.grad_clip": 0,
         "train.eval_every": 0, "train.eval_batches": 1, "train.save_every": 10**9, "train.report_every": 1,
@@ -514,6 +525,8 @@ def run_all(args: argparse.Namespace, scratch: Path) -> dict:
         print(f"\n== {args.model}: batch {setting['batch']}, seq {setting['seq']}, rank {setting['rank']}, "
               f"{setting['layers']} layers, {setting['steps']} steps, {args.rounds} rounds of {', '.join(systems)}"
               + (", gradient checkpointing" if args.grad_checkpoint else ""), flush=True)
+        if any(s.startswith("macft") for s in systems):
+            fill_macft_caches(models["float32"], setting["data"])
         runs = []
         for round_ in range(1, args.rounds + 1):
             for system in systems:

@@ -6,13 +6,14 @@
 Examples longer than ``data.max_seq_length`` tokens keep their start; any left with no trained
 token are dropped (both are counted).
 
-    splits = load_splits(recipe.data, loaded.tokenizer)
+    splits = load_splits(recipe.data, loaded.tokenizer)       # or loaded.lazy_tokenizer: cached tokens
     splits.train[0].tokens, splits.truncated["train"]
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ import numpy as np
 from macft.config import DataConfig
 from macft.data.formats import read_records
 from macft.data.templates import Encoder, Example
+from macft.data.token_cache import cached_examples
 from macft.errors import MacftError
+from macft.models.tokenizer_cache import LazyTokenizer
 
 SPLITS = ("train", "valid", "test")
 
@@ -87,12 +90,22 @@ def data_fingerprint(data_cfg: DataConfig) -> str:
 
 def read_splits(data_cfg: DataConfig, tokenizer: Any) -> tuple[dict[str, list[Example]], dict[str, str]]:
     """Tokenize every split at full length, holding out validation data if asked; also return
-    where each split came from."""
-    encoder = Encoder(tokenizer, use_chat_template=data_cfg.use_chat_template, mask_prompt=data_cfg.mask_prompt)
+    where each split came from. With a ``LazyTokenizer``, each file's examples come from macft's
+    cache of tokenized files when it has them, and the tokenizer loads only for a file it has not."""
+    options = {"use_chat_template": data_cfg.use_chat_template, "mask_prompt": data_cfg.mask_prompt}
+    lazy = isinstance(tokenizer, LazyTokenizer)
+
+    @functools.cache
+    def encoder() -> Encoder:
+        return Encoder(tokenizer.get() if lazy else tokenizer, **options)
+
+    def encode(path: Path) -> list[Example]:
+        return [encoder().encode(record) for record in read_records(path)]
+
     files = data_files(data_cfg)
     examples = {name: [] for name in SPLITS}
     for name, path in files.items():
-        examples[name] = [encoder.encode(record) for record in read_records(path)]
+        examples[name] = cached_examples(path, tokenizer.key, options, encode) if lazy else encode(path)
     sources = {name: str(path) for name, path in files.items()}
     if "valid" not in files and data_cfg.split_valid > 0:
         examples["train"], examples["valid"] = hold_out(examples["train"], data_cfg.split_valid, data_cfg.split_seed)

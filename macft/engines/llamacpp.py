@@ -149,7 +149,7 @@ class LlamaCppModel:
 
 def open_llamacpp(model_spec: str | None, adapter: str | Path | None = None):
     """An ``OpenedModel`` whose ``model`` is a ``LlamaCppModel`` (no MLX weights are loaded once cached)."""
-    from macft.models.tokenizer_cache import load_tokenizer
+    from macft.models.tokenizer_cache import LazyTokenizer
 
     from macft.chat import OpenedModel
     from macft.config import DEFAULT_MODEL
@@ -166,7 +166,7 @@ def open_llamacpp(model_spec: str | None, adapter: str | Path | None = None):
     model_spec = model_spec or DEFAULT_MODEL
     model_dir, sha = resolve_model_dir(model_spec, revision=options.get("revision"), dequantize=bool(options.get("dequantize")))
     config = json.loads((model_dir / "config.json").read_text())
-    tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+    tokenizer = LazyTokenizer(model_dir, config.get("eos_token_id"))
     path, _ = cached_gguf(model_spec, None if adapter is None else Path(adapter), sha)
     identity = {"source": model_spec, "path": str(model_dir), "family": model_family(config), "sha256": sha}
     loaded = LoadedModel(None, tokenizer, model_dir, config, identity)

@@ -21,13 +21,14 @@ from typing import Any
 from macft.config import DEFAULT_MODEL
 from macft.errors import MacftError
 from macft.families import for_model_type
+from macft.models.tokenizer_cache import LazyTokenizer
 from macft.phases import phase
 
 
 @dataclass
 class LoadedModel:
     model: Any  # mlx.nn.Module (an mlx-lm architecture)
-    tokenizer: Any  # mlx_lm TokenizerWrapper
+    lazy_tokenizer: LazyTokenizer  # loads the tokenizer when ``tokenizer`` is first read
     path: Path  # the MLX model directory the weights came from
     config: dict
     identity: dict = field(default_factory=dict)  # {"source", "path", "family", "sha256"}
@@ -35,6 +36,18 @@ class LoadedModel:
     @property
     def family(self) -> str:
         return self.identity["family"]
+
+    @property
+    def tokenizer(self) -> Any:
+        """mlx-lm's ``TokenizerWrapper``, loaded on first use."""
+        return self.lazy_tokenizer.get()
+
+
+def model_tokenizer(model_dir: Path, config: dict) -> LazyTokenizer:
+    """The tokenizer of an MLX model directory, not yet loaded; a GGUF import's tokenizes as llama.cpp does."""
+    from macft.models.gguf_import.convert import SUMMARY_FILE
+
+    return LazyTokenizer(model_dir, config.get("eos_token_id"), as_given=(Path(model_dir) / SUMMARY_FILE).is_file())
 
 
 def embedded_default_gguf() -> Path:
@@ -132,11 +145,8 @@ def load_model(
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model as mlx_load_model
-    from macft.models.tokenizer_cache import load_tokenizer
 
     from macft.backend import compute_dtype
-    from macft.models.gguf_import.convert import SUMMARY_FILE
-    from macft.models.gguf_import.tokenizer import read_bytes_as_given
 
     model_dir, sha = resolve_model_dir(spec, revision=revision, dequantize=dequantize)
     with phase(f"Loading {spec}"):
@@ -153,9 +163,7 @@ def load_model(
         check_finite(tree_flatten(model.parameters()), model_dir)
         cast_floats(model, compute_dtype())
         mx.eval(model.parameters())
-        tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
-        if (Path(model_dir) / SUMMARY_FILE).is_file():  # a GGUF import tokenizes as llama.cpp does
-            read_bytes_as_given(tokenizer)
+        tokenizer = model_tokenizer(Path(model_dir), config)
     identity = {"source": spec, "path": str(model_dir), "family": family, "sha256": sha}
     return LoadedModel(model, tokenizer, Path(model_dir), config, identity)
 

@@ -7,7 +7,12 @@ is most of a run's start-up on a small model. The finished ``TokenizerWrapper`` 
 and the versions of the libraries whose objects the pickle holds; a changed file or upgraded library
 makes a new key, and a cache that cannot be read is rebuilt.
 
+``LazyTokenizer`` defers even that: a training run whose tokenized data is cached
+(``macft.data.token_cache``) needs no tokenizer before its first step, so it loads one only when
+something asks for it; its ``key`` names what the tokenizer encodes to without loading it.
+
     tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+    lazy = LazyTokenizer(model_dir, config.get("eos_token_id")); lazy.key; lazy.get()
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from macft.errors import DiskFullError
+from macft.errors import DiskFullError, MacftError
 from macft.paths import atomic_path, cache_dir
 
 # Everything mlx-lm's load_tokenizer reads from a local model folder (tokenizer_config.json names the
@@ -54,10 +59,11 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def load_tokenizer(model_dir: str | Path, eos_token_ids: Any = None):
-    """mlx-lm's ``TokenizerWrapper`` for a local model folder, from the cache when it has this one."""
+def load_tokenizer(model_dir: str | Path, eos_token_ids: Any = None, key: str | None = None):
+    """mlx-lm's ``TokenizerWrapper`` for a local model folder, from the cache when it has this one
+    (``key``: its ``cache_key``, when the caller already has it)."""
     model_dir = Path(model_dir)
-    cached = cache_dir("tokenizers") / f"{cache_key(model_dir, eos_token_ids)}.pickle"
+    cached = cache_dir("tokenizers") / f"{key or cache_key(model_dir, eos_token_ids)}.pickle"
     try:
         with cached.open("rb") as fh:
             return pickle.load(fh)
@@ -74,3 +80,29 @@ def load_tokenizer(model_dir: str | Path, eos_token_ids: Any = None):
     except (OSError, DiskFullError, pickle.PicklingError, TypeError, AttributeError):
         pass  # a tokenizer that cannot be pickled, or a full or read-only cache, loads the slow way next time
     return tokenizer
+
+
+class LazyTokenizer:
+    """A model folder's tokenizer, loaded by the first ``get()``. ``as_given``: the folder is a GGUF
+    import, whose tokenizer reads text as llama.cpp does (``read_bytes_as_given``). ``key`` is a
+    sha256 that changes whenever the tokens this tokenizer produces could: its ``cache_key`` (files,
+    EOS ids, library versions) and ``as_given``."""
+
+    def __init__(self, model_dir: str | Path, eos_token_ids: Any = None, *, as_given: bool = False):
+        self.model_dir, self.eos_token_ids, self.as_given = Path(model_dir), eos_token_ids, as_given
+        self.files_key = cache_key(self.model_dir, eos_token_ids)
+        self.key = hashlib.sha256(f"{self.files_key}\0as_given={as_given}".encode()).hexdigest()
+        self._tokenizer = None
+
+    def get(self):
+        if self._tokenizer is None:
+            # Files changed since ``key`` was taken would make the key name another tokenizer's tokens.
+            if cache_key(self.model_dir, self.eos_token_ids) != self.files_key:
+                raise MacftError(f"The tokenizer files in {self.model_dir} changed while macft was running; run the command again.")
+            tokenizer = load_tokenizer(self.model_dir, self.eos_token_ids, key=self.files_key)
+            if self.as_given:
+                from macft.models.gguf_import.tokenizer import read_bytes_as_given
+
+                read_bytes_as_given(tokenizer)
+            self._tokenizer = tokenizer
+        return self._tokenizer

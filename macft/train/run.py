@@ -33,6 +33,7 @@ from macft.errors import DiskFullError, MacftError
 from macft.memory import Estimate, estimate, format_bytes, loaded_shape, plan_from_recipe, step_budget
 from macft.methods import ADAPTER_FILE, apply_method, count_parameters, save_adapter
 from macft.models.quantized import dequantize_for_generation
+from macft.models.tokenizer_cache import LazyTokenizer
 from macft.methods.recompute import RecomputingMLP
 from macft.paths import atomic_path, recover
 from macft.plot import loss_curve_png
@@ -54,8 +55,13 @@ class RunOutcome:
     result: TrainResult
     summary: RunSummary
     model: nn.Module  # the tuned model (best checkpoint loaded), ready for the demo
-    tokenizer: Any
+    lazy_tokenizer: LazyTokenizer
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, loaded on first use (a run on cached tokens may never need it)."""
+        return self.lazy_tokenizer.get()
 
 
 @dataclass
@@ -204,7 +210,8 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
             raise MacftError(f"train.objective {cfg.objective} runs on one process; distributed training covers sft.")
         splits = load_alignment_splits(recipe, loaded.tokenizer)
     else:
-        splits = load_splits(recipe.data, loaded.tokenizer)
+        # The lazy tokenizer: on data it has tokenized before, the run needs none before its first step.
+        splits = load_splits(recipe.data, loaded.lazy_tokenizer)
         for note in data_notes(splits):
             view.on_note(note)
         facts = {"macft version": __version__, "MLX version": mx.__version__, "recipe": recipe_digest(recipe)}
@@ -214,7 +221,8 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
     # One shape and plan serve the fit check and, per batch shape, each step's memory limit.
     shape, plan = loaded_shape(loaded), dataclasses.replace(plan_from_recipe(recipe), ranks=world.size)
     check_memory(estimate(shape, plan), view)
-    model = apply_method(loaded.model, recipe.method, loaded.tokenizer)
+    # Only method.init_text needs the tokenizer (soft prompts start from its tokens).
+    model = apply_method(loaded.model, recipe.method, loaded.tokenizer if recipe.method.init_text else None)
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise MacftError(f"Method '{recipe.method.name}' left nothing to train; check method.num_layers and method.target_modules.")
@@ -247,7 +255,7 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
             reference = load_base(recipe).model
             reference.freeze()
             reference.eval()
-    loss_fn = training_loss(model, recipe, loaded.tokenizer, reference)
+    loss_fn = training_loss(model, recipe, loaded.tokenizer if aligning else None, reference)
 
     checkpoints = Checkpoints(run_dir, recipe, loaded.identity, data_fingerprint(recipe.data)) if world.main else None
     progress = None
@@ -282,7 +290,7 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
         guard=LossGuard(vocab_size(model), cfg.learning_rate, recipe.method.name),
     )
     if not world.main:
-        return RunOutcome(None, recipe, result, {}, model, loaded.tokenizer)
+        return RunOutcome(None, recipe, result, {}, model, loaded.lazy_tokenizer)
 
     notes = []
     best, last = checkpoints.path("best") / ADAPTER_FILE, checkpoints.path("last") / ADAPTER_FILE
@@ -327,7 +335,7 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
     with atomic_path(run_dir / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary.to_dict(), indent=2))
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    return RunOutcome(run_dir, recipe, result, summary, model, loaded.tokenizer, notes)
+    return RunOutcome(run_dir, recipe, result, summary, model, loaded.lazy_tokenizer, notes)
 
 
 def check_resume_inputs(checkpoints: Checkpoints, run_dir: Path, allow: bool, view: Callback) -> None:

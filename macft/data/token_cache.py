@@ -1,0 +1,83 @@
+"""Tokenized data files, kept so that a rerun on the same data needs no tokenizer before training.
+
+Loading a 262k-word tokenizer is a large part of a small model's start-up, and tokenizing is the
+only thing a run needs it for before its first step. ``cached_examples`` keeps each data file's
+encoded examples (at full length: truncation and hold-out run every time, they are cheap) in
+``<macft home>/tokenized/``, named by a sha256 of everything the tokens depend on:
+
+- the file's contents and name (each example's ``source`` is "name:line"),
+- the tokenizer (``LazyTokenizer.key``: its files, EOS ids, library versions, GGUF-import reading),
+- the encoding options (data.use_chat_template, data.mask_prompt),
+- the source of macft's code that reads records and turns them into tokens, and jinja2's version
+  (chat templates render with it).
+
+Any change gives a new name, so an entry is never stale; entries are written atomically, and one
+that cannot be read is encoded again.
+
+    examples = cached_examples(path, lazy_tokenizer.key, {"mask_prompt": True}, encode)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable
+
+from macft.data.templates import Example
+from macft.errors import DiskFullError
+from macft.paths import atomic_path, cache_dir
+
+PACKAGE = Path(__file__).resolve().parent.parent
+# macft's code between a data file and its tokens (besides the tokenizer, which its key covers).
+ENCODING_CODE = ("data/formats.py", "data/templates.py", "chat_template.py", "models/tokenizer_cache.py",
+                 "models/gguf_import/tokenizer.py", "data/token_cache.py")
+
+
+def code_digest() -> str:
+    digest = hashlib.sha256()
+    for name in ENCODING_CODE:
+        digest.update(f"{name}\0".encode())
+        digest.update((PACKAGE / name).read_bytes())
+    try:
+        digest.update(f"jinja2 {version('jinja2')}".encode())
+    except PackageNotFoundError:
+        digest.update(b"jinja2 ?")
+    return digest.hexdigest()
+
+
+def entry_key(path: Path, tokenizer_key: str, options: dict) -> str:
+    """sha256 over the file's name and contents, the tokenizer's key, the options and the encoding code."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"name": path.name, "tokenizer": tokenizer_key, "options": options, "code": code_digest()}, sort_keys=True).encode())
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_examples(path: Path, tokenizer_key: str, options: dict, encode: Callable[[Path], list[Example]]) -> list[Example]:
+    """``encode(path)``'s examples, read from the cache when it holds this file encoded by this
+    tokenizer with these ``options`` (JSON-able: whatever else changes the tokens), else encoded and stored."""
+    path = Path(path)
+    key = entry_key(path, tokenizer_key, options)
+    entry = cache_dir("tokenized") / f"{key}.pickle"
+    try:
+        with entry.open("rb") as fh:
+            return [Example(tokens, mask, source, fmt) for tokens, mask, source, fmt in pickle.load(fh)]
+    except FileNotFoundError:
+        pass
+    except Exception:  # noqa: BLE001  (a damaged entry of our own cache is encoded again below)
+        entry.unlink(missing_ok=True)
+    examples = encode(path)
+    # Stored only if the file did not change while it was being read, so the name matches the tokens.
+    if entry_key(path, tokenizer_key, options) == key:
+        rows = [(e.tokens, e.mask, e.source, e.format) for e in examples]
+        try:
+            with atomic_path(entry) as tmp:
+                tmp.write_bytes(pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL))
+        except (OSError, DiskFullError):
+            pass  # a full or read-only cache: the next run tokenizes again
+    return examples
