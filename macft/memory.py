@@ -248,14 +248,20 @@ def model_params(config: dict, tied_embeddings: bool) -> int | None:
     MLX computes no initial weight until it is evaluated, so this allocates nothing. None where
     mlx-lm cannot build it. Some mlx-lm models build an output head even when it is tied to the
     embeddings (loading drops it), so a tied model's head is not counted."""
+    import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
+    # Building the model draws its initial weights' keys from MLX's global generator: it is put back
+    # (a key is the seed's two 32-bit halves), so a plan never changes what a seeded run initialises.
+    high, low = mx.random.state[0].tolist()
     try:
         model_class, args_class = _get_classes(config)
         model = model_class(args_class.from_dict(config))
     except Exception:  # an architecture or config mlx-lm does not know: the formula stands
         return None
+    finally:
+        mx.random.seed((high << 32) | low)
     return sum(v.size for k, v in tree_flatten(model.parameters()) if not (tied_embeddings and k.endswith("lm_head.weight")))
 
 
