@@ -119,8 +119,8 @@ def test_polynomial_exp_matches_float64_exp():
     assert got[x == 0][0] == 1.0
 
 
-@pytest.mark.parametrize("polynomial_exp", [False, True])
-def test_frozen_head_loss_and_hidden_gradient_match_float64(monkeypatch, polynomial_exp):
+@pytest.mark.parametrize("scalar_transcendentals", [False, True])
+def test_frozen_head_loss_and_hidden_gradient_match_float64(monkeypatch, scalar_transcendentals):
     """The sliced head's losses and d(loss)/d(hidden) with either exp (mx.exp on Metal/CUDA, the
     polynomial on CPUs), against float64 numpy on a random head whose logits span more than exp's
     float32 range (so some terms underflow to 0) and rows weighted unequally."""
@@ -129,7 +129,7 @@ def test_frozen_head_loss_and_hidden_gradient_match_float64(monkeypatch, polynom
     from macft.backend import detect
     from macft.train import losses
 
-    backend = dataclasses.replace(detect(), polynomial_exp=polynomial_exp)
+    backend = dataclasses.replace(detect(), scalar_transcendentals=scalar_transcendentals)
     monkeypatch.setattr(losses, "detect", lambda: backend)
     rng = np.random.default_rng(0)
     vocab, dims, rows = 1000, 32, 24

@@ -12,12 +12,13 @@ mlx-lm's own MLP (tests/test_recompute.py checks both).
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, partial
 from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from macft.backend import detect
 from macft.families import FAMILIES
 
 # mlx-lm MLP classes (module.ClassName) and the activation each applies to its gate, from the family records.
@@ -62,10 +63,22 @@ class RecomputingMLP:
         return self.down_proj(self.product(gate, up))
 
 
+@partial(mx.compile, shapeless=True)
+def gelu_approx_by_sigmoid(x: mx.array) -> mx.array:
+    """``nn.gelu_approx`` as 0.5·x·(1 + tanh(u)) = x·sigmoid(2u), with x³ as x·x·x: on CPUs whose tanh and
+    ``x ** 3`` are scalar library calls (``Backend.scalar_transcendentals``) this is the cheaper form
+    (Gemma 3 270M's 18 MLPs, 384 tokens, one core: 0.20 s forward instead of 0.34, 0.28 s for the
+    backward pass instead of 0.51)."""
+    return x * mx.sigmoid(1.5957691216057308 * (x + 0.044715 * (x * x * x)))
+
+
 @cache
 def recomputing_class(cls: type) -> type:
     """The mlx-lm MLP class ``cls`` with ``RecomputingMLP`` mixed in."""
-    product = staticmethod(gated_product(GATED_MLPS[class_key(cls)]))
+    activation = GATED_MLPS[class_key(cls)]
+    if activation is nn.gelu_approx and detect().scalar_transcendentals:
+        activation = gelu_approx_by_sigmoid
+    product = staticmethod(gated_product(activation))
     return type(f"Recomputing{cls.__name__}", (RecomputingMLP, cls), {"product": product})
 
 

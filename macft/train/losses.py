@@ -204,8 +204,8 @@ def head_slice(head: nn.Module, start: int, end: int, after: mx.array) -> tuple[
 @mx.compile
 def exp_nonpositive(x: mx.array) -> mx.array:
     """e^x for float32 x <= 0 (shifted logits, rescale factors) from multiply-adds, for backends whose
-    ``mx.exp`` is slow (``Backend.polynomial_exp``): compiled, the chain fuses into a few kernels the
-    C++ compiler vectorises. Relative error below 3e-7 (``mx.exp``'s own reaches 4e-6 near -88, from
+    ``mx.exp`` is slow (``Backend.scalar_transcendentals``): compiled, the chain fuses into a few
+    kernels the C++ compiler vectorises. Relative error below 3e-7 (``mx.exp``'s own reaches 4e-6 near -88, from
     rounding x / ln 2); it underflows to exactly 0 below about -87.7, as ``mx.exp`` does below -88."""
     x = mx.maximum(x, -88.0)  # r >= -127, whose exponent field 0 makes 2^r exactly 0
     r = (x * 1.4426950408889634 + ROUNDING) - ROUNDING
@@ -228,7 +228,7 @@ def frozen_head_loss(head: nn.Module, vocab_slice: int, with_gradient: bool = Tr
     and nothing is recomputed.
     """
     vocab = head.weight.shape[0]
-    exp = exp_nonpositive if detect().polynomial_exp else mx.exp  # its arguments are all <= 0
+    exp = exp_nonpositive if detect().scalar_transcendentals else mx.exp  # its arguments are all <= 0
 
     def times_head(x: mx.array, weight: mx.array, quantized: dict | None, transpose: bool) -> mx.array:
         if quantized is not None:
