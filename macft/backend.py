@@ -277,6 +277,10 @@ class Backend:
     blas: str  # "openblas", "accelerate", "reference" or "gpu"
     compute_dtype: str  # the float dtype weights are held in for compute
     dequantize_for_matmul: bool  # CPU quantized_matmul is ~30x slower than dequantize + matmul
+    # MLX's CPU exp, tanh and pow are scalar library calls (exp ~0.1 G/s) where its SIMD is one lane wide
+    # (everywhere but macOS): the frozen-head loss then uses a polynomial exp whose multiply-adds the
+    # compiler vectorises (~7x faster), and tanh-GELU is computed through a sigmoid
+    scalar_transcendentals: bool
 
     def describe(self) -> str:
         return f"{self.accelerator} · BLAS {self.blas} · compute {self.compute_dtype}"
@@ -293,12 +297,12 @@ def detect() -> Backend:
     on_gpu = mx.default_device() == mx.gpu
     if on_gpu:
         accelerator = "metal" if mx.metal.is_available() else "cuda"
-        return Backend("gpu", accelerator, "gpu", "bfloat16", dequantize_for_matmul=False)
+        return Backend("gpu", accelerator, "gpu", "bfloat16", dequantize_for_matmul=False, scalar_transcendentals=False)
     if sys.platform == "darwin":
         blas = "accelerate"
     else:
         blas = "openblas" if _openblas_path else "reference"
-    return Backend("cpu", "cpu", blas, "float32", dequantize_for_matmul=True)
+    return Backend("cpu", "cpu", blas, "float32", dequantize_for_matmul=True, scalar_transcendentals=sys.platform != "darwin")
 
 
 def compute_dtype():

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from macft.backend import detect
 from macft.config import MethodConfig
 from macft.errors import MacftError
 from macft.families import lookup
@@ -63,6 +64,9 @@ LOGIT_COPIES = 4
 # trained head (full fine-tuning, under a checkpoint) still forms the whole batch's logits: three
 # float32 copies with a single chunk, about two and a half with several.
 FROZEN_HEAD_BLOCK_COPIES = 3.0
+# Where exp is computed by a polynomial (``losses.exp_nonpositive``), its intermediates between the
+# compiled kernels (the clamped input, the rounded exponent, its bits) are alive together as well.
+POLYNOMIAL_EXP_COPIES = 2.0
 QUANTIZED_HEAD_SLICES_IN_FLIGHT = 2
 CHUNKED_LOGIT_COPIES = 3.0
 MULTI_CHUNK_LOGIT_COPIES = 2.5
@@ -418,7 +422,8 @@ def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None) 
         rows = auto_chunk_size(shape.vocab, plan.loss_chunk_size)
         if plan.method != "full":
             vocab_slice = auto_vocab_slice(shape.vocab, min(rows, tokens))
-            logits = int(min(rows, tokens) * vocab_slice * 4 * FROZEN_HEAD_BLOCK_COPIES)
+            copies = FROZEN_HEAD_BLOCK_COPIES + (POLYNOMIAL_EXP_COPIES if detect().scalar_transcendentals else 0)
+            logits = int(min(rows, tokens) * vocab_slice * 4 * copies)
             if quantized_base(shape, plan):
                 # A quantized head is dequantized one slice at a time, and MLX dequantizes and
                 # multiplies the next slice while the current block is still alive: two slices in

@@ -91,3 +91,18 @@ def test_apply_method_recomputes_and_fuse_still_merges(tiny_model_dir):
     assert len(mlps) == len(model.layers)
     fused = fuse_model(model)  # a recomputing MLP is a base layer, not an insertion that blocks fusing
     assert not any("lora" in name for name, _ in tree_flatten(fused.parameters()))
+
+
+def test_gelu_by_sigmoid_matches_float64_tanh_gelu():
+    """The CPU's form of Gemma's GELU, value and derivative, against the tanh formula in float64."""
+    from macft.methods.recompute import gelu_approx_by_sigmoid
+
+    x = np.linspace(-20, 20, 200_001).astype(np.float32)
+    value, grad = mx.vjp(gelu_approx_by_sigmoid, [mx.array(x)], [mx.ones(x.shape)])
+    x64 = x.astype(np.float64)
+    k = np.sqrt(2 / np.pi)
+    tanh = np.tanh(k * (x64 + 0.044715 * x64**3))
+    expected = 0.5 * x64 * (1 + tanh)
+    expected_grad = 0.5 * (1 + tanh) + 0.5 * x64 * (1 - tanh**2) * k * (1 + 3 * 0.044715 * x64**2)
+    np.testing.assert_allclose(np.array(value[0]), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.array(grad[0]), expected_grad, rtol=1e-5, atol=1e-6)

@@ -102,6 +102,63 @@ def test_quantized_head_slices_through_quantized_matmul(tiny_models, monkeypatch
         np.testing.assert_allclose(np.array(quantized[1][name]), reference, rtol=1e-3, atol=1e-4 * np.abs(reference).max())
 
 
+def test_polynomial_exp_matches_float64_exp():
+    """The CPU's polynomial exp against numpy's float64 exp over its whole domain (x <= 0): within
+    3e-7 relative where the result is a normal float, exactly 0 where it underflows, never inf or NaN."""
+    from macft.train.losses import exp_nonpositive
+
+    x = np.concatenate([
+        -np.geomspace(1e-9, 87.0, 200_000), np.linspace(-87.3, 0.0, 300_001),  # tiny, and every size up to the edge
+        [0.0, -0.0, -87.5, -87.7, -88.0, -88.5, -100.0, -1e30, -np.inf],
+    ]).astype(np.float32)
+    got = np.array(exp_nonpositive(mx.array(x))).astype(np.float64)
+    expected = np.exp(x.astype(np.float64))
+    assert np.isfinite(got).all() and (got >= 0).all()
+    normal = expected > np.finfo(np.float32).tiny
+    assert np.max(np.abs(got[normal] / expected[normal] - 1)) < 3e-7
+    assert (got[x <= -87.7] == 0).all()
+    assert got[x == 0][0] == 1.0
+
+
+@pytest.mark.parametrize("scalar_transcendentals", [False, True])
+def test_frozen_head_loss_and_hidden_gradient_match_float64(monkeypatch, scalar_transcendentals):
+    """The sliced head's losses and d(loss)/d(hidden) with either exp (mx.exp on Metal/CUDA, the
+    polynomial on CPUs), against float64 numpy on a random head whose logits span more than exp's
+    float32 range (so some terms underflow to 0) and rows weighted unequally."""
+    import dataclasses
+
+    from macft.backend import detect
+    from macft.train import losses
+
+    backend = dataclasses.replace(detect(), scalar_transcendentals=scalar_transcendentals)
+    monkeypatch.setattr(losses, "detect", lambda: backend)
+    rng = np.random.default_rng(0)
+    vocab, dims, rows = 1000, 32, 24
+    weight = rng.normal(0, 1, (vocab, dims)).astype(np.float32)
+    hidden = rng.normal(0, 1, (rows, dims)).astype(np.float32) * np.linspace(0.1, 4.0, rows, dtype=np.float32)[:, None]
+    targets = rng.integers(0, vocab, rows).astype(np.int32)
+    weights = rng.uniform(0, 2, rows).astype(np.float32)
+    weights[:3] = 0  # padding entries
+    head = nn.Linear(dims, vocab, bias=False)
+    head.weight = mx.array(weight)
+    head.freeze()
+    loss_fn = losses.frozen_head_loss(head, vocab_slice=256)  # three full slices and a short one
+    cotangent = rng.uniform(-1, 2, rows).astype(np.float32)
+    got_losses = loss_fn(mx.array(hidden), mx.array(targets), mx.array(weights))
+    got_grad = mx.grad(lambda h: (loss_fn(h, mx.array(targets), mx.array(weights)) * mx.array(cotangent)).sum())(mx.array(hidden))
+
+    logits = hidden.astype(np.float64) @ weight.astype(np.float64).T
+    assert (logits.max(-1) - logits.min(-1)).max() > 150  # far beyond float32 exp's range of about 88
+    shifted = np.exp(logits - logits.max(-1, keepdims=True))
+    lse = np.log(shifted.sum(-1)) + logits.max(-1)
+    expected = (lse - logits[np.arange(rows), targets]) * weights
+    softmax = shifted / shifted.sum(-1, keepdims=True)
+    softmax[np.arange(rows), targets] -= 1
+    expected_grad = (cotangent * weights)[:, None] * (softmax @ weight.astype(np.float64))
+    np.testing.assert_allclose(np.array(got_losses), expected, rtol=2e-6, atol=1e-5)
+    np.testing.assert_allclose(np.array(got_grad), expected_grad, rtol=1e-5, atol=1e-5 * np.abs(expected_grad).max())
+
+
 def reorder(selected):
     targets, weights, select = selected
     return select, targets, weights

@@ -12,12 +12,13 @@ mlx-lm's own MLP (tests/test_recompute.py checks both).
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, partial
 from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from macft.backend import detect
 from macft.families import FAMILIES
 
 # mlx-lm MLP classes (module.ClassName) and the activation each applies to its gate, from the family records.
@@ -31,8 +32,11 @@ def class_key(cls: type) -> str:
 
 
 @cache
-def gated_product(activation: Callable[[mx.array], mx.array]) -> Callable[[mx.array, mx.array], mx.array]:
-    """``activation(gate) * up`` whose backward pass recomputes ``activation(gate)``."""
+def gated_product(
+    activation: Callable[[mx.array], mx.array], recompute: Callable[[mx.array], mx.array]
+) -> Callable[[mx.array, mx.array], mx.array]:
+    """``activation(gate) * up`` whose backward pass recomputes ``activation(gate)`` as ``recompute``
+    (the same function, or an equal one that is cheaper to differentiate here)."""
 
     @mx.custom_function
     def product(gate, up):
@@ -43,7 +47,7 @@ def gated_product(activation: Callable[[mx.array], mx.array]) -> Callable[[mx.ar
         # Depending on the cotangent makes the recomputation a node of its own: compilation would
         # otherwise merge it with the forward one and keep that one's intermediates alive again.
         gate, up = mx.depends(list(primals), [cotangent])
-        (activated,), (gate_grad,) = mx.vjp(activation, [gate], [cotangent * up])
+        (activated,), (gate_grad,) = mx.vjp(recompute, [gate], [cotangent * up])
         return gate_grad, cotangent * activated
 
     return product
@@ -62,10 +66,21 @@ class RecomputingMLP:
         return self.down_proj(self.product(gate, up))
 
 
+@partial(mx.compile, shapeless=True)
+def gelu_approx_by_sigmoid(x: mx.array) -> mx.array:
+    """``nn.gelu_approx`` as 0.5·x·(1 + tanh(u)) = x·sigmoid(2u), with x³ as x·x·x: on CPUs whose tanh and
+    ``x ** 3`` are scalar library calls (``Backend.scalar_transcendentals``) its gradient is the cheaper
+    one to recompute (Gemma 3 270M's 18 MLPs, 384 tokens, one core: 0.28 s instead of 0.51)."""
+    return x * mx.sigmoid(1.5957691216057308 * (x + 0.044715 * (x * x * x)))
+
+
 @cache
 def recomputing_class(cls: type) -> type:
     """The mlx-lm MLP class ``cls`` with ``RecomputingMLP`` mixed in."""
-    product = staticmethod(gated_product(GATED_MLPS[class_key(cls)]))
+    activation = GATED_MLPS[class_key(cls)]
+    # The forward pass keeps mlx-lm's own activation, so a model's outputs stay bit for bit mlx-lm's.
+    cheaper = gelu_approx_by_sigmoid if activation is nn.gelu_approx and detect().scalar_transcendentals else activation
+    product = staticmethod(gated_product(activation, cheaper))
     return type(f"Recomputing{cls.__name__}", (RecomputingMLP, cls), {"product": product})
 
 

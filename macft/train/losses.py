@@ -45,6 +45,15 @@ AUTO_CHUNK_ROWS = 512  # trained positions per loss chunk in auto mode
 SELECT_MULTIPLE = 64  # pad the selected-position count to this multiple so compiled shapes repeat
 SLICE_MULTIPLE = 1024  # vocabulary slices are a multiple of this many rows of the head
 
+# e^x = 2^r · e^g with r = round(x / ln 2) and |g| <= ln(2)/2. ln 2 is split in two (Cody and Waite) so that
+# r · LN2_HIGH is exact and g keeps its precision even at r = -126; adding and subtracting ROUNDING
+# (1.5 · 2^23) rounds a float32 to an integer without a floor, which would stop the compiler vectorising.
+LN2_HIGH, LN2_LOW = 0.693359375, -2.12194440e-4
+ROUNDING = 12582912.0
+# Degree-5 polynomial for e^g on |g| <= ln(2)/2 with the least maximum relative error (9e-8 exactly,
+# 2e-7 in float32) among those with constant term 1, so that e^0, every row's largest term, is exactly 1.
+EXP_POLYNOMIAL = (1.0, 0.9999997071868425, 0.4999914952509256, 0.1666763619952564, 0.04189793004555571, 0.008290314725612632)
+
 
 def auto_chunk_size(vocab: int | None, requested: int = 0) -> int:
     if requested > 0:
@@ -192,6 +201,22 @@ def head_slice(head: nn.Module, start: int, end: int, after: mx.array) -> tuple[
     return float_weight(head, packed=packed, rows=(start, end)), bias, None
 
 
+@mx.compile
+def exp_nonpositive(x: mx.array) -> mx.array:
+    """e^x for float32 x <= 0 (shifted logits, rescale factors) from multiply-adds, for backends whose
+    ``mx.exp`` is slow (``Backend.scalar_transcendentals``): compiled, the chain fuses into a few
+    kernels the C++ compiler vectorises. Relative error below 3e-7 (``mx.exp``'s own reaches 4e-6 near -88, from
+    rounding x / ln 2); it underflows to exactly 0 below about -87.7, as ``mx.exp`` does below -88."""
+    x = mx.maximum(x, -88.0)  # r >= -127, whose exponent field 0 makes 2^r exactly 0
+    r = (x * 1.4426950408889634 + ROUNDING) - ROUNDING
+    g = (x - r * LN2_HIGH) - r * LN2_LOW
+    c, g2 = EXP_POLYNOMIAL, g * g
+    # Estrin's scheme rather than Horner's: a shallower chain, which MLX fuses into fewer kernels.
+    poly = (c[0] + c[1] * g) + g2 * ((c[2] + c[3] * g) + g2 * (c[4] + c[5] * g))
+    two_to_r = mx.view(mx.left_shift(r.astype(mx.int32) + 127, 23), mx.float32)  # r written into the exponent field
+    return poly * two_to_r
+
+
 def frozen_head_loss(head: nn.Module, vocab_slice: int, with_gradient: bool = True) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
     """Weighted cross-entropy of each row of one chunk through a frozen matrix head, with a custom backward.
 
@@ -203,6 +228,7 @@ def frozen_head_loss(head: nn.Module, vocab_slice: int, with_gradient: bool = Tr
     and nothing is recomputed.
     """
     vocab = head.weight.shape[0]
+    exp = exp_nonpositive if detect().scalar_transcendentals else mx.exp  # its arguments are all <= 0
 
     def times_head(x: mx.array, weight: mx.array, quantized: dict | None, transpose: bool) -> mx.array:
         if quantized is not None:
@@ -219,11 +245,11 @@ def frozen_head_loss(head: nn.Module, vocab_slice: int, with_gradient: bool = Tr
             if bias is not None:
                 logits = logits + bias
             new_peak = logits.max(axis=-1) if peak is None else mx.maximum(peak, logits.max(axis=-1))
-            shifted = mx.exp(logits - new_peak[:, None])
+            shifted = exp(logits - new_peak[:, None])
             if peak is None:
                 norm = shifted.sum(axis=-1)
             else:
-                rescale = mx.exp(peak - new_peak)
+                rescale = exp(peak - new_peak)
                 norm = norm * rescale + shifted.sum(axis=-1)
             if with_gradient:
                 part = times_head(shifted.astype(h.dtype), weight, quantized, transpose=False)
