@@ -40,7 +40,7 @@ def test_flops_per_token_counts_the_models_own_weights(bench, family, tmp_path):
         for k, v in weights.items()
         if k.endswith("proj.weight") and int(k.split(".")[2]) >= 3 - adapted
     )
-    counted = bench.flops_per_token(model_dir, adapted, rank)
+    counted = bench.flops_per_token(bench.counted_products(model_dir, adapted, rank))
     assert counted["forward_layers"] == 2 * sum(layer)
     assert counted["backward_layers"] == 2 * sum(layer[-adapted:])
     assert counted["forward_head"] == counted["backward_head"] == 2 * head
@@ -50,9 +50,10 @@ def test_flops_per_token_counts_the_models_own_weights(bench, family, tmp_path):
 
 def test_shares_of_the_matmul_limit(bench):
     summary = {"a": {"tokens_per_second": {"median": 50.0}}, "b": {"runs": 0}}
-    bench.add_flop_shares(summary, 1.2e9, 80.0)
+    bench.add_flop_shares(summary, 1.2e9, 80.0, 200.0)
     assert summary["a"]["achieved_gflops"] == pytest.approx(60.0)
     assert summary["a"]["share_of_matmul_limit"] == pytest.approx(0.75)
+    assert summary["a"]["share_of_step_matmul_limit"] == pytest.approx(0.25)
     assert "achieved_gflops" not in summary["b"]
 
 
