@@ -316,7 +316,8 @@ def test_grad_checkpoint_and_accumulation_give_the_same_step(tiny_model_dir):
 
 @pytest.mark.skipif(BlasThreads().lib is None, reason="needs OpenBLAS on the CPU")
 def test_one_blas_thread_trains_the_same_steps(tiny_model_dir):
-    """The loop drops OpenBLAS to one thread on a busy machine: the losses must not change with it."""
+    """The loop drops OpenBLAS to one thread on a busy machine: that may change float32 rounding (OpenBLAS
+    splits some products differently), never what is trained."""
     examples = random_examples(8, length=40)
     blas = BlasThreads()
 
@@ -332,7 +333,8 @@ def test_one_blas_thread_trains_the_same_steps(tiny_model_dir):
         return [r["train_loss"] for r in recorder.train]
 
     many = losses(blas.most)
-    assert losses(1) == many and len(many) == 4
+    assert len(many) == 4
+    np.testing.assert_allclose(losses(1), many, rtol=1e-6)
 
 
 def write_jsonl(path, rows):
