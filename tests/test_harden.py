@@ -308,6 +308,16 @@ def test_nan_weights_are_named_at_load_and_import(trained, tmp_path):
     assert "tensor 'model.layers.0.mlp.down_proj.weight' holds NaN" in line and not (tmp_path / "imported").exists()
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_truncated_weights_file_is_one_line(trained, tmp_path, method):
+    model = shutil.copytree(trained["model"], tmp_path / "truncated")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    data = write_data(tmp_path / "data")
+    line = one_line_error(macft("lora", "--model", model, "--data", data, "--method", method, "--iters", 1, "--out-dir", tmp_path / "runs"))
+    assert f"Could not read the weights in {model}" in line and "download, import or convert the model again" in line
+
+
 # ---------------------------------------------------------------------------- 4. chat templates
 
 

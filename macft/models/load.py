@@ -157,15 +157,26 @@ def load_model(
                 model, config, stored = load_lazily(model_dir, trust_remote_code)
         except ValueError as exc:
             raise MacftError(f"Could not build the model in {model_dir}: {str(exc).splitlines()[0]}") from None
+        except RuntimeError as exc:  # MLX's safetensors reader: a truncated or damaged weights file
+            raise unreadable_weights(model_dir, exc) from None
         family = model_family(config)
-        if quantize_bits is not None:
-            quantize_while_loading(model, quantize_bits, group_size, compute_dtype(), model_dir, stored)
-        check_finite(tree_flatten(model.parameters()), model_dir)
-        cast_floats(model, compute_dtype())
-        mx.eval(model.parameters())
+        try:
+            if quantize_bits is not None:
+                quantize_while_loading(model, quantize_bits, group_size, compute_dtype(), model_dir, stored)
+            check_finite(tree_flatten(model.parameters()), model_dir)
+            cast_floats(model, compute_dtype())
+            mx.eval(model.parameters())
+        except RuntimeError as exc:  # lazily read weights fail only when they are first used
+            raise unreadable_weights(model_dir, exc) from None
         tokenizer = model_tokenizer(Path(model_dir), config)
     identity = {"source": spec, "path": str(model_dir), "family": family, "sha256": sha}
     return LoadedModel(model, tokenizer, Path(model_dir), config, identity)
+
+
+def unreadable_weights(model_dir, exc: Exception) -> MacftError:
+    return MacftError(
+        f"Could not read the weights in {model_dir} ({str(exc).splitlines()[0]}); download, import or convert the model again."
+    )
 
 
 def check_finite(weights, source) -> None:
