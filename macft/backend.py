@@ -225,9 +225,9 @@ class BlasThreads:
     OpenBLAS's threads wait for each other by spinning. Once every core is taken, a matmul stalls
     whenever one of its threads is descheduled: on 2 cores with other processes using ~1.5 of them,
     tiny-llama LoRA (scripts/bench.py's run) trained 108 tokens/s with OpenBLAS's 2 threads and 1,558
-    with this (medians of 3 interleaved runs, the same losses). On an idle machine OpenBLAS keeps its
-    own count. ``busy_seconds`` reads the
-    machine's busy CPU seconds (``machine_busy_seconds``); the process's own use is subtracted."""
+    with this (medians of 3 interleaved runs, the same losses to float32 rounding). On an idle machine
+    OpenBLAS keeps its own count. ``busy_seconds`` reads the machine's busy CPU seconds
+    (``machine_busy_seconds``); the process's own use is subtracted."""
 
     def __init__(self, interval: float = 2.0, busy_seconds: Callable[[], float | None] = machine_busy_seconds):
         self.interval, self.busy_seconds = interval, busy_seconds

@@ -32,7 +32,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from macft.backend import detect
 from macft.config import MethodConfig
 from macft.errors import MacftError
 from macft.families import lookup
@@ -155,6 +154,7 @@ class Plan:
     # None = a plain loss over the whole batch's logits.
     loss_chunk_size: int | None = 0
     compute_bytes: int = 4  # float32 on CPU, bfloat16 (2) on Metal/CUDA
+    polynomial_exp: bool = False  # the loss computes exp by a polynomial (``Backend.scalar_transcendentals``)
     # The options of the other methods, which size their trainable parameters.
     num_virtual_tokens: int = MethodConfig.num_virtual_tokens
     ptuning_hidden_size: int = MethodConfig.ptuning_hidden_size
@@ -422,7 +422,7 @@ def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None) 
         rows = auto_chunk_size(shape.vocab, plan.loss_chunk_size)
         if plan.method != "full":
             vocab_slice = auto_vocab_slice(shape.vocab, min(rows, tokens))
-            copies = FROZEN_HEAD_BLOCK_COPIES + (POLYNOMIAL_EXP_COPIES if detect().scalar_transcendentals else 0)
+            copies = FROZEN_HEAD_BLOCK_COPIES + (POLYNOMIAL_EXP_COPIES if plan.polynomial_exp else 0)
             logits = int(min(rows, tokens) * vocab_slice * 4 * copies)
             if quantized_base(shape, plan):
                 # A quantized head is dequantized one slice at a time, and MLX dequantizes and
@@ -539,10 +539,13 @@ def backend_settings() -> dict[str, Any]:
     from macft.backend import detect
 
     backend = detect()
-    return {"compute_bytes": 2 if backend.compute_dtype in ("bfloat16", "float16") else 4}
+    return {
+        "compute_bytes": 2 if backend.compute_dtype in ("bfloat16", "float16") else 4,
+        "polynomial_exp": backend.scalar_transcendentals,
+    }
 
 
-MAC_SETTINGS = {"compute_bytes": 2}  # Apple Silicon: bfloat16 on Metal
+MAC_SETTINGS = {"compute_bytes": 2, "polynomial_exp": False}  # Apple Silicon: bfloat16 and MLX's exp on Metal
 
 
 def plan_from_recipe(recipe, settings: dict[str, Any] | None = None) -> Plan:

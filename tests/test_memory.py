@@ -178,6 +178,19 @@ def test_parameter_count_is_the_loaded_models(family):
     assert mx.array_equal(drawn, mx.random.normal((4,)))
 
 
+def test_planning_for_a_mac_does_not_count_this_machines_polynomial_exp():
+    """The polynomial exp's extra blocks belong to the backend the plan is for, not the one planning."""
+    from macft.memory import FROZEN_HEAD_BLOCK_COPIES, MAC_SETTINGS
+    from macft.train.losses import auto_vocab_slice
+
+    shape = shape_from_config(family_config("gemma3", 262144, hidden=256, layers=2))
+    plan = Plan(method="lora", batch=2, seq=128, **MAC_SETTINGS)
+    block = 256 * auto_vocab_slice(262144, 256) * 4
+    assert estimate(shape, plan, available_bytes=64 * GIB).parts["logits"] == int(block * FROZEN_HEAD_BLOCK_COPIES)
+    cpu = estimate(shape, Plan(method="lora", batch=2, seq=128, compute_bytes=2, polynomial_exp=True), available_bytes=64 * GIB)
+    assert cpu.parts["logits"] > int(block * FROZEN_HEAD_BLOCK_COPIES)
+
+
 def test_embedded_default_shape_is_gemma3_270m():
     shape = read_model_shape("gemma3-270m")
     assert (shape.family, shape.hidden, shape.layers, shape.vocab) == ("gemma3", 640, 18, 262144)
