@@ -41,6 +41,12 @@ _SYSTEM_OPENBLAS = (
 
 _openblas_path: str | None = None
 
+# MLX orders an evaluation breadth-first up to this many arrays wide, then depth-first (MLX_BFS_MAX_WIDTH,
+# default 20). Each lane of a CPU training step ends in hundreds of gradients: at 20, the first lane's whole
+# graph is queued before the second's, and as MLX queues only a few tasks ahead of the cores, the lanes then
+# run one after the other instead of side by side.
+EVAL_ORDER_WIDTH = 4096
+
 
 def load_openblas() -> str | None:
     """On Linux, load OpenBLAS globally so MLX's BLAS calls resolve to it; must run before ``import mlx``.
@@ -64,6 +70,15 @@ def load_openblas() -> str | None:
             _openblas_path = path
             return path
     return None
+
+
+def widen_eval_order() -> None:
+    """On a CPU, let MLX interleave the lanes of a training step (``EVAL_ORDER_WIDTH``); MLX reads the
+    setting at its first evaluation, and one the user set is kept."""
+    import mlx.core as mx
+
+    if mx.default_device() == mx.cpu:
+        os.environ.setdefault("MLX_BFS_MAX_WIDTH", str(EVAL_ORDER_WIDTH))
 
 
 def loaded_openblas() -> str | None:
@@ -212,10 +227,11 @@ def machine_busy_seconds() -> float | None:
     return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 
-def threads_for_free_cores(cores: int, others: float, most: int) -> int:
-    """BLAS threads for a machine of ``cores`` on which other processes keep ``others`` cores busy:
-    one per free core, at least one and at most ``most`` (OpenBLAS's own count)."""
-    return max(1, min(most, round(cores - others)))
+def threads_for_free_cores(cores: int, others: float, most: int, lanes: int = 1) -> int:
+    """BLAS threads for each of ``lanes`` concurrent callers on a machine of ``cores`` on which other
+    processes keep ``others`` cores busy: the free cores shared out, at least one and at most ``most``
+    (OpenBLAS's own count)."""
+    return max(1, min(most, round(cores - others) // lanes))
 
 
 class BlasThreads:
@@ -225,17 +241,20 @@ class BlasThreads:
     OpenBLAS's threads wait for each other by spinning. Once every core is taken, a matmul stalls
     whenever one of its threads is descheduled: on 2 cores with other processes using ~1.5 of them,
     tiny-llama LoRA (scripts/bench.py's run) trained 108 tokens/s with OpenBLAS's 2 threads and 1,558
-    with this (medians of 3 interleaved runs, the same losses to float32 rounding). On an idle machine
-    OpenBLAS keeps its own count. ``busy_seconds`` reads the machine's busy CPU seconds
-    (``machine_busy_seconds``); the process's own use is subtracted."""
+    with this (medians of 3 interleaved runs, the same losses to float32 rounding). The free cores are
+    shared among ``lanes`` callers that multiply matrices at the same time (a training step's lanes,
+    ``macft.train.loop.Steps``); one caller on an idle machine keeps OpenBLAS's own count.
+    ``busy_seconds`` reads the machine's busy CPU seconds (``machine_busy_seconds``); the process's own
+    use is subtracted."""
 
-    def __init__(self, interval: float = 2.0, busy_seconds: Callable[[], float | None] = machine_busy_seconds):
-        self.interval, self.busy_seconds = interval, busy_seconds
+    def __init__(self, interval: float = 2.0, busy_seconds: Callable[[], float | None] = machine_busy_seconds, lanes: int = 1):
+        self.interval, self.busy_seconds, self.lanes = interval, busy_seconds, lanes
         on_blas = _openblas_path is not None and detect().device == "cpu" and busy_seconds() is not None
         self.lib = ctypes.CDLL(_openblas_path) if on_blas else None
         self.most = self.lib.openblas_get_num_threads() if self.lib else 1
         self.threads = self.most
         self.last: tuple[float, float, float] | None = None  # (machine busy, own CPU, wall) seconds
+        self.set(threads_for_free_cores(os.cpu_count() or 1, 0.0, self.most, lanes))
 
     def adjust(self) -> None:
         """Re-measure once ``interval`` seconds have passed since the last measurement (call it between steps)."""
@@ -246,7 +265,7 @@ class BlasThreads:
             return
         if self.last is not None:
             others = max(0.0, (now[0] - self.last[0]) - (now[1] - self.last[1])) / (now[2] - self.last[2])
-            self.set(threads_for_free_cores(os.cpu_count() or 1, others, self.most))
+            self.set(threads_for_free_cores(os.cpu_count() or 1, others, self.most, self.lanes))
         self.last = now
 
     def set(self, threads: int) -> None:
@@ -259,9 +278,10 @@ class BlasThreads:
 
 
 @contextmanager
-def blas_threads_fitted() -> Iterator[BlasThreads]:
-    """A ``BlasThreads`` for the caller to ``adjust()``; OpenBLAS's own count is restored on the way out."""
-    threads = BlasThreads()
+def blas_threads_fitted(lanes: int = 1) -> Iterator[BlasThreads]:
+    """A ``BlasThreads`` for the caller to ``adjust()``, for ``lanes`` concurrent callers; OpenBLAS's own
+    count is restored on the way out."""
+    threads = BlasThreads(lanes=lanes)
     try:
         yield threads
     finally:
@@ -281,6 +301,9 @@ class Backend:
     # (everywhere but macOS): the frozen-head loss then uses a polynomial exp whose multiply-adds the
     # compiler vectorises (~7x faster), and tanh-GELU is computed through a sigmoid
     scalar_transcendentals: bool
+    # MLX runs each CPU op on one core (BLAS aside), so a CPU step splits its batch into one lane per core,
+    # each on its own stream (macft.train.loop.Steps); a GPU runs one
+    lanes: int = 1
 
     def describe(self) -> str:
         return f"{self.accelerator} · BLAS {self.blas} · compute {self.compute_dtype}"
@@ -302,7 +325,8 @@ def detect() -> Backend:
         blas = "accelerate"
     else:
         blas = "openblas" if _openblas_path else "reference"
-    return Backend("cpu", "cpu", blas, "float32", dequantize_for_matmul=True, scalar_transcendentals=sys.platform != "darwin")
+    transcendentals = sys.platform != "darwin"
+    return Backend("cpu", "cpu", blas, "float32", dequantize_for_matmul=True, scalar_transcendentals=transcendentals, lanes=os.cpu_count() or 1)
 
 
 def compute_dtype():

@@ -99,6 +99,7 @@ class TrainConfig:
     report_every: int = 10
     loss_chunk_size: int = 0  # compute the loss over chunks of this many positions; 0 = auto
     compile: bool = True
+    lanes: int = 0  # CPU: split each batch across this many streams run side by side; 0 = one per core (one for a quantized base)
     objective: Objective = "sft"  # sft, or preference pairs (dpo, orpo, simpo), or rewards (grpo); see align
 
 
@@ -269,6 +270,7 @@ def validate(recipe: Recipe) -> Recipe:
         (0.0 <= recipe.method.dropout < 1.0, "method.dropout must be in [0, 1)."),
         (recipe.train.batch_size > 0, "train.batch_size must be at least 1."),
         (recipe.train.grad_accumulation > 0, "train.grad_accumulation must be at least 1."),
+        (recipe.train.lanes >= 0, "train.lanes must be 0 (one per CPU core) or positive."),
         (recipe.train.learning_rate is None or recipe.train.learning_rate > 0, "train.learning_rate must be positive."),
         (recipe.train.iters >= 0, "train.iters must be 0 (use epochs) or positive."),
         (

@@ -587,8 +587,10 @@ def estimate_recipe(recipe, available_bytes: int | None = None, settings: dict[s
 def loaded_shape(loaded) -> ModelShape:
     """The shape of an already loaded model (``macft.models.load.LoadedModel``), with the stored
     bits of its quantized weights."""
+    from macft.models.quantized import has_quantized_layers
+
     shape = shape_from_config(loaded.config, name=loaded.identity.get("source", str(loaded.path)))
-    if shape.stored_bits is None and _is_quantized(loaded.model):
+    if shape.stored_bits is None and has_quantized_layers(loaded.model):
         shape = dataclasses.replace(shape, stored_bits=_quantized_bits(loaded.model))
     return shape
 
@@ -621,12 +623,6 @@ def step_budget(shape: ModelShape, plan: Plan) -> Callable[[int, int], int]:
         return int(estimate(shape, step, available_bytes=1 << 62).total_bytes * LIMIT_HEADROOM)
 
     return budget
-
-
-def _is_quantized(model) -> bool:
-    import mlx.nn as nn
-
-    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
 
 
 def _quantized_bits(model) -> float:

@@ -122,6 +122,36 @@ def test_preference_loss_and_gradient_match_numpy(tiny_model_dir, objective, opt
         np.testing.assert_allclose(np.array(ours[name]), np.array(theirs[name]), rtol=2e-3, atol=2e-5, err_msg=name)
 
 
+def test_pair_batches_split_across_lanes_sum_to_the_whole(tiny_model_dir):
+    """The loop's lanes split a pair batch by pairs: the parts' losses and gradients, each computed on its
+    own stream, add up to the whole batch's (checked against numpy above)."""
+    model, tokenizer = lora_model(tiny_model_dir)
+    cfg = AlignConfig()
+    batch = pair_batch(tokenizer)
+    loss_fn = PreferenceLoss(cfg, "dpo", chunk_size=8)
+    policy = np.array(full_logit_logps(model, batch), np.float64)
+    with adapters_disabled(model):
+        ref = np.array(full_logit_logps(model, batch), np.float64)
+    expected = numpy_pair_loss("dpo", cfg, policy, ref, np.array(batch.loss_mask.sum(axis=1), np.float64))
+    loss_and_grad = nn.value_and_grad(model, lambda *a: loss_fn(model, *a))
+    (_, _, *whole_stats), whole = loss_and_grad(*loss_fn.prepare(batch))
+    parts = loss_fn.split(batch, 2)
+    assert [p.inputs.shape[0] for p in parts] == [4, 2]  # 2 + 1 pairs
+    results = []
+    for part in parts:
+        with mx.stream(mx.new_stream(mx.default_device())):
+            results.append(loss_and_grad(*loss_fn.prepare(part)))
+    loss = sum(r[0][0].item() for r in results)
+    assert sum(r[0][1].item() for r in results) == 3
+    assert loss == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    for i, stat in enumerate(whole_stats):
+        assert sum(r[0][2 + i].item() for r in results) == pytest.approx(stat.item(), rel=1e-5, abs=1e-5)
+    summed = tree_map(mx.add, results[0][1], results[1][1])
+    ours, theirs = dict(tree_flatten(summed)), dict(tree_flatten(whole))
+    for name in theirs:
+        np.testing.assert_allclose(np.array(ours[name]), np.array(theirs[name]), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
 def test_adapters_off_logps_equal_a_separately_loaded_base(tiny_model_dir):
     model, tokenizer = lora_model(tiny_model_dir)
     batch = pair_batch(tokenizer)

@@ -79,6 +79,9 @@ def test_blas_threads_take_the_free_cores():
     assert threads_for_free_cores(2, 0.3, most=2) == 2
     assert threads_for_free_cores(4, 9.0, most=4) == 1  # never fewer than one
     assert threads_for_free_cores(16, 3.0, most=8) == 8  # never more than OpenBLAS's own count
+    assert threads_for_free_cores(2, 0.3, most=2, lanes=2) == 1  # a step's two lanes multiply at once
+    assert threads_for_free_cores(16, 0.0, most=16, lanes=4) == 4
+    assert threads_for_free_cores(2, 1.5, most=2, lanes=2) == 1
 
 
 class Machine:

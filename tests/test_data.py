@@ -24,6 +24,7 @@ from macft.data import (
     packing_cache,
     plan_padding,
 )
+from macft.data.batching import split_rows
 from macft.data.formats import read_records
 from macft.errors import MacftError
 
@@ -365,6 +366,30 @@ def test_batches_are_deterministic_and_resumable(packing, tokenizer):
         same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
         assert mx.array_equal(mx.where(same, batch.inputs[:, 1:], 0), mx.where(same, batch.targets[:, :-1], 0))
         assert batch.num_tokens == int(batch.loss_mask.sum())
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_split_rows_partitions_a_batch_and_keeps_pairs_whole(packing, tokenizer):
+    """A step's lanes: parts of consecutive rows (or of pairs, chosen rows first) that together hold the
+    whole batch once, at its width."""
+    batch = next(iterate_batches(varied_examples(tokenizer, 30), 5, 48, packing=packing))
+    rows = np.array(batch.inputs)
+    for count in (1, 2, 3, 5, 8):
+        parts = split_rows(batch, count)
+        assert len(parts) == min(count, 5)
+        assert [p.inputs.shape[0] for p in parts] == [len(c) for c in np.array_split(np.arange(5), min(count, 5))]
+        np.testing.assert_array_equal(np.concatenate([np.array(p.inputs) for p in parts]), rows)
+        np.testing.assert_array_equal(np.concatenate([np.array(p.loss_mask) for p in parts]), np.array(batch.loss_mask))
+        if packing:
+            np.testing.assert_array_equal(np.concatenate([np.array(p.segment_ids) for p in parts]), np.array(batch.segment_ids))
+        assert sum(p.num_tokens for p in parts) == batch.num_tokens
+        assert all((p.epoch, p.index) == (batch.epoch, batch.index) for p in parts)
+
+    pairs = next(iterate_batches(varied_examples(tokenizer, 30), 6, 48))  # rows 0-2 chosen, 3-5 their rejected
+    first, second = split_rows(pairs, 2, paired=True)
+    expected = np.array(pairs.targets)
+    np.testing.assert_array_equal(np.array(first.targets), expected[[0, 1, 3, 4]])
+    np.testing.assert_array_equal(np.array(second.targets), expected[[2, 5]])
 
 
 # ---------------------------------------------------------------------------- macft data check

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from macft.backend import BlasThreads
+from macft.backend import BlasThreads, detect
 from macft.config import MethodConfig, Recipe, TrainConfig
 from macft.data import Example, iterate_batches
 from macft.methods import apply_method
 from macft.methods.lora import LoRALinear
 from macft.models.load import load_model
 from macft.train.checkpoint import Checkpoints
-from macft.train.loop import Callback, evaluate, train
+from macft.train.loop import Callback, evaluate, step_lanes, train
 from macft.train.losses import ChunkedLoss, chunked_loss, full_logits_losses, position_losses, selected_positions
 from macft.train.run import run_training
 from macft.train.schedule import build_schedule
@@ -314,6 +314,44 @@ def test_grad_checkpoint_and_accumulation_give_the_same_step(tiny_model_dir):
     assert len(accumulated[0]) == 3 and all(math.isfinite(x) for x in accumulated[0])
 
 
+def test_lanes_train_the_same_steps(tiny_model_dir):
+    """A batch split across lanes (streams computed side by side, evenly or not) trains the steps one
+    lane trains: the same losses and weight updates up to float32 rounding."""
+    examples = random_examples(8, length=40) + random_examples(8, seed=1, length=23)  # padded rows too
+
+    def run(lanes: int) -> tuple[list[float], dict]:
+        mx.random.seed(0)
+        model = apply_method(load_model(str(tiny_model_dir)).model, MethodConfig(rank=4))
+        start = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+        recorder = Recorder()
+        cfg = TrainConfig(iters=4, batch_size=4, learning_rate=0.5, report_every=1, eval_every=0, lanes=lanes)
+        batches = lambda epoch, first: iterate_batches(examples, 4, 64, epoch=epoch, start=first, loop=True)  # noqa: E731
+        # Plain SGD, so that an update is the gradient itself (Adam would magnify rounding in tiny gradients).
+        train(model, optim.SGD(learning_rate=0.5), batches, None, ChunkedLoss(64), cfg, recorder)
+        moved = {k: np.array(v) - start[k] for k, v in tree_flatten(model.trainable_parameters())}
+        return [r["train_loss"] for r in recorder.train], moved
+
+    one, moved = run(1)
+    assert len(one) == 4 and all(np.abs(m).max() > 0 for m in moved.values())
+    for lanes in (2, 3):  # 3 lanes: parts of 2, 1 and 1 rows
+        losses, lane_moved = run(lanes)
+        np.testing.assert_allclose(losses, one, rtol=1e-5)
+        for name, change in moved.items():
+            np.testing.assert_allclose(lane_moved[name], change, rtol=1e-3, atol=1e-4 * np.abs(change).max(), err_msg=name)
+
+
+def test_lanes_follow_cores_batch_and_base(tiny_model_dir):
+    float_model = load_model(str(tiny_model_dir)).model
+    quantized = load_model(str(tiny_model_dir), quantize_bits=4).model
+    cores = detect().lanes
+    assert step_lanes(0, 64, ChunkedLoss(64), float_model) == (cores if detect().device == "cpu" else 1)
+    assert step_lanes(0, 1, ChunkedLoss(64), float_model) == 1  # one row: nothing to split
+    assert step_lanes(3, 2, ChunkedLoss(64), float_model) == 2
+    assert step_lanes(2, 4, ChunkedLoss(64), quantized) == 2  # asked for
+    assert step_lanes(0, 4, ChunkedLoss(64), quantized) == (1 if detect().dequantize_for_matmul else min(cores, 4))
+    assert step_lanes(4, 4, object(), float_model) == 1  # a loss without split (GRPO samples per batch)
+
+
 @pytest.mark.skipif(BlasThreads().lib is None, reason="needs OpenBLAS on the CPU")
 def test_one_blas_thread_trains_the_same_steps(tiny_model_dir):
     """The loop drops OpenBLAS to one thread on a busy machine: that may change float32 rounding (OpenBLAS
@@ -430,7 +468,8 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path):
     model = apply_method(loaded.model, MethodConfig(rank=4))
     recipe = Recipe()
     checkpoints = Checkpoints(tmp_path / "run", recipe, loaded.identity)
-    cfg = TrainConfig(iters=10, batch_size=4, report_every=1, eval_every=0, save_every=1)
+    # One lane: the loss counts its prepare calls as batches.
+    cfg = TrainConfig(iters=10, batch_size=4, report_every=1, eval_every=0, save_every=1, lanes=1)
     examples = random_examples(8)
     result = train(
         model,

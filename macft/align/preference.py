@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from macft.align.logps import sequence_logps, trained_positions
+from macft.data.batching import split_rows
 from macft.config import AlignConfig
 from macft.methods import adapters_disabled
 
@@ -88,6 +89,10 @@ class PreferenceLoss:
     def prepare(self, batch: Any) -> tuple[mx.array, ...]:
         select, targets, weights, rows = trained_positions(batch.targets, batch.loss_mask)
         return batch.inputs, select, targets, weights, rows
+
+    @staticmethod
+    def split(batch: Any, parts: int) -> list:
+        return split_rows(batch, parts, paired=True)
 
     def reference_logps(self, model: nn.Module, arrays: tuple) -> mx.array:
         if self.reference is not None:

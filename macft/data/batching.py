@@ -14,6 +14,7 @@ sees few distinct shapes.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -127,6 +128,29 @@ def build_batch(
         epoch=epoch,
         index=index,
     )
+
+
+def take_rows(batch: Batch, rows: list[int]) -> Batch:
+    """The batch of ``rows`` of ``batch`` (the same width, epoch and index; the padding share is the whole batch's)."""
+    index = mx.array(rows)
+    loss_mask = batch.loss_mask[index]
+    return dataclasses.replace(
+        batch,
+        inputs=batch.inputs[index],
+        targets=batch.targets[index],
+        loss_mask=loss_mask,
+        segment_ids=None if batch.segment_ids is None else batch.segment_ids[index],
+        num_tokens=int(loss_mask.sum().item()),
+    )
+
+
+def split_rows(batch: Batch, parts: int, paired: bool = False) -> list[Batch]:
+    """``batch`` as at most ``parts`` batches of consecutive rows, as even as the row count allows.
+    ``paired``: the first half of the rows pairs with the second (chosen and rejected answers), and
+    every part keeps its pairs whole, in the same layout."""
+    count = batch.inputs.shape[0] // 2 if paired else batch.inputs.shape[0]
+    chunks = [c.tolist() for c in np.array_split(np.arange(count), min(parts, count))]
+    return [take_rows(batch, chunk + [i + count for i in chunk] if paired else chunk) for chunk in chunks]
 
 
 def iterate_batches(

@@ -13,10 +13,11 @@ import mlx.nn as nn
 
 from macft.config import MethodConfig
 from macft.errors import MacftError
+from macft.models.quantized import has_quantized_layers
 
 
 def apply_full(model: nn.Module, cfg: MethodConfig, tokenizer=None) -> nn.Module:
-    if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
+    if has_quantized_layers(model):
         raise MacftError(
             "Full fine-tuning needs a float base model, but this one is quantized; "
             "use --method lora (QLoRA) or load the model without quantization (model.dequantize: true for GGUF)."

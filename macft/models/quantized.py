@@ -22,6 +22,10 @@ from macft.backend import detect
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)
 
 
+def has_quantized_layers(model: nn.Module) -> bool:
+    return any(isinstance(m, QUANTIZED) for _, m in model.named_modules())
+
+
 def float_weight(
     layer: nn.Module, packed: mx.array | None = None, rows: tuple[int, int] | None = None, index: mx.array | None = None
 ) -> mx.array:

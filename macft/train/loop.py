@@ -13,7 +13,8 @@
   averages over something else (pairs, sampled completions: ``macft.align``) returns
   ``(loss sum, count, trained tokens, *stats)`` and ``loss_fn.metrics(stat sums, count) -> dict``,
   which the train and validation reports carry.
-- ``config`` is the recipe's ``TrainConfig`` with ``iters`` resolved (> 0).
+- ``config`` is the recipe's ``TrainConfig`` with ``iters`` resolved (> 0); ``config.lanes`` splits
+  each batch across streams computed side by side (``loss_fn.split(batch, parts)``; see ``Steps``).
 - ``memory_budget(batch, length)`` (optional) caps the memory of each step (see ``Steps``).
 - ``guard`` (optional, ``macft.train.guard.LossGuard``) stops a run whose loss turns NaN, climbs or
   collapses to a uniform guess (stop reason "nan" or "diverged"; no checkpoint of those weights is written).
@@ -46,8 +47,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
-from macft.backend import blas_threads_fitted
+from macft.backend import blas_threads_fitted, detect
 from macft.config import TrainConfig
+from macft.models.quantized import has_quantized_layers
 from macft.train.checkpoint import Checkpoints, Progress
 from macft.train.distributed import World
 from macft.train.guard import LossGuard
@@ -73,6 +75,7 @@ class TrainResult:
     message: str  # one sentence for the user about how the run ended
     compiled: bool
     compile_note: str  # why the step runs uncompiled, when it does
+    lanes: int  # streams each batch was split across
     tokens_per_second: float  # trained tokens per second of step time, compile step excluded
     peak_memory: int  # bytes, mx.get_peak_memory() over this session
     last_train_loss: float | None
@@ -86,6 +89,10 @@ class TrainResult:
 
 class Steps:
     """The compiled (or plain) gradient and update functions for one model and optimizer.
+
+    ``lanes`` streams compute the gradients of a batch's parts side by side (``one_step``): MLX runs an
+    op on one core (BLAS aside), so on a CPU one stream per core keeps every core busy through the
+    elementwise work. The first lane is the default stream; MLX compiles the step once per stream.
 
     ``memory_budget(batch, length)``, when given, is the memory a batch of that shape may use
     (``macft.memory.step_budget``); each gradient step holds MLX's memory limit there. MLX
@@ -102,9 +109,11 @@ class Steps:
         compile: bool,
         memory_budget: Callable[[int, int], int] | None = None,
         world: World = World(),
+        lanes: int = 1,
     ):
         self.model, self.optimizer, self.world = model, optimizer, world
         self.memory_budget = memory_budget
+        self.streams = [mx.default_stream(mx.default_device())] + [mx.new_stream(mx.default_device()) for _ in range(lanes - 1)]
         self.compiled = compile
         self.note = "" if compile else "train.compile is false"
         loss_and_grad = nn.value_and_grad(model, lambda *arrays: loss_fn(model, *arrays))
@@ -127,17 +136,21 @@ class Steps:
         self._compiled = (mx.compile(grad_step, inputs=state, outputs=state), mx.compile(apply_step, inputs=state, outputs=state))
         self._tried = not compile
 
-    def grad(self, arrays: tuple) -> tuple[mx.array, mx.array, dict, list]:
+    def hold_memory(self, rows: int, length: int) -> None:
+        """Set MLX's memory limit for a batch of ``rows`` (all lanes together) padded to ``length``."""
         if self.memory_budget is not None:
-            mx.set_memory_limit(self.memory_budget(*arrays[0].shape[:2]))
+            mx.set_memory_limit(self.memory_budget(rows, length))
+
+    def grads(self, lane_arrays: list[tuple]) -> list[tuple[mx.array, mx.array, dict, list]]:
+        """(loss sum, trained tokens, gradients, stats) of each lane's arrays, built on the lane's stream."""
         if not self.compiled:
-            return self._plain[0](*arrays)
+            return self._on_lanes(self._plain[0], lane_arrays)
         if self._tried:
-            return self._compiled[0](*arrays)
+            return self._on_lanes(self._compiled[0], lane_arrays)
         # The first compiled call traces; a method whose forward cannot be traced falls back.
         params = self.model.parameters()
         try:
-            out = self._compiled[0](*arrays)
+            out = self._on_lanes(self._compiled[0], lane_arrays)
             mx.eval(out)
             self._tried = True
             return out
@@ -145,7 +158,14 @@ class Steps:
             self.model.update(params)
             self.compiled = False
             self.note = f"compilation failed ({str(exc).splitlines()[0][:120]}); running uncompiled"
-            return self._plain[0](*arrays)
+            return self._on_lanes(self._plain[0], lane_arrays)
+
+    def _on_lanes(self, grad_step: Callable, lane_arrays: list[tuple]) -> list:
+        out = []
+        for stream, arrays in zip(self.streams, lane_arrays):
+            with mx.stream(stream):
+                out.append(grad_step(*arrays))
+        return out
 
     def apply(self, grads: dict, loss_sum: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Update the model; returns (loss sum, trained tokens, gradient norm) over all ranks."""
@@ -207,19 +227,36 @@ def deferred_interrupt() -> Iterator[Callable[[], bool]]:
             signal.signal(signum, old)
 
 
+def step_lanes(requested: int, batch_size: int, loss_fn: Any, model: nn.Module) -> int:
+    """Lanes for a step: ``requested``, or when 0 one per core on a CPU, at most one per row (or pair)
+    of a batch; one for a loss that cannot ``split`` its batches. When 0, a quantized base that a CPU
+    dequantizes for its matmuls keeps one lane: each lane would dequantize it again (QLoRA on Gemma 3
+    270M measured 3% faster with two lanes, for 10% more memory)."""
+    if not hasattr(loss_fn, "split"):
+        return 1
+    if not requested and detect().dequantize_for_matmul and has_quantized_layers(model):
+        return 1
+    return min(requested or detect().lanes, batch_size)
+
+
 def one_step(steps: Steps, batches: Iterator, loss_fn: Any, accumulation: int) -> tuple[mx.array, mx.array, mx.array, Any, list]:
     """One optimizer step over ``accumulation`` batches: (loss sum, trained tokens, gradient norm, last
-    batch, summed objective stats), the sums over all ranks."""
+    batch, summed objective stats), the sums over all ranks. With several lanes each batch is split
+    (``loss_fn.split``) and every part's gradients are computed on its own stream; the sums are the same
+    up to float rounding."""
     loss_sum = tokens = grads = stats = None
     for _ in range(accumulation):
         batch = next(batches)
-        micro_loss, micro_tokens, micro_grads, micro_stats = steps.grad(loss_fn.prepare(batch))
-        if grads is None:
-            loss_sum, tokens, grads, stats = micro_loss, micro_tokens, micro_grads, micro_stats
-        else:
-            loss_sum, tokens = loss_sum + micro_loss, tokens + micro_tokens
-            grads = tree_map(mx.add, grads, micro_grads)
-            stats = [a + b for a, b in zip(stats, micro_stats)]
+        parts = loss_fn.split(batch, len(steps.streams)) if len(steps.streams) > 1 else [batch]
+        lane_arrays = [loss_fn.prepare(part) for part in parts]
+        steps.hold_memory(sum(a[0].shape[0] for a in lane_arrays), lane_arrays[0][0].shape[1])
+        for micro_loss, micro_tokens, micro_grads, micro_stats in steps.grads(lane_arrays):
+            if grads is None:
+                loss_sum, tokens, grads, stats = micro_loss, micro_tokens, micro_grads, micro_stats
+            else:
+                loss_sum, tokens = loss_sum + micro_loss, tokens + micro_tokens
+                grads = tree_map(mx.add, grads, micro_grads)
+                stats = [a + b for a, b in zip(stats, micro_stats)]
         mx.eval(loss_sum, tokens, grads, stats)  # keep one batch's graph alive at a time
     loss_sum, tokens, norm = steps.apply(grads, loss_sum, tokens)
     if stats and steps.world.size > 1:
@@ -280,7 +317,8 @@ def train(
         enable_grad_checkpoint(model)
     optimizer.init(model.trainable_parameters())
     model.train()
-    steps = Steps(model, optimizer, loss_fn, config.grad_clip, config.compile, memory_budget, world)
+    lanes = step_lanes(config.lanes, config.batch_size, loss_fn, model)
+    steps = Steps(model, optimizer, loss_fn, config.grad_clip, config.compile, memory_budget, world, lanes)
     batches = train_batches(progress.epoch, progress.index)
     mx.reset_peak_memory()
 
@@ -296,7 +334,7 @@ def train(
         if checkpoints is not None:
             checkpoints.save(kind, model, optimizer if kind == "last" else None, progress)
 
-    with deferred_interrupt() as interrupted, kept_memory_limit(), blas_threads_fitted() as blas:
+    with deferred_interrupt() as interrupted, kept_memory_limit(), blas_threads_fitted(lanes) as blas:
         try:
             while progress.step < config.iters:
                 blas.adjust()
@@ -421,6 +459,7 @@ def _result(progress, stop_reason, message, steps, seconds, tokens, last_loss, l
         message=message,
         compiled=steps.compiled,
         compile_note=steps.note,
+        lanes=len(steps.streams),
         tokens_per_second=tokens / seconds if seconds else 0.0,
         peak_memory=mx.get_peak_memory(),
         last_train_loss=last_loss,

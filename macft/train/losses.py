@@ -35,6 +35,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from macft.backend import detect
+from macft.data.batching import split_rows
 from macft.models.quantized import QUANTIZED, float_weight
 
 # Logits elements per block of rows × vocabulary slice (16 MiB in float32). MLX allocates the
@@ -325,6 +326,11 @@ class ChunkedLoss:
 
         cache = packing_cache(model, segment_ids)
         return chunked_loss(model, inputs, select, targets, weights, chunk_size=self.chunk_size, cache=cache)
+
+    @staticmethod
+    def split(batch: Any, parts: int) -> list:
+        """The batch's rows in ``parts`` (the loop's lanes)."""
+        return split_rows(batch, parts)
 
     def evaluate(self, model: nn.Module, *arrays: mx.array) -> tuple[mx.array, mx.array]:
         """The same loss without the work only gradients need."""

@@ -32,7 +32,7 @@ from macft.config import Recipe, save_recipe
 from macft.errors import DiskFullError, MacftError
 from macft.memory import Estimate, estimate, format_bytes, loaded_shape, plan_from_recipe, step_budget
 from macft.methods import ADAPTER_FILE, apply_method, count_parameters, save_adapter
-from macft.models.quantized import dequantize_for_generation
+from macft.models.quantized import dequantize_for_generation, has_quantized_layers
 from macft.models.tokenizer_cache import LazyTokenizer
 from macft.methods.recompute import RecomputingMLP
 from macft.paths import atomic_path, recover
@@ -393,8 +393,9 @@ def fast_paths(model: nn.Module, result: TrainResult, chunk_size: int) -> list[s
     recomputed = sum(isinstance(m, RecomputingMLP) for _, m in model.named_modules())
     if recomputed:
         paths.append(f"gated MLP activation recomputed in the backward pass ({recomputed} layers)")
-    quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
-    if quantized:
+    if result.lanes > 1:
+        paths.append(f"each batch split across {result.lanes} lanes computed side by side")
+    if has_quantized_layers(model):
         paths.append("quantized base: dequantize + matmul" if backend.dequantize_for_matmul else "quantized base: quantized_matmul")
     return paths
 
