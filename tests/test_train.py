@@ -316,7 +316,7 @@ def test_grad_checkpoint_and_accumulation_give_the_same_step(tiny_model_dir):
 
 def test_lanes_train_the_same_steps(tiny_model_dir):
     """A batch split across lanes (streams computed side by side, evenly or not) trains the steps one
-    lane trains: the same losses and weight updates up to float32 rounding."""
+    lane trains: the same losses, weight updates and validation loss up to float32 rounding."""
     examples = random_examples(8, length=40) + random_examples(8, seed=1, length=23)  # padded rows too
 
     def run(lanes: int) -> tuple[list[float], dict]:
@@ -327,12 +327,13 @@ def test_lanes_train_the_same_steps(tiny_model_dir):
         cfg = TrainConfig(iters=4, batch_size=4, learning_rate=0.5, report_every=1, eval_every=0, lanes=lanes)
         batches = lambda epoch, first: iterate_batches(examples, 4, 64, epoch=epoch, start=first, loop=True)  # noqa: E731
         # Plain SGD, so that an update is the gradient itself (Adam would magnify rounding in tiny gradients).
-        train(model, optim.SGD(learning_rate=0.5), batches, None, ChunkedLoss(64), cfg, recorder)
+        valid = lambda: iterate_batches(examples[::2], 4, 64)  # noqa: E731
+        train(model, optim.SGD(learning_rate=0.5), batches, valid, ChunkedLoss(64), cfg, recorder)
         moved = {k: np.array(v) - start[k] for k, v in tree_flatten(model.trainable_parameters())}
-        return [r["train_loss"] for r in recorder.train], moved
+        return [r["train_loss"] for r in recorder.train] + [recorder.valid[-1]["val_loss"]], moved
 
     one, moved = run(1)
-    assert len(one) == 4 and all(np.abs(m).max() > 0 for m in moved.values())
+    assert len(one) == 5 and all(np.abs(m).max() > 0 for m in moved.values())
     for lanes in (2, 3):  # 3 lanes: parts of 2, 1 and 1 rows
         losses, lane_moved = run(lanes)
         np.testing.assert_allclose(losses, one, rtol=1e-5)

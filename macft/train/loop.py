@@ -277,18 +277,25 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: Any, max_batches: int
 
 
 def evaluate_with_metrics(
-    model: nn.Module, batches: Iterable, loss_fn: Any, max_batches: int = -1, world: World = World()
+    model: nn.Module, batches: Iterable, loss_fn: Any, max_batches: int = -1, world: World = World(), streams: list | None = None
 ) -> tuple[float, dict]:
-    """(mean loss, the objective's metrics) over ``batches``."""
+    """(mean loss, the objective's metrics) over ``batches``; with ``streams`` (a step's lanes) each
+    batch is split across them as training splits it."""
+    streams = streams or [mx.default_stream(mx.default_device())]
     total, tokens, stats = 0.0, 0.0, []
     for i, batch in enumerate(batches):
         if 0 < max_batches <= i:
             break
-        loss_sum, count, *batch_stats = loss_fn.evaluate(model, *loss_fn.prepare(batch))
-        mx.eval(loss_sum, count, batch_stats)
-        total, tokens = total + loss_sum.item(), tokens + count.item()
-        values = [s.item() for s in batch_stats]
-        stats = [a + b for a, b in zip(stats, values)] if stats else values
+        parts = loss_fn.split(batch, len(streams)) if len(streams) > 1 else [batch]
+        lanes = []
+        for stream, part in zip(streams, parts):
+            with mx.stream(stream):
+                lanes.append(loss_fn.evaluate(model, *loss_fn.prepare(part)))
+        mx.eval(lanes)
+        for loss_sum, count, *batch_stats in lanes:
+            total, tokens = total + loss_sum.item(), tokens + count.item()
+            values = [s.item() for s in batch_stats]
+            stats = [a + b for a, b in zip(stats, values)] if stats else values
     if world.size > 1:
         total, tokens, *stats = world.all_sum(mx.array([total, tokens, *stats])).tolist()
     return (total / tokens if tokens else math.nan), objective_metrics(loss_fn, stats, tokens)
@@ -392,7 +399,7 @@ def train(
                 validate_now = config.eval_every > 0 and step % config.eval_every == 0
                 if valid_batches is not None and (validate_now or step == config.iters):
                     model.eval()
-                    last_val, val_metrics = evaluate_with_metrics(model, valid_batches(), loss_fn, config.eval_batches, world)
+                    last_val, val_metrics = evaluate_with_metrics(model, valid_batches(), loss_fn, config.eval_batches, world, steps.streams)
                     model.train()
                     if not math.isfinite(last_val):
                         stop_reason = "nan"
