@@ -73,12 +73,18 @@ def load_openblas() -> str | None:
 
 
 def widen_eval_order() -> None:
-    """On a CPU, let MLX interleave the lanes of a training step (``EVAL_ORDER_WIDTH``); MLX reads the
-    setting at its first evaluation, and one the user set is kept."""
+    """On a CPU, let MLX interleave the lanes of a training step (``EVAL_ORDER_WIDTH``). MLX reads the
+    setting once, at its first evaluation, so one is made here; the variable is then removed again, so
+    programs macft starts (mlx_lm.lora in the benchmark) keep MLX's own order. One the user set is kept."""
     import mlx.core as mx
 
-    if mx.default_device() == mx.cpu:
-        os.environ.setdefault("MLX_BFS_MAX_WIDTH", str(EVAL_ORDER_WIDTH))
+    if mx.default_device() != mx.cpu or "MLX_BFS_MAX_WIDTH" in os.environ:
+        return
+    os.environ["MLX_BFS_MAX_WIDTH"] = str(EVAL_ORDER_WIDTH)
+    try:
+        mx.eval(mx.zeros(1) + 1)
+    finally:
+        del os.environ["MLX_BFS_MAX_WIDTH"]
 
 
 def loaded_openblas() -> str | None:
@@ -325,8 +331,8 @@ def detect() -> Backend:
         blas = "accelerate"
     else:
         blas = "openblas" if _openblas_path else "reference"
-    transcendentals = sys.platform != "darwin"
-    return Backend("cpu", "cpu", blas, "float32", dequantize_for_matmul=True, scalar_transcendentals=transcendentals, lanes=os.cpu_count() or 1)
+    scalar = sys.platform != "darwin"
+    return Backend("cpu", "cpu", blas, "float32", dequantize_for_matmul=True, scalar_transcendentals=scalar, lanes=os.cpu_count() or 1)
 
 
 def compute_dtype():

@@ -74,6 +74,21 @@ def test_faster_blas_goes_first_and_is_remembered(tmp_path, monkeypatch):
     assert backend.faster_first(str(reference), backend.pip_openblas())[0] == backend.pip_openblas()
 
 
+@pytest.mark.parametrize("preset", [None, "64"])
+def test_eval_order_is_widened_for_this_process_only(preset):
+    """MLX reads MLX_BFS_MAX_WIDTH at its first evaluation; macft sets it for itself, never for the
+    programs it starts, and keeps a value the user set."""
+    env = {k: v for k, v in os.environ.items() if k != "MLX_BFS_MAX_WIDTH"}
+    if preset:
+        env["MLX_BFS_MAX_WIDTH"] = preset
+    script = (
+        "import macft, os, subprocess; child = subprocess.run(['env'], capture_output=True, text=True).stdout; "
+        "print(os.environ.get('MLX_BFS_MAX_WIDTH'), child.count('MLX_BFS_MAX_WIDTH='))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == ([preset, "1"] if preset else ["None", "0"])
+
+
 def test_blas_threads_take_the_free_cores():
     assert threads_for_free_cores(2, 1.5, most=2) == 1  # the benchmark machine, shared
     assert threads_for_free_cores(2, 0.3, most=2) == 2
