@@ -96,7 +96,8 @@ def measured_peak(family, method, hidden, layers, vocab, batch, seq, chunk, grad
 
 def case_plan(family, method, hidden, layers, vocab, batch, seq, chunk, grad_checkpoint, lanes=1) -> tuple[ModelShape, Plan]:
     shape = shape_from_config(family_config(family, vocab, hidden=hidden, layers=layers))
-    plan = Plan(method=method, batch=batch, seq=seq, rank=8, loss_chunk_size=chunk, grad_checkpoint=grad_checkpoint, lanes=lanes, **backend_settings())
+    options = {"loss_chunk_size": chunk, "grad_checkpoint": grad_checkpoint, "lanes": lanes}
+    plan = Plan(method=method, batch=batch, seq=seq, rank=8, **options, **backend_settings())
     return shape, plan
 
 

@@ -14,7 +14,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from macft.backend import BlasThreads, detect
-from macft.config import MethodConfig, Recipe, TrainConfig
+from macft.config import MethodConfig, Recipe, TrainConfig, load_recipe
 from macft.data import Example, iterate_batches
 from macft.methods import apply_method
 from macft.methods.lora import LoRALinear
@@ -314,10 +314,13 @@ def test_grad_checkpoint_and_accumulation_give_the_same_step(tiny_model_dir):
     assert len(accumulated[0]) == 3 and all(math.isfinite(x) for x in accumulated[0])
 
 
-def test_lanes_train_the_same_steps(tiny_model_dir):
+@pytest.mark.parametrize("packing", [False, True])
+def test_lanes_train_the_same_steps(tiny_model_dir, packing):
     """A batch split across lanes (streams computed side by side, evenly or not) trains the steps one
     lane trains: the same losses, weight updates and validation loss up to float32 rounding."""
     examples = random_examples(8, length=40) + random_examples(8, seed=1, length=23)  # padded rows too
+    if packing:
+        examples = examples[:4] + random_examples(12, seed=2, length=12)  # rows of several examples
 
     def run(lanes: int) -> tuple[list[float], dict]:
         mx.random.seed(0)
@@ -325,9 +328,9 @@ def test_lanes_train_the_same_steps(tiny_model_dir):
         start = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
         recorder = Recorder()
         cfg = TrainConfig(iters=4, batch_size=4, learning_rate=0.5, report_every=1, eval_every=0, lanes=lanes)
-        batches = lambda epoch, first: iterate_batches(examples, 4, 64, epoch=epoch, start=first, loop=True)  # noqa: E731
+        batches = lambda epoch, first: iterate_batches(examples, 4, 64, packing=packing, epoch=epoch, start=first, loop=True)  # noqa: E731
         # Plain SGD, so that an update is the gradient itself (Adam would magnify rounding in tiny gradients).
-        valid = lambda: iterate_batches(examples[::2], 4, 64)  # noqa: E731
+        valid = lambda: iterate_batches(examples[::2], 4, 64, packing=packing)  # noqa: E731
         train(model, optim.SGD(learning_rate=0.5), batches, valid, ChunkedLoss(64), cfg, recorder)
         moved = {k: np.array(v) - start[k] for k, v in tree_flatten(model.trainable_parameters())}
         return [r["train_loss"] for r in recorder.train] + [recorder.valid[-1]["val_loss"]], moved
@@ -424,6 +427,8 @@ def test_interrupted_run_resumes_exactly(tiny_model_dir, data_dir, tmp_path):
         np.testing.assert_allclose([v for _, v in pieced], [v for _, v in straight], rtol=0, atol=1e-6)
     for name in ("adapters.safetensors", "adapter_config.json", "recipe.yaml", "summary.json", "loss.png"):
         assert (resumed.run_dir / name).exists()
+    # The run's recipe records the lanes it ran, so `macft lora --resume` on another machine splits alike.
+    assert load_recipe(first.run_dir / "recipe.yaml").train.lanes == first.result.lanes == min(detect().lanes, 4)
 
 
 def test_early_stopping_keeps_best_checkpoint(tiny_model_dir, tmp_path):

@@ -403,7 +403,9 @@ def train(
                 validate_now = config.eval_every > 0 and step % config.eval_every == 0
                 if valid_batches is not None and (validate_now or step == config.iters):
                     model.eval()
-                    last_val, val_metrics = evaluate_with_metrics(model, valid_batches(), loss_fn, config.eval_batches, world, steps.streams)
+                    last_val, val_metrics = evaluate_with_metrics(
+                        model, valid_batches(), loss_fn, config.eval_batches, world, steps.streams
+                    )
                     model.train()
                     if not math.isfinite(last_val):
                         stop_reason = "nan"

@@ -40,7 +40,7 @@ from macft.plot import loss_curve_png
 from macft.train.checkpoint import Checkpoints
 from macft.train.distributed import World, check_same, connect, examples_digest, peer_errors, recipe_digest, share_state
 from macft.train.guard import LossGuard
-from macft.train.loop import Callback, TrainResult, train
+from macft.train.loop import Callback, TrainResult, step_lanes, train
 from macft.train.losses import ChunkedLoss, auto_chunk_size, describe_loss, vocab_size
 from macft.train.method_fit import choose_epochs, learning_rate_warning, with_method_learning_rate
 from macft.train.rundir import claim_run_dir
@@ -256,6 +256,8 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
             reference.freeze()
             reference.eval()
     loss_fn = training_loss(model, recipe, loaded.tokenizer if aligning else None, reference)
+    # The run's recipe records its lanes, so a resume (on any machine) splits its batches the same way.
+    recipe = recipe.replace(train={"lanes": step_lanes(cfg.lanes, cfg.batch_size, loss_fn, model)})
 
     checkpoints = Checkpoints(run_dir, recipe, loaded.identity, data_fingerprint(recipe.data)) if world.main else None
     progress = None
