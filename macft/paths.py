@@ -36,6 +36,36 @@ def cache_dir(kind: str) -> Path:
     return path
 
 
+def mark_used(entry: Path) -> None:
+    """Record that a cache entry was just read: its modification time orders ``prune_cache``."""
+    try:
+        os.utime(entry)
+    except OSError:
+        pass  # a read-only cache still serves the entry
+
+
+def prune_cache(folder: Path, budget_bytes: int, keep: Path) -> None:
+    """Delete the least recently used entries of a cache folder until it holds at most ``budget_bytes``.
+
+    ``keep`` (the entry just written) always stays, and so do hidden files (writes in progress). An entry
+    another process deletes or reads meanwhile is harmless: a reader holding it open keeps its data, and
+    a missing entry is built again."""
+    entries = []
+    for path in folder.iterdir():
+        try:
+            if path.is_file() and not path.name.startswith(".") and path != keep:
+                info = path.stat()
+                entries.append((info.st_mtime, info.st_size, path))
+        except OSError:
+            continue
+    total = sum(size for _, size, _ in entries) + (keep.stat().st_size if keep.exists() else 0)
+    for _, size, path in sorted(entries):
+        if total <= budget_bytes:
+            break
+        path.unlink(missing_ok=True)
+        total -= size
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds.

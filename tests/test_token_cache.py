@@ -192,3 +192,39 @@ def test_tokenizer_files_changed_before_the_tokenizer_loads_are_refused(model, d
     with pytest.raises(MacftError, match="changed while macft was running"):
         load_splits(DataConfig(train=str(data)), tokenizer)
     assert list(cache_dir("tokenized").glob("*.pickle")) == []
+
+
+def test_caches_keep_the_most_recently_used_entries_within_their_budget(tmp_path, monkeypatch):
+    """Writing an entry deletes the least recently used ones (a read counts as a use) until the folder
+    fits its budget; the new entry and writes in progress stay."""
+    import os
+
+    import macft.data.token_cache as token_cache
+    from macft.data.templates import Example
+    from macft.paths import prune_cache
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    for name, when in (("old", 1000), ("older", 500), ("recent", 3000), (".writing.tmp", 10)):
+        (folder / name).write_bytes(b"x" * 100)
+        os.utime(folder / name, (when, when))
+    (folder / "new").write_bytes(b"x" * 100)
+    prune_cache(folder, 250, keep=folder / "new")
+    assert sorted(p.name for p in folder.iterdir()) == [".writing.tmp", "new", "recent"]
+
+    monkeypatch.setenv("MACFT_HOME", str(tmp_path / "home"))
+    files = [write_jsonl(tmp_path / f"{i}.jsonl", [{"text": "t" * 50 * (3 - i)}]) for i in range(3)]  # shrinking entries
+
+    def encode(path):
+        return [Example(list(range(len(path.read_text()))), [True] * len(path.read_text()), f"{path.name}:1", "text")]
+
+    entries = cache_dir("tokenized")
+    token_cache.cached_examples(files[0], "k", {}, encode)
+    token_cache.cached_examples(files[1], "k", {}, encode)
+    first, second = (entries / f"{token_cache.entry_key(f, 'k', {})}.pickle" for f in files[:2])
+    os.utime(first, (1000, 1000))
+    os.utime(second, (2000, 2000))
+    token_cache.cached_examples(files[0], "k", {}, encode)  # a read: the first entry is now the recent one
+    monkeypatch.setattr(token_cache, "CACHE_BYTES", first.stat().st_size + second.stat().st_size + 10)
+    token_cache.cached_examples(files[2], "k", {}, encode)
+    assert first.exists() and not second.exists() and len(list(entries.iterdir())) == 2

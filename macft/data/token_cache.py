@@ -12,7 +12,8 @@ encoded examples (at full length: truncation and hold-out run every time, they a
   (chat templates render with it).
 
 Any change gives a new name, so an entry is never stale; entries are written atomically, and one
-that cannot be read is encoded again.
+that cannot be read is encoded again. The folder keeps the most recently used entries within
+``CACHE_BYTES``; older ones are deleted when a new one is written.
 
     examples = cached_examples(path, lazy_tokenizer.key, {"mask_prompt": True}, encode)
 """
@@ -28,9 +29,10 @@ from typing import Callable
 
 from macft.data.templates import Example
 from macft.errors import DiskFullError
-from macft.paths import atomic_path, cache_dir
+from macft.paths import atomic_path, cache_dir, mark_used, prune_cache
 
 PACKAGE = Path(__file__).resolve().parent.parent
+CACHE_BYTES = 1 << 30  # 1 GiB of tokenized files (a 1,000-example file takes about 0.5 MB)
 # macft's code between a data file and its tokens (besides the tokenizer, which its key covers).
 ENCODING_CODE = ("data/formats.py", "data/templates.py", "chat_template.py", "models/tokenizer_cache.py",
                  "models/gguf_import/tokenizer.py", "data/token_cache.py")
@@ -66,7 +68,9 @@ def cached_examples(path: Path, tokenizer_key: str, options: dict, encode: Calla
     entry = cache_dir("tokenized") / f"{key}.pickle"
     try:
         with entry.open("rb") as fh:
-            return [Example(tokens, mask, source, fmt) for tokens, mask, source, fmt in pickle.load(fh)]
+            examples = [Example(tokens, mask, source, fmt) for tokens, mask, source, fmt in pickle.load(fh)]
+        mark_used(entry)
+        return examples
     except FileNotFoundError:
         pass
     except Exception:  # noqa: BLE001  (a damaged entry of our own cache is encoded again below)
@@ -78,6 +82,7 @@ def cached_examples(path: Path, tokenizer_key: str, options: dict, encode: Calla
         try:
             with atomic_path(entry) as tmp:
                 tmp.write_bytes(pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL))
+            prune_cache(entry.parent, CACHE_BYTES, keep=entry)
         except (OSError, DiskFullError):
             pass  # a full or read-only cache: the next run tokenizes again
     return examples

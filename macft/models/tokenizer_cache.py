@@ -5,7 +5,8 @@ transformers' added-token scan, the Rust tokenizer) and walks the vocabulary thr
 is most of a run's start-up on a small model. The finished ``TokenizerWrapper`` is pickled into
 ``<macft home>/tokenizers/`` under a key made of the tokenizer files' contents, the EOS ids asked for,
 and the versions of the libraries whose objects the pickle holds; a changed file or upgraded library
-makes a new key, and a cache that cannot be read is rebuilt.
+makes a new key, and a cache that cannot be read is rebuilt. The folder keeps the most recently used
+tokenizers within ``CACHE_BYTES``; older ones are deleted when a new one is written.
 
 ``LazyTokenizer`` defers even that: a training run whose tokenized data is cached
 (``macft.data.token_cache``) needs no tokenizer before its first step, so it loads one only when
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from macft.errors import DiskFullError, MacftError
-from macft.paths import atomic_path, cache_dir
+from macft.paths import atomic_path, cache_dir, mark_used, prune_cache
 
 # Everything mlx-lm's load_tokenizer reads from a local model folder (tokenizer_config.json names the
 # chat template; config.json is read for the model type's tokenizer defaults).
@@ -34,6 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "chat_template.jinja", "chat_template.json", "config.json", "generation_config.json",
                    "vocab.json", "merges.txt")
 LIBRARIES = ("macft", "mlx-lm", "transformers", "tokenizers")
+CACHE_BYTES = 1 << 30  # 1 GiB of tokenizers (Gemma 3's 262k-word one takes about 18 MB)
 
 
 def cache_key(model_dir: Path, eos_token_ids: Any) -> str:
@@ -66,7 +68,9 @@ def load_tokenizer(model_dir: str | Path, eos_token_ids: Any = None, key: str | 
     cached = cache_dir("tokenizers") / f"{key or cache_key(model_dir, eos_token_ids)}.pickle"
     try:
         with cached.open("rb") as fh:
-            return pickle.load(fh)
+            tokenizer = pickle.load(fh)
+        mark_used(cached)
+        return tokenizer
     except FileNotFoundError:
         pass
     except Exception:  # noqa: BLE001  (a damaged or stale entry of our own cache is rebuilt below)
@@ -77,6 +81,7 @@ def load_tokenizer(model_dir: str | Path, eos_token_ids: Any = None, key: str | 
     try:
         with atomic_path(cached) as tmp:
             tmp.write_bytes(pickle.dumps(tokenizer, protocol=pickle.HIGHEST_PROTOCOL))
+        prune_cache(cached.parent, CACHE_BYTES, keep=cached)
     except (OSError, DiskFullError, pickle.PicklingError, TypeError, AttributeError):
         pass  # a tokenizer that cannot be pickled, or a full or read-only cache, loads the slow way next time
     return tokenizer
