@@ -162,8 +162,6 @@ class Plan:
     adapter_size: int = MethodConfig.adapter_size
     adapter_placement: str = MethodConfig.adapter_placement
     ranks: int = 1  # data-parallel ranks sharing ``batch``; the estimate is per rank
-    lanes: int = 1  # train.lanes (0: one per core, the trainer's choice); each lane holds its own loss block
-    cores: int = 1  # cores a CPU step can run lanes on (``Backend.lanes``; 1 on a GPU)
     objective: str = "sft"  # train.objective: a preference pair is two rows, a GRPO prompt ``samples`` rows
     samples: int = 1  # GRPO's completions per prompt (align.group_size)
 
@@ -373,14 +371,6 @@ def quantized_base(shape: ModelShape, plan: Plan) -> bool:
     return plan.method != "full" and bool(plan.quantize_bits or plan.method == "qlora" or shape.stored_bits)
 
 
-def step_lane_count(shape: ModelShape, plan: Plan) -> int:
-    """The lanes the trainer runs for ``plan`` (``macft.train.loop.lane_count``)."""
-    from macft.train.loop import lane_count
-
-    examples = plan.rank_batch // plan.rows_per_example
-    return lane_count(plan.lanes, plan.cores, examples, plan.objective != "grpo", quantized_base(shape, plan))
-
-
 def weight_bytes(shape: ModelShape, plan: Plan) -> int:
     """The frozen (or, for full, trained) weights at the precision they are held in."""
     bits = plan.quantize_bits or (4 if plan.method == "qlora" else None)
@@ -431,22 +421,15 @@ def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None) 
 
         rows = auto_chunk_size(shape.vocab, plan.loss_chunk_size)
         if plan.method != "full":
-            # Each lane runs its own loss over its share of the batch's positions, side by side.
-            lanes = step_lane_count(shape, plan)
-            lane_tokens = -(-tokens // lanes)
-            vocab_slice = auto_vocab_slice(shape.vocab, min(rows, lane_tokens))
+            vocab_slice = auto_vocab_slice(shape.vocab, min(rows, tokens))
             copies = FROZEN_HEAD_BLOCK_COPIES + (POLYNOMIAL_EXP_COPIES if plan.polynomial_exp else 0)
-            block = int(min(rows, lane_tokens) * vocab_slice * 4 * copies)
-            in_flight = 1
+            logits = int(min(rows, tokens) * vocab_slice * 4 * copies)
             if quantized_base(shape, plan):
                 # A quantized head is dequantized one slice at a time, and MLX dequantizes and
                 # multiplies the next slice while the current block is still alive: two slices in
                 # flight (measured on CPU; Metal multiplies the packed slice directly, so there this
                 # overestimates).
-                block += vocab_slice * shape.hidden * d
-                in_flight = QUANTIZED_HEAD_SLICES_IN_FLIGHT
-            # Every further lane adds one block (measured on CPU with two lanes, tests/test_memory.py).
-            logits = (in_flight + lanes - 1) * block
+                logits = QUANTIZED_HEAD_SLICES_IN_FLIGHT * (logits + vocab_slice * shape.hidden * d)
         else:
             copies = CHUNKED_LOGIT_COPIES if rows >= tokens else MULTI_CHUNK_LOGIT_COPIES
             logits = int(tokens * shape.vocab * 4 * copies)
@@ -559,12 +542,10 @@ def backend_settings() -> dict[str, Any]:
     return {
         "compute_bytes": 2 if backend.compute_dtype in ("bfloat16", "float16") else 4,
         "polynomial_exp": backend.scalar_transcendentals,
-        "cores": backend.lanes,
     }
 
 
-# Apple Silicon: bfloat16, MLX's own exp and one lane on Metal
-MAC_SETTINGS = {"compute_bytes": 2, "polynomial_exp": False, "cores": 1}
+MAC_SETTINGS = {"compute_bytes": 2, "polynomial_exp": False}  # Apple Silicon: bfloat16 and MLX's exp on Metal
 
 
 def plan_from_recipe(recipe, settings: dict[str, Any] | None = None) -> Plan:
@@ -592,7 +573,6 @@ def plan_from_recipe(recipe, settings: dict[str, Any] | None = None) -> Plan:
         adapter_placement=recipe.method.adapter_placement,
         objective=recipe.train.objective,
         samples=recipe.align.group_size,
-        lanes=recipe.train.lanes,
         **(settings if settings is not None else backend_settings()),
     )
 

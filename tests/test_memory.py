@@ -36,13 +36,13 @@ def build(family: str, hidden: int, layers: int, vocab: int):
     return model, config
 
 
-def measured_peak(family, method, hidden, layers, vocab, batch, seq, chunk, grad_checkpoint, budget="trainer", lanes=1) -> int:
+def measured_peak(family, method, hidden, layers, vocab, batch, seq, chunk, grad_checkpoint, budget="trainer") -> int:
     """Peak bytes of a real training step above what was live before the model was built.
 
     With ``chunk`` set, the step is the trainer's own (``macft.train.loop.Steps`` compiled, with
     ``ChunkedLoss``, gradient clipping, AdamW, ``enable_grad_checkpoint`` and the memory limit the
     trainer holds, ``step_budget``; ``budget`` None holds none, a function ``(batch, length) ->
-    bytes`` holds that one instead; ``lanes`` splits the batch as the trainer does); with None, a
+    bytes`` holds that one instead); with None, a
     plain ``nn.value_and_grad`` of a cross-entropy over the full logits and an AdamW update. The
     model is adapted by ``macft.methods.apply_method``, its base quantized to 4 bits for QLoRA the
     way ``load_model(quantize_bits=4)`` does.
@@ -78,9 +78,9 @@ def measured_peak(family, method, hidden, layers, vocab, batch, seq, chunk, grad
             mx.eval(loss, model.parameters(), optimizer.state)
     else:
         loss = ChunkedLoss(auto_chunk_size(vocab, chunk))
-        shape, plan = case_plan(family, method, hidden, layers, vocab, batch, seq, chunk, grad_checkpoint, lanes)
+        shape, plan = case_plan(family, method, hidden, layers, vocab, batch, seq, chunk, grad_checkpoint)
         memory_budget = step_budget(shape, plan) if budget == "trainer" else budget
-        steps = Steps(model, optimizer, loss, grad_clip=1.0, compile=True, memory_budget=memory_budget, lanes=lanes)
+        steps = Steps(model, optimizer, loss, grad_clip=1.0, compile=True, memory_budget=memory_budget)
         data = Batch(inputs, targets, mask, None, batch * seq, 0.0)
 
         def step():
@@ -94,10 +94,9 @@ def measured_peak(family, method, hidden, layers, vocab, batch, seq, chunk, grad
     return mx.get_peak_memory() - before
 
 
-def case_plan(family, method, hidden, layers, vocab, batch, seq, chunk, grad_checkpoint, lanes=1) -> tuple[ModelShape, Plan]:
+def case_plan(family, method, hidden, layers, vocab, batch, seq, chunk, grad_checkpoint) -> tuple[ModelShape, Plan]:
     shape = shape_from_config(family_config(family, vocab, hidden=hidden, layers=layers))
-    options = {"loss_chunk_size": chunk, "grad_checkpoint": grad_checkpoint, "lanes": lanes}
-    plan = Plan(method=method, batch=batch, seq=seq, rank=8, **options, **backend_settings())
+    plan = Plan(method=method, batch=batch, seq=seq, rank=8, loss_chunk_size=chunk, grad_checkpoint=grad_checkpoint, **backend_settings())
     return shape, plan
 
 
@@ -119,18 +118,6 @@ def test_prediction_within_20_percent_of_measured_peak(case):
     shape, plan = case_plan(*case)
     predicted = estimate(shape, plan, available_bytes=64 * GIB).total_bytes
     assert abs(predicted - measured) / measured < 0.20, (predicted, measured)
-
-
-@pytest.mark.parametrize("case", [c for c in CASES if c[7] is not None and c[1] != "full"], ids=lambda c: "-".join(map(str, c)))
-def test_two_lanes_run_within_their_budget(case):
-    """A batch split across two lanes computed side by side, each lane with its own loss blocks: the
-    trainer's budget (a quarter above the prediction) holds the measured peak, so it never makes such a
-    step wait, and the prediction stays within 1.5x of it (lanes out of step often need less)."""
-    measured = measured_peak(*case, lanes=2)
-    shape, plan = case_plan(*case, lanes=2)
-    predicted = estimate(shape, plan, available_bytes=64 * GIB).total_bytes
-    assert measured < step_budget(shape, plan)(case[5], case[6]), (predicted, measured)
-    assert predicted < 1.5 * measured, (predicted, measured)
 
 
 def test_memory_budget_holds_a_step_below_its_free_peak():

@@ -227,20 +227,16 @@ def deferred_interrupt() -> Iterator[Callable[[], bool]]:
             signal.signal(signum, old)
 
 
-def lane_count(requested: int, cores: int, batch_size: int, splittable: bool, dequantized_base: bool) -> int:
-    """The lanes a step runs: ``requested`` (train.lanes), or when 0 one per core (``cores``: 1 on a GPU),
-    at most one per row (or pair) of a batch; one for a loss that cannot split its batches. When 0, a
-    quantized base that the CPU dequantizes in every step keeps one lane: each lane would dequantize it
-    again (QLoRA on Gemma 3 270M measured 3% faster with two lanes, for 10% more memory)."""
-    if not splittable or (not requested and dequantized_base):
-        return 1
-    return max(1, min(requested or cores, batch_size))
-
-
 def step_lanes(requested: int, batch_size: int, loss_fn: Any, model: nn.Module) -> int:
-    """``lane_count`` for this loss and model on this backend."""
-    dequantized = detect().dequantize_for_matmul and has_quantized_layers(model)
-    return lane_count(requested, detect().lanes, batch_size, hasattr(loss_fn, "split"), dequantized)
+    """Lanes for a step: ``requested``, or when 0 one per core on a CPU, at most one per row (or pair)
+    of a batch; one for a loss that cannot ``split`` its batches. When 0, a quantized base that a CPU
+    dequantizes for its matmuls keeps one lane: each lane would dequantize it again (QLoRA on Gemma 3
+    270M measured 3% faster with two lanes, for 10% more memory)."""
+    if not hasattr(loss_fn, "split"):
+        return 1
+    if not requested and detect().dequantize_for_matmul and has_quantized_layers(model):
+        return 1
+    return min(requested or detect().lanes, batch_size)
 
 
 def one_step(steps: Steps, batches: Iterator, loss_fn: Any, accumulation: int) -> tuple[mx.array, mx.array, mx.array, Any, list]:
