@@ -83,10 +83,11 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 60) -> None:
 
 def assert_run_files_whole(run: Path) -> None:
     """Everything `macft lora` leaves in a run directory parses (metrics may end in half a line,
-    which the resume drops)."""
+    which the resume drops). Hidden names are a killed writer's temporaries, whole files or folders
+    (a checkpoint is written into ``.last.PID.*.tmp/`` and renamed), which the next write removes."""
     yaml.safe_load((run / "recipe.yaml").read_text())
     for path in run.rglob("*"):
-        if path.name.startswith("."):
+        if any(part.startswith(".") for part in path.relative_to(run).parts):
             continue
         if path.suffix == ".json":
             json.loads(path.read_text())
