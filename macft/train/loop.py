@@ -39,7 +39,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, Callable, Iterable, Iterator
 
 import mlx.core as mx
@@ -141,16 +141,16 @@ class Steps:
         if self.memory_budget is not None:
             mx.set_memory_limit(self.memory_budget(rows, length))
 
-    def grads(self, lane_arrays: list[tuple]) -> list[tuple[mx.array, mx.array, dict, list]]:
+    def grads(self, lanes: list[tuple]) -> list[tuple[mx.array, mx.array, dict, list]]:
         """(loss sum, trained tokens, gradients, stats) of each lane's arrays, built on the lane's stream."""
         if not self.compiled:
-            return self._on_lanes(self._plain[0], lane_arrays)
+            return on_lanes(self.streams, self._plain[0], lanes)
         if self._tried:
-            return self._on_lanes(self._compiled[0], lane_arrays)
+            return on_lanes(self.streams, self._compiled[0], lanes)
         # The first compiled call traces; a method whose forward cannot be traced falls back.
         params = self.model.parameters()
         try:
-            out = self._on_lanes(self._compiled[0], lane_arrays)
+            out = on_lanes(self.streams, self._compiled[0], lanes)
             mx.eval(out)
             self._tried = True
             return out
@@ -158,14 +158,7 @@ class Steps:
             self.model.update(params)
             self.compiled = False
             self.note = f"compilation failed ({str(exc).splitlines()[0][:120]}); running uncompiled"
-            return self._on_lanes(self._plain[0], lane_arrays)
-
-    def _on_lanes(self, grad_step: Callable, lane_arrays: list[tuple]) -> list:
-        out = []
-        for stream, arrays in zip(self.streams, lane_arrays):
-            with mx.stream(stream):
-                out.append(grad_step(*arrays))
-        return out
+            return on_lanes(self.streams, self._plain[0], lanes)
 
     def apply(self, grads: dict, loss_sum: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Update the model; returns (loss sum, trained tokens, gradient norm) over all ranks."""
@@ -227,6 +220,21 @@ def deferred_interrupt() -> Iterator[Callable[[], bool]]:
             signal.signal(signum, old)
 
 
+def lane_arrays(loss_fn: Any, batch: Any, lanes: int) -> list[tuple]:
+    """The prepared arrays of each lane's part of ``batch`` (``loss_fn.split``)."""
+    parts = loss_fn.split(batch, lanes) if lanes > 1 else [batch]
+    return [loss_fn.prepare(part) for part in parts]
+
+
+def on_lanes(streams: list, fn: Callable, lanes: list[tuple]) -> list:
+    """``fn(*arrays)`` for each lane's arrays, built on the lane's stream (so MLX runs the lanes side by side)."""
+    out = []
+    for stream, arrays in zip(streams, lanes):
+        with mx.stream(stream):
+            out.append(fn(*arrays))
+    return out
+
+
 def step_lanes(requested: int, batch_size: int, loss_fn: Any, model: nn.Module) -> int:
     """Lanes for a step: ``requested``, or when 0 one per core on a CPU, at most one per row (or pair)
     of a batch; one for a loss that cannot ``split`` its batches. When 0, a quantized base that a CPU
@@ -247,10 +255,9 @@ def one_step(steps: Steps, batches: Iterator, loss_fn: Any, accumulation: int) -
     loss_sum = tokens = grads = stats = None
     for _ in range(accumulation):
         batch = next(batches)
-        parts = loss_fn.split(batch, len(steps.streams)) if len(steps.streams) > 1 else [batch]
-        lane_arrays = [loss_fn.prepare(part) for part in parts]
-        steps.hold_memory(sum(a[0].shape[0] for a in lane_arrays), lane_arrays[0][0].shape[1])
-        for micro_loss, micro_tokens, micro_grads, micro_stats in steps.grads(lane_arrays):
+        lanes = lane_arrays(loss_fn, batch, len(steps.streams))
+        steps.hold_memory(sum(arrays[0].shape[0] for arrays in lanes), lanes[0][0].shape[1])
+        for micro_loss, micro_tokens, micro_grads, micro_stats in steps.grads(lanes):
             if grads is None:
                 loss_sum, tokens, grads, stats = micro_loss, micro_tokens, micro_grads, micro_stats
             else:
@@ -286,11 +293,7 @@ def evaluate_with_metrics(
     for i, batch in enumerate(batches):
         if 0 < max_batches <= i:
             break
-        parts = loss_fn.split(batch, len(streams)) if len(streams) > 1 else [batch]
-        lanes = []
-        for stream, part in zip(streams, parts):
-            with mx.stream(stream):
-                lanes.append(loss_fn.evaluate(model, *loss_fn.prepare(part)))
+        lanes = on_lanes(streams, partial(loss_fn.evaluate, model), lane_arrays(loss_fn, batch, len(streams)))
         mx.eval(lanes)
         for loss_sum, count, *batch_stats in lanes:
             total, tokens = total + loss_sum.item(), tokens + count.item()
