@@ -322,6 +322,17 @@ def test_lanes_train_the_same_steps(tiny_model_dir, packing):
     if packing:
         examples = examples[:4] + random_examples(12, seed=2, length=12)  # rows of several examples
 
+    class RowsSeen(ChunkedLoss):
+        """The training loss, noting the rows of every part it prepares."""
+
+        def __init__(self):
+            super().__init__(64)
+            self.rows = []
+
+        def prepare(self, batch):
+            self.rows.append(batch.inputs.shape[0])
+            return super().prepare(batch)
+
     def run(lanes: int) -> tuple[list[float], dict]:
         mx.random.seed(0)
         model = apply_method(load_model(str(tiny_model_dir)).model, MethodConfig(rank=4))
@@ -331,7 +342,10 @@ def test_lanes_train_the_same_steps(tiny_model_dir, packing):
         batches = lambda epoch, first: iterate_batches(examples, 4, 64, packing=packing, epoch=epoch, start=first, loop=True)  # noqa: E731
         # Plain SGD, so that an update is the gradient itself (Adam would magnify rounding in tiny gradients).
         valid = lambda: iterate_batches(examples[::2], 4, 64, packing=packing)  # noqa: E731
-        train(model, optim.SGD(learning_rate=0.5), batches, valid, ChunkedLoss(64), cfg, recorder)
+        loss = RowsSeen()
+        train(model, optim.SGD(learning_rate=0.5), batches, valid, loss, cfg, recorder)
+        # Batches of up to 4 rows reached the loss as the lanes' parts (2 + 2, or 2 + 1 + 1).
+        assert max(loss.rows) == -(-4 // lanes)
         moved = {k: np.array(v) - start[k] for k, v in tree_flatten(model.trainable_parameters())}
         return [r["train_loss"] for r in recorder.train] + [recorder.valid[-1]["val_loss"]], moved
 
