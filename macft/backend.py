@@ -245,9 +245,8 @@ class BlasThreads:
     ``interval`` seconds; nothing happens without a loaded OpenBLAS or without /proc/stat.
 
     OpenBLAS's threads wait for each other by spinning. Once every core is taken, a matmul stalls
-    whenever one of its threads is descheduled: on 2 cores with other processes using ~1.5 of them,
-    tiny-llama LoRA (scripts/bench.py's run) trained 108 tokens/s with OpenBLAS's 2 threads and 1,558
-    with this (medians of 3 interleaved runs, the same losses to float32 rounding). The free cores are
+    whenever one of its threads is descheduled, and a busy machine trains an order of magnitude
+    slower (docs/benchmarks.md); the losses agree to float32 rounding. The free cores are
     shared among ``lanes`` callers that multiply matrices at the same time (a training step's lanes,
     ``macft.train.loop.Steps``); one caller on an idle machine keeps OpenBLAS's own count.
     ``busy_seconds`` reads the machine's busy CPU seconds (``machine_busy_seconds``); the process's own
@@ -302,10 +301,10 @@ class Backend:
     accelerator: str  # "metal", "cuda" or "cpu"
     blas: str  # "openblas", "accelerate", "reference" or "gpu"
     compute_dtype: str  # the float dtype weights are held in for compute
-    dequantize_for_matmul: bool  # CPU quantized_matmul is ~30x slower than dequantize + matmul
+    dequantize_for_matmul: bool  # CPU quantized_matmul is far slower than dequantize + matmul
     # MLX's CPU exp, tanh and pow are scalar library calls (exp ~0.1 G/s) where its SIMD is one lane wide
     # (everywhere but macOS): the frozen-head loss then uses a polynomial exp whose multiply-adds the
-    # compiler vectorises (~7x faster), and tanh-GELU is computed through a sigmoid
+    # compiler vectorises, and tanh-GELU is computed through a sigmoid
     scalar_transcendentals: bool
     # MLX runs each CPU op on one core (BLAS aside), so a CPU step splits its batch into one lane per core,
     # each on its own stream (macft.train.loop.Steps); a GPU runs one

@@ -16,10 +16,11 @@ Nothing here prints: the ``chat`` and ``generate`` commands render what these fu
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from macft.engines import OpenedModel
 from macft.errors import MacftError
 
 
@@ -41,23 +42,6 @@ class Generated:
         return {"prompt": self.prompt, "completion": self.completion, "tokens": self.tokens, "tokens_per_second": self.tokens_per_second}
 
 
-@dataclass
-class OpenedModel:
-    """A loaded base model with the adapter (if any) applied in place."""
-
-    loaded: Any  # macft.models.load.LoadedModel of the base
-    model: Any  # what generates: the base with the adapter applied, or the base itself
-    adapter: Path | None = None
-    adapter_config: dict | None = None
-    warnings: list[str] = field(default_factory=list)
-    # (parent, key, original module) for each base module an adapter replaced, so it can be put back
-    replaced: list[tuple[Any, Any, Any]] = field(default_factory=list)
-
-    @property
-    def tokenizer(self):
-        return self.loaded.tokenizer
-
-
 # ---------------------------------------------------------------------------- loading
 
 
@@ -68,8 +52,8 @@ def open_model(model_spec: str | None, adapter: str | Path | None = None, engine
         from macft.engines.llamacpp import open_llamacpp
 
         return open_llamacpp(model_spec, adapter)
-    from macft.config import DEFAULT_MODEL
     from macft.models.load import load_model
+    from macft.models.spec import DEFAULT_MODEL
     from macft.models.quantized import dequantize_for_generation
     from macft.run_base import load_run_base
 
@@ -86,7 +70,7 @@ def set_adapter(opened: OpenedModel, adapter: str | Path | None) -> None:
 
     A path without adapter files changes nothing; an adapter that fails to load leaves the base.
     """
-    from macft.methods import adapter_files, load_adapter
+    from macft.adapters.files import adapter_files, load_adapter
 
     if adapter is not None:
         adapter_files(Path(adapter))
@@ -147,7 +131,7 @@ def _module_slots(model) -> dict[str, tuple[Any, Any, Any]]:
 def prompt_tokens(tokenizer, messages: list[dict[str, str]], use_chat_template: bool | None = None) -> list[int]:
     """Token ids for ``messages``: through the chat template (with the assistant turn opened) when
     the tokenizer has one, else the system text and the last user message as plain text."""
-    from macft.chat_template import template_tokens
+    from macft.models.chat_template import template_tokens
     from macft.data.templates import uses_chat_template
 
     if uses_chat_template(tokenizer, use_chat_template):

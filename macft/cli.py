@@ -27,7 +27,7 @@ COMMANDS = {
     "doctor": ("macft.commands.doctor", "doctor", "Check this machine's set-up (BLAS speed, llama.cpp, Ollama, caches)."),
 }
 
-# Commands that run a model, and so are ~20x slower on Linux without OpenBLAS.
+# Commands that run a model, and so are many times slower on Linux without OpenBLAS.
 COMPUTE_COMMANDS = {"lora", "generate", "chat", "eval", "fuse", "export", "data"}
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

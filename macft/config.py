@@ -1,10 +1,14 @@
 """The recipe: one typed, frozen dataclass that holds every setting of a run.
 
+Each section is declared by the part of macft that reads it: ``model`` by ``macft.models.load``,
+``data`` by ``macft.data``, ``method`` by the methods (every option any method declares),
+``align`` by the objectives (likewise); ``train``, ``output`` and ``demo`` are declared here.
+
 A recipe is loaded from YAML, then overridden by CLI flags (``--set train.learning_rate=2e-4``
 or first-class flags such as ``--iters``). Loading is strict: an unknown key is an error naming
 the key, and every value is coerced to the declared field type (so ``1e-5`` is a float even
-though YAML reads it as a string). The resolved recipe is saved in the run directory, and
-``fuse``, ``chat`` and ``export`` read it back from there.
+though YAML reads it as a string). ``macft.train.plan`` settles a recipe into the run's frozen
+plan, which is saved in the run directory; ``fuse``, ``chat`` and ``export`` read it back.
 
     recipe = load_recipe("recipes/quickstart.yaml", overrides=["train.iters=50"])
 """
@@ -20,61 +24,21 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from macft.data.splits import DataConfig
 from macft.errors import MacftError
-from macft.method_registry import METHOD_NAMES
+from macft.methods import METHODS, MethodConfig, method_spec
+from macft.models.load import ModelConfig
+from macft.models.spec import DEFAULT_MODEL
+from macft.objectives import OBJECTIVE_NAMES, OBJECTIVES, AlignConfig, objective_named
+from macft.options import names_literal
 from macft.paths import RECIPES_DIR, atomic_path
 
-DEFAULT_MODEL = "gemma3-270m"  # the embedded Gemma 3 270M base (Q4_K_M GGUF package)
+__all__ = [
+    "DEFAULT_MODEL", "AlignConfig", "DataConfig", "DemoConfig", "MethodConfig", "ModelConfig", "OutputConfig", "Recipe",
+    "TrainConfig", "apply_overrides", "from_dict", "load_recipe", "save_recipe", "to_dict", "validate",
+]
 
-Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]  # the names in macft.method_registry
-Objective = Literal["sft", "dpo", "orpo", "simpo", "grpo"]
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    path: str = DEFAULT_MODEL  # hub id, local MLX/HF directory, a .gguf file, or "gemma3-270m"
-    revision: str | None = None  # hub revision
-    quantize_bits: int | None = None  # QLoRA: quantize the frozen base to 4 or 8 bits at load
-    quantize_group_size: int = 64
-    dequantize: bool = False  # GGUF import: a float model instead of exact quantized weights
-    trust_remote_code: bool = False
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    train: str | None = None  # a .jsonl file, or a folder with train.jsonl [valid.jsonl test.jsonl]
-    valid: str | None = None
-    test: str | None = None
-    split_valid: float = 0.0  # hold out this fraction of train as validation when none is given
-    split_seed: int = 0
-    max_seq_length: int = 512
-    mask_prompt: bool = True  # train on completions / assistant turns only
-    use_chat_template: bool | None = None  # None: use it when the tokenizer has one
-    packing: bool = False  # pack several examples per row (attention never crosses them)
-    bucket_by_length: bool = True  # batch examples of similar length to save padding
-
-
-@dataclass(frozen=True)
-class MethodConfig:
-    name: Method = "lora"
-    rank: int = 8
-    alpha: float = 16.0  # LoRA scale = alpha / rank
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    num_layers: int = -1  # adapt (or for "full", train) the last N layers; -1 = all
-    # prompt tuning / P-tuning
-    num_virtual_tokens: int = 20
-    init_text: str | None = None  # initialise soft-prompt embeddings from this text's tokens
-    ptuning_hidden_size: int = 128
-    # prefix tuning
-    prefix_length: int = 16
-    # bottleneck adapters
-    adapter_size: int = 64
-    adapter_placement: Literal["mlp", "attention", "both"] = "mlp"
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+Objective = names_literal(OBJECTIVE_NAMES)
 
 
 @dataclass(frozen=True)
@@ -83,7 +47,7 @@ class TrainConfig:
     epochs: float | Literal["auto"] = 1.0  # "auto": 1-5 passes chosen from the data size and method
     batch_size: int = 4
     grad_accumulation: int = 1
-    learning_rate: float | None = None  # None: the method's usual default (macft.method_registry)
+    learning_rate: float | None = None  # None: the method's usual default (macft.methods)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # the schedule decays to learning_rate * min_lr_ratio
@@ -100,24 +64,19 @@ class TrainConfig:
     loss_chunk_size: int = 0  # compute the loss over chunks of this many positions; 0 = auto
     compile: bool = True
     lanes: int = 0  # CPU: split each batch across this many streams run side by side; 0 = one per core (one for a quantized base)
-    objective: Objective = "sft"  # sft, or preference pairs (dpo, orpo, simpo), or rewards (grpo); see align
+    objective: Objective = "sft"  # what training optimises (macft.objectives): sft, dpo, orpo, simpo, grpo, kto
 
-
-@dataclass(frozen=True)
-class AlignConfig:
-    """Settings of the alignment objectives (``train.objective``); see macft/align/."""
-
-    beta: float = 0.1  # DPO/IPO: KL strength; ORPO: odds-ratio weight; SimPO: reward scale; GRPO: KL weight
-    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
-    label_smoothing: float = 0.0  # DPO/SimPO: the share of pairs assumed mislabelled
-    simpo_gamma: float = 0.5  # SimPO: the target reward margin
-    group_size: int = 4  # GRPO: completions sampled per prompt
-    temperature: float = 1.0  # GRPO: sampling temperature
-    max_completion_tokens: int = 64  # GRPO: longest sampled completion
-    clip_epsilon: float = 0.2  # GRPO: the ratio is clipped to [1 - eps, 1 + eps]
-    # GRPO rewards, summed: built-ins (exact_match[=field], json_valid, json_keys=a,b, regex=PATTERN,
-    # length_penalty=TOKENS) or your own "module:function" / "file.py:function" (completion, example) -> float
-    rewards: tuple[str, ...] = ("exact_match",)
+    def problems(self) -> list[str]:
+        checks = [
+            (self.batch_size > 0, "train.batch_size must be at least 1."),
+            (self.grad_accumulation > 0, "train.grad_accumulation must be at least 1."),
+            (self.lanes >= 0, "train.lanes must be 0 (one per CPU core) or positive."),
+            (self.learning_rate is None or self.learning_rate > 0, "train.learning_rate must be positive."),
+            (self.iters >= 0, "train.iters must be 0 (use epochs) or positive."),
+            (self.iters > 0 or self.epochs == "auto" or self.epochs > 0, "set train.iters or train.epochs above 0 (or train.epochs: auto)."),
+            (self.warmup_steps >= 0, "train.warmup_steps must be 0 or more."),
+        ]
+        return [message for ok, message in checks if not ok]
 
 
 @dataclass(frozen=True)
@@ -208,13 +167,22 @@ def _resolve_data_paths(raw: dict[str, Any], recipe_dir: Path) -> None:
             value = values.get(key)
             if isinstance(value, str) and not Path(value).is_absolute() and (recipe_dir / value).exists():
                 values[key] = str((recipe_dir / value).resolve())
-    align = raw.get("align")
-    if isinstance(align, dict) and isinstance(align.get("rewards"), list):
-        # A reward function in a file next to the recipe ("rewards.py:score") resolves like data.
-        for i, spec in enumerate(align["rewards"]):
-            target, colon, function = str(spec).rpartition(":")
-            if colon and target.endswith(".py") and not Path(target).is_absolute() and (recipe_dir / target).is_file():
-                align["rewards"][i] = f"{(recipe_dir / target).resolve()}:{function}"
+    # Options that name files (GRPO's "rewards.py:score") resolve the same way, as their owner says.
+    for section, options in (("method", method_options()), ("align", align_options())):
+        values = raw.get(section)
+        if not isinstance(values, dict):
+            continue
+        for option in options:
+            if option.resolve is not None and option.name in values:
+                values[option.name] = option.resolve(values[option.name], recipe_dir)
+
+
+def method_options() -> list:
+    return [o for spec in METHODS.values() for o in spec.options]
+
+
+def align_options() -> list:
+    return [o for objective in OBJECTIVES.values() for o in objective.options]
 
 
 def from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
@@ -264,50 +232,28 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
 
 
 def validate(recipe: Recipe) -> Recipe:
-    """Checks that span fields; each failure names the key to change."""
-    checks = [
-        (recipe.method.rank > 0, "method.rank must be a positive integer."),
-        (0.0 <= recipe.method.dropout < 1.0, "method.dropout must be in [0, 1)."),
-        (recipe.train.batch_size > 0, "train.batch_size must be at least 1."),
-        (recipe.train.grad_accumulation > 0, "train.grad_accumulation must be at least 1."),
-        (recipe.train.lanes >= 0, "train.lanes must be 0 (one per CPU core) or positive."),
-        (recipe.train.learning_rate is None or recipe.train.learning_rate > 0, "train.learning_rate must be positive."),
-        (recipe.train.iters >= 0, "train.iters must be 0 (use epochs) or positive."),
-        (
-            recipe.train.iters > 0 or recipe.train.epochs == "auto" or recipe.train.epochs > 0,
-            "set train.iters or train.epochs above 0 (or train.epochs: auto).",
-        ),
-        (recipe.data.max_seq_length >= 8, "data.max_seq_length must be at least 8."),
-        (0.0 <= recipe.data.split_valid < 1.0, "data.split_valid must be a fraction in [0, 1)."),
-        (recipe.model.quantize_bits in (None, 2, 3, 4, 5, 6, 8), "model.quantize_bits must be 4 or 8 (or 2, 3, 5, 6)."),
-        (recipe.model.quantize_group_size in (32, 64, 128), "model.quantize_group_size must be 32, 64 or 128."),
-        (recipe.method.num_virtual_tokens >= 0, "method.num_virtual_tokens must be 0 or more."),
-        (recipe.method.prefix_length > 0, "method.prefix_length must be at least 1."),
-        (recipe.method.adapter_size > 0, "method.adapter_size must be at least 1."),
-        (
-            not (recipe.data.packing and recipe.method.name in ("prompt", "ptuning", "prefix")),
-            "prompt, P- and prefix tuning need one example per row; set data.packing: false.",
-        ),
-        (recipe.train.warmup_steps >= 0, "train.warmup_steps must be 0 or more."),
-        (recipe.align.beta > 0, "align.beta must be positive."),
-        (0.0 <= recipe.align.label_smoothing < 0.5, "align.label_smoothing must be in [0, 0.5)."),
-        (recipe.align.group_size >= 2, "align.group_size must be at least 2 (GRPO compares completions within a group)."),
-        (recipe.align.max_completion_tokens >= 1, "align.max_completion_tokens must be at least 1."),
-        (
-            recipe.train.objective == "sft" or not recipe.data.packing,
-            "alignment objectives score whole answers one per row; set data.packing: false.",
-        ),
+    """Every section's checks, and those that span sections; each failure names the key to change."""
+    method, objective = method_spec(recipe.method.name), objective_named(recipe.train.objective)
+    problems = [
+        *recipe.model.problems(),
+        *recipe.data.problems(),
+        *method.problems(recipe.method),
+        *recipe.train.problems(),
+        *objective.problems(recipe.align),
     ]
+    if recipe.data.packing and method.packing_refused:
+        problems.append(f"{method.title} cannot train on packed rows: {method.packing_refused}; set data.packing: false.")
+    if recipe.data.packing and not objective.data.packing:
+        problems.append(f"{objective.title} scores whole {objective.data.name} one per row; set data.packing: false.")
     finite = [
-        (math.isfinite(value), f"{section.name}.{key} must be a finite number, not {value}.")
+        f"{section.name}.{key} must be a finite number, not {value}."
         for section in dataclasses.fields(recipe)
         if dataclasses.is_dataclass(getattr(recipe, section.name))
         for key, value in vars(getattr(recipe, section.name)).items()
-        if isinstance(value, float)
+        if isinstance(value, float) and not math.isfinite(value)
     ]
-    for ok, message in finite + checks:
-        if not ok:
-            raise MacftError(f"Invalid recipe '{recipe.name}': {message}")
+    for message in finite + problems:
+        raise MacftError(f"Invalid recipe '{recipe.name}': {message}")
     return recipe
 
 

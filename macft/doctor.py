@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from macft import backend
-from macft.discovery import hf_cache_dir, ollama_dir
-from macft.memory import format_bytes
+from macft.models.spec import hf_cache_dir, ollama_dir
+from macft.units import format_bytes
 from macft.paths import macft_home
 
 @dataclass(frozen=True)

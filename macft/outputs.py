@@ -17,8 +17,6 @@ from typing import Callable, Iterable
 
 from macft.errors import MacftError
 
-GGUF_COMMAND_KEY = "macft.command"  # GGUF metadata key naming the macft command that wrote the file
-MODELFILE_MARK = "# Written by `macft export gguf`; it replaces this file when asked to write it again."
 
 
 def check_output(
@@ -59,20 +57,3 @@ def check_output(
 def has_record(record_name: str) -> Callable[[Path], bool]:
     """A recogniser for folders that hold macft's record file ``record_name``."""
     return lambda folder: (Path(folder) / record_name).is_file()
-
-
-def is_exported_gguf(path: Path) -> bool:
-    """Whether ``path`` is a GGUF that ``macft export gguf`` wrote (its metadata says so)."""
-    from macft.models.gguf_import.reader import read_gguf
-
-    try:
-        return read_gguf(path).metadata.get(GGUF_COMMAND_KEY) == "export gguf"
-    except MacftError:
-        return False
-
-
-def is_exported_modelfile(path: Path) -> bool:
-    try:
-        return MODELFILE_MARK in Path(path).read_text(errors="replace").splitlines()
-    except OSError:
-        return False

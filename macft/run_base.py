@@ -28,7 +28,7 @@ class RecordedBase:
 
 def recorded_base(run_dir: str | Path) -> RecordedBase:
     """The base recorded in a run directory (recipe.yaml, else adapter_config.json)."""
-    from macft.methods import adapter_files
+    from macft.adapters.files import adapter_files
 
     weights, config_file = adapter_files(Path(run_dir))
     config = json.loads(config_file.read_text())

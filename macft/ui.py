@@ -25,19 +25,9 @@ from rich.table import Table
 from rich.text import Text
 
 from macft import phases
+from macft.units import format_bytes
 
 SPARKS = "▁▂▃▄▅▆▇█"
-# An alignment objective's own report values (macft.align), in the order they are shown.
-OBJECTIVE_METRICS = {
-    "accuracy": ("pref acc", "{:.0%}"),
-    "reward_margin": ("margin", "{:+.3f}"),
-    "chosen_logps": ("logp chosen", "{:.1f}"),
-    "rejected_logps": ("logp rejected", "{:.1f}"),
-    "reward_mean": ("reward", "{:.3f}"),
-    "reward_std": ("reward std", "{:.3f}"),
-    "kl": ("kl", "{:.4f}"),
-    "completion_length": ("length", "{:.1f}"),
-}
 
 
 def console() -> Console:
@@ -53,25 +43,18 @@ def sparkline(values: list[float], width: int = 24) -> str:
     return "".join(SPARKS[int((v - low) / span * (len(SPARKS) - 1))] for v in values)
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def objective_text(info: dict, prefix: str = "") -> str:
-    """``pref acc 62%  margin +0.210 …`` from a report's objective values ("" for SFT)."""
+def metrics_text(metrics: tuple, info: dict, prefix: str = "") -> str:
+    """``pref acc 62%  margin +0.210 …``: an objective's report values (``macft.objectives.base.Metric``)
+    found in ``info``; "" when it reports none. A spread ("_std") follows its mean with ±."""
     parts = []
-    for key, (label, fmt) in OBJECTIVE_METRICS.items():
-        if prefix + key not in info:
+    for metric in metrics:
+        if prefix + metric.key not in info:
             continue
-        value = fmt.format(info[prefix + key])
-        if key == "reward_std" and parts:
+        value = metric.format.format(info[prefix + metric.key])
+        if metric.key.endswith("_std") and parts:
             parts[-1] += f" ± {value}"
         else:
-            parts.append(f"{label} {value}")
+            parts.append(f"{metric.label} {value}")
     return "  ".join(parts)
 
 
@@ -131,8 +114,9 @@ class TrainingView:
     """The loop's callback (``macft.train.loop.Callback`` protocol) that renders progress; while
     entered it also reports ``macft.phases`` (model loading, a GGUF import) in its own panel."""
 
-    def __init__(self, title: str = "training", out: Console | None = None, quiet: bool = False):
+    def __init__(self, title: str = "training", out: Console | None = None, quiet: bool = False, metrics: tuple = ()):
         self.title = title
+        self.metrics = metrics  # the objective's report values (macft.objectives.base.Metric)
         self.out = out or console()
         self.quiet = quiet
         self.live_mode = self.out.is_terminal and not quiet
@@ -186,7 +170,7 @@ class TrainingView:
                 f"step {info['step']}/{info['iters']}  loss {info['train_loss']:.4f}  "
                 f"lr {info['learning_rate']:.2e}  {throughput(info)}  "
                 f"peak {format_bytes(info['peak_memory'])}  elapsed {format_seconds(info['elapsed'])}"
-                + (f"  {objective_text(info)}" if objective_text(info) else ""),
+                + (f"  {metrics_text(self.metrics, info)}" if metrics_text(self.metrics, info) else ""),
                 markup=False,
             )
 
@@ -196,7 +180,7 @@ class TrainingView:
             self.live.refresh()
         elif not self.quiet:
             mark = " (best)" if info["improved"] else ""
-            extra = objective_text(info, "val_")
+            extra = metrics_text(self.metrics, info, "val_")
             self.out.print(f"step {info['step']}  val loss {info['val_loss']:.4f}{mark}" + (f"  {extra}" if extra else ""), markup=False)
 
     def _panel(self) -> Table:
@@ -217,10 +201,10 @@ class TrainingView:
         if self.valid:
             best = self.valid["best_val_loss"]
             table.add_row("val loss", f"{self.valid['val_loss']:.4f}  (best {best:.4f})" if best is not None else f"{self.valid['val_loss']:.4f}")
-        if objective_text(info):
-            table.add_row("objective", objective_text(info))
-        if self.valid and objective_text(self.valid, "val_"):
-            table.add_row("held out", objective_text(self.valid, "val_"))
+        if metrics_text(self.metrics, info):
+            table.add_row("objective", metrics_text(self.metrics, info))
+        if self.valid and metrics_text(self.metrics, self.valid, "val_"):
+            table.add_row("held out", metrics_text(self.metrics, self.valid, "val_"))
         table.add_row("tokens/s", throughput(info))
         table.add_row("learning rate", f"{info['learning_rate']:.2e}")
         table.add_row("time", f"{format_seconds(info['elapsed'])} elapsed · {format_seconds(info['eta'])} left")
@@ -357,12 +341,10 @@ def show_demo(demo: Any, out: Console | None = None) -> None:
 
 def show_estimate(result: Any, memory_gb: float | None) -> None:
     """A memory plan (a ``macft.memory.Estimate``) as a table, then whether it fits and why."""
-    from macft.memory import format_bytes
-
     plan = result.plan
     where = f"a {memory_gb:g} GB Mac" if memory_gb is not None else "this machine"
     title = f"{result.model} · {plan.method} · batch {plan.batch} × {plan.seq} tokens"
-    if plan.objective != "sft":
+    if plan.rows_per_example > 1:
         title += f" · {plan.objective}: {plan.rank_batch} rows"
     if plan.ranks > 1:
         title += f" over {plan.ranks} ranks · per rank: {plan.rank_batch} rows"
@@ -433,22 +415,15 @@ def show_data_report(report: Any, path: str, model: str) -> None:
         out.print(text)
 
 
-def show_alignment_data(report: Any, path: str, model: str) -> None:
-    """``macft data check`` on preference pairs or GRPO prompts (a ``macft.align.check.AlignDataReport``)."""
+def show_table_report(report: Any, path: str, model: str) -> None:
+    """``macft data check`` on pairs, prompts or feedback: a report with ``table()`` (columns, a row per
+    split, the columns whose non-zero counts deserve a look)."""
     out = console()
     out.print(f"[bold]{path}[/bold] ({report.kind}) with the tokenizer of [bold]{model}[/bold], max_seq_length {report.max_seq_length}")
-    if report.kind == "pairs":
-        table = Table("split", "pairs", "chosen tokens (mean/max)", "rejected tokens (mean/max)", "truncated", "dropped",
-                      "identical", "duplicates", show_edge=False)
-        for name, split in report.splits.items():
-            c, r = split.chosen_lengths, split.rejected_lengths
-            table.add_row(name, str(split.pairs), f"{c['mean']:.1f}/{c['max']}", f"{r['mean']:.1f}/{r['max']}",
-                          _flagged(split.truncated), _flagged(split.dropped), _flagged(split.identical), _flagged(split.duplicates))
-    else:
-        table = Table("split", "prompts", "tokens (mean/max)", "fields for the rewards", show_edge=False)
-        for name, split in report.splits.items():
-            fields = ", ".join(f"{k} {n}" for k, n in sorted(split.fields.items())) or "none"
-            table.add_row(name, str(split.prompts), f"{split.lengths['mean']:.1f}/{split.lengths['max']}", fields)
+    columns, rows, flagged = report.table()
+    table = Table(*columns, show_edge=False)
+    for row in rows:
+        table.add_row(*(_flagged(v) if c in flagged else str(v) for c, v in zip(columns, row)))
     out.print(table)
 
 

@@ -72,7 +72,7 @@ def method_plan(method: str, ranks: int = 1):
     from macft.memory import MAC_SETTINGS, Plan
 
     # Adapters (LoRA, QLoRA) are float32, so are their gradients; full fine-tuning keeps bfloat16 on a Mac.
-    return Plan(method=method, batch=8, seq=1024, rank=8, ranks=ranks, **MAC_SETTINGS)
+    return Plan(method=method, batch=8, seq=1024, ranks=ranks, **MAC_SETTINGS)
 
 
 def gradient_bytes(shape, method: str) -> int:
@@ -90,7 +90,8 @@ def ring_allreduce_seconds(nbytes: int, ranks: int, link: dict) -> float:
 
 
 def projection() -> list[dict]:
-    from macft.memory import estimate, replica_bytes, shape_from_config, trainable_params
+    from macft.memory import estimate, replica_bytes, trainable_params
+    from macft.models.shape import shape_from_config
 
     rows = []
     for size, config in MODELS.items():
@@ -204,7 +205,8 @@ def main() -> None:
 
     import macft  # noqa: F401  (OpenBLAS before MLX)
     from macft.backend import detect
-    from macft.memory import shape_from_config, trainable_params
+    from macft.memory import trainable_params
+    from macft.models.shape import shape_from_config
     from macft.methods import count_parameters
 
     results: dict = {"assumed": ASSUMED, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "backend": detect().describe()}}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import macft  # noqa: F401  (loads OpenBLAS before mlx is imported)
 from macft.config import DEFAULT_MODEL, Recipe, apply_overrides, validate
-from macft.method_registry import method_spec
+from macft.methods import method_spec
 from macft.paths import PROJECT_ROOT, atomic_path
 
 # method -> (recipe method name, 4-bit base, method options). Each trains at its registry learning rate
@@ -63,16 +63,19 @@ def method_recipe(key: str, args: argparse.Namespace, stamp: str) -> Recipe:
 
 def base_row(args: argparse.Namespace) -> dict:
     """The untrained base model's loss on the validation batches every method is scored on."""
-    from macft.data import iterate_batches, load_splits
+    from macft.data.examples import EXAMPLES
+    from macft.models.head import auto_chunk_size, vocab_size
+    from macft.objectives.sft import SupervisedLoss
     from macft.train.loop import evaluate
-    from macft.train.run import batching_options, load_base, training_loss
+    from macft.train.plan import load_base
 
     recipe = method_recipe("lora", args, "base")
     print(f"[{BASE}] validation loss of the untrained model ...", flush=True)
     loaded = load_base(recipe)
-    valid = load_splits(recipe.data, loaded.tokenizer).valid
-    batches = iterate_batches(valid, recipe.train.batch_size, recipe.data.max_seq_length, **batching_options(recipe))
-    val_loss = evaluate(loaded.model, batches, training_loss(loaded.model, recipe), recipe.train.eval_batches)
+    splits = EXAMPLES.load(recipe.data, loaded.tokenizer, recipe.align)
+    batches = EXAMPLES.batches(splits, recipe.data, batch_size=recipe.train.batch_size, seed=recipe.train.seed).valid()
+    loss = SupervisedLoss(auto_chunk_size(vocab_size(loaded.model), recipe.train.loss_chunk_size))
+    val_loss = evaluate(loaded.model, batches, loss, recipe.train.eval_batches)
     return {"method": BASE, "trainable_parameters": 0, "peak_memory_bytes": None, "tokens_per_second": None,
             "val_loss": val_loss, "train_loss": None, "learning_rate": None, "run_dir": None}
 

@@ -1,4 +1,4 @@
-"""Generate the alignment demos' data: a preference task (DPO/ORPO/SimPO) and a GRPO prompt set.
+"""Generate the alignment demos' data: a preference task (DPO/ORPO/SimPO, and as feedback for KTO) and a GRPO prompt set.
 
 Both reuse the quickstart's sentences about people (``make_demo_data.py``):
 
@@ -8,6 +8,8 @@ Both reuse the quickstart's sentences about people (``make_demo_data.py``):
   nothing but the rule tells chosen from rejected: both colours are chosen equally often (one token
   each), and the question names them in either order. The base answers with the colour named first,
   so it starts at chance, and what DPO teaches shows in its greedy answers.
+- ``recipes/data/prefer-city-kto``: the same questions as unpaired feedback for KTO, each with one
+  answer labelled desirable (the rule's colour) or undesirable (the other), half of each.
 - ``recipes/data/grpo-age``: "Sentence: …\\nAge:" prompts with the age as ``answer``; the recipe's
   reward (``rewards.py``) pays for the right number alone on the first line (" 46", not " 46 years").
 
@@ -47,6 +49,14 @@ def pair(rng: random.Random, templates: list[str], index: int) -> dict:
     return {"prompt": prompt, "chosen": f" {chosen} team.", "rejected": f" {rejected} team."}
 
 
+def feedback(rng: random.Random, templates: list[str], index: int) -> dict:
+    """A pair's prompt with one of its answers: the chosen one labelled desirable on every other line,
+    the rejected one labelled undesirable on the rest."""
+    row = pair(rng, templates, index // 2 * 2 + rng.randint(0, 1))
+    desirable = index % 2 == 0
+    return {"prompt": row["prompt"], "completion": row["chosen" if desirable else "rejected"], "label": desirable}
+
+
 def age_prompt(rng: random.Random, templates: list[str], index: int) -> dict:
     _, _, age, sentence = person(rng, templates)
     return {"prompt": f"Sentence: {sentence}\nAge:", "answer": str(age)}
@@ -80,6 +90,7 @@ def main() -> None:
     datasets = {
         "prefer-city": make_splits(pair, args.seed, train=256, valid=32, test=40),
         "grpo-age": make_splits(age_prompt, args.seed + 1, train=128, valid=24, test=24),
+        "prefer-city-kto": make_splits(feedback, args.seed + 2, train=256, valid=32, test=40),
     }
     for folder, splits in datasets.items():
         (args.out / folder).mkdir(parents=True, exist_ok=True)

@@ -16,16 +16,17 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from macft.align.data import build_alignment_batch
-from macft.align.grpo import group_advantages, token_objective
-from macft.align.logps import sequence_logps
-from macft.align.preference import PreferenceLoss
-from macft.align.rewards import load_reward, load_rewards, score
 from macft.config import AlignConfig, MethodConfig, Recipe
 from macft.data import Encoder, read_records
-from macft.data.preference import encode_pair, parse_pair, parse_prompt
+from macft.data.pairs import build_pair_batch, encode_pair, parse_pair
+from macft.data.prompts import parse_prompt
 from macft.errors import MacftError
 from macft.methods import adapters_disabled, apply_method
+from macft.objectives import OBJECTIVES
+from macft.objectives.base import LossContext
+from macft.objectives.grpo import group_advantages, token_objective
+from macft.objectives.rewards import load_reward, load_rewards, score
+from macft.objectives.sequences import sequence_logps
 from macft.models.load import load_model
 from macft.train.loop import Callback
 from macft.train.run import run_training
@@ -48,10 +49,15 @@ def lora_model(model_dir, seed=1):
     return model, loaded.tokenizer
 
 
+def objective_loss(objective, cfg, chunk_size, reference=None):
+    """The loop's loss of ``objective`` (a preference objective needs no model or tokenizer to be built)."""
+    return OBJECTIVES[objective].loss(LossContext(None, cfg, None, chunk_size, reference))
+
+
 def pair_batch(tokenizer, rows=PAIRS[:3]):
     encoder = Encoder(tokenizer, use_chat_template=False)
     pairs = [encode_pair(encoder, parse_pair(json.dumps(r), f"t:{i}")) for i, r in enumerate(rows)]
-    return build_alignment_batch(pairs, list(range(len(pairs))), 64)
+    return build_pair_batch(pairs, list(range(len(pairs))), 64)
 
 
 def full_logit_logps(model, batch) -> mx.array:
@@ -93,7 +99,7 @@ def test_preference_loss_and_gradient_match_numpy(tiny_model_dir, objective, opt
     model, tokenizer = lora_model(tiny_model_dir)
     cfg = AlignConfig(**options)
     batch = pair_batch(tokenizer)
-    loss_fn = PreferenceLoss(cfg, objective, chunk_size=8)  # several chunks and vocabulary slices
+    loss_fn = objective_loss(objective, cfg, chunk_size=8)  # several chunks and vocabulary slices
     arrays = loss_fn.prepare(batch)
 
     policy = np.array(full_logit_logps(model, batch), np.float64)
@@ -128,7 +134,7 @@ def test_pair_batches_split_across_lanes_sum_to_the_whole(tiny_model_dir):
     model, tokenizer = lora_model(tiny_model_dir)
     cfg = AlignConfig()
     batch = pair_batch(tokenizer)
-    loss_fn = PreferenceLoss(cfg, "dpo", chunk_size=8)
+    loss_fn = objective_loss("dpo", cfg, chunk_size=8)
     policy = np.array(full_logit_logps(model, batch), np.float64)
     with adapters_disabled(model):
         ref = np.array(full_logit_logps(model, batch), np.float64)
@@ -155,7 +161,7 @@ def test_pair_batches_split_across_lanes_sum_to_the_whole(tiny_model_dir):
 def test_adapters_off_logps_equal_a_separately_loaded_base(tiny_model_dir):
     model, tokenizer = lora_model(tiny_model_dir)
     batch = pair_batch(tokenizer)
-    arrays = PreferenceLoss(AlignConfig(), "dpo", chunk_size=8).prepare(batch)
+    arrays = objective_loss("dpo", AlignConfig(), chunk_size=8).prepare(batch)
     base = load_model(str(tiny_model_dir)).model
     expected, _ = sequence_logps(base, arrays, chunk_size=8, training=False)
     with adapters_disabled(model):

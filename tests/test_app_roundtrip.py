@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from macft.cli import cli
-from macft.discovery import find_models, resolve_app_model
+from macft.discovery import find_models
+from macft.models.spec import resolve_app_model
 from macft.errors import MacftError
 from macft.export.pipeline import export_gguf
 

@@ -14,7 +14,8 @@ from macft.chat import ChatSession, Sampling, open_model, parse, set_adapter
 from macft.cli import cli
 from macft.config import MethodConfig, Recipe, save_recipe
 from macft.errors import MacftError
-from macft.methods import apply_method, load_adapter, save_adapter
+from macft.adapters.files import load_adapter, save_adapter
+from macft.methods import apply_method
 from macft.models.load import load_model
 
 PROMPT = "The quick brown fox"
@@ -28,7 +29,7 @@ def make_run(run_dir, model_dir, seed: int, method: MethodConfig):
     trainable = tree_flatten(model.trainable_parameters())
     model.load_weights([(k, 0.5 * mx.random.normal(v.shape).astype(v.dtype)) for k, v in trainable], strict=False)
     recipe = Recipe().replace(model={"path": str(model_dir)}, method=method)
-    save_adapter(model, run_dir, recipe, loaded.identity)
+    save_adapter(model, run_dir, recipe.method, loaded.identity, recipe.model.recorded)
     save_recipe(recipe, run_dir / "recipe.yaml")
     return run_dir
 

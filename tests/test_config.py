@@ -36,7 +36,7 @@ def test_bad_keys_and_values_name_the_key(raw, fragment):
 
 def test_overrides_apply_and_validate():
     recipe = apply_overrides(Recipe(), ["train.batch_size=2", "data.packing=true", "method.alpha=32"])
-    assert (recipe.train.batch_size, recipe.data.packing, recipe.method.scale) == (2, True, 4.0)
+    assert (recipe.train.batch_size, recipe.data.packing, recipe.method.alpha / recipe.method.rank) == (2, True, 4.0)
     with pytest.raises(MacftError, match="section.key=value"):
         apply_overrides(Recipe(), ["train.batch_size"])
     with pytest.raises(MacftError, match="unknown recipe section 'trian'"):

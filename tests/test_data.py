@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -386,7 +388,7 @@ def test_split_rows_partitions_a_batch_and_keeps_pairs_whole(packing, tokenizer)
         assert all((p.epoch, p.index) == (batch.epoch, batch.index) for p in parts)
 
     pairs = next(iterate_batches(varied_examples(tokenizer, 30), 6, 48))  # rows 0-2 chosen, 3-5 their rejected
-    first, second = split_rows(pairs, 2, paired=True)
+    first, second = split_rows(dataclasses.replace(pairs, pairs=True), 2)
     expected = np.array(pairs.targets)
     np.testing.assert_array_equal(np.array(first.targets), expected[[0, 1, 3, 4]])
     np.testing.assert_array_equal(np.array(second.targets), expected[[2, 5]])

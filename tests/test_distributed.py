@@ -22,10 +22,11 @@ import pytest
 
 from macft.config import save_recipe
 from macft.data import iterate_batches, load_splits
-from macft.memory import Plan, estimate, read_model_shape, replica_bytes
+from macft.memory import Plan, estimate, replica_bytes
+from macft.models.shape import read_model_shape
 from macft.models.load import load_model
 from macft.train.distributed import World
-from macft.train.losses import ChunkedLoss
+from macft.objectives.sft import SupervisedLoss
 from macft.train.run import run_training
 from test_train import data_dir, metric_rows, tiny_recipe  # noqa: F401 (data_dir is a fixture)
 
@@ -34,16 +35,34 @@ STEP_TIMEOUT = 120  # seconds any one multi-process run may take on a loaded 2-c
 TRAIN = {"batch_size": 8, "learning_rate": 2e-3, "lr_schedule": "constant", "eval_every": 4, "save_every": 2}
 
 
-def reference_recipe(model_dir, data_dir, tmp_path, iters):
-    recipe = tiny_recipe(model_dir, data_dir, tmp_path, iters=iters, report_every=1, **TRAIN)
+def reference_recipe(model_dir, data_dir, tmp_path, iters, objective="sft"):
+    recipe = tiny_recipe(model_dir, data_dir, tmp_path, iters=iters, report_every=1, objective=objective, **TRAIN)
     return recipe.replace(method={"dropout": 0.0}, output={"name": "reference"})
 
 
-def recipe_flags(model_dir: Path, data_dir: Path, runs: Path, name: str, iters: int) -> list[str]:
+def recipe_flags(model_dir: Path, data_dir: Path, runs: Path, name: str, iters: int, objective: str = "sft") -> list[str]:
     """``macft lora`` arguments for the recipe ``reference_recipe`` builds in-process."""
     path = runs.parent / f"recipe-{name}-{data_dir.name}.yaml"
-    save_recipe(reference_recipe(model_dir, data_dir, runs.parent, iters), path)
+    save_recipe(reference_recipe(model_dir, data_dir, runs.parent, iters, objective), path)
     return [str(path), "--out-dir", str(runs), "--name", name, "--json"]
+
+
+def objective_data(tmp_path: Path, objective: str, sft_dir: Path) -> Path:
+    """A data folder for ``objective``: the supervised one, or preference pairs or labelled feedback
+    made from the same questions (the second half of the answers wrong)."""
+    if objective == "sft":
+        return sft_dir
+    folder = tmp_path / f"data-{objective}"
+    folder.mkdir(exist_ok=True)
+    for split in ("train", "valid"):
+        rows = [json.loads(line) for line in (sft_dir / f"{split}.jsonl").read_text().splitlines()]
+        wrong = [" " + str(int(r["completion"]) + 3) + " or so" for r in rows]
+        if objective == "kto":
+            out = [{"prompt": r["prompt"], "completion": r["completion"] if i % 3 else w, "label": bool(i % 3)} for i, (r, w) in enumerate(zip(rows, wrong))]
+        else:
+            out = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": w} for r, w in zip(rows, wrong)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in out))
+    return folder
 
 
 def free_ports(n: int) -> list[int]:
@@ -115,11 +134,12 @@ def checkpoint_step(run_dir: Path) -> int:
     return json.loads(progress.read_text())["step"] if progress.exists() else 0
 
 
-def test_two_ranks_match_one_rank_through_a_dead_rank_and_a_resume(tiny_model_dir, data_dir, tmp_path, ranks):
-    runs = tmp_path / "runs"
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_two_ranks_match_one_rank_through_a_dead_rank_and_a_resume(tiny_model_dir, data_dir, tmp_path, ranks, objective):
+    runs, data_dir = tmp_path / "runs", objective_data(tmp_path, objective, data_dir)
     # A long run (the schedule is constant, so its length changes no step), killed in the middle.
     group = ranks(2)
-    cut = [group.start(r, recipe_flags(tiny_model_dir, data_dir, runs, "cut", 100_000)) for r in range(2)]
+    cut = [group.start(r, recipe_flags(tiny_model_dir, data_dir, runs, "cut", 100_000, objective)) for r in range(2)]
     deadline = time.monotonic() + STEP_TIMEOUT
     while checkpoint_step(runs / "cut") < 4:
         assert time.monotonic() < deadline and cut[0].poll() is None, cut[0].stderr.read() if cut[0].poll() is not None else "no checkpoint"
@@ -140,7 +160,7 @@ def test_two_ranks_match_one_rank_through_a_dead_rank_and_a_resume(tiny_model_di
     summary = json.loads(resumed.stdout[resumed.stdout.index("{") :])
     assert summary["ranks"] == 2 and summary["steps"] == iters and summary["stop_reason"] == "finished"
 
-    reference = run_training(reference_recipe(tiny_model_dir, data_dir, tmp_path, iters))
+    reference = run_training(reference_recipe(tiny_model_dir, data_dir, tmp_path, iters, objective))
     for kind, key in (("train", "train_loss"), ("valid", "val_loss")):
         one = [(r["step"], r[key]) for r in metric_rows(reference.run_dir, kind)]
         two = [(r["step"], r[key]) for r in metric_rows(runs / "cut", kind)]
@@ -152,6 +172,21 @@ def test_two_ranks_match_one_rank_through_a_dead_rank_and_a_resume(tiny_model_di
     expected = mx.load(str(reference.run_dir / "adapters.safetensors"))
     for name, value in expected.items():
         np.testing.assert_allclose(np.array(tuned[name]), np.array(value), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo", "kto"])
+def test_alignment_on_two_ranks_matches_one_rank(tiny_model_dir, data_dir, tmp_path, objective):
+    """2 ranks x 4 of a batch's 8 items give the per-step losses of 1 rank x 8 (DPO: above, with a dead rank and a resume)."""
+    data_dir = objective_data(tmp_path, objective, data_dir)
+    two = launch(recipe_flags(tiny_model_dir, data_dir, tmp_path / "runs", "two", 4, objective))
+    assert two.returncode == 0, two.stderr[-2000:]
+    reference = run_training(reference_recipe(tiny_model_dir, data_dir, tmp_path, 4, objective))
+    for kind, key in (("train", "train_loss"), ("valid", "val_loss")):
+        one = [(r["step"], r[key]) for r in metric_rows(reference.run_dir, kind)]
+        shared = [(r["step"], r[key]) for r in metric_rows(tmp_path / "runs" / "two", kind)]
+        assert [s for s, _ in shared] == [s for s, _ in one] and one
+        np.testing.assert_allclose([v for _, v in shared], [v for _, v in one], rtol=2e-5)
+    assert {r["ranks"] for r in metric_rows(tmp_path / "runs" / "two", "train")} == {2}
 
 
 def test_ranks_with_different_data_stop_at_start(tiny_model_dir, data_dir, tmp_path, ranks):
@@ -188,7 +223,7 @@ def test_shares_of_a_batch_add_up_to_the_batch(tiny_model_dir, data_dir, tmp_pat
     loaded = load_model(str(tiny_model_dir))
     splits = load_splits(reference_recipe(tiny_model_dir, data_dir, tmp_path, 1).data, loaded.tokenizer)
     batch = next(iterate_batches(splits.train, 7, 64, bucket_by_length=False))
-    loss = ChunkedLoss(64)
+    loss = SupervisedLoss(64)
     whole = loss(loaded.model, *loss.prepare(batch))
     for size in (2, 3, 8):  # 8 ranks for 7 rows: one rank holds nothing to train
         shares = [World(rank=r, size=size).share(batch) for r in range(size)]

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from macft import backend
 from macft.cli import cli
 from macft.doctor import check_cache, check_ollama, folder_size
-from macft.memory import format_bytes
+from macft.units import format_bytes
 
 
 def doctor_json(env: dict | None = None) -> dict[str, dict]:

@@ -35,7 +35,7 @@ def exact_answers(gguf_path, records) -> int:
 
 @pytest.mark.slow
 def test_quickstart_fuse_export_and_llama_cpp_answer(tmp_path):
-    from macft.models.load import embedded_default_gguf
+    from macft.models.spec import embedded_default_gguf
 
     run = tmp_path / "runs" / "e2e"
     invoke("lora", "quickstart", "--iters", "12", "--out-dir", str(tmp_path / "runs"), "--name", "e2e",
@@ -63,7 +63,7 @@ def test_tuned_gemma_270m_f16_gguf_and_adapter_gguf_match_macft(tmp_path):
     export gives macft's logits within fp16 tolerance and the same greedy tokens, and the base F16
     GGUF with the adapter GGUF applied gives the fused file's logits."""
     from macft.export.pipeline import export_gguf
-    from macft.methods import load_adapter
+    from macft.adapters.files import load_adapter
     from macft.models.load import load_model
 
     run = tmp_path / "runs" / "tuned"

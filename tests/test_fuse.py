@@ -15,7 +15,8 @@ from macft.cli import cli
 from macft.config import Recipe
 from macft.errors import MacftError
 from macft.export.fuse import fuse_adapter, load_fused
-from macft.methods import apply_method, save_adapter
+from macft.adapters.files import save_adapter
+from macft.methods import apply_method
 from macft.models.load import load_model
 
 TEXT = "The quick brown fox jumps over the lazy dog. SELECT name FROM users WHERE age > 30;"
@@ -35,7 +36,7 @@ def make_run(model_dir: Path, run_dir: Path, *, method: str = "lora", quantize_b
     mx.random.seed(seed)
     trained = [(k, v + 0.2 * mx.random.normal(v.shape).astype(v.dtype)) for k, v in tree_flatten(model.trainable_parameters())]
     model.update(tree_unflatten(trained))
-    save_adapter(model, run_dir, recipe, loaded.identity)
+    save_adapter(model, run_dir, recipe.method, loaded.identity, recipe.model.recorded)
     return np.array(model(mx.array(loaded.tokenizer.encode(TEXT))[None])[0].astype(mx.float32)), loaded.tokenizer
 
 

@@ -569,7 +569,8 @@ def test_embedded_gemma_agrees_with_llama_cpp(tmp_path):
     from mlx_lm.generate import generate_step
 
     from macft.models.quantized import dequantize_model
-    from macft.models.load import embedded_default_gguf, load_model
+    from macft.models.load import load_model
+    from macft.models.spec import embedded_default_gguf
 
     source = embedded_default_gguf()
     loaded = load_model(str(source))

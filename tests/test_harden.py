@@ -18,7 +18,7 @@ import mlx.optimizers as optim
 import pytest
 from click.testing import CliRunner
 
-from macft import chat_template
+from macft.models import chat_template
 from macft.cli import cli
 from macft.config import MethodConfig, Recipe, TrainConfig
 from macft.data import Encoder, iterate_batches
@@ -28,7 +28,7 @@ from macft.models.gguf_import.reader import read_gguf
 from macft.models.load import load_model
 from macft.train.checkpoint import Checkpoints
 from macft.train.guard import LossGuard
-from macft.train.losses import ChunkedLoss
+from macft.objectives.sft import SupervisedLoss
 from macft.train.loop import train
 from macft.train.rundir import claim_run_dir
 
@@ -259,7 +259,7 @@ def test_guard_rules():
     assert LossGuard().check(1, 1.0, math.inf).nonfinite
 
 
-class NanValidation(ChunkedLoss):
+class NanValidation(SupervisedLoss):
     def evaluate(self, model, *arrays):
         loss, tokens = super().evaluate(model, *arrays)
         return loss * mx.array(math.nan), tokens

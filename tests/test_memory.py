@@ -14,10 +14,14 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
 
 from macft.cli import cli
-from macft.config import MethodConfig
+from macft.backend import detect
+from macft.config import MethodConfig, Recipe
 from macft.families import FAMILIES
 from macft.methods import apply_method
-from macft.memory import GIB, ModelShape, Plan, backend_settings, estimate, read_model_shape, shape_from_config, step_budget
+from macft.memory import Plan, backend_settings, estimate, step_budget
+from macft.models.shape import ModelShape, read_model_shape, shape_from_config
+from macft.train.plan import memory_plan
+from macft.units import GIB
 from macft.models.random_init import family_config
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -40,7 +44,7 @@ def measured_peak(family, method, hidden, layers, vocab, batch, seq, chunk, grad
     """Peak bytes of a real training step above what was live before the model was built.
 
     With ``chunk`` set, the step is the trainer's own (``macft.train.loop.Steps`` compiled, with
-    ``ChunkedLoss``, gradient clipping, AdamW, ``enable_grad_checkpoint`` and the memory limit the
+    ``SupervisedLoss``, gradient clipping, AdamW, ``enable_grad_checkpoint`` and the memory limit the
     trainer holds, ``step_budget``; ``budget`` None holds none, a function ``(batch, length) ->
     bytes`` holds that one instead); with None, a
     plain ``nn.value_and_grad`` of a cross-entropy over the full logits and an AdamW update. The
@@ -49,7 +53,8 @@ def measured_peak(family, method, hidden, layers, vocab, batch, seq, chunk, grad
     """
     from macft.data import Batch
     from macft.train.loop import Steps, enable_grad_checkpoint, kept_memory_limit, one_step
-    from macft.train.losses import ChunkedLoss, auto_chunk_size
+    from macft.models.head import auto_chunk_size
+    from macft.objectives.sft import SupervisedLoss
 
     mx.clear_cache()
     before = mx.get_active_memory()
@@ -77,7 +82,7 @@ def measured_peak(family, method, hidden, layers, vocab, batch, seq, chunk, grad
             optimizer.update(model, grads)
             mx.eval(loss, model.parameters(), optimizer.state)
     else:
-        loss = ChunkedLoss(auto_chunk_size(vocab, chunk))
+        loss = SupervisedLoss(auto_chunk_size(vocab, chunk))
         shape, plan = case_plan(family, method, hidden, layers, vocab, batch, seq, chunk, grad_checkpoint)
         memory_budget = step_budget(shape, plan) if budget == "trainer" else budget
         steps = Steps(model, optimizer, loss, grad_clip=1.0, compile=True, memory_budget=memory_budget)
@@ -96,7 +101,7 @@ def measured_peak(family, method, hidden, layers, vocab, batch, seq, chunk, grad
 
 def case_plan(family, method, hidden, layers, vocab, batch, seq, chunk, grad_checkpoint) -> tuple[ModelShape, Plan]:
     shape = shape_from_config(family_config(family, vocab, hidden=hidden, layers=layers))
-    plan = Plan(method=method, batch=batch, seq=seq, rank=8, loss_chunk_size=chunk, grad_checkpoint=grad_checkpoint, **backend_settings())
+    plan = Plan(method=method, batch=batch, seq=seq, loss_chunk_size=chunk, grad_checkpoint=grad_checkpoint, **backend_settings())
     return shape, plan
 
 
@@ -181,7 +186,7 @@ def test_parameter_count_is_the_loaded_models(family):
 def test_planning_for_a_mac_does_not_count_this_machines_polynomial_exp():
     """The polynomial exp's extra blocks belong to the backend the plan is for, not the one planning."""
     from macft.memory import FROZEN_HEAD_BLOCK_COPIES, MAC_SETTINGS
-    from macft.train.losses import auto_vocab_slice
+    from macft.models.head import auto_vocab_slice
 
     shape = shape_from_config(family_config("gemma3", 262144, hidden=256, layers=2))
     plan = Plan(method="lora", batch=2, seq=128, **MAC_SETTINGS)
@@ -233,27 +238,32 @@ def test_estimate_cli_json_and_table(tiny_model_dir):
     assert missing.exit_code == 1 and "Error:" in missing.output
 
 
-def test_check_fits_uses_the_loaded_model_and_recipe(tiny_model_dir):
+def test_settle_plans_the_loaded_model_and_recipe(tiny_model_dir, tmp_path):
     from macft.config import Recipe
-    from macft.memory import check_fits, plan_from_recipe
-    from macft.models.load import load_model
+    from macft.train.distributed import World
+    from macft.train.plan import settle
 
-    recipe = Recipe().replace(model={"path": str(tiny_model_dir), "quantize_bits": 4}, train={"batch_size": 2}, data={"max_seq_length": 64})
-    loaded = load_model(str(tiny_model_dir), quantize_bits=4)
-    result = check_fits(recipe, loaded)
-    assert result.plan == plan_from_recipe(recipe) and result.plan.method == "qlora"
-    assert result.total_bytes == estimate(read_model_shape(str(tiny_model_dir)), result.plan).total_bytes
-    assert result.fits
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": " b"}\n' * 4)
+    recipe = Recipe().replace(
+        model={"path": str(tiny_model_dir), "quantize_bits": 4}, train={"batch_size": 2}, data={"max_seq_length": 64, "train": str(tmp_path)}
+    )
+    plan = settle(recipe, World())
+    assert plan.memory == memory_plan(plan.recipe) and plan.memory.method == "qlora"
+    assert plan.estimate.total_bytes == estimate(read_model_shape(str(tiny_model_dir)), plan.memory).total_bytes
+    assert plan.estimate.fits
+    assert plan.recipe.train.iters == 2 and plan.recipe.train.learning_rate == 2e-4
+    # A quantized base that a CPU dequantizes for its matmuls keeps one lane (each lane would dequantize it again).
+    assert plan.recipe.train.lanes == (1 if detect().dequantize_for_matmul else min(detect().lanes, 2))
 
 
 def measured_dpo_peak(method: str, hidden: int, layers: int, vocab: int, pairs: int, seq: int) -> int:
     """Peak bytes of real DPO steps (the trainer's compiled step and ``PreferenceLoss``) above what was
     live before the models were built, with the frozen reference copy that full fine-tuning loads."""
-    from macft.align.preference import PreferenceLoss
-    from macft.config import AlignConfig
     from macft.data import Batch
+    from macft.objectives import OBJECTIVES, AlignConfig
+    from macft.objectives.base import LossContext
     from macft.train.loop import Steps, kept_memory_limit, one_step
-    from macft.train.losses import auto_chunk_size
+    from macft.models.head import auto_chunk_size
 
     mx.clear_cache()
     before = mx.get_active_memory()
@@ -264,7 +274,7 @@ def measured_dpo_peak(method: str, hidden: int, layers: int, vocab: int, pairs: 
         reference.freeze()
     model = apply_method(model, MethodConfig(name=method, rank=8, target_modules=ATTENTION))
     mx.eval(model.parameters())
-    loss = PreferenceLoss(AlignConfig(), "dpo", auto_chunk_size(vocab), reference=reference)
+    loss = OBJECTIVES["dpo"].loss(LossContext(model, AlignConfig(), None, auto_chunk_size(vocab), reference))
     steps = Steps(model, optim.AdamW(learning_rate=1e-4), loss, grad_clip=1.0, compile=True)
     # Rows 0..pairs-1 are the chosen answers, the rest the rejected ones; the last half of each row is trained.
     tokens = mx.random.randint(0, vocab, (2 * pairs, seq + 1))
@@ -284,11 +294,12 @@ def test_dpo_prediction_counts_the_reference_copy_of_full_fine_tuning(method):
     hidden, layers, vocab, pairs, seq = 256, 2, 8000, 2, 32
     measured = measured_dpo_peak(method, hidden, layers, vocab, pairs, seq)
     shape = shape_from_config(family_config("llama", vocab, hidden=hidden, layers=layers))
-    plan = Plan(method=method, batch=pairs, seq=seq, rank=8, objective="dpo", **backend_settings())
+    recipe = Recipe().replace(method={"name": method}, train={"objective": "dpo", "batch_size": pairs}, data={"max_seq_length": seq})
+    plan = memory_plan(recipe)
     predicted = estimate(shape, plan, available_bytes=64 * GIB)
     assert plan.rank_batch == 2 * pairs
     assert abs(predicted.total_bytes - measured) / measured < 0.20, (predicted.parts, measured)
-    sft_rows = estimate(shape, Plan(method=method, batch=2 * pairs, seq=seq, rank=8, **backend_settings()), available_bytes=64 * GIB)
+    sft_rows = estimate(shape, Plan(method=method, batch=2 * pairs, seq=seq, **backend_settings()), available_bytes=64 * GIB)
     if method == "full":
         # The frozen copy is the whole model again, and leaving it out would miss the measured peak.
         assert predicted.parts["reference"] == shape.params * plan.compute_bytes

@@ -12,9 +12,12 @@ from click.testing import CliRunner
 
 from macft.cli import cli
 from macft.config import MethodConfig, Recipe, save_recipe
-from macft.memory import Plan, loaded_shape, plan_from_recipe, trainable_params
-from macft.method_registry import METHODS, method_spec
-from macft.methods import APPLY, apply_method, count_parameters, save_adapter
+from macft.memory import Plan, trainable_params
+from macft.models.shape import loaded_shape
+from macft.train.plan import memory_plan
+from macft.methods import METHODS, method_spec
+from macft.adapters.files import save_adapter
+from macft.methods import apply_method, count_parameters
 from macft.models.load import load_model
 from macft.train.guard import LossGuard
 
@@ -59,12 +62,12 @@ def saved_recipe(tmp_path, name):
 
 
 def test_registry_is_the_one_list_of_methods():
-    assert set(APPLY) == set(METHODS)
+    assert all(callable(spec.apply) for spec in METHODS.values())
     assert Recipe.__dataclass_fields__["method"].default_factory().name in METHODS
     for spec in METHODS.values():
         low, high = spec.learning_rate_range
         assert low <= spec.learning_rate <= high, spec.name
-        assert set(spec.options) <= set(MethodConfig.__dataclass_fields__), spec.name
+        assert set(spec.option_names) <= set(MethodConfig.__dataclass_fields__), spec.name
         assert spec.fusable or spec.not_fusable_because, spec.name
     assert method_spec("qlora") is METHODS["lora"]
     unused = lora("--method", "prompt", "--rank", 16)  # a flag the chosen method never reads
@@ -93,7 +96,7 @@ def test_planner_counts_what_the_method_trains(tiny_models, method):
     for family in ("llama", "gemma3"):
         loaded = load_model(str(tiny_models[family]))
         recipe = Recipe().replace(method=dict(vars(method)))
-        predicted = trainable_params(loaded_shape(loaded), plan_from_recipe(recipe))
+        predicted = trainable_params(loaded_shape(loaded), memory_plan(recipe))
         trained, _ = count_parameters(apply_method(loaded.model, recipe.method, loaded.tokenizer))
         if method.name == "full" and family == "gemma3":
             # ModelShape counts two norms per layer; Gemma 3 has four more (q/k norms, pre/post MLP norms).
@@ -110,7 +113,7 @@ def test_estimate_cli_counts_peft_parameters(tiny_model_dir):
 
 
 def _shape(model_dir):
-    from macft.memory import read_model_shape
+    from macft.models.shape import read_model_shape
 
     return read_model_shape(str(model_dir))
 
@@ -119,7 +122,7 @@ def _shape(model_dir):
 def test_fuse_refuses_with_the_methods_own_reason(tiny_model_dir, tmp_path, name):
     loaded = load_model(str(tiny_model_dir))
     recipe = Recipe().replace(model={"path": str(tiny_model_dir)}, method={"name": name, "num_virtual_tokens": 2, "prefix_length": 2})
-    save_adapter(apply_method(loaded.model, recipe.method, loaded.tokenizer), tmp_path / "run", recipe, loaded.identity)
+    save_adapter(apply_method(loaded.model, recipe.method, loaded.tokenizer), tmp_path / "run", recipe.method, loaded.identity, recipe.model.recorded)
     save_recipe(recipe, tmp_path / "run" / "recipe.yaml")
     for command in (["fuse", "--adapter"], ["export", "gguf", "--adapter"]):
         out = CliRunner().invoke(cli, [*command, str(tmp_path / "run")])

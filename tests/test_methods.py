@@ -12,7 +12,8 @@ from mlx.utils import tree_flatten
 
 from macft.config import MethodConfig, Recipe
 from macft.errors import MacftError
-from macft.methods import adapters_disabled, apply_method, fuse_model, load_adapter, save_adapter
+from macft.adapters.files import load_adapter, save_adapter
+from macft.methods import adapters_disabled, apply_method, fuse_model
 from macft.methods.lora import DoRALinear, LoRALinear
 from macft.models.load import load_model
 
@@ -141,9 +142,9 @@ def test_save_load_adapter_roundtrip(tiny_model_dir, tmp_path, method, bits):
             randomize_adapter(m)
     inputs = mx.array([[2, 10, 20, 30, 40, 50]])
     tuned = np.array(model(inputs))
-    save_adapter(model, tmp_path, recipe, loaded.identity)
+    save_adapter(model, tmp_path, recipe.method, loaded.identity, recipe.model.recorded)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["method"] == method and config["rank"] == 4 and config["scale"] == recipe.method.scale
+    assert config["method"] == method and config["rank"] == 4 and config["scale"] == recipe.method.alpha / recipe.method.rank
     assert config["base_model"]["sha256"] == loaded.identity["sha256"] and config["quantize_bits"] == bits
 
     fresh, cfg = load_adapter(load_model(str(tiny_model_dir), quantize_bits=bits).model, tmp_path / "adapters.safetensors")

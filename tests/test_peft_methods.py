@@ -23,12 +23,13 @@ from macft.config import MethodConfig, Recipe, TrainConfig, load_recipe
 from macft.data import Example, iterate_batches, packing_cache
 from macft.errors import MacftError
 from macft.families import lookup
-from macft.methods import adapters_disabled, apply_method, fuse_model, load_adapter, save_adapter
+from macft.adapters.files import load_adapter, save_adapter
+from macft.methods import adapters_disabled, apply_method, fuse_model
 from macft.methods.prompt import virtual_token_ids
 from macft.models.load import load_model
 from macft.models.random_init import CORPUS
 from macft.train.loop import enable_grad_checkpoint, evaluate, train
-from macft.train.losses import ChunkedLoss
+from macft.objectives.sft import SupervisedLoss
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 INIT_TEXT = "SELECT name FROM users"
@@ -167,7 +168,7 @@ def test_save_load_roundtrip_and_fuse_refusal(tiny_models, tmp_path, name):
     model = perturbed(apply_method(loaded.model, recipe.method, loaded.tokenizer))
     x = tokens(loaded)
     before = model(x)
-    save_adapter(model, tmp_path, recipe, loaded.identity)
+    save_adapter(model, tmp_path, recipe.method, loaded.identity, recipe.model.recorded)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["method"] == name
 
     reloaded, config = load_adapter(load_model(str(tiny_models["qwen2"])).model, tmp_path)
@@ -235,7 +236,7 @@ def test_training_lowers_the_loss_and_leaves_the_base_alone(family_model_dir, na
     skip_refused(loaded, name)
     model = apply_method(loaded.model, method(name, init_text=INIT_TEXT), loaded.tokenizer)
     examples = corpus_examples(loaded.tokenizer)
-    loss_fn = ChunkedLoss(64)
+    loss_fn = SupervisedLoss(64)
     def batches(epoch: int, start: int):
         return iterate_batches(examples, 4, 64, seed=0, epoch=epoch, start=start, loop=True)
 
@@ -357,7 +358,7 @@ def test_chat_can_take_the_method_off_and_put_it_back(tiny_models, tmp_path, nam
     recipe = Recipe().replace(model={"path": directory}, method=dict(vars(method(name))))
     model = perturbed(apply_method(loaded.model, recipe.method, loaded.tokenizer))
     tuned_logits = model(x)
-    save_adapter(model, tmp_path, recipe, loaded.identity)
+    save_adapter(model, tmp_path, recipe.method, loaded.identity, recipe.model.recorded)
 
     opened = open_model(directory, tmp_path)
     assert mx.array_equal(opened.model(x), tuned_logits).item()

@@ -31,7 +31,7 @@ from macft.export.pipeline import export_gguf
 from macft.export.quant_plan import SCHEMES
 from macft.methods import apply_method
 from macft.models.load import load_model
-from macft.train.losses import describe_loss
+from macft.models.head import describe_loss
 
 PROMPT = "Q: What is the capital of France? A:"
 F32_TENSORS = (".ssm_conv1d.weight", ".ssm_a", ".ssm_dt.bias", ".ssm_norm.weight")  # kept F32 by convert_hf_to_gguf and llama-quantize

@@ -10,7 +10,10 @@ from click.testing import CliRunner
 
 from macft.cli import cli
 from macft.config import load_recipe
-from macft.memory import GIB, MAC_SETTINGS, estimate, mac_working_set, plan_from_recipe, read_model_shape, shape_from_config
+from macft.memory import MAC_SETTINGS, estimate, mac_working_set
+from macft.models.shape import read_model_shape, shape_from_config
+from macft.train.plan import memory_plan
+from macft.units import GIB
 from macft.paths import RECIPES_DIR
 
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -67,7 +70,7 @@ def test_recipe_loads_and_documents_its_command(path):
 def test_recipe_fits_the_mac_it_names(path):
     recipe = load_recipe(path)
     memory_gb = int(re.search(r"-(\d+)gb$", path.stem).group(1))
-    result = estimate(shape_of(recipe.model.path), plan_from_recipe(recipe, MAC_SETTINGS), mac_working_set(memory_gb * GIB))
+    result = estimate(shape_of(recipe.model.path), memory_plan(recipe, MAC_SETTINGS), mac_working_set(memory_gb * GIB))
     assert result.fits, f"{path.stem}: {result.total_bytes / GIB:.1f} GiB > {result.available_bytes / GIB:.1f} GiB"
     # ...and uses the memory it asks for: at least a quarter of the working set.
     assert result.total_bytes > 0.25 * result.available_bytes
@@ -86,7 +89,7 @@ def test_wikisql_recipe_asks_for_its_data_then_fits_a_16gb_mac(tmp_path):
     (tmp_path / "train.jsonl").write_text(json.dumps(record) + "\n")
     recipe = load_recipe("gemma3-270m-qlora-wikisql", overrides=[f"data.train={tmp_path}"])
     assert recipe.data.train == str(tmp_path)
-    result = estimate(read_model_shape(recipe.model.path), plan_from_recipe(recipe, MAC_SETTINGS), mac_working_set(16 * GIB))
+    result = estimate(read_model_shape(recipe.model.path), memory_plan(recipe, MAC_SETTINGS), mac_working_set(16 * GIB))
     assert result.fits
 
 

@@ -20,8 +20,10 @@ from macft.methods import apply_method
 from macft.methods.lora import LoRALinear
 from macft.models.load import load_model
 from macft.train.checkpoint import Checkpoints
-from macft.train.loop import Callback, evaluate, step_lanes, train
-from macft.train.losses import ChunkedLoss, chunked_loss, full_logits_losses, position_losses, selected_positions
+from macft.train.loop import Callback, evaluate, train
+from macft.train.plan import lane_count
+from macft.models.head import full_logits_losses, position_losses, selected_positions
+from macft.objectives.sft import SupervisedLoss, supervised_loss
 from macft.train.run import run_training
 from macft.train.schedule import build_schedule
 
@@ -52,21 +54,21 @@ def test_chunked_loss_matches_numpy_and_full_logits(tiny_models, family, bits):
             m.lora_b = 0.2 * mx.random.normal(m.lora_b.shape)
     batch = next(iterate_batches(random_examples(3, length=40, prompt=9), 3, 64))
     chunk = 16  # 93 trained positions -> several chunks and a padded tail
-    vocab_slice = 100  # several vocabulary slices with a shorter last one (and one slice in ChunkedLoss)
+    vocab_slice = 100  # several vocabulary slices with a shorter last one (and one slice in SupervisedLoss)
     assert model.model.embed_tokens.weight.shape[0] % vocab_slice
     arrays = (batch.inputs, *reorder(selected_positions(batch.targets, batch.loss_mask)))
-    loss_sum, tokens = chunked_loss(model, *arrays, chunk_size=chunk, vocab_slice=vocab_slice)
+    loss_sum, tokens = supervised_loss(model, *arrays, chunk_size=chunk, vocab_slice=vocab_slice)
     expected = numpy_loss(np.array(model(batch.inputs)), np.array(batch.targets), np.array(batch.loss_mask))
     assert tokens.item() == batch.num_tokens
     assert abs(loss_sum.item() / tokens.item() - expected) < 1e-5
-    loss_fn = ChunkedLoss(chunk)
+    loss_fn = SupervisedLoss(chunk)
     evaluated, _ = loss_fn.evaluate(model, *loss_fn.prepare(batch))  # validation's gradient-free path
     assert abs(evaluated.item() / tokens.item() - expected) < 1e-5
 
     def grads(fn):
         return dict(tree_flatten(nn.value_and_grad(model, lambda *a: fn(model, *a)[0])(*arrays)[1]))
 
-    chunked = grads(lambda m, *a: chunked_loss(m, *a, chunk_size=chunk, vocab_slice=vocab_slice))
+    chunked = grads(lambda m, *a: supervised_loss(m, *a, chunk_size=chunk, vocab_slice=vocab_slice))
     full = grads(lambda m, *a: (full_logits_losses(m, *a).sum(),))
     assert chunked.keys() == full.keys() and chunked
     for name in chunked:
@@ -80,7 +82,7 @@ def test_quantized_head_slices_through_quantized_matmul(tiny_models, monkeypatch
     the same loss and gradients as the CPU's dequantize-then-matmul path."""
     import dataclasses
 
-    from macft.train import losses
+    from macft.models import head as losses
 
     mx.random.seed(0)
     model = apply_method(load_model(str(tiny_models["llama"]), quantize_bits=4).model, MethodConfig(rank=4))
@@ -88,7 +90,7 @@ def test_quantized_head_slices_through_quantized_matmul(tiny_models, monkeypatch
     arrays = (batch.inputs, *reorder(selected_positions(batch.targets, batch.loss_mask)))
 
     def loss_and_grads():
-        fn = nn.value_and_grad(model, lambda *a: chunked_loss(model, *a, chunk_size=32, vocab_slice=128)[0])
+        fn = nn.value_and_grad(model, lambda *a: supervised_loss(model, *a, chunk_size=32, vocab_slice=128)[0])
         loss, grads = fn(*arrays)
         return loss.item(), dict(tree_flatten(grads))
 
@@ -105,7 +107,7 @@ def test_quantized_head_slices_through_quantized_matmul(tiny_models, monkeypatch
 def test_polynomial_exp_matches_float64_exp():
     """The CPU's polynomial exp against numpy's float64 exp over its whole domain (x <= 0): within
     3e-7 relative where the result is a normal float, exactly 0 where it underflows, never inf or NaN."""
-    from macft.train.losses import exp_nonpositive
+    from macft.models.head import exp_nonpositive
 
     x = np.concatenate([
         -np.geomspace(1e-9, 87.0, 200_000), np.linspace(-87.3, 0.0, 300_001),  # tiny, and every size up to the edge
@@ -128,7 +130,7 @@ def test_frozen_head_loss_and_hidden_gradient_match_float64(monkeypatch, scalar_
     import dataclasses
 
     from macft.backend import detect
-    from macft.train import losses
+    from macft.models import head as losses
 
     backend = dataclasses.replace(detect(), scalar_transcendentals=scalar_transcendentals)
     monkeypatch.setattr(losses, "detect", lambda: backend)
@@ -198,7 +200,7 @@ def test_full_finetuning_gets_tied_head_gradient(tiny_models):
     model = apply_method(load_model(str(tiny_models["qwen3"])).model, MethodConfig(name="full"))
     batch = next(iterate_batches(random_examples(2), 2, 64))
     arrays = (batch.inputs, *reorder(selected_positions(batch.targets, batch.loss_mask)))
-    chunked = nn.value_and_grad(model, lambda *a: chunked_loss(model, *a, chunk_size=8)[0])(*arrays)[1]
+    chunked = nn.value_and_grad(model, lambda *a: supervised_loss(model, *a, chunk_size=8)[0])(*arrays)[1]
     full = nn.value_and_grad(model, lambda *a: full_logits_losses(model, *a).sum())(*arrays)[1]
     reference = np.array(full["model"]["embed_tokens"]["weight"])
     assert np.abs(reference).max() > 0.1
@@ -210,7 +212,7 @@ def test_full_finetuning_gets_tied_head_gradient(tiny_models):
 def test_packed_loss_equals_separate_rows(tiny_model_dir):
     model = load_model(str(tiny_model_dir)).model
     examples = random_examples(4, length=12, prompt=3)
-    loss_fn = ChunkedLoss(64)
+    loss_fn = SupervisedLoss(64)
     packed = next(iterate_batches(examples, 4, 64, packing=True))
     assert packed.segment_ids is not None and packed.inputs.shape[0] == 1
     total, tokens = loss_fn(model, *loss_fn.prepare(packed))
@@ -257,7 +259,7 @@ def train_tiny(model, examples, iters=8, lr=1e-2, callback=None, **train_options
         optim.Adam(learning_rate=lr),
         lambda epoch, start: iterate_batches(examples, 4, 64, epoch=epoch, start=start, loop=True),
         None,
-        ChunkedLoss(64),
+        SupervisedLoss(64),
         cfg,
         callback,
     )
@@ -273,9 +275,9 @@ def test_training_lowers_loss_and_keeps_base_frozen(tiny_model_dir, method, bits
     frozen = {
         k: np.array(v) for k, v in tree_flatten(model.parameters()) if k not in dict(tree_flatten(model.trainable_parameters()))
     }
-    before = evaluate(model, iterate_batches(examples, 4, 64), ChunkedLoss(64))
+    before = evaluate(model, iterate_batches(examples, 4, 64), SupervisedLoss(64))
     result = train_tiny(model, examples, iters=10, lr=1e-3 if method == "full" else 3e-3)
-    after = evaluate(model, iterate_batches(examples, 4, 64), ChunkedLoss(64))
+    after = evaluate(model, iterate_batches(examples, 4, 64), SupervisedLoss(64))
     assert result.stop_reason == "finished" and result.compiled
     assert after < before - 0.3
     now = dict(tree_flatten(model.parameters()))
@@ -300,11 +302,11 @@ def test_grad_checkpoint_and_accumulation_give_the_same_step(tiny_model_dir):
             optim.Adam(learning_rate=1e-2),
             lambda epoch, start: iterate_batches(order, batch_size, 64, bucket_by_length=False, epoch=epoch, start=start, loop=True),
             None,
-            ChunkedLoss(64),
+            SupervisedLoss(64),
             cfg,
             recorder,
         )
-        return [r["train_loss"] for r in recorder.train], evaluate(model, iterate_batches(examples, 4, 64), ChunkedLoss(64))
+        return [r["train_loss"] for r in recorder.train], evaluate(model, iterate_batches(examples, 4, 64), SupervisedLoss(64))
 
     plain = losses()
     checkpointed = losses(grad_checkpoint=True)
@@ -322,7 +324,7 @@ def test_lanes_train_the_same_steps(tiny_model_dir, packing):
     if packing:
         examples = examples[:4] + random_examples(12, seed=2, length=12)  # rows of several examples
 
-    class RowsSeen(ChunkedLoss):
+    class RowsSeen(SupervisedLoss):
         """The training loss, noting the rows of every part it prepares."""
 
         def __init__(self):
@@ -358,18 +360,14 @@ def test_lanes_train_the_same_steps(tiny_model_dir, packing):
             np.testing.assert_allclose(lane_moved[name], change, rtol=1e-3, atol=1e-4 * np.abs(change).max(), err_msg=name)
 
 
-def test_lanes_follow_cores_batch_and_base(tiny_model_dir):
-    float_model = load_model(str(tiny_model_dir)).model
-    quantized = load_model(str(tiny_model_dir), quantize_bits=4).model
+def test_lanes_follow_cores_batch_and_base():
     cores = detect().lanes
-    assert step_lanes(0, 64, ChunkedLoss(64), float_model) == (cores if detect().device == "cpu" else 1)
-    assert step_lanes(0, 1, ChunkedLoss(64), float_model) == 1  # one row: nothing to split
-    assert step_lanes(3, 2, ChunkedLoss(64), float_model) == 2
-    assert step_lanes(2, 4, ChunkedLoss(64), quantized) == 2  # asked for
-    assert step_lanes(0, 4, ChunkedLoss(64), quantized) == (1 if detect().dequantize_for_matmul else min(cores, 4))
-    assert step_lanes(4, 4, object(), float_model) == 1  # a loss without split (GRPO samples per batch)
-
-
+    assert lane_count(0, 64, splits=True, quantized=False) == (cores if detect().device == "cpu" else 1)
+    assert lane_count(0, 1, splits=True, quantized=False) == 1  # one row: nothing to split
+    assert lane_count(3, 2, splits=True, quantized=False) == 2
+    assert lane_count(2, 4, splits=True, quantized=True) == 2  # asked for
+    assert lane_count(0, 4, splits=True, quantized=True) == (1 if detect().dequantize_for_matmul else min(cores, 4))
+    assert lane_count(4, 4, splits=False, quantized=False) == 1  # an objective whose batches do not split (GRPO samples per batch)
 @pytest.mark.skipif(BlasThreads().lib is None, reason="needs OpenBLAS on the CPU")
 def test_one_blas_thread_trains_the_same_steps(tiny_model_dir):
     """The loop drops OpenBLAS to one thread on a busy machine: that may change float32 rounding (OpenBLAS
@@ -463,11 +461,11 @@ def test_early_stopping_keeps_best_checkpoint(tiny_model_dir, tmp_path):
 
     splits = load_splits(recipe.data, load_model(str(tiny_model_dir)).tokenizer)
     outcome.model.eval()
-    again = evaluate(outcome.model, iterate_batches(splits.valid, 4, 64), ChunkedLoss(64))
+    again = evaluate(outcome.model, iterate_batches(splits.valid, 4, 64), SupervisedLoss(64))
     assert abs(again - result.progress.best_val_loss) < 1e-5
 
 
-class InfAtBatch(ChunkedLoss):
+class InfAtBatch(SupervisedLoss):
     """The training loss with an inf loss weight injected into the ``at``-th batch (counting from 1)."""
 
     def __init__(self, at: int):

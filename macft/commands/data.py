@@ -11,7 +11,9 @@ import json
 import click
 
 from macft import ui
-from macft.config import DEFAULT_MODEL, DataConfig, TrainConfig
+from macft.config import TrainConfig
+from macft.data.splits import DataConfig
+from macft.models.spec import DEFAULT_MODEL
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,46 +38,40 @@ def check(
 ) -> None:
     """Validate every line of PATH (a .jsonl file or a folder with train/valid/test.jsonl) and report
     counts, token lengths, truncation, duplicates, padding with and without packing, and one example
-    with its trained tokens highlighted. Preference pairs (prompt/chosen/rejected) and GRPO prompt
-    sets get their own report: pairs, chosen/rejected lengths, truncation, identical pairs.
+    with its trained tokens highlighted. Preference pairs (prompt/chosen/rejected), GRPO prompt sets
+    and KTO feedback (prompt/completion/label) get their own report: chosen/rejected lengths and
+    identical pairs, the fields the rewards see, the label balance.
 
     \b
     Example:
       macft data check data/ --model Qwen/Qwen3-0.6B --max-seq-length 1024
     """
-    from macft.models.tokenizer_cache import load_tokenizer
-
-    from macft.data.check import check_data
+    from macft.data.check import DataReport
     from macft.models.load import resolve_model_dir
+    from macft.models.tokenizer_cache import load_tokenizer
+    from macft.objectives import AlignConfig
 
     model_dir, _ = resolve_model_dir(model)
     tokenizer = load_tokenizer(model_dir)
     data_cfg = DataConfig(
         train=path, max_seq_length=max_seq_length, mask_prompt=mask_prompt, use_chat_template=chat_template
     )
-    kind = alignment_kind(path)
-    if kind != "sft":
-        from macft.align.check import check_alignment_data
-
-        aligned = check_alignment_data(data_cfg, tokenizer, kind)
-        if as_json:
-            click.echo(json.dumps({"path": path, "model": model, **aligned.to_dict()}, indent=2))
-        else:
-            ui.show_alignment_data(aligned, path, model)
-        return
-    report = check_data(data_cfg, tokenizer, batch_size=batch_size)
+    report = data_shape(path).check(data_cfg, tokenizer, AlignConfig(), batch_size=batch_size)
     if as_json:
         click.echo(json.dumps({"path": path, "model": model, **report.to_dict()}, indent=2))
-    else:
+    elif isinstance(report, DataReport):
         ui.show_data_report(report, path, model)
+    else:
+        ui.show_table_report(report, path, model)
 
 
-def alignment_kind(path: str) -> str:
-    """"pairs", "prompts" or "sft": what the training file (or a folder's train.jsonl) holds."""
+def data_shape(path: str):
+    """The data shape (``macft.data.shapes.DataShape``) the training file, or a folder's train.jsonl, holds."""
     from pathlib import Path
 
-    from macft.data.preference import dataset_kind
+    from macft.data.examples import EXAMPLES
+    from macft.objectives import data_shape_of
 
     target = Path(path)
     target = target / "train.jsonl" if target.is_dir() else target
-    return dataset_kind(target) if target.is_file() else "sft"
+    return data_shape_of(target) if target.is_file() else EXAMPLES

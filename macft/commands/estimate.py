@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import get_args
-
 import click
 
 from macft import ui
-from macft.config import DEFAULT_MODEL, AlignConfig, Objective
-from macft.method_registry import CLI_CHOICES
+from macft.methods import CLI_CHOICES
+from macft.models.spec import DEFAULT_MODEL
+from macft.objectives import OBJECTIVE_NAMES
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,7 +21,7 @@ from macft.method_registry import CLI_CHOICES
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=False, show_default=True)
 @click.option("--loss-chunk", type=click.IntRange(min=0), default=0, show_default=True, help="Positions per loss chunk, as train.loss_chunk_size (0 = automatic).")
 @click.option("--memory", "memory_gb", type=click.FloatRange(min=0.1), default=None, help="Plan for an Apple Silicon Mac with this many GB of RAM (bfloat16 compute) instead of this machine.")
-@click.option("--objective", type=click.Choice(get_args(Objective)), default="sft", show_default=True, help="train.objective: preference pairs take two rows each, GRPO align.group_size rows per prompt; DPO/GRPO with --method full hold a frozen reference copy.")
+@click.option("--objective", type=click.Choice(OBJECTIVE_NAMES), default="sft", show_default=True, help="train.objective, at its default align settings: a preference pair takes two rows, a GRPO prompt align.group_size; objectives with a reference model hold a frozen copy of the base with --method full.")
 @click.option("--ranks", type=click.IntRange(min=1), default=1, show_default=True, help="Plan one of this many data-parallel ranks (Macs) sharing the batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 def estimate(model_spec, method, batch, seq, rank, targets, grad_checkpoint, loss_chunk, memory_gb, objective, ranks, as_json):
@@ -38,8 +37,12 @@ def estimate(model_spec, method, batch, seq, rank, targets, grad_checkpoint, los
       macft estimate --model Qwen/Qwen3-0.6B --method full --batch 16 --ranks 2 --memory 16
       macft estimate --model gemma3-270m --method full --objective dpo --batch 4 --seq 256
     """
-    from macft.memory import GIB, MAC_SETTINGS, Plan, backend_settings, mac_working_set, read_model_shape
+    from macft.memory import MAC_SETTINGS, Plan, backend_settings, mac_working_set
     from macft.memory import estimate as predict
+    from macft.methods import MethodConfig, method_spec
+    from macft.models.shape import read_model_shape
+    from macft.objectives import AlignConfig, objective_named
+    from macft.units import GIB
 
     if memory_gb is not None:
         available, settings = mac_working_set(int(memory_gb * GIB)), MAC_SETTINGS
@@ -47,17 +50,18 @@ def estimate(model_spec, method, batch, seq, rank, targets, grad_checkpoint, los
         from macft.backend import machine_memory_bytes
 
         available, settings = machine_memory_bytes(), backend_settings()
+    spec, goal = method_spec(method), objective_named(objective)
     plan = Plan(
         method=method,
         batch=batch,
         seq=seq,
-        rank=rank,
-        target_modules=tuple(t.strip() for t in targets.split(",") if t.strip()),
+        settings=MethodConfig(name=spec.name, rank=rank, target_modules=tuple(t.strip() for t in targets.split(",") if t.strip())),
         grad_checkpoint=grad_checkpoint,
         loss_chunk_size=loss_chunk,
         ranks=ranks,
         objective=objective,
-        samples=AlignConfig.group_size if objective == "grpo" else 1,
+        rows_per_example=goal.rows_per_example(AlignConfig()),
+        reference_copy=goal.needs_reference and not spec.switchable,
         **settings,
     )
     result = predict(read_model_shape(model_spec), plan, available)

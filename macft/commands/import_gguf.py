@@ -28,7 +28,7 @@ def import_gguf(gguf_file: str, out: str | None, dequantize: bool, force: bool, 
       macft import ollama:qwen3:0.6b --out qwen3-mlx
       macft lora --model model.gguf        # imports on the fly
     """
-    from macft.discovery import resolve_app_model
+    from macft.models.spec import resolve_app_model
     from macft.models.gguf_import import import_gguf_report
 
     report = import_gguf_report(resolve_app_model(gguf_file), dequantize=dequantize, out=out, force=force)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import click
 
 from macft.errors import MacftError
-from macft.method_registry import CLI_CHOICES, method_spec
+from macft.methods import CLI_CHOICES, method_spec
 
 
 def flag_changes(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -80,7 +81,7 @@ def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[
         recipe, note = switched_method_rate(written, recipe, rate_given)
         notes.extend([note] if note else [])
     else:
-        for section in ("model", "data", "method", "train", "output", "demo", "align"):
+        for section in (f.name for f in dataclasses.fields(recipe) if dataclasses.is_dataclass(getattr(recipe, f.name))):
             before, after = getattr(saved, section), getattr(recipe, section)
             for key, value in vars(after).items():
                 if getattr(before, key) != value:
@@ -92,12 +93,11 @@ def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[
 def switched_method_rate(written, recipe, rate_given: bool):
     """When flags switched the recipe file's method but set no learning rate, the new method's default
     (a rate written for one method misleads another: LoRA's 2e-4 wrecks full fine-tuning)."""
-    from macft.train.method_fit import with_method_learning_rate
+    from macft.train.plan import switched_method_rate as with_method_rate
 
     if rate_given or recipe.method.name == written.method.name or written.train.learning_rate is None:
         return recipe, None
-    replaced = (written.method.name, written.train.learning_rate)
-    return with_method_learning_rate(recipe.replace(train={"learning_rate": None}), replaced=replaced)
+    return with_method_rate(recipe, (written.method.name, written.train.learning_rate))
 
 
 def epochs_value(ctx, param, value: str | None) -> float | str | None:
@@ -171,6 +171,7 @@ def lora(
     (the README says how to set up two Macs); train.batch_size is the global batch.
     """
     from macft import ui
+    from macft.objectives import objective_named
     from macft.train.distributed import connect, launched
     from macft.train.run import loss_history, run_demo, run_training
 
@@ -188,7 +189,7 @@ def lora(
     if resume:
         resolved = shared_recipe(world, resolved)
     title = f"{resolved.name} · {resolved.method.name}" + (f" · {world.size} ranks ({world.backend})" if world.size > 1 else "")
-    view = ui.TrainingView(title=title, quiet=as_json or not world.main)
+    view = ui.TrainingView(title=title, quiet=as_json or not world.main, metrics=objective_named(resolved.train.objective).metrics)
     for note in notes:
         view.on_note(note)
     with view:

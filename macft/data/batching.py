@@ -39,6 +39,9 @@ class Batch:
     padding_fraction: float  # share of the B*L positions that hold no example
     epoch: int = 0
     index: int = 0  # position of this batch in its epoch's plan
+    # Row i pairs with row i + B/2 (a preference pair's chosen and rejected answers, or an example
+    # and its stand-in): lanes and ranks split such a batch by whole pairs.
+    pairs: bool = False
 
 
 def positions(example: Example, max_seq_length: int) -> int:
@@ -130,27 +133,35 @@ def build_batch(
     )
 
 
+def row_arrays(batch: Batch) -> dict[str, mx.array]:
+    """The batch's arrays with a value per row (an objective's batch may add its own, such as labels)."""
+    rows = batch.inputs.shape[0]
+    fields = ((f.name, getattr(batch, f.name)) for f in dataclasses.fields(batch))
+    return {name: value for name, value in fields if isinstance(value, mx.array) and value.ndim and value.shape[0] == rows}
+
+
 def take_rows(batch: Batch, rows: list[int]) -> Batch:
     """The batch of ``rows`` of ``batch`` (the same width, epoch and index; the padding share is the whole batch's)."""
     index = mx.array(rows)
-    loss_mask = batch.loss_mask[index]
-    return dataclasses.replace(
-        batch,
-        inputs=batch.inputs[index],
-        targets=batch.targets[index],
-        loss_mask=loss_mask,
-        segment_ids=None if batch.segment_ids is None else batch.segment_ids[index],
-        num_tokens=int(loss_mask.sum().item()),
-    )
+    taken = {name: value[index] for name, value in row_arrays(batch).items()}
+    return dataclasses.replace(batch, **taken, num_tokens=int(taken["loss_mask"].sum().item()))
 
 
-def split_rows(batch: Batch, parts: int, paired: bool = False) -> list[Batch]:
-    """``batch`` as at most ``parts`` batches of consecutive rows, as even as the row count allows.
-    ``paired``: the first half of the rows pairs with the second (chosen and rejected answers), and
-    every part keeps its pairs whole, in the same layout."""
-    count = batch.inputs.shape[0] // 2 if paired else batch.inputs.shape[0]
-    chunks = [c.tolist() for c in np.array_split(np.arange(count), min(parts, count))]
-    return [take_rows(batch, chunk + [i + count for i in chunk] if paired else chunk) for chunk in chunks]
+def units(batch: Batch) -> int:
+    """What a batch is split by: its rows, or its pairs of rows."""
+    return batch.inputs.shape[0] // 2 if batch.pairs else batch.inputs.shape[0]
+
+
+def unit_rows(batch: Batch, chosen: list[int]) -> list[int]:
+    """The rows of the units ``chosen``, in the batch's layout (a pair's two rows stay half a batch apart)."""
+    return chosen + [i + units(batch) for i in chosen] if batch.pairs else chosen
+
+
+def split_rows(batch: Batch, parts: int) -> list[Batch]:
+    """``batch`` as at most ``parts`` batches of consecutive rows (whole pairs for a pair batch), as
+    even as the count allows."""
+    chunks = [c.tolist() for c in np.array_split(np.arange(units(batch)), min(parts, units(batch)))]
+    return [take_rows(batch, unit_rows(batch, chunk)) for chunk in chunks]
 
 
 def iterate_batches(

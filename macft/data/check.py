@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from macft.config import DataConfig
+from macft.data.splits import SPLITS, DataConfig, overlap_count, read_splits, truncate
 from macft.data.batching import batch_order, plan_padding
-from macft.data.splits import SPLITS, overlap_count, read_splits, truncate
 from macft.data.templates import Example
 
 

@@ -81,6 +81,21 @@ def read_records(path: Path, parse: Callable[[str, str], Any] | None = None) -> 
     return records
 
 
+def first_object(path: Path) -> dict | None:
+    """The first line of a JSONL file as a JSON object, or None when it is not one (the readers
+    report such a line) or the file is empty."""
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                return None
+            return obj if isinstance(obj, dict) else None
+    return None
+
+
 def _decode(raw: bytes) -> str:
     try:
         return raw.decode("utf-8-sig")  # tolerate a byte-order mark at the start of the file
@@ -104,7 +119,7 @@ def json_object(line: str, shapes: str) -> dict:
 def parse_line(line: str, source: str) -> Record:
     obj = json_object(line, f"one of {SHAPES}")
     if "chosen" in obj or "rejected" in obj:
-        raise LineError("this is a preference pair (prompt/chosen/rejected); set train.objective to dpo, orpo or simpo")
+        raise LineError("this is a preference pair (prompt/chosen/rejected); train it with a preference objective (train.objective)")
     if "messages" in obj:
         return _chat(obj, source)
     if "conversations" in obj:

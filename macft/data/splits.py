@@ -15,15 +15,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from macft.config import DataConfig
 from macft.data.formats import read_records
+from macft.data.shapes import Splits
 from macft.data.templates import Encoder, Example
 from macft.data.token_cache import cached_examples
 from macft.errors import MacftError
@@ -32,23 +31,28 @@ from macft.models.tokenizer_cache import LazyTokenizer
 SPLITS = ("train", "valid", "test")
 
 
-@dataclass
-class Splits:
-    train: list[Example]
-    valid: list[Example]
-    test: list[Example]
-    truncated: dict[str, int] = field(default_factory=dict)  # split -> examples cut to max_seq_length
-    dropped: dict[str, int] = field(default_factory=dict)  # split -> examples with nothing left to train on
-    files: dict[str, str] = field(default_factory=dict)  # split -> file it came from ("held out" for split_valid)
+@dataclass(frozen=True)
+class DataConfig:
+    """The recipe's ``data`` section."""
 
-    @property
-    def counts(self) -> dict[str, int]:
-        return {name: len(getattr(self, name)) for name in SPLITS}
+    train: str | None = None  # a .jsonl file, or a folder with train.jsonl [valid.jsonl test.jsonl]
+    valid: str | None = None
+    test: str | None = None
+    split_valid: float = 0.0  # hold out this fraction of train as validation when none is given
+    split_seed: int = 0
+    max_seq_length: int = 512
+    mask_prompt: bool = True  # train on completions / assistant turns only
+    use_chat_template: bool | None = None  # None: use it when the tokenizer has one
+    packing: bool = False  # pack several examples per row (attention never crosses them)
+    bucket_by_length: bool = True  # batch examples of similar length to save padding
 
-    @property
-    def formats(self) -> dict[str, dict[str, int]]:
-        """split -> format -> number of examples."""
-        return {name: dict(Counter(e.format for e in getattr(self, name))) for name in SPLITS}
+    def problems(self) -> list[str]:
+        """One line per invalid value."""
+        checks = [
+            (self.max_seq_length >= 8, "data.max_seq_length must be at least 8."),
+            (0.0 <= self.split_valid < 1.0, "data.split_valid must be a fraction in [0, 1)."),
+        ]
+        return [message for ok, message in checks if not ok]
 
 
 def data_files(data_cfg: DataConfig) -> dict[str, Path]:

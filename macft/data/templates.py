@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from macft.chat_template import template_tokens
+from macft.models.chat_template import template_tokens
 from macft.data.formats import Record
 from macft.errors import MacftError
 

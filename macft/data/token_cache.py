@@ -34,7 +34,7 @@ from macft.paths import atomic_path, cache_dir, mark_used, prune_cache
 PACKAGE = Path(__file__).resolve().parent.parent
 CACHE_BYTES = 1 << 30  # 1 GiB of tokenized files (a 1,000-example file takes about 0.5 MB)
 # macft's code between a data file and its tokens (besides the tokenizer, which its key covers).
-ENCODING_CODE = ("data/formats.py", "data/templates.py", "chat_template.py", "models/tokenizer_cache.py",
+ENCODING_CODE = ("data/formats.py", "data/templates.py", "models/chat_template.py", "models/tokenizer_cache.py",
                  "models/gguf_import/tokenizer.py", "data/token_cache.py")
 
 

@@ -71,7 +71,7 @@ def exporter_fingerprint(root: Path | None = None) -> str:
 
 def cache_key(base_sha256: str, adapter: Path | None) -> str:
     """Names the export: the base weights, the adapter's weights and config, the quant and the exporter's code."""
-    from macft.methods import adapter_files
+    from macft.adapters.files import adapter_files
 
     parts = [base_sha256, QUANT, exporter_fingerprint()]
     if adapter is not None:
@@ -108,8 +108,7 @@ class LlamaCppModel:
             n_ctx=min(context_length, MAX_CONTEXT),
             n_gpu_layers=-1,  # all layers on Metal where the wheel has it; ignored by CPU builds
             # Threads stay at llama-cpp-python's default (half the cores): with more threads than free
-            # cores, llama.cpp's spinning threads wait on each other (0.4 against 5.3 tokens/s measured
-            # with 2 threads against 1 on a loaded 2-core machine).
+            # cores, llama.cpp's spinning threads wait on each other and generation slows many times over.
             verbose=False,
         )
 
@@ -151,9 +150,9 @@ def open_llamacpp(model_spec: str | None, adapter: str | Path | None = None):
     """An ``OpenedModel`` whose ``model`` is a ``LlamaCppModel`` (no MLX weights are loaded once cached)."""
     from macft.models.tokenizer_cache import LazyTokenizer
 
-    from macft.chat import OpenedModel
-    from macft.config import DEFAULT_MODEL
+    from macft.engines import OpenedModel
     from macft.models.load import LoadedModel, model_family, resolve_model_dir
+    from macft.models.spec import DEFAULT_MODEL
     from macft.run_base import recorded_base
 
     require_llama_cpp()

@@ -24,7 +24,7 @@ from macft.errors import MacftError
 from macft.export import families
 from macft.export.fuse import read_adapter_config
 from macft.families.base import text_config
-from macft.outputs import GGUF_COMMAND_KEY
+from macft.export.gguf_writer import GGUF_COMMAND_KEY
 from macft.paths import atomic_path
 
 ALTERNATIVE = "use `macft fuse --adapter RUN` or a full GGUF export (`macft export gguf --adapter RUN`) instead"
@@ -76,7 +76,7 @@ def base_config(adapter_cfg: dict) -> dict:
 def write_adapter_gguf(run_dir: str | Path, out: Path) -> AdapterGGUFResult:
     import mlx.core as mx
 
-    from macft.methods import adapter_files
+    from macft.adapters.files import adapter_files
     from macft.models.load import model_family
 
     start = time.time()

@@ -38,7 +38,7 @@ class OllamaCreate:
 
 def lm_studio_models_dir() -> Path:
     """The models folder LM Studio reads: the first of its usual folders that exists, else the newer default."""
-    from macft.discovery import lm_studio_dirs
+    from macft.models.spec import lm_studio_dirs
 
     folders = lm_studio_dirs()
     return next((d for d in folders if d.is_dir()), folders[0])

@@ -5,7 +5,7 @@
     loaded, adapter_cfg = load_fused("runs/quickstart", dequantize=True)        # in memory (export)
 
 The base recorded in ``adapter_config.json`` is loaded as it was for training (QLoRA bases
-quantized the same way), the method is re-applied with ``macft.methods.load_adapter`` and each
+quantized the same way), the method is re-applied with ``macft.adapters.files.load_adapter`` and each
 adapter layer's own ``fuse()`` merges it in float32. A quantized base keeps its untouched layers
 quantized unless ``dequantize`` is asked; ``quantize_bits`` dequantizes everything and quantizes
 the merged model once. The directory (config.json, model.safetensors, the base's tokenizer files)
@@ -55,7 +55,7 @@ class FuseResult:
 
 
 def read_adapter_config(run_dir: Path) -> dict:
-    from macft.methods import adapter_files
+    from macft.adapters.files import adapter_files
 
     _, config_file = adapter_files(Path(run_dir))
     return json.loads(config_file.read_text())
@@ -67,8 +67,8 @@ def load_fused(run_dir: str | Path, *, dequantize: bool = False, on_base=None):
     ``on_base(model)`` is called with the base model before the adapter touches it."""
     from mlx.utils import tree_flatten
 
-    from macft.method_registry import method_spec
-    from macft.methods import fuse_model, load_adapter
+    from macft.adapters.files import load_adapter
+    from macft.methods import fuse_model, method_spec
     from macft.run_base import load_run_base
 
     run_dir = Path(run_dir)

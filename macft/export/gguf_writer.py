@@ -28,8 +28,9 @@ from macft.errors import MacftError
 from macft.export import families, kquants, tokenizer_meta
 from macft.export.quant_plan import EXTRA_BYTES, SCHEMES, PlanTensor, guided_types, sample_rows, tensor_bytes, tensor_type
 from macft.families.base import text_config
-from macft.outputs import GGUF_COMMAND_KEY
 from macft.paths import atomic_path
+
+GGUF_COMMAND_KEY = "macft.command"  # GGUF metadata key naming the macft command that wrote the file
 
 
 @dataclass
@@ -163,3 +164,13 @@ def _add_tensor(writer: gguf.GGUFWriter, name: str, array: np.ndarray, qtype: Q,
     else:
         packed = kquants.quantize(array.reshape(-1, array.shape[-1]), qtype, importance=importance)
         writer.add_tensor(name, packed.reshape(*array.shape[:-1], -1), raw_dtype=qtype)
+
+
+def is_exported_gguf(path: Path) -> bool:
+    """Whether ``path`` is a GGUF that ``macft export gguf`` wrote (its metadata says so)."""
+    from macft.models.gguf_import.reader import read_gguf
+
+    try:
+        return read_gguf(path).metadata.get(GGUF_COMMAND_KEY) == "export gguf"
+    except MacftError:
+        return False

@@ -85,7 +85,7 @@ def compute_imatrix(model, examples: list, *, max_tokens: int = DEFAULT_TOKENS, 
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
-    from macft.train.losses import body_and_head
+    from macft.models.head import body_and_head
 
     split = body_and_head(model)
     if split is None:
@@ -161,7 +161,7 @@ def load_imatrix(path: Path) -> Imatrix:
 
 
 def adapter_digest(run_dir: Path) -> str:
-    from macft.methods import adapter_files
+    from macft.adapters.files import adapter_files
 
     weights, config = adapter_files(Path(run_dir))
     digest = hashlib.sha256(weights.read_bytes())

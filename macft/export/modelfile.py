@@ -17,8 +17,9 @@ from pathlib import Path
 
 from macft.families import FAMILIES
 from macft.families.base import ChatFormat
-from macft.outputs import MODELFILE_MARK
 from macft.paths import atomic_path
+
+MODELFILE_MARK = "# Written by `macft export gguf`; it replaces this file when asked to write it again."
 
 # Each family's record names the chat format its templates write.
 FORMATS = tuple(dict.fromkeys(f.chat_format for f in FAMILIES.values() if f.chat_format is not None))
@@ -71,3 +72,10 @@ def write_modelfile(spec: ModelfileSpec, path: Path) -> Path:
 
 def ollama_command(name: str, path: Path) -> str:
     return f"ollama create {name} -f {path}"
+
+
+def is_exported_modelfile(path: Path) -> bool:
+    try:
+        return MODELFILE_MARK in Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return False

@@ -180,7 +180,9 @@ def _fidelity(run_dir: Path, out: Path, loaded, quant: str, count: int, notes: l
 def check_export_outputs(out: Path, model: str | None, adapter: str | None, ollama: bool | str, force: bool) -> None:
     """Refuse, before any work, to write over an input or over files `macft export gguf` did not write."""
     from macft.export.fuse import origin_gguf, read_adapter_config
-    from macft.outputs import check_output, is_exported_gguf, is_exported_modelfile
+    from macft.export.gguf_writer import is_exported_gguf
+    from macft.export.modelfile import is_exported_modelfile
+    from macft.outputs import check_output
 
     inputs: list[Path | str | None] = [model, adapter]
     if model is not None and Path(model).is_dir():

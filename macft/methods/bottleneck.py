@@ -15,14 +15,22 @@ adapters is used with its adapter file, never fused or exported to GGUF.
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from macft.backend import compute_dtype
-from macft.config import MethodConfig
 from macft.errors import MacftError
+from macft.methods.base import AS_ADAPTER, NUM_LAYERS, MethodSpec, adapted_layers
+from macft.options import Option
 
 PLACEMENTS = {"mlp": ("mlp",), "attention": ("self_attn",), "both": ("self_attn", "mlp")}
+OPTIONS = (
+    Option("adapter_size", int, 64, "the bottleneck's width", valid=lambda n: n > 0, must="at least 1"),
+    Option("adapter_placement", Literal["mlp", "attention", "both"], "mlp", "after which sub-layers adapters go"),
+    NUM_LAYERS,
+)
 
 
 class Bottleneck(nn.Module):
@@ -54,7 +62,7 @@ class Adapted(nn.Module):
         return y + self.adapter(y) if self.enabled else y
 
 
-def apply_adapters(model: nn.Module, cfg: MethodConfig, tokenizer=None) -> nn.Module:
+def apply_adapters(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
     """Freeze ``model`` and insert bottleneck adapters in place; returns the same model.
 
     ``tokenizer`` is unused (adapters need no text to start from); it keeps the signature every
@@ -76,3 +84,18 @@ def apply_adapters(model: nn.Module, cfg: MethodConfig, tokenizer=None) -> nn.Mo
             setattr(layer, name, Adapted(sub, adapter))
     mx.eval(model.trainable_parameters())
     return model
+
+
+def adapter_parameters(shape, settings: Any) -> int:
+    h, s = shape.hidden, settings.adapter_size
+    per_adapter = (h * s + s) + (s * h + h)
+    return adapted_layers(shape, settings) * len(PLACEMENTS[settings.adapter_placement]) * per_adapter
+
+
+METHODS = (
+    MethodSpec(
+        "adapter", "bottleneck adapters", OPTIONS, 1e-3, (1e-4, 5e-3), 1000, adapter_parameters, apply_adapters,
+        fusable=False,
+        not_fusable_because="Bottleneck adapters cannot be merged into the base weights (their GELU is not linear); " + AS_ADAPTER,
+    ),
+)

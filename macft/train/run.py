@@ -13,45 +13,41 @@ writes the run directory (``macft.train.distributed``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
-import numpy as np
 
-from macft import __version__
+from macft.adapters.files import ADAPTER_FILE, save_adapter
 from macft.backend import detect
 from macft.config import Recipe, save_recipe
+from macft.data.splits import data_files, data_fingerprint
 from macft.errors import DiskFullError, MacftError
-from macft.memory import Estimate, estimate, format_bytes, loaded_shape, plan_from_recipe, step_budget
-from macft.methods import ADAPTER_FILE, apply_method, count_parameters, save_adapter
+from macft.methods import count_parameters
+from macft.methods.recompute import RecomputingMLP
+from macft.models.head import describe_loss
 from macft.models.quantized import dequantize_for_generation, has_quantized_layers
 from macft.models.tokenizer_cache import LazyTokenizer
-from macft.methods.recompute import RecomputingMLP
+from macft.objectives import objective_named
 from macft.paths import atomic_path, recover
 from macft.plot import loss_curve_png
 from macft.train.checkpoint import Checkpoints
-from macft.train.distributed import World, check_same, connect, examples_digest, peer_errors, recipe_digest, share_state
+from macft.train.distributed import World, connect, peer_errors, share_state
 from macft.train.guard import LossGuard
-from macft.train.loop import Callback, TrainResult, step_lanes, train
-from macft.train.losses import ChunkedLoss, auto_chunk_size, describe_loss, vocab_size
-from macft.train.method_fit import choose_epochs, learning_rate_warning, with_method_learning_rate
+from macft.train.loop import Callback, TrainResult, train
+from macft.train.plan import RunPlan, load_base, settle, training_file
 from macft.train.rundir import claim_run_dir
-from macft.train.schedule import build_schedule
 from macft.train.summary import RunSummary
 
 
 @dataclass
 class RunOutcome:
     run_dir: Path | None  # None on ranks other than 0, which write nothing
-    recipe: Recipe
+    recipe: Recipe  # the settled recipe (what recipe.yaml records)
     result: TrainResult
     summary: RunSummary
     model: nn.Module  # the tuned model (best checkpoint loaded), ready for the demo
@@ -82,16 +78,6 @@ def run_dir_for(recipe: Recipe) -> Path:
         return folder
     name = recipe.output.name or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path(recipe.output.runs_dir).expanduser() / name
-
-
-def make_optimizer(recipe: Recipe, total_steps: int) -> optim.Optimizer:
-    cfg = recipe.train
-    schedule = build_schedule(cfg, total_steps)
-    if cfg.optimizer == "adamw":
-        return optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return optim.Adam(learning_rate=schedule)
-    return optim.SGD(learning_rate=schedule, weight_decay=cfg.weight_decay)
 
 
 class MetricsLog(Callback):
@@ -130,182 +116,77 @@ def _parsed(line: str) -> dict | None:
     return row if isinstance(row, dict) else None
 
 
-def load_base(recipe: Recipe):
-    """The recipe's base model (``macft.models.load.LoadedModel``), quantized for QLoRA if asked."""
-    from macft.models.load import load_model
-
-    return load_model(
-        recipe.model.path,
-        revision=recipe.model.revision,
-        quantize_bits=recipe.model.quantize_bits,
-        group_size=recipe.model.quantize_group_size,
-        dequantize=recipe.model.dequantize,
-        trust_remote_code=recipe.model.trust_remote_code,
-    )
-
-
-def batching_options(recipe: Recipe) -> dict[str, Any]:
-    """How a run groups its examples into batches (``macft.data.iterate_batches`` keywords)."""
-    return {"packing": recipe.data.packing, "bucket_by_length": recipe.data.bucket_by_length, "seed": recipe.train.seed}
-
-
-def training_loss(model: nn.Module, recipe: Recipe, tokenizer: Any = None, reference: nn.Module | None = None):
-    """The loss a run trains and validates ``model`` with: SFT's chunked loss or an alignment
-    objective's (``macft.align``; ``reference`` is the frozen copy full fine-tuning needs)."""
-    chunk_size = auto_chunk_size(vocab_size(model), recipe.train.loss_chunk_size)
-    if recipe.train.objective == "sft":
-        return ChunkedLoss(chunk_size)
-    from macft.align import alignment_loss
-
-    return alignment_loss(recipe, model, tokenizer, chunk_size, reference)
-
-
 def run_training(
     recipe: Recipe, view: Callback | None = None, world: World | None = None, *, allow_changed_inputs: bool = False
 ) -> RunOutcome:
     """Train in the recipe's run directory, which rank 0 holds exclusively until training ends.
     A resume refuses a base model or data that changed since the checkpoint unless ``allow_changed_inputs``."""
-    from macft.data.splits import data_files
-
-    if not recipe.data.train:
-        raise MacftError(
-            f"Recipe '{recipe.name}' needs training data: pass --data PATH (a .jsonl file or a folder with train.jsonl); "
-            f"`macft recipes show {recipe.name}` says what data it expects."
-        )
-    data_files(recipe.data)  # a missing data file is reported before the model loads
+    training_file(recipe)  # missing data, or another objective's, is reported before anything loads
     world = world or connect()
-    if not world.main:
-        return _train_in(None, recipe, Callback(), world, allow_changed_inputs)
-    run_dir = run_dir_for(recipe)
-    with claim_run_dir(run_dir, resume=bool(recipe.output.resume)):
+    run_dir = run_dir_for(recipe) if world.main else None  # only rank 0 writes the run directory
+    with claim_run_dir(run_dir, resume=bool(recipe.output.resume)) if run_dir else nullcontext():
         try:
             return _train_in(run_dir, recipe, view or Callback(), world, allow_changed_inputs)
         except DiskFullError as exc:
-            if not (run_dir / "checkpoints" / "last").is_dir():
+            if run_dir is None or not (run_dir / "checkpoints" / "last").is_dir():
                 raise
             raise DiskFullError(f"{exc} Then continue with: macft lora --resume {run_dir}") from None
 
 
 def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World, allow_changed_inputs: bool) -> RunOutcome:
-    """``run_dir`` and ``view`` are rank 0's; other ranks pass None and a silent Callback."""
-    from macft.data import batch_order, iterate_batches, load_splits
-    from macft.data.splits import data_fingerprint
-
-    recipe, lr_note = with_method_learning_rate(recipe)
-    # A resumed run was warned when it started.
-    for line in (lr_note, None if recipe.output.resume else learning_rate_warning(recipe)):
-        if line:
-            view.on_note(line)
-    cfg = recipe.train
-    if cfg.batch_size < world.size:
-        raise MacftError(f"train.batch_size {cfg.batch_size} is the global batch and must be at least the {world.size} ranks.")
-    mx.random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    loaded = load_base(recipe)
-    aligning = cfg.objective != "sft"
-    if aligning:
-        from macft.align import alignment_batches, load_alignment_splits, needs_reference_copy, reference_note
-
-        if world.size > 1:
-            raise MacftError(f"train.objective {cfg.objective} runs on one process; distributed training covers sft.")
-        splits = load_alignment_splits(recipe, loaded.tokenizer)
-    else:
-        # The lazy tokenizer: on data it has tokenized before, the run needs none before its first step.
-        splits = load_splits(recipe.data, loaded.lazy_tokenizer)
-        for note in data_notes(splits):
-            view.on_note(note)
-        facts = {"macft version": __version__, "MLX version": mx.__version__, "recipe": recipe_digest(recipe)}
-        facts |= {"data": examples_digest(splits.train, splits.valid), "base model": loaded.identity.get("sha256", "")}
-        with peer_errors(world, "Training had not started."):
-            check_same(world, facts)
-    # One shape and plan serve the fit check and, per batch shape, each step's memory limit.
-    shape, plan = loaded_shape(loaded), dataclasses.replace(plan_from_recipe(recipe), ranks=world.size)
-    check_memory(estimate(shape, plan), view)
-    # Only method.init_text needs the tokenizer (soft prompts start from its tokens).
-    model = apply_method(loaded.model, recipe.method, loaded.tokenizer if recipe.method.init_text else None)
-    trainable, total = count_parameters(model)
-    if trainable == 0:
-        raise MacftError(f"Method '{recipe.method.name}' left nothing to train; check method.num_layers and method.target_modules.")
-
-    batching = batching_options(recipe)
-    max_len = recipe.data.max_seq_length
-
-    def train_batches(epoch: int, start: int):
-        return map(world.share, iterate_batches(splits.train, cfg.batch_size, max_len, epoch=epoch, start=start, loop=True, **batching))
-
-    def valid_batches():
-        return map(world.share, iterate_batches(splits.valid, cfg.batch_size, max_len, **batching))
-
-    if aligning:
-        per_epoch, train_batches, valid_batches = alignment_batches(recipe, splits)
-    else:
-        per_epoch = len(batch_order(splits.train, cfg.batch_size, max_len, **batching))
-    if not cfg.iters:
-        recipe, epochs_note = choose_epochs(recipe, len(splits.train), per_epoch, has_valid=bool(splits.valid))
-        if epochs_note:
-            view.on_note(epochs_note)
-        cfg = recipe.train
-    iters = cfg.iters or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accumulation))
-    recipe = recipe.replace(train={"iters": iters})
-    optimizer = make_optimizer(recipe, iters)
-    reference = None
-    if aligning:
-        view.on_note(reference_note(recipe) or f"Objective {cfg.objective}: reference-free.")
-        if needs_reference_copy(recipe):
-            reference = load_base(recipe).model
-            reference.freeze()
-            reference.eval()
-    loss_fn = training_loss(model, recipe, loaded.tokenizer if aligning else None, reference)
-    # The run's recipe records its lanes, so a resume (on any machine) splits its batches the same way.
-    recipe = recipe.replace(train={"lanes": step_lanes(cfg.lanes, cfg.batch_size, loss_fn, model)})
-
-    checkpoints = Checkpoints(run_dir, recipe, loaded.identity, data_fingerprint(recipe.data)) if world.main else None
+    """``run_dir`` is rank 0's; other ranks pass None (and a view that shows nothing)."""
+    plan = settle(recipe, world)
+    for note in plan.notes:
+        view.on_note(note)
+    recipe, cfg, loaded = plan.recipe, plan.recipe.train, plan.loaded
+    checkpoints = Checkpoints(run_dir, recipe, loaded.identity, data_fingerprint(recipe.data)) if run_dir else None
     progress = None
     if recipe.output.resume and checkpoints:
         check_resume_inputs(checkpoints, run_dir, allow_changed_inputs, view)
-        progress = checkpoints.restore(model, optimizer)
+        progress = checkpoints.restore(plan.model, plan.optimizer)
     with peer_errors(world, "Training had not started."):
-        progress = share_state(world, model, optimizer, progress)
-    if world.main:
+        progress = share_state(world, plan.model, plan.optimizer, progress)
+    log = view
+    if run_dir:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
         log = MetricsLog(run_dir / "metrics.jsonl", view, progress.step if progress else 0)
-    else:
-        log = view
-
-    kept = "Rank 0 keeps the last complete checkpoint."
-    if checkpoints:
-        kept = f"The last complete checkpoint is {checkpoints.path('last')}; resume with: macft lora --resume {run_dir}"
+    kept = f"The last complete checkpoint is {checkpoints.path('last')}; resume with: macft lora --resume {run_dir}" if checkpoints else "Rank 0 keeps the last complete checkpoint."
     result = peer_errors(world, kept)(train)(
-        model,
-        optimizer,
-        train_batches,
-        valid_batches if splits.valid else None,
-        loss_fn,
-        recipe.train,
+        plan.model,
+        plan.optimizer,
+        plan.batches.train,
+        plan.batches.valid,
+        plan.loss,
+        cfg,
         log,
         checkpoints=checkpoints,
         progress=progress,
-        batches_per_epoch=per_epoch,
-        memory_budget=None if aligning else step_budget(shape, plan),
+        batches_per_epoch=plan.batches.per_epoch,
+        memory_budget=plan.memory_budget,
         world=world,
-        guard=LossGuard(vocab_size(model), cfg.learning_rate, recipe.method.name),
+        guard=LossGuard(plan.shape.vocab, cfg.learning_rate, recipe.method.name),
     )
-    if not world.main:
-        return RunOutcome(None, recipe, result, {}, model, loaded.lazy_tokenizer)
+    if not run_dir:
+        return RunOutcome(None, recipe, result, {}, plan.model, loaded.lazy_tokenizer)
+    return _finish(run_dir, plan, result, checkpoints, world)
 
-    notes = []
+
+def _finish(run_dir: Path, plan: RunPlan, result: TrainResult, checkpoints: Checkpoints, world: World) -> RunOutcome:
+    """Keep the run's adapter (the best checkpoint by validation loss; after a NaN or divergence, the
+    last good one) and write its summary and loss curve."""
+    recipe, model, loaded, notes = plan.recipe, plan.model, plan.loaded, []
     best, last = checkpoints.path("best") / ADAPTER_FILE, checkpoints.path("last") / ADAPTER_FILE
-    # The run's adapter: the best by validation loss; after a NaN or divergence, the last good checkpoint.
     source = best if best.exists() else last if result.failed and last.exists() else None
     if source is not None:
         model.load_weights(str(source), strict=False)
         notes.append(f"{run_dir / ADAPTER_FILE} holds the {source.parent.name} checkpoint.")
     if source is not None or not result.failed:
-        save_adapter(model, run_dir, recipe, loaded.identity)
+        save_adapter(model, run_dir, recipe.method, loaded.identity, recipe.model.recorded)
     else:
         notes.append("No adapter was saved: training failed before the first checkpoint.")
     model.eval()
+    trainable, total = count_parameters(model)
 
     summary = RunSummary(
         run_dir=str(run_dir),
@@ -314,7 +195,7 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
         stop_reason=result.stop_reason,
         message=result.message,
         steps=result.progress.step,
-        iters=iters,
+        iters=recipe.train.iters,
         best_val_loss=result.progress.best_val_loss,
         best_step=result.progress.best_step,
         final_train_loss=result.last_train_loss,
@@ -328,11 +209,11 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
         trainable_parameters=trainable,
         total_parameters=total,
         backend=detect().describe(),
-        fast_paths=fast_paths(model, result, loss_fn.chunk_size),
+        fast_paths=fast_paths(model, result, plan.loss.chunk_size, plan.memory_budget is not None),
         compiled=result.compiled,
         compile_note=result.compile_note,
-        objective=cfg.objective,
-        reference=reference_note(recipe) if aligning else None,
+        objective=plan.objective.name,
+        reference=plan.reference,
     )
     with atomic_path(run_dir / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary.to_dict(), indent=2))
@@ -353,45 +234,14 @@ def check_resume_inputs(checkpoints: Checkpoints, run_dir: Path, allow: bool, vi
     view.on_note(f"Resuming although {changed} changed since the last checkpoint (--allow-changed-inputs).")
 
 
-def data_notes(splits) -> list[str]:
-    """What the user should know about the examples before training: cut, dropped, no validation, overlap."""
-    from macft.data.splits import overlap_count
-
-    notes = []
-    for name in ("train", "valid"):
-        truncated, dropped = splits.truncated.get(name, 0), splits.dropped.get(name, 0)
-        if truncated or dropped:
-            notes.append(
-                f"{name}: {truncated} examples cut to data.max_seq_length, {dropped} dropped with no trained token left "
-                "(`macft data check` shows which; raise data.max_seq_length to keep them)."
-            )
-    if not splits.valid:
-        notes.append(
-            "No validation data: the adapter is the last step's, not the best one; add valid.jsonl or set data.split_valid=0.1."
-        )
-    elif shared := overlap_count(splits.train, splits.valid):
-        notes.append(f"{shared} of {len(splits.valid)} validation examples also appear in train, so validation loss flatters the model.")
-    return notes
-
-
-def check_memory(est: Estimate, view: Callback) -> None:
-    """Stop before training when the memory planner predicts the run cannot fit."""
-    if not est.fits:
-        hint = est.suggestions[0] if est.suggestions else "use a smaller batch, sequence length or model"
-        raise MacftError(
-            f"This run needs about {format_bytes(est.total_bytes)} but {format_bytes(est.available_bytes)} is available; {hint} "
-            "(see `macft estimate`)."
-        )
-    view.on_note(f"Predicted peak memory {format_bytes(est.total_bytes)} of {format_bytes(est.available_bytes)} available.")
-
-
-def fast_paths(model: nn.Module, result: TrainResult, chunk_size: int) -> list[str]:
+def fast_paths(model: nn.Module, result: TrainResult, chunk_size: int, memory_limit: bool) -> list[str]:
     """The performance choices this run made, for the summary."""
     backend = detect()
     paths = [f"{backend.compute_dtype} compute", f"BLAS {backend.blas}"]
     paths.append("compiled step" if result.compiled else f"uncompiled step ({result.compile_note})")
     paths.append(describe_loss(model, chunk_size))
-    paths.append("memory limit held a quarter above each step's predicted peak")
+    if memory_limit:
+        paths.append("memory limit held a quarter above each step's predicted peak")
     recomputed = sum(isinstance(m, RecomputingMLP) for _, m in model.named_modules())
     if recomputed:
         paths.append(f"gated MLP activation recomputed in the backward pass ({recomputed} layers)")
@@ -417,20 +267,17 @@ def plot_losses(metrics: Path, out: Path) -> None:
 
 
 def demo_records(recipe: Recipe) -> list:
-    """The held-out prompt/completion records the demo answers (demo.prompts, else the test split)."""
-    from macft.data import read_records
-    from macft.data.splits import data_files
+    """The held-out prompt/completion records the demo answers: demo.prompts (prompt/completion lines),
+    else the test split, read as the objective's data."""
+    from macft.data.examples import EXAMPLES
 
     path = Path(recipe.demo.prompts).expanduser() if recipe.demo.prompts else data_files(recipe.data).get("test")
     if path is None:
         return []
     if not path.is_file():
         raise MacftError(f"demo.prompts file {path} does not exist.")
-    if recipe.train.objective != "sft" and not recipe.demo.prompts:
-        from macft.align import demo_records as alignment_demo_records
-
-        return alignment_demo_records(recipe, path)
-    return [r for r in read_records(path) if r.kind == "completion"]
+    shape = EXAMPLES if recipe.demo.prompts else objective_named(recipe.train.objective).data
+    return shape.demo_records(path)
 
 
 def run_demo(outcome: RunOutcome) -> DemoResult | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from macft.errors import MacftError
-from macft.methods import ADAPTER_FILE, CONFIG_FILE
+from macft.adapters.files import ADAPTER_FILE, CONFIG_FILE
 
 LOCK_FILE = ".macft-lock"
 # What a run writes at its top level; a new run may reuse a folder holding nothing else.

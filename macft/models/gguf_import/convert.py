@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType
 from macft.errors import MacftError
 from macft.families import Family
 from macft.models.gguf_import.families import family_for, hf_name, import_config
-from macft.models.load import check_finite
+from macft.models.weights import check_finite
 from macft.models.gguf_import.quants import GROUP_SIZE, quantize_exact, to_float
 from macft.models.gguf_import.reader import GGUFFile
 from macft.models.gguf_import.tokenizer import save_tokenizer, stop_token_ids

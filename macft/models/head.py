@@ -1,7 +1,7 @@
-"""Masked next-token cross-entropy that never holds the full (batch, seq, vocab) logits.
+"""The output head applied to trained positions only: per-position losses without the full logits.
 
 With Gemma 3's 262,144-token vocabulary the logits dwarf everything else a step keeps, and most
-positions (prompt tokens, padding) are not trained on anyway. So the loss runs the model's body to
+positions (prompt tokens, padding) are not trained on anyway. So a loss runs the model's body to
 get hidden states, keeps only the trained positions (``selected_positions``, done on the host), and
 applies the output head to them ``chunk_size`` rows at a time:
 
@@ -13,16 +13,14 @@ applies the output head to them ``chunk_size`` rows at a time:
 - a trainable head (full fine-tuning) runs each chunk under ``mx.checkpoint`` instead, which frees
   the logits after the forward pass and recomputes them in the backward pass.
 
-Chunks are chained with ``mx.depends`` so that MLX evaluates them one after another.
+Chunks are chained with ``mx.depends`` so that MLX evaluates them one after another. Every
+objective (``macft.objectives``) and the importance matrix of an export read their token losses here.
 
     targets, weights, select = selected_positions(batch.targets, batch.loss_mask)
-    loss_sum, tokens = chunked_loss(model, batch.inputs, select, targets, weights, chunk_size=chunk_size)
     losses = position_losses(model, batch.inputs, select, targets, weights, chunk_size=chunk_size)  # one per position
 
-Both losses return ``(sum of token losses, number of trained tokens)``; the caller divides, so
-gradient accumulation over batches of different sizes weighs every token equally. Any module
-exposes the body/head split either as mlx-lm models do (``model.model`` then ``lm_head`` or the
-tied ``embed_tokens``) or with a ``body_and_head()`` method; ``full_logits_losses`` covers the rest.
+Any module exposes the body/head split either as mlx-lm models do (``model.model`` then ``lm_head``
+or the tied ``embed_tokens``) or with a ``body_and_head()`` method; ``full_logits_losses`` covers the rest.
 """
 
 from __future__ import annotations
@@ -35,7 +33,6 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from macft.backend import detect
-from macft.data.batching import split_rows
 from macft.models.quantized import QUANTIZED, float_weight
 
 # Logits elements per block of rows × vocabulary slice (16 MiB in float32). MLX allocates the
@@ -121,11 +118,6 @@ def token_losses(logits: mx.array, targets: mx.array) -> mx.array:
     return mx.logsumexp(logits, axis=-1) - picked
 
 
-def chunked_loss(model: nn.Module, inputs: mx.array, select: mx.array, targets: mx.array, weights: mx.array, **options: Any) -> tuple[mx.array, mx.array]:
-    """(sum of the weighted token losses, trained tokens): ``position_losses`` (same keywords) summed."""
-    return position_losses(model, inputs, select, targets, weights, **options).sum(), weights.sum()
-
-
 def position_losses(
     model: nn.Module,
     inputs: mx.array,
@@ -139,7 +131,7 @@ def position_losses(
     training: bool = True,
 ) -> mx.array:
     """−log p(target) × weight at every selected position (zero on padding entries). SFT sums them;
-    alignment objectives sum them per answer (``macft.align.logps``). ``training=False`` skips the
+    alignment objectives sum them per answer (``macft.objectives.sequences``). ``training=False`` skips the
     gradient work of the frozen-head path (for validation and reference passes); ``vocab_slice`` is
     the head rows per slice (0: ``auto_vocab_slice``)."""
     split = body_and_head(model)
@@ -305,37 +297,3 @@ def full_logits_losses(
     logits = model(inputs, cache=cache)
     logits = logits.reshape(-1, logits.shape[-1])[select]
     return token_losses(logits, targets) * weights
-
-
-class ChunkedLoss:
-    """The training loss as the loop uses it: ``prepare(batch)`` on the host, then
-    ``loss(model, *arrays)`` inside the compiled step."""
-
-    def __init__(self, chunk_size: int):
-        self.chunk_size = chunk_size
-
-    def prepare(self, batch: Any) -> tuple[mx.array, ...]:
-        targets, weights, select = selected_positions(batch.targets, batch.loss_mask)
-        arrays = (batch.inputs, select, targets, weights)
-        return arrays if batch.segment_ids is None else (*arrays, batch.segment_ids)
-
-    def __call__(
-        self, model: nn.Module, inputs: mx.array, select: mx.array, targets: mx.array, weights: mx.array, segment_ids: mx.array | None = None
-    ) -> tuple[mx.array, mx.array]:
-        from macft.data import packing_cache
-
-        cache = packing_cache(model, segment_ids)
-        return chunked_loss(model, inputs, select, targets, weights, chunk_size=self.chunk_size, cache=cache)
-
-    @staticmethod
-    def split(batch: Any, parts: int) -> list:
-        """The batch's rows in ``parts`` (the loop's lanes)."""
-        return split_rows(batch, parts)
-
-    def evaluate(self, model: nn.Module, *arrays: mx.array) -> tuple[mx.array, mx.array]:
-        """The same loss without the work only gradients need."""
-        from macft.data import packing_cache
-
-        inputs, select, targets, weights, *segment_ids = arrays
-        cache = packing_cache(model, segment_ids[0] if segment_ids else None)
-        return chunked_loss(model, inputs, select, targets, weights, chunk_size=self.chunk_size, cache=cache, training=False)

@@ -136,6 +136,19 @@ def _import(target: str, spec: str) -> Any:
         raise MacftError(f"align.rewards entry '{spec}': importing {target} failed ({type(exc).__name__}: {exc}).") from None
 
 
+def beside_recipe(specs: Any, recipe_dir: Path) -> Any:
+    """A reward in a file next to the recipe ("rewards.py:score") resolves like the recipe's data."""
+    if not isinstance(specs, list):
+        return specs
+    resolved = []
+    for spec in specs:
+        target, colon, function = str(spec).rpartition(":")
+        if colon and target.endswith(".py") and not Path(target).is_absolute() and (recipe_dir / target).is_file():
+            spec = f"{(recipe_dir / target).resolve()}:{function}"
+        resolved.append(spec)
+    return resolved
+
+
 def load_rewards(specs: tuple[str, ...] | list[str]) -> list[Reward]:
     if not specs:
         raise MacftError("GRPO needs at least one reward: set align.rewards (e.g. [exact_match]).")

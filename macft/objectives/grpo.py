@@ -1,7 +1,7 @@
 """GRPO: sample a group of answers per prompt, reward them, and push up the better ones.
 
 For each prompt the policy samples G completions (mlx-lm's batched generation, ``align.temperature``);
-the rewards r₁…r_G (``macft.align.rewards``) become group-normalised advantages
+the rewards r₁…r_G (``macft.objectives.rewards``) become group-normalised advantages
 Aᵢ = (rᵢ − mean r) / (std r + 1e-4). Every completion token t then contributes
 
     −[ min(ρₜ·Aᵢ, clip(ρₜ, 1−ε, 1+ε)·Aᵢ) − β·KLₜ ],   ρₜ = π(t)/π_old(t),
@@ -20,36 +20,24 @@ the best checkpoint and early stopping follow the held-out reward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from macft.align.logps import row_sums, trained_positions
-from macft.align.rewards import Reward, score
-from macft.config import AlignConfig
 from macft.data.batching import build_batch
+from macft.data.prompts import PROMPTS, PromptBatch
 from macft.data.templates import Example
 from macft.methods import adapters_disabled
-from macft.train.losses import position_losses
+from macft.models.head import position_losses
+from macft.models.tokenizer_cache import eager
+from macft.objectives.base import LossContext, Metric, Objective
+from macft.objectives.rewards import Reward, beside_recipe, load_rewards, score
+from macft.objectives.sequences import row_sums, trained_positions
+from macft.options import Option
 
 STATS = ("tokens", "reward", "reward_squared", "kl", "completion_tokens")
-
-
-@dataclass
-class PromptExample:
-    tokens: list[int]  # the prompt, rendered as generation starts from it
-    fields: dict  # the line's JSON object, for the rewards
-    source: str = ""
-
-
-@dataclass
-class PromptBatch:
-    prompts: list[PromptExample]
-    epoch: int = 0
-    index: int = 0
 
 
 def group_advantages(rewards: np.ndarray) -> np.ndarray:
@@ -89,7 +77,7 @@ class GRPOLoss:
 
     def __init__(
         self,
-        cfg: AlignConfig,
+        cfg: Any,
         model: nn.Module,
         tokenizer: Any,
         rewards: list[Reward],
@@ -160,3 +148,45 @@ class GRPOLoss:
             "kl": total["kl"] / completions,
             "completion_length": total["completion_tokens"] / completions,
         }
+
+
+OPTIONS = (
+    Option("beta", float, 0.1, "GRPO: the weight of the KL penalty", valid=lambda b: b > 0, must="positive"),
+    Option("group_size", int, 4, "completions sampled per prompt", valid=lambda n: n >= 2, must="at least 2 (GRPO compares completions within a group)"),
+    Option("temperature", float, 1.0, "sampling temperature"),
+    Option("max_completion_tokens", int, 64, "the longest sampled completion", valid=lambda n: n >= 1, must="at least 1"),
+    Option("clip_epsilon", float, 0.2, "the probability ratio is clipped to [1 - eps, 1 + eps]"),
+    Option(
+        "rewards", tuple[str, ...], ("exact_match",),
+        "rewards, summed: exact_match[=field], json_valid, json_keys=a,b, regex=PATTERN, length_penalty=TOKENS, "
+        "or your own module:function / file.py:function (completion, example) -> float",
+        resolve=beside_recipe,
+    ),
+)
+
+
+def grpo_loss(context: LossContext) -> GRPOLoss:
+    settings = context.settings
+    return GRPOLoss(settings, context.model, eager(context.tokenizer), load_rewards(settings.rewards), context.chunk_size, context.reference)
+
+
+OBJECTIVE = Objective(
+    name="grpo",
+    title="GRPO",
+    when="you can score answers with a function (exact match, valid JSON, a regex, your own code) rather than write them",
+    options=OPTIONS,
+    data=PROMPTS,
+    loss=grpo_loss,
+    metrics=(
+        Metric("reward_mean", "reward", "{:.3f}"),
+        Metric("reward_std", "reward std", "{:.3f}"),
+        Metric("kl", "kl", "{:.4f}"),
+        Metric("completion_length", "length", "{:.1f}"),
+    ),
+    rows_per_example=lambda settings: settings.group_size,
+    needs_reference=True,
+    # Each rank would sample its own prompts' answers; the one-process loop samples a whole batch at once.
+    distributed=False,
+    lanes=False,  # its batches are sampled whole (splitting one would split the sampling)
+    demo="greedy answers of the base and the tuned model to held-out prompts, scored against their answer field",
+)

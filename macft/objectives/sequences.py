@@ -1,12 +1,11 @@
 """Per-sequence log-probabilities of a batch's trained tokens, without full logits.
 
-Alignment objectives compare whole answers, so they need log p(answer | prompt) per row, not the
-one summed loss SFT trains on. ``macft.train.losses.position_losses`` gives the loss at every trained
-position through the same memory-lean head paths SFT uses; this module sums them per row.
+Objectives that compare whole answers (pairs, completions) need log p(answer | prompt) per row, not
+the one summed loss supervised training uses. ``macft.models.head.position_losses`` gives the loss at
+every trained position through the memory-lean head; this module sums them per row.
 
-    select, targets, weights, rows = trained_positions(batch)          # host side
-    losses = position_losses(model, batch.inputs, select, targets, weights, chunk_size=512)
-    logps = row_sums(-losses, rows, batch.inputs.shape[0])              # [rows]
+    select, targets, weights, rows = trained_positions(batch.targets, batch.loss_mask)    # host side
+    logps, tokens = sequence_logps(model, (batch.inputs, select, targets, weights, rows), chunk_size=512)
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from macft.train.losses import position_losses, selected_positions
+from macft.models.head import position_losses, selected_positions
 
 
 def trained_positions(targets: mx.array, loss_mask: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
@@ -38,3 +37,6 @@ def sequence_logps(model: nn.Module, arrays: tuple, chunk_size: int, training: b
     losses = position_losses(model, inputs, select, targets, weights, chunk_size=chunk_size, training=training)
     return row_sums(-losses, rows, inputs.shape[0]), row_sums(weights, rows, inputs.shape[0])
 
+
+def log_sigmoid(x: mx.array) -> mx.array:
+    return -nn.softplus(-x)
