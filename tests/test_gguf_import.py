@@ -24,7 +24,7 @@ from macft.errors import MacftError
 from macft.families import FAMILIES
 from macft.families.llama import llama3_rope_scaling
 from macft.models.gguf_import import import_gguf, import_gguf_report
-from macft.models.gguf_import.quants import EXACT_BITS, pack, quantize_exact
+from macft.models.gguf_import.affine import pack, quantize_exact
 from macft.models.gguf_import.reader import read_gguf
 from macft.models.load import load_model
 from macft.paths import RECIPES_DIR
@@ -45,6 +45,7 @@ SAMPLE_TEXTS = [
     "SELECT name FROM users WHERE age >= 30;",
 ]
 SIMPLE_QUANTS = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
+EXACT_BITS = {Q.Q8_0: 8, Q.Q4_0: 4, Q.Q4_1: 4, Q.Q5_0: 5, Q.Q5_1: 5, Q.Q4_K: 4, Q.Q5_K: 5}  # the types MLX holds exactly
 
 
 # ---------------------------------------------------------------------------- a GGUF writer for tests

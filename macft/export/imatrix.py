@@ -4,8 +4,8 @@ For every linear layer (and the output head) the tuned model is run over the run
 examples and each input column gets the mean of x² over the examples' tokens, llama.cpp's
 "imatrix" idea. A quantization error e in column j changes the layer's output by x_j·e, so
 sum_j importance_j·e_j² is the expected squared output error on the data the model was tuned for;
-``macft.export.kquants`` minimises exactly that. Every token of an example counts, the prompt's too:
-the keys and values of the prompt are what the completion attends to.
+the importance-weighted encoders of ``macft.quants`` minimise exactly that. Every token of an
+example counts, the prompt's too: the keys and values of the prompt are what the completion attends to.
 
     imatrix = compute_imatrix(model, train_examples, max_tokens=8192)
     save_imatrix(imatrix, run_dir / IMATRIX_FILE)
