@@ -510,6 +510,21 @@ def test_bad_files_give_one_line_errors(tmp_path, gguf_files):
         assert "\n" not in message and name in message, message
 
 
+def test_a_tensor_type_macft_cannot_read_is_one_line(tmp_path, gguf_files):
+    """A type no ``macft.quants`` record declares (I32, which no weight uses) is named, not a traceback."""
+    data = bytearray(gguf_files["llama"]["f32"].read_bytes())
+    name = b"output_norm.weight"
+    at = data.index(name) + len(name)  # then: dimension count (u32), dimensions (u64 each), type (u32)
+    type_at = at + 4 + 8 * int.from_bytes(data[at : at + 4], "little")
+    assert int.from_bytes(data[type_at : type_at + 4], "little") == Q.F32
+    data[type_at : type_at + 4] = int(Q.I32).to_bytes(4, "little")  # as many bytes as F32
+    path = tmp_path / "i32.gguf"
+    path.write_bytes(data)
+    with pytest.raises(MacftError, match="GGUF tensor type I32 is not supported") as info:
+        import_gguf(path)
+    assert "\n" not in str(info.value)
+
+
 def test_unsupported_architecture_is_named(tmp_path, tiny_models):
     path = write_gguf(tiny_models["llama"], tmp_path / "falcon.gguf", arch="falcon")
     with pytest.raises(MacftError, match="'falcon' is not supported.*gemma3, gemma4, llama, phi3, qwen2, qwen3"):
