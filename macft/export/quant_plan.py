@@ -36,9 +36,9 @@ class Scheme:
     file_type: LlamaFileType
     base: Q
     mixture: bool = False  # the _M rules for attn_v (and attn_qkv) / ffn_down
-    # Exports of a run use the importance matrix and the delta-aware plan by default: measured on the
-    # quickstart, they keep what Q4_K_M and Q5_K_M lose (7-15x the F16 loss plain), while Q6_K and Q8_0
-    # plain are already at the F16 export's loss and guidance only adds bytes and time.
+    # Exports of a run use the importance matrix and the delta-aware plan by default where they keep
+    # what the plain types lose of the fine-tune (docs/benchmarks.md); Q6_K and Q8_0 plain are already
+    # at the F16 export's loss, so guidance would only add bytes and time.
     guided: bool = False
 
 

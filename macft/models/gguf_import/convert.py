@@ -34,7 +34,7 @@ SUMMARY_FILE = "macft_import.json"
 def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_from: Path | None = None) -> dict:
     """Write the model directory into ``out_dir`` (which must exist); return the tensor summary
     ``{"exact": {type: count}, "float": {type: count}}``. ``tokenizer_from``: an earlier import of
-    the same file whose tokenizer files are copied instead of rebuilt (tens of seconds for 262k tokens)."""
+    the same file whose tokenizer files are copied instead of rebuilt (slow for a large vocabulary)."""
     import mlx.core as mx
 
     family = family_for(gguf)
