@@ -56,3 +56,33 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(params=FAMILIES)
 def family_model_dir(request, tiny_models) -> Path:
     return tiny_models[request.param]
+
+
+@pytest.fixture(scope="session")
+def ggml():
+    """ggml's own quantizer (``ggml_quantize_chunk`` in llama-cpp-python's libggml): the reference
+    for macft's encoders. ``ggml(rows, qtype, importance=None)`` -> packed (rows, bytes per row)."""
+    import ctypes
+
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp oracle) is not installed")
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    candidates = sorted(lib_dir.glob("libggml-base.*"))
+    if not candidates:
+        pytest.skip("libggml-base is not shipped with this llama-cpp-python build")
+    lib = ctypes.CDLL(str(candidates[0]))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+
+    def reference(rows, qtype, importance=None):
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        block, size = GGML_QUANT_SIZES[qtype]
+        out = np.zeros((rows.shape[0], rows.shape[1] // block * size), dtype=np.uint8)
+        weights = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+        pointer = None if weights is None else weights.ctypes.data
+        lib.ggml_quantize_chunk(int(qtype), rows.ctypes.data, out.ctypes.data, 0, rows.shape[0], rows.shape[1], pointer)
+        return out
+
+    return reference

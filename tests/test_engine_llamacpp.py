@@ -99,7 +99,7 @@ def test_cache_key_follows_the_exporting_code(tmp_path):
     for package in EXPORT_CODE:
         shutil.copytree(Path(macft.__file__).parent / package, tmp_path / package)
     assert exporter_fingerprint(tmp_path) == exporter_fingerprint()
-    kquants = tmp_path / "export" / "kquants.py"
+    kquants = tmp_path / "quants" / "kquants.py"
     kquants.write_text(kquants.read_text() + "\n# a changed rounding\n")
     assert exporter_fingerprint(tmp_path) != exporter_fingerprint()
 

@@ -24,7 +24,7 @@ from macft.errors import MacftError
 from macft.families import FAMILIES
 from macft.families.llama import llama3_rope_scaling
 from macft.models.gguf_import import import_gguf, import_gguf_report
-from macft.models.gguf_import.quants import EXACT_BITS, pack, quantize_exact
+from macft.models.gguf_import.affine import pack, quantize_exact
 from macft.models.gguf_import.reader import read_gguf
 from macft.models.load import load_model
 from macft.paths import RECIPES_DIR
@@ -45,6 +45,7 @@ SAMPLE_TEXTS = [
     "SELECT name FROM users WHERE age >= 30;",
 ]
 SIMPLE_QUANTS = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
+EXACT_BITS = {Q.Q8_0: 8, Q.Q4_0: 4, Q.Q4_1: 4, Q.Q5_0: 5, Q.Q5_1: 5, Q.Q4_K: 4, Q.Q5_K: 5}  # the types MLX holds exactly
 
 
 # ---------------------------------------------------------------------------- a GGUF writer for tests
@@ -507,6 +508,21 @@ def test_bad_files_give_one_line_errors(tmp_path, gguf_files):
             import_gguf(tmp_path / name)
         message = str(info.value)
         assert "\n" not in message and name in message, message
+
+
+def test_a_tensor_type_macft_cannot_read_is_one_line(tmp_path, gguf_files):
+    """A type no ``macft.quants`` record declares (I32, which no weight uses) is named, not a traceback."""
+    data = bytearray(gguf_files["llama"]["f32"].read_bytes())
+    name = b"output_norm.weight"
+    at = data.index(name) + len(name)  # then: dimension count (u32), dimensions (u64 each), type (u32)
+    type_at = at + 4 + 8 * int.from_bytes(data[at : at + 4], "little")
+    assert int.from_bytes(data[type_at : type_at + 4], "little") == Q.F32
+    data[type_at : type_at + 4] = int(Q.I32).to_bytes(4, "little")  # as many bytes as F32
+    path = tmp_path / "i32.gguf"
+    path.write_bytes(data)
+    with pytest.raises(MacftError, match="GGUF tensor type I32 is not supported") as info:
+        import_gguf(path)
+    assert "\n" not in str(info.value)
 
 
 def test_unsupported_architecture_is_named(tmp_path, tiny_models):

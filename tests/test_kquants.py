@@ -9,18 +9,15 @@ its plain rounding, both measured by gguf-py's decoder and numpy.
 
 from __future__ import annotations
 
-import ctypes
-from pathlib import Path
-
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 
-from macft.export import kquants
-from macft.export.kquants import quantize
 from macft.export.quant_plan import SCHEMES, tensor_type
+from macft.quants import quantize
+from macft.quants.searches import make_qkx2_quants, make_qx_quants, scale_and_min
 
 K_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
 
@@ -32,29 +29,6 @@ def gemma_gguf():
     from macft.models.spec import embedded_default_gguf
 
     return read_gguf(embedded_default_gguf())
-
-
-@pytest.fixture(scope="module")
-def ggml():
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp oracle) is not installed")
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    candidates = sorted(lib_dir.glob("libggml-base.*"))
-    if not candidates:
-        pytest.skip("libggml-base is not shipped with this llama-cpp-python build")
-    lib = ctypes.CDLL(str(candidates[0]))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-
-    def reference(rows: np.ndarray, qtype: Q, importance: np.ndarray | None = None) -> np.ndarray:
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        block, size = GGML_QUANT_SIZES[qtype]
-        out = np.zeros((rows.shape[0], rows.shape[1] // block * size), dtype=np.uint8)
-        weights = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
-        pointer = None if weights is None else weights.ctypes.data
-        lib.ggml_quantize_chunk(int(qtype), rows.ctypes.data, out.ctypes.data, 0, rows.shape[0], rows.shape[1], pointer)
-        return out
-
-    return reference
 
 
 def real_tensor(gguf_file, name: str, max_rows: int = 4096) -> np.ndarray:
@@ -215,7 +189,7 @@ def direct_qkx2(x, w, nmax, rmin, rdelta, nstep):
         iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / np.where(flat, f32(1), hi - lo)
         lv = np.clip(np.rint(iscale[:, None] * (x - lo[:, None])), 0, nmax)
         sum_l, sum_l2, sum_xl = (w * lv).sum(axis=1), (w * lv * lv).sum(axis=1), (w * lv * x).sum(axis=1)
-        solvable, this_scale, this_min = kquants._scale_and_min(sum_w, sum_x, sum_l, sum_l2, sum_xl)
+        solvable, this_scale, this_min = scale_and_min(sum_w, sum_x, sum_l, sum_l2, sum_xl)
         err = (w * np.square(this_scale[:, None] * lv + this_min[:, None] - x)).sum(axis=1)
         better = solvable & (err < best)
         levels = np.where(better[:, None], lv, levels)
@@ -232,8 +206,8 @@ def test_vectorised_searches_equal_the_plain_loops_bit_for_bit():
     x[3, ::2] = 0
     w = np.exp(rng.standard_normal(x.shape)).astype(np.float32)
     for nmax, weights in ((128, w), (16, w), (32, x * x), (8, w)):
-        for mine, plain in zip(kquants._qx(x, nmax, w=weights), direct_qx(x, nmax, weights)):
+        for mine, plain in zip(make_qx_quants(x, nmax, w=weights), direct_qx(x, nmax, weights)):
             np.testing.assert_array_equal(mine, plain)
     for args in ((15, -1.0, 0.1, 20), (31, -0.5, 0.1, 15), (31, -0.9, 0.1, 18)):
-        for mine, plain in zip(kquants._qkx2(x, w, *args), direct_qkx2(x, w, *args)):
+        for mine, plain in zip(make_qkx2_quants(x, w, *args), direct_qkx2(x, w, *args)):
             np.testing.assert_array_equal(mine, plain)

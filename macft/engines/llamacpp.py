@@ -55,7 +55,7 @@ def file_sha256(path: Path) -> str:
 
 # The code a cached export depends on: a change to any of it (a fixed tensor map, a new rounding)
 # must not keep serving the file the old code wrote, even within one version of macft.
-EXPORT_CODE = ("export", "families", "methods", "models")
+EXPORT_CODE = ("export", "families", "methods", "models", "quants")
 
 
 def exporter_fingerprint(root: Path | None = None) -> str:

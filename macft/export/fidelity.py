@@ -104,8 +104,8 @@ def gguf_weights(path: Path) -> dict:
     import mlx.core as mx
 
     from macft.models.gguf_import.families import family_for, hf_name, import_config
-    from macft.models.gguf_import.quants import to_float
     from macft.models.gguf_import.reader import read_gguf
+    from macft.quants import decode
 
     gguf = read_gguf(path)
     family = family_for(gguf)
@@ -114,7 +114,7 @@ def gguf_weights(path: Path) -> dict:
     for name, info in gguf.tensors.items():
         hf = hf_name(family, name)
         if hf:
-            values = to_float(gguf.rows(name), info.qtype, info.shape)
+            values = decode(gguf.rows(name), info.qtype).reshape(info.shape)
             values = family.import_float(hf, family.import_columns(hf, family.import_rows(hf, values, config), config))
             weights[hf] = mx.array(np.ascontiguousarray(values, dtype=np.float32))
     return weights

@@ -2,7 +2,7 @@
 
     result = fuse_adapter("runs/quickstart", out="fused/quickstart")            # float or as the base
     result = fuse_adapter("runs/qlora", out="fused/q4", quantize_bits=4)        # re-quantized once
-    loaded, adapter_cfg = load_fused("runs/quickstart", dequantize=True)        # in memory (export)
+    loaded, adapter_cfg, merged = load_fused("runs/quickstart", dequantize=True)  # in memory (export)
 
 The base recorded in ``adapter_config.json`` is loaded as it was for training (QLoRA bases
 quantized the same way), the method is re-applied with ``macft.adapters.files.load_adapter`` and each

@@ -4,8 +4,7 @@
                         tokenizer_dir=loaded.path)
 
 Quantized MLX weights (GGUF imports, QLoRA bases) are dequantized to float32 first; the families
-module maps names and layouts; ``quant_plan`` picks each tensor's type and ``kquants`` (or gguf-py
-for the legacy types) packs it. The file appears only once complete (``macft.paths.atomic_path``).
+module maps names and layouts; ``quant_plan`` picks each tensor's type and ``macft.quants`` packs it. The file appears only once complete (``macft.paths.atomic_path``).
 
 With a ``guide`` (``macft.export.guidance.QuantGuide``: a run's importance matrix and how much its
 fine-tune changed each weight) every tensor is rounded to minimise its importance-weighted error
@@ -25,10 +24,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from macft.errors import MacftError
-from macft.export import families, kquants, tokenizer_meta
+from macft.export import families, tokenizer_meta
 from macft.export.quant_plan import EXTRA_BYTES, SCHEMES, PlanTensor, guided_types, sample_rows, tensor_bytes, tensor_type
 from macft.families.base import text_config
 from macft.paths import atomic_path
+from macft.quants import quant_type, quantize
 
 GGUF_COMMAND_KEY = "macft.command"  # GGUF metadata key naming the macft command that wrote the file
 
@@ -118,7 +118,7 @@ def write_gguf(
         v_layers = sum(n.endswith((".attn_v.weight", ".attn_qkv.weight")) for n in tensors)  # llama-quantize's attn_v-like
         plain = {n: tensor_type(n, a.shape, scheme, n_layers, tied, v_layers) for n, a in tensors.items()}
         chosen, importance, guided = plain, {}, None
-        if guide is not None and scheme.base not in (Q.F16, Q.BF16):
+        if guide is not None and not quant_type(scheme.base).is_float:
             chosen, importance, guided = _guided_plan(tensors, plain, guide, config, family, extra_bytes)
         for gguf_name, array in tensors.items():
             _add_tensor(writer, gguf_name, array, chosen[gguf_name], importance.get(gguf_name))
@@ -143,27 +143,22 @@ def _guided_plan(tensors: dict, plain: dict, guide, config: dict, family: str, e
     candidates = [
         PlanTensor(n, tensors[n].shape, plain[n], change.get(n, 0.0), sample_rows(tensors[n]), importance.get(n))
         for n in tensors
-        if plain[n] not in (Q.F32, Q.F16, Q.BF16)
+        if not quant_type(plain[n]).is_float
     ]
     chosen = {**plain, **guided_types(candidates, extra_bytes)}
     quantized = [t.name for t in candidates]
     summary = {
         "importance_weighted": sum(n in importance for n in quantized),
         "upgraded": {n: f"{plain[n].name}->{chosen[n].name}" for n in quantized if chosen[n] != plain[n]},
-        "plain_tensor_bytes": sum(tensor_bytes(tensors[n].shape, plain[n]) for n in tensors if plain[n] not in (Q.F32, Q.F16)),
-        "guided_tensor_bytes": sum(tensor_bytes(tensors[n].shape, chosen[n]) for n in tensors if chosen[n] not in (Q.F32, Q.F16)),
+        "plain_tensor_bytes": sum(tensor_bytes(tensors[n].shape, plain[n]) for n in quantized),
+        "guided_tensor_bytes": sum(tensor_bytes(tensors[n].shape, chosen[n]) for n in quantized),
     }
     return chosen, importance, summary
 
 
 def _add_tensor(writer: gguf.GGUFWriter, name: str, array: np.ndarray, qtype: Q, importance: np.ndarray | None = None) -> None:
-    if qtype == Q.F32:
-        writer.add_tensor(name, array.astype(np.float32))
-    elif qtype == Q.F16:
-        writer.add_tensor(name, array.astype(np.float16))
-    else:
-        packed = kquants.quantize(array.reshape(-1, array.shape[-1]), qtype, importance=importance)
-        writer.add_tensor(name, packed.reshape(*array.shape[:-1], -1), raw_dtype=qtype)
+    packed = quantize(array.reshape(-1, array.shape[-1]), qtype, importance=importance)
+    writer.add_tensor(name, packed.reshape(*array.shape[:-1], -1), raw_dtype=qtype)
 
 
 def is_exported_gguf(path: Path) -> bool:

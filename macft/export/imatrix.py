@@ -4,12 +4,12 @@ For every linear layer (and the output head) the tuned model is run over the run
 examples and each input column gets the mean of x² over the examples' tokens, llama.cpp's
 "imatrix" idea. A quantization error e in column j changes the layer's output by x_j·e, so
 sum_j importance_j·e_j² is the expected squared output error on the data the model was tuned for;
-``macft.export.kquants`` minimises exactly that. Every token of an example counts, the prompt's too:
-the keys and values of the prompt are what the completion attends to.
+the importance-weighted encoders of ``macft.quants`` minimise exactly that. Every token of an
+example counts, the prompt's too: the keys and values of the prompt are what the completion attends to.
 
     imatrix = compute_imatrix(model, train_examples, max_tokens=8192)
     save_imatrix(imatrix, run_dir / IMATRIX_FILE)
-    imatrix = run_imatrix(run_dir, loaded)        # the run's file, computed and saved when missing or stale
+    imatrix, computed = run_imatrix(run_dir, loaded)  # the run's file, computed and saved when missing or stale
 
 ``imatrix.columns`` maps an mlx-lm weight name (``model.layers.0.self_attn.q_proj.weight``) to a
 float32 vector as long as the layer's input.
@@ -28,7 +28,7 @@ from macft.errors import MacftError
 from macft.paths import atomic_path
 
 IMATRIX_FILE = "imatrix.safetensors"
-DEFAULT_TOKENS = 8192  # enough for stable column means; a few seconds of forward passes for a small model
+DEFAULT_TOKENS = 8192  # enough for stable column means, and cheap next to the export itself
 _BATCH_TOKENS = 1024
 
 
@@ -38,9 +38,6 @@ class Imatrix:
     tokens: int  # token positions averaged over
     examples: int
     adapter_sha256: str = ""  # the adapter it was computed with (a retrained run makes it stale)
-
-    def get(self, name: str) -> np.ndarray | None:
-        return self.columns.get(name)
 
 
 class _Recorder:

@@ -11,8 +11,8 @@ The rules follow ``llama-quantize`` without an importance matrix:
 * Q4_K_M / Q5_K_M put attn_v and ffn_down (ffn_down_exps of MoE models too) at Q6_K in the first and last eighth of the layers
   and every third layer between; a fused attn_qkv (Phi-3, Qwen3.5's linear attention) counts as attn_v, as
   llama-quantize's "attention-v-like" category does (every block holds one of the two);
-* a row length that is not a multiple of the type's block falls back: Q4_K -> Q5_0, Q5_K -> Q5_1,
-  Q6_K -> Q8_0, and to F16 when even 32 does not divide it.
+* a row length that is not a multiple of the type's block falls back to the type's ``fallback``
+  (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; ``macft.quants``), and to F16 when that does not fit either.
 
 ``guided_types`` then raises some tensors of a fine-tuned model above those rules (see there).
 """
@@ -24,8 +24,10 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, LlamaFileType
 from gguf import GGMLQuantizationType as Q
+from gguf import LlamaFileType
+
+from macft.quants import quant_type, quantize, weighted_error
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,9 @@ class Scheme:
     file_type: LlamaFileType
     base: Q
     mixture: bool = False  # the _M rules for attn_v (and attn_qkv) / ffn_down
-    # Exports of a run use the importance matrix and the delta-aware plan by default: measured on the
-    # quickstart, they keep what Q4_K_M and Q5_K_M lose (7-15x the F16 loss plain), while Q6_K and Q8_0
-    # plain are already at the F16 export's loss and guidance only adds bytes and time.
+    # Exports of a run use the importance matrix and the delta-aware plan by default where they keep
+    # what the plain types lose of the fine-tune (docs/benchmarks.md); Q6_K and Q8_0 plain are already
+    # at the F16 export's loss, so guidance would only add bytes and time.
     guided: bool = False
 
 
@@ -50,7 +52,6 @@ SCHEMES = {
     "q6_k": Scheme("q6_k", LlamaFileType.MOSTLY_Q6_K, Q.Q6_K),
 }
 
-FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -79,9 +80,9 @@ def tensor_type(name: str, shape: tuple[int, ...], scheme: Scheme, n_layers: int
         if more_bits(int(layer.group(1)), counted):
             chosen = Q.Q6_K
     row = shape[-1]
-    if row % GGML_QUANT_SIZES[chosen][0]:
-        chosen = FALLBACK.get(chosen, chosen)
-    if row % GGML_QUANT_SIZES[chosen][0]:
+    if row % quant_type(chosen).block_size:
+        chosen = quant_type(chosen).fallback or chosen
+    if row % quant_type(chosen).block_size:
         chosen = Q.F16
     return chosen
 
@@ -95,16 +96,15 @@ _SAMPLE_ROWS = 64
 
 
 def tensor_bytes(shape: tuple[int, ...], qtype: Q) -> int:
-    block, size = GGML_QUANT_SIZES[qtype]
     count = 1
     for dim in shape:
         count *= dim
-    return count // block * size
+    return quant_type(qtype).nbytes(count)
 
 
 def higher_types(qtype: Q, row: int) -> list[Q]:
     """The types above ``qtype`` a row of this length can take, cheapest first (never float)."""
-    ladder = _K_LADDER if row % 256 == 0 else _LEGACY_LADDER if row % 32 == 0 else ()
+    ladder = next((steps for steps in (_K_LADDER, _LEGACY_LADDER) if all(row % quant_type(t).block_size == 0 for t in steps)), ())
     if qtype not in ladder and qtype not in (*_K_LADDER, *_LEGACY_LADDER):
         return []
     bits = tensor_bytes((256,), qtype)
@@ -130,8 +130,6 @@ def sample_rows(array: np.ndarray, count: int = _SAMPLE_ROWS) -> np.ndarray:
 
 def relative_error(tensor: PlanTensor, qtype: Q) -> float:
     """Importance-weighted squared error of ``qtype`` on the sampled rows, relative to their weighted energy."""
-    from macft.export.kquants import quantize, weighted_error
-
     weight = tensor.importance if tensor.importance is not None else np.ones(tensor.sample.shape[1], np.float32)
     packed = quantize(tensor.sample, qtype, importance=tensor.importance)
     energy = float(np.square(tensor.sample).sum(axis=0) @ weight)

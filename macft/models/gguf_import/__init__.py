@@ -1,7 +1,8 @@
 """Import a GGUF file (llama.cpp / Ollama) as an MLX model directory, exactly and once.
 
-Quantized weights in Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q5_K become MLX quantized layers
-that dequantize to the very values llama.cpp uses; other types become float. The directory is
+Quantized weights in a type with an exact affine form (its ``macft.quants`` record says: Q8_0, the
+Q4/Q5 types) become MLX quantized layers that dequantize to the very values llama.cpp uses; other
+types become float. The directory is
 cached under ``cache_dir("gguf")/<sha256 of the file>[-dequantized]`` and reused; the file's
 hash is remembered by path, size and mtime so a re-import costs a ``stat``.
 

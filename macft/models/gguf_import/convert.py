@@ -1,6 +1,6 @@
 """Write one GGUF file as an MLX model directory that ``mlx_lm.load`` opens.
 
-Weights in a type MLX can hold exactly (see ``quants``) become quantized layers with a per-layer
+Weights in a type MLX can hold exactly (see ``affine``) become quantized layers with a per-layer
 ``quantization`` entry in config.json; the rest become float tensors. ``dequantize=True`` makes
 every weight float32 (or its own F16/BF16). The directory holds config.json,
 generation_config.json, model.safetensors, the tokenizer files and ``macft_import.json``
@@ -21,11 +21,12 @@ from gguf import GGMLQuantizationType
 
 from macft.errors import MacftError
 from macft.families import Family
+from macft.models.gguf_import.affine import GROUP_SIZE, quantize_exact
 from macft.models.gguf_import.families import family_for, hf_name, import_config
-from macft.models.weights import check_finite
-from macft.models.gguf_import.quants import GROUP_SIZE, quantize_exact, to_float
 from macft.models.gguf_import.reader import GGUFFile
 from macft.models.gguf_import.tokenizer import save_tokenizer, stop_token_ids
+from macft.models.weights import check_finite
+from macft.quants import decode
 
 SUMMARY_FILE = "macft_import.json"
 
@@ -33,7 +34,7 @@ SUMMARY_FILE = "macft_import.json"
 def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_from: Path | None = None) -> dict:
     """Write the model directory into ``out_dir`` (which must exist); return the tensor summary
     ``{"exact": {type: count}, "float": {type: count}}``. ``tokenizer_from``: an earlier import of
-    the same file whose tokenizer files are copied instead of rebuilt (tens of seconds for 262k tokens)."""
+    the same file whose tokenizer files are copied instead of rebuilt (slow for a large vocabulary)."""
     import mlx.core as mx
 
     family = family_for(gguf)
@@ -59,7 +60,7 @@ def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_f
             per_module[module] = {"group_size": GROUP_SIZE, "bits": packed.bits}
             exact[info.qtype.name] += 1
             continue
-        values = family.import_float(hf, family.import_columns(hf, family.import_rows(hf, to_float(rows, info.qtype, info.shape), config), config))
+        values = family.import_float(hf, family.import_columns(hf, family.import_rows(hf, decode(rows, info.qtype).reshape(info.shape), config), config))
         array = mx.array(np.ascontiguousarray(values))
         if len(info.shape) in (2, 3) and hf.endswith(".weight"):
             per_module[module] = False

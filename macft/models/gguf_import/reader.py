@@ -1,7 +1,7 @@
 """Read a GGUF file's header, metadata and tensor table, checking every length against the file.
 
-gguf-py's ``GGUFReader`` builds a Python object per array element (≈15 s for a 262k-token
-vocabulary) and trusts the lengths it reads. This reader parses the same format with bounds
+gguf-py's ``GGUFReader`` builds a Python object per array element (slow for a large vocabulary)
+and trusts the lengths it reads. This reader parses the same format with bounds
 checks, so a corrupt, truncated or foreign file becomes one ``MacftError`` instead of a crash
 or a hang, and tensor bytes stay in a read-only memory map until they are converted.
 
