@@ -62,6 +62,7 @@ class MethodConfig:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     num_layers: int = -1  # adapt (or for "full", train) the last N layers; -1 = all
+    init_adapter: str | None = None  # LoRA/DoRA: start from this PEFT adapter (folder or hub id), macft.adapters.peft
     # prompt tuning / P-tuning
     num_virtual_tokens: int = 20
     init_text: str | None = None  # initialise soft-prompt embeddings from this text's tokens

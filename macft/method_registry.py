@@ -96,7 +96,7 @@ def _adapter(shape: "ModelShape", plan: "Plan") -> int:
     return _adapted_layers(shape, plan) * placements * per_adapter
 
 
-_LORA_OPTIONS = ("rank", "alpha", "dropout", "target_modules", "num_layers")
+_LORA_OPTIONS = ("rank", "alpha", "dropout", "target_modules", "num_layers", "init_adapter")
 _AS_ADAPTER = "use the run directory as an adapter with chat, generate or eval, or train with --method lora to fuse."
 
 METHODS: dict[str, MethodSpec] = {

@@ -223,6 +223,10 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
     check_memory(estimate(shape, plan), view)
     # Only method.init_text needs the tokenizer (soft prompts start from its tokens).
     model = apply_method(loaded.model, recipe.method, loaded.tokenizer if recipe.method.init_text else None)
+    if recipe.method.init_adapter:  # continue a PEFT adapter: its weights into the layers just inserted
+        from macft.adapters.peft import init_from_peft
+
+        model = init_from_peft(model, recipe.method.init_adapter, recipe.model.path)
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise MacftError(f"Method '{recipe.method.name}' left nothing to train; check method.num_layers and method.target_modules.")
