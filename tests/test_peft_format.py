@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import selectors
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,7 @@ import pytest
 
 from macft.errors import MacftError
 from macft.models.random_init import FAMILIES, build_random_model
+from peft_reference import Reference
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("torch", "peft", "transformers")),
@@ -33,45 +31,6 @@ IDS = [2, 10, 20, 30, 40, 50, 60, 70, 80, 90]
 TOLERANCE = 1e-4  # max |logit difference|, float32 on both sides
 # Qwen3-MoE's experts and router are parameters, not linear layers, in transformers: attention only.
 TARGETS = {"qwen3_moe": ("q_proj", "k_proj", "v_proj", "o_proj")}
-
-
-class Reference:
-    """transformers + PEFT in a child process (``tests/peft_reference.py``), one request at a time."""
-
-    def __init__(self, log: Path):
-        self.log = log.open("w")
-        script = Path(__file__).with_name("peft_reference.py")
-        self.proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.proc.stdout, selectors.EVENT_READ)
-
-    def call(self, op: str, timeout: float = 180, **request) -> dict:
-        self.proc.stdin.write(json.dumps({"op": op, **request}) + "\n")
-        self.proc.stdin.flush()
-        while True:
-            if not self.selector.select(timeout):
-                raise TimeoutError(f"the reference process did not answer '{op}' in {timeout}s (see {self.log.name})")
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"the reference process died (see {self.log.name})")
-            if line.startswith("@@"):
-                answer = json.loads(line[2:])
-                if "error" in answer:
-                    raise RuntimeError(answer["error"])
-                return answer
-
-    def logits(self, model: Path, adapter: Path | None, out: Path) -> tuple[np.ndarray, list[str]]:
-        answer = self.call("logits", model=str(model), adapter=str(adapter) if adapter else None, ids=IDS, out=str(out))
-        return np.load(out), answer["warnings"]
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -155,14 +114,14 @@ def test_peft_out_and_in_match_transformers(family, method, hf_models, reference
     own = peft_config_of(tmp_path / "peft-own")
     own["target_modules"] = sorted(own["target_modules"])  # PEFT writes a set's order
     assert {k: own[k] for k in config} == config  # every field macft writes, as PEFT writes it
-    theirs, warned = reference.logits(model_dir, export.path, tmp_path / "out.npy")
-    _, own_warned = reference.logits(model_dir, tmp_path / "peft-own", tmp_path / "own.npy")
+    theirs, warned = reference.logits(model_dir, export.path, IDS, tmp_path / "out.npy")
+    _, own_warned = reference.logits(model_dir, tmp_path / "peft-own", IDS, tmp_path / "own.npy")
     assert set(warned) <= set(own_warned), warned
     assert_close(ours, theirs, base)
 
     # in: a PEFT adapter with random weights, in macft
     reference.call("save", model=str(model_dir), config=lora_keywords(config), out=str(tmp_path / "peft-in"), seed=7)
-    theirs, _ = reference.logits(model_dir, tmp_path / "peft-in", tmp_path / "in.npy")
+    theirs, _ = reference.logits(model_dir, tmp_path / "peft-in", IDS, tmp_path / "in.npy")
     opened = open_model(None, tmp_path / "peft-in")  # the base: the adapter's base_model_name_or_path
     assert opened.adapter == adapter_run(tmp_path / "peft-in") and opened.adapter_config["method"] == method
     assert_close(macft_logits(opened.model), theirs, base)
@@ -180,7 +139,7 @@ def test_partial_layers_and_the_check_catches_wrong_keys_and_transposes(hf_model
     export = export_peft(tmp_path / "run", tmp_path / "peft")
     config = peft_config_of(export.path)
     assert config["layers_to_transform"] == [1] and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
-    theirs, warned = reference.logits(model_dir, export.path, tmp_path / "a.npy")
+    theirs, warned = reference.logits(model_dir, export.path, IDS, tmp_path / "a.npy")
     assert not [w for w in warned if "key" in w.lower()]
     assert_close(ours, theirs, base)
 
@@ -191,12 +150,12 @@ def test_partial_layers_and_the_check_catches_wrong_keys_and_transposes(hf_model
     broken = tmp_path / "swapped"
     shutil.copytree(export.path, broken)
     save_file(swapped, str(broken / "adapter_model.safetensors"), metadata={"format": "pt"})
-    wrong, _ = reference.logits(model_dir, broken, tmp_path / "b.npy")
+    wrong, _ = reference.logits(model_dir, broken, IDS, tmp_path / "b.npy")
     assert np.abs(ours - wrong).max() > 100 * TOLERANCE
 
     renamed = {k.replace("q_proj.lora_B", "q_proj.lora_b"): v for k, v in tensors.items()}
     save_file(renamed, str(broken / "adapter_model.safetensors"), metadata={"format": "pt"})
-    wrong, warned = reference.logits(model_dir, broken, tmp_path / "c.npy")
+    wrong, warned = reference.logits(model_dir, broken, IDS, tmp_path / "c.npy")
     assert any("key" in w.lower() for w in warned) and np.abs(ours - wrong).max() > 100 * TOLERANCE
 
 

@@ -6,9 +6,10 @@ with a model card, through huggingface_hub's ``upload_folder``.
     url = push_files({"adapter_config.json": path, ...}, card, "me/my-adapter", token)
 
 The token is huggingface_hub's own (``HF_TOKEN`` or ``hf auth login``): it is passed to the client in
-memory and never written anywhere macft writes. One request (``whoami``) checks the token and the
-connection before the upload, so a machine that cannot reach the Hub gets one line at once instead
-of the client's retries. The uploaded folder is staged as links in a temporary folder: exactly the
+memory and never written anywhere macft writes. One request (``whoami``, with a time limit) checks the
+token and the connection before the upload, so a machine that cannot reach the Hub gets one line at
+once instead of the client's retries (huggingface_hub may also fetch its agent registry once a day,
+with a time limit of its own). The uploaded folder is staged as links in a temporary folder: exactly the
 listed files and the card, nothing else from the output's folder (macft's records hold local paths).
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from macft.errors import MacftError
 
+PROBE_SECONDS = 15  # how long the first request may take before the Hub counts as unreachable
 LOGIN_HINT = "run `hf auth login` (or set HF_TOKEN to a token with write access) and try again"
 
 
@@ -46,14 +48,16 @@ def push_files(files: dict[str, Path], card: str, repo: str, token: str, *, mess
     """Upload ``files`` (name in the repo -> local file) and ``card`` as README.md to the model repo ``repo``
     (created when missing); returns the repo's URL. Failures are one line; nothing is retried after the first
     request fails."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     from macft.phases import phase
 
     api = HfApi(token=token)
-    try:
-        api.whoami()
+    try:  # the client's own whoami has no timeout: a Hub behind a silent firewall would hang here
+        probe = get_session().get(f"{constants.ENDPOINT}/api/whoami-v2", headers=build_hf_headers(token=token), timeout=PROBE_SECONDS)
+        hf_raise_for_status(probe)
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         if status == 401:
