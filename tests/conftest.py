@@ -56,3 +56,13 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(params=FAMILIES)
 def family_model_dir(request, tiny_models) -> Path:
     return tiny_models[request.param]
+
+
+@pytest.fixture(scope="session")
+def peft_reference(tmp_path_factory):
+    """transformers + PEFT on CPU torch in a child process (``tests/peft_reference.py``), started on first use."""
+    from peft_reference import Reference
+
+    reference = Reference(tmp_path_factory.mktemp("peft-reference") / "stderr.log")
+    yield reference
+    reference.close()

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from macft.cli import cli
 from macft.models.random_init import build_random_model
-from peft_reference import Reference
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("torch", "peft", "transformers")),
@@ -26,14 +25,7 @@ LORA = {"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    ref = Reference(tmp_path_factory.mktemp("peft-reference") / "stderr.log")
-    yield ref
-    ref.close()
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, reference) -> dict[str, Path]:
+def setup(tmp_path_factory, peft_reference) -> dict[str, Path]:
     """A tiny llama, a small dataset, and two PEFT adapters for it (random weights): DoRA on the last layer, LoRA on all."""
     root = tmp_path_factory.mktemp("peft-cli")
     model = build_random_model("llama", root / "model", hf_layout=True)
@@ -43,7 +35,7 @@ def setup(tmp_path_factory, reference) -> dict[str, Path]:
     for name, part in (("train", rows[:20]), ("valid", rows[20:25]), ("test", rows[25:])):
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     for name, config in (("dora", DORA), ("lora", LORA)):
-        reference.call("save", model=str(model), config=config, out=str(root / name), seed=11)
+        peft_reference.call("save", model=str(model), config=config, out=str(root / name), seed=11)
     return {"model": model, "data": data, "dora": root / "dora", "lora": root / "lora", "root": root}
 
 
@@ -83,13 +75,13 @@ def test_lora_continues_a_peft_adapter(setup, tmp_path):
     assert len(conflict.output.strip().splitlines()) == 1
 
 
-def test_fuse_generate_and_export_gguf_take_a_peft_adapter(setup, reference, tmp_path, monkeypatch):
+def test_fuse_generate_and_export_gguf_take_a_peft_adapter(setup, peft_reference, tmp_path, monkeypatch):
     import mlx.core as mx
 
     from macft.models.load import load_model
 
     monkeypatch.chdir(tmp_path)
-    theirs, _ = reference.logits(setup["model"], setup["lora"], IDS, tmp_path / "peft.npy")
+    theirs, _ = peft_reference.logits(setup["model"], setup["lora"], IDS, tmp_path / "peft.npy")
     fused = invoke("fuse", "--adapter", setup["lora"], "--json")
     assert fused.exit_code == 0, fused.output
     path = Path(json.loads(fused.output)["path"])

@@ -20,7 +20,6 @@ import pytest
 
 from macft.errors import MacftError
 from macft.models.random_init import FAMILIES, build_random_model
-from peft_reference import Reference
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("torch", "peft", "transformers")),
@@ -31,13 +30,6 @@ IDS = [2, 10, 20, 30, 40, 50, 60, 70, 80, 90]
 TOLERANCE = 1e-4  # max |logit difference|, float32 on both sides
 # Qwen3-MoE's experts and router are parameters, not linear layers, in transformers: attention only.
 TARGETS = {"qwen3_moe": ("q_proj", "k_proj", "v_proj", "o_proj")}
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    ref = Reference(tmp_path_factory.mktemp("peft-reference") / "stderr.log")
-    yield ref
-    ref.close()
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +90,7 @@ def lora_keywords(config: dict) -> dict:
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_peft_out_and_in_match_transformers(family, method, hf_models, reference, tmp_path):
+def test_peft_out_and_in_match_transformers(family, method, hf_models, peft_reference, tmp_path):
     from macft.adapters.peft import adapter_run
     from macft.chat import open_model
     from macft.export.peft import export_peft
@@ -109,25 +101,25 @@ def test_peft_out_and_in_match_transformers(family, method, hf_models, reference
     export = export_peft(tmp_path / "run", tmp_path / "peft")
     config = peft_config_of(export.path)
     assert config["base_model_name_or_path"] == str(model_dir.resolve()) and config["use_dora"] == (method == "dora")
-    reference.call("save", model=str(model_dir.resolve()), config=lora_keywords(config), out=str(tmp_path / "peft-own"))
+    peft_reference.call("save", model=str(model_dir.resolve()), config=lora_keywords(config), out=str(tmp_path / "peft-own"))
     assert tensor_shapes(export.path) == tensor_shapes(tmp_path / "peft-own")  # every key and shape PEFT saves
     own = peft_config_of(tmp_path / "peft-own")
     own["target_modules"] = sorted(own["target_modules"])  # PEFT writes a set's order
     assert {k: own[k] for k in config} == config  # every field macft writes, as PEFT writes it
-    theirs, warned = reference.logits(model_dir, export.path, IDS, tmp_path / "out.npy")
-    _, own_warned = reference.logits(model_dir, tmp_path / "peft-own", IDS, tmp_path / "own.npy")
+    theirs, warned = peft_reference.logits(model_dir, export.path, IDS, tmp_path / "out.npy")
+    _, own_warned = peft_reference.logits(model_dir, tmp_path / "peft-own", IDS, tmp_path / "own.npy")
     assert set(warned) <= set(own_warned), warned
     assert_close(ours, theirs, base)
 
     # in: a PEFT adapter with random weights, in macft
-    reference.call("save", model=str(model_dir), config=lora_keywords(config), out=str(tmp_path / "peft-in"), seed=7)
-    theirs, _ = reference.logits(model_dir, tmp_path / "peft-in", IDS, tmp_path / "in.npy")
+    peft_reference.call("save", model=str(model_dir), config=lora_keywords(config), out=str(tmp_path / "peft-in"), seed=7)
+    theirs, _ = peft_reference.logits(model_dir, tmp_path / "peft-in", IDS, tmp_path / "in.npy")
     opened = open_model(None, tmp_path / "peft-in")  # the base: the adapter's base_model_name_or_path
     assert opened.adapter == adapter_run(tmp_path / "peft-in") and opened.adapter_config["method"] == method
     assert_close(macft_logits(opened.model), theirs, base)
 
 
-def test_partial_layers_and_the_check_catches_wrong_keys_and_transposes(hf_models, reference, tmp_path):
+def test_partial_layers_and_the_check_catches_wrong_keys_and_transposes(hf_models, peft_reference, tmp_path):
     """Adapting the last layer only writes layers_to_transform; a swapped pair of B matrices or a renamed
     key (what a wrong name map or transpose produces) fails the comparison."""
     from safetensors.numpy import load_file, save_file
@@ -139,7 +131,7 @@ def test_partial_layers_and_the_check_catches_wrong_keys_and_transposes(hf_model
     export = export_peft(tmp_path / "run", tmp_path / "peft")
     config = peft_config_of(export.path)
     assert config["layers_to_transform"] == [1] and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
-    theirs, warned = reference.logits(model_dir, export.path, IDS, tmp_path / "a.npy")
+    theirs, warned = peft_reference.logits(model_dir, export.path, IDS, tmp_path / "a.npy")
     assert not [w for w in warned if "key" in w.lower()]
     assert_close(ours, theirs, base)
 
@@ -150,35 +142,41 @@ def test_partial_layers_and_the_check_catches_wrong_keys_and_transposes(hf_model
     broken = tmp_path / "swapped"
     shutil.copytree(export.path, broken)
     save_file(swapped, str(broken / "adapter_model.safetensors"), metadata={"format": "pt"})
-    wrong, _ = reference.logits(model_dir, broken, IDS, tmp_path / "b.npy")
+    wrong, _ = peft_reference.logits(model_dir, broken, IDS, tmp_path / "b.npy")
     assert np.abs(ours - wrong).max() > 100 * TOLERANCE
 
     renamed = {k.replace("q_proj.lora_B", "q_proj.lora_b"): v for k, v in tensors.items()}
     save_file(renamed, str(broken / "adapter_model.safetensors"), metadata={"format": "pt"})
-    wrong, warned = reference.logits(model_dir, broken, IDS, tmp_path / "c.npy")
+    wrong, warned = peft_reference.logits(model_dir, broken, IDS, tmp_path / "c.npy")
     assert any("key" in w.lower() for w in warned) and np.abs(ours - wrong).max() > 100 * TOLERANCE
 
 
-def test_a_mismatching_base_is_one_line_naming_both(hf_models, reference, tmp_path):
+def test_a_mismatching_base_is_one_line_naming_both(hf_models, peft_reference, tmp_path):
     from macft.adapters.peft import adapter_run
 
     config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
-    reference.call("save", model=str(hf_models["llama"]), config=config, out=str(tmp_path / "peft"), seed=3)
+    peft_reference.call("save", model=str(hf_models["llama"]), config=config, out=str(tmp_path / "peft"), seed=3)
     other = build_random_model("llama", tmp_path / "narrow", hidden=32)
     with pytest.raises(MacftError) as caught:
         adapter_run(tmp_path / "peft", str(other))
     message = str(caught.value)
     assert "\n" not in message and str(hf_models["llama"]) in message and str(other) in message and "64→64" in message
 
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "/home/someone/models/llama"  # trained on another machine
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(MacftError, match=r"^The PEFT adapter .* was trained on '/home/someone/models/llama', which macft cannot open here .*pass --model"):
+        adapter_run(tmp_path / "peft")
 
-def test_a_hub_id_resolves_through_the_hub_cache_offline(hf_models, reference, tmp_path, monkeypatch):
+
+def test_a_hub_id_resolves_through_the_hub_cache_offline(hf_models, peft_reference, tmp_path, monkeypatch):
     """huggingface_hub's real snapshot_download, offline: a cached adapter is found, an uncached one is one line."""
     from huggingface_hub import constants
 
     from macft.adapters.peft import adapter_run, read_peft
 
     config = {"r": 4, "lora_alpha": 16, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM", "use_dora": True}
-    reference.call("save", model=str(hf_models["qwen2"]), config=config, out=str(tmp_path / "peft"), seed=5)
+    peft_reference.call("save", model=str(hf_models["qwen2"]), config=config, out=str(tmp_path / "peft"), seed=5)
     cache = tmp_path / "hub"
     commit = "0" * 40
     snapshot = cache / "models--someone--tiny-dora" / "snapshots" / commit
@@ -190,7 +188,7 @@ def test_a_hub_id_resolves_through_the_hub_cache_offline(hf_models, reference, t
     adapter = read_peft("someone/tiny-dora")
     assert adapter.method == "dora" and adapter.alpha == 16 and adapter.folder.resolve() == snapshot.resolve()
     assert (adapter_run("someone/tiny-dora") / "adapters.safetensors").is_file()
-    with pytest.raises(MacftError, match=r"^Could not fetch the adapter 'someone/missing' from the Hugging Face Hub: "):
+    with pytest.raises(MacftError, match=r"^No adapter at someone/missing: no such folder here, and fetching it from the Hugging Face Hub failed \("):
         read_peft("someone/missing")
 
 

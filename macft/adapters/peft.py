@@ -256,7 +256,7 @@ def locate(source: str) -> Path:
             return Path(snapshot_download(source, allow_patterns=[PEFT_CONFIG, PEFT_WEIGHTS, PICKLED_WEIGHTS]))
     except Exception as exc:  # the hub client raises many types (offline, missing repo, no access): the user needs one line
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MacftError(f"Could not fetch the adapter '{source}' from the Hugging Face Hub: {reason}") from None
+        raise MacftError(f"No adapter at {source}: no such folder here, and fetching it from the Hugging Face Hub failed ({reason}).") from None
 
 
 def read_peft(source: str) -> PeftAdapter:
@@ -391,16 +391,21 @@ def adapter_run(source: str | Path, model: str | None = None) -> Path:
     """A macft adapter folder for ``--adapter SOURCE``: a macft run (or checkpoint) as it is; a PEFT
     adapter (folder or hub id) converted once for its base (``model``, else its base_model_name_or_path)
     into ``<home>/peft/<key>/``, whose adapter_config.json records that base for chat, eval, fuse and export."""
-    from macft.methods import ADAPTER_FILE
-
     path = Path(source).expanduser()
-    if path.suffix == ".safetensors" or (path / ADAPTER_FILE).is_file() or (path.is_dir() and not is_peft_folder(path)):
-        return path  # macft's own format (macft.methods.adapter_files says what a broken one lacks)
+    if not is_peft_source(source):
+        return path  # macft's own format (macft.methods.adapter_files says what a broken or missing one lacks)
     adapter = read_peft(str(source))
     base = model or adapter.base
     if not base:
         raise MacftError(f"The PEFT adapter {source} names no base model (base_model_name_or_path); pass --model.")
-    return _converted(adapter, base, adapter.revision if model is None else None)
+    try:
+        return _converted(adapter, base, adapter.revision if model is None else None)
+    except MacftError as exc:
+        if model is not None or "does not fit" in str(exc):
+            raise
+        # e.g. a path on the machine it was trained on, or a bitsandbytes 4-bit checkpoint (Unsloth's "-bnb-4bit")
+        reason = str(exc).split(":")[0].rstrip(".")
+        raise MacftError(f"The PEFT adapter {source} was trained on '{base}', which macft cannot open here ({reason}); pass --model with that model's float weights.") from None
 
 
 def _converted(adapter: PeftAdapter, base: str, revision: str | None) -> Path:
@@ -452,9 +457,14 @@ def source_name(source: str | Path) -> str:
 
 
 def is_peft_source(source: str | Path) -> bool:
-    """Whether ``--adapter SOURCE`` names a PEFT adapter (a PEFT folder or, when no such path exists, a hub id)."""
+    """Whether ``--adapter SOURCE`` names a PEFT adapter: a PEFT folder (not a macft run or checkpoint, which
+    hold adapters.safetensors) or, when no such path exists, a hub id."""
+    from macft.methods import ADAPTER_FILE
+
     path = Path(source).expanduser()
-    return is_peft_folder(path) if path.exists() else looks_like_hub_id(str(source))
+    if path.exists():
+        return path.is_dir() and not (path / ADAPTER_FILE).is_file() and is_peft_folder(path)
+    return looks_like_hub_id(str(source))
 
 
 # ---------------------------------------------------------------------------- training from a PEFT adapter
