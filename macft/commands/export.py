@@ -54,6 +54,7 @@ def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, lm_studio, name,
         if out is None and not lm_studio:
             out = f"{source_name(run_dir)}-{'lora' if adapter_only else quant}.gguf"
         run_dir, model_spec = adapter_run(run_dir, model_spec), None  # converted for its base: --model named that base
+        fidelity_examples = 0  # a PEFT adapter brings no validation data to score the file on
     report = export_gguf(
         model=model_spec,
         adapter=run_dir,
