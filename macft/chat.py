@@ -48,6 +48,10 @@ class Generated:
 def open_model(model_spec: str | None, adapter: str | Path | None = None, engine: str = "mlx") -> OpenedModel:
     """Load ``model_spec`` (or the adapter's recorded base when it is None) and apply ``adapter``;
     ``engine="llama.cpp"`` runs their cached Q8_0 GGUF export instead (``macft.engines.llamacpp``)."""
+    if adapter is not None:
+        from macft.adapters.peft import adapter_run
+
+        adapter = adapter_run(adapter, model_spec)  # a PEFT adapter (folder or hub id) becomes a macft adapter folder
     if engine == "llama.cpp":
         from macft.engines.llamacpp import open_llamacpp
 
@@ -71,8 +75,10 @@ def set_adapter(opened: OpenedModel, adapter: str | Path | None) -> None:
     A path without adapter files changes nothing; an adapter that fails to load leaves the base.
     """
     from macft.adapters.files import adapter_files, load_adapter
+    from macft.adapters.peft import adapter_run
 
     if adapter is not None:
+        adapter = adapter_run(adapter, opened.loaded.identity["source"])  # a PEFT adapter, converted for this base
         adapter_files(Path(adapter))
     base = opened.loaded.model
     for parent, key, original in reversed(opened.replaced):

@@ -17,7 +17,7 @@ COMMANDS = {
     "data": ("macft.commands.data", "data", "Check and preview a dataset."),
     "import": ("macft.commands.import_gguf", "import_gguf", "Import a GGUF file as an MLX model directory."),
     "fuse": ("macft.commands.fuse", "fuse", "Merge a trained adapter into its base model."),
-    "export": ("macft.commands.export", "export", "Export a model or adapter (GGUF, Ollama Modelfile)."),
+    "export": ("macft.commands.export", "export", "Export a model or adapter (GGUF, Ollama Modelfile, Hugging Face PEFT)."),
     "generate": ("macft.commands.generate", "generate", "Generate text once from a prompt."),
     "chat": ("macft.commands.chat", "chat", "Chat with a model and adapter in the terminal."),
     "eval": ("macft.commands.evaluate", "evaluate", "Loss, perplexity and task metrics, base vs tuned."),

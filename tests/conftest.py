@@ -86,3 +86,13 @@ def ggml():
         return out
 
     return reference
+
+
+@pytest.fixture(scope="session")
+def peft_reference(tmp_path_factory):
+    """transformers + PEFT on CPU torch in a child process (``tests/peft_reference.py``), started on first use."""
+    from peft_reference import Reference
+
+    reference = Reference(tmp_path_factory.mktemp("peft-reference") / "stderr.log")
+    yield reference
+    reference.close()

@@ -10,7 +10,7 @@ from macft.engines import ENGINES
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "-m", "model_spec", default=None, help="Hub id, model folder, .gguf file or gemma3-270m (default: the adapter's base, else gemma3-270m).")
-@click.option("--adapter", "-a", default=None, type=click.Path(exists=True), help="A run directory from `macft lora`.")
+@click.option("--adapter", "-a", default=None, help="A run directory from `macft lora`, or a PEFT LoRA/DoRA adapter (folder or hub id).")
 @click.option("--system", "-s", default=None, help="A system prompt.")
 @click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--temperature", "-t", type=click.FloatRange(min=0.0), default=0.7, show_default=True, help="0 = greedy.")

@@ -12,7 +12,7 @@ from macft import ui
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "-m", "model_spec", default=None, help="Hub id, model folder, .gguf file or gemma3-270m (default: the adapter's base, else gemma3-270m).")
-@click.option("--adapter", "-a", default=None, type=click.Path(exists=True), help="A run directory from `macft lora`; scores base and tuned side by side.")
+@click.option("--adapter", "-a", default=None, help="A run directory from `macft lora`, or a PEFT LoRA/DoRA adapter (folder or hub id); scores base and tuned side by side.")
 @click.option("--data", "-d", "data", required=True, type=click.Path(exists=True), help="A .jsonl file, or a folder with test.jsonl (else valid.jsonl).")
 @click.option("--max-examples", "-n", type=click.IntRange(min=0), default=0, show_default=True, help="Evaluate the first N examples (0 = all).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Generation limit per answer.")

@@ -12,7 +12,7 @@ from macft.engines import ENGINES
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "-m", "model_spec", default=None, help="Hub id, model folder, .gguf file or gemma3-270m (default: the adapter's base, else gemma3-270m).")
-@click.option("--adapter", "-a", default=None, type=click.Path(exists=True), help="A run directory from `macft lora`.")
+@click.option("--adapter", "-a", default=None, help="A run directory from `macft lora`, or a PEFT LoRA/DoRA adapter (folder or hub id).")
 @click.option("--prompt", "-p", required=True, help="The prompt; '-' reads it from stdin.")
 @click.option("--system", "-s", default=None, help="A system prompt (chat models).")
 @click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=256, show_default=True)

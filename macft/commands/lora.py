@@ -37,6 +37,7 @@ def flag_changes(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "out_dir": ("output", "runs_dir"),
         "name": ("output", "name"),
         "iters": ("train", "iters"),
+        "init_adapter": ("method", "init_adapter"),
     }
     for option, (section, key) in simple.items():
         if options.get(option) is not None:
@@ -90,6 +91,14 @@ def resolve_recipe(recipe_name: str | None, resume: str | None, overrides: list[
     return recipe, notes
 
 
+def given_method_and_model(options: dict[str, Any], overrides: tuple[str, ...], recipe) -> tuple[dict[str, Any], bool]:
+    """({method key: value} the command line set, whether it named the model): what --init-adapter may not override."""
+    keys = set(flag_changes(options).get("method", {})) - {"init_adapter"}
+    keys |= {o.partition("=")[0].strip().removeprefix("method.") for o in overrides if o.strip().startswith("method.")}
+    model_given = options.get("model") is not None or any(o.partition("=")[0].strip() == "model.path" for o in overrides)
+    return {key: getattr(recipe.method, key) for key in keys if hasattr(recipe.method, key)}, model_given
+
+
 def switched_method_rate(written, recipe, rate_given: bool):
     """When flags switched the recipe file's method but set no learning rate, the new method's default
     (a rate written for one method misleads another: LoRA's 2e-4 wrecks full fine-tuning)."""
@@ -134,6 +143,7 @@ def shared_recipe(world, recipe):
 @click.option("--batch-size", type=click.IntRange(min=1))
 @click.option("--learning-rate", "--lr", type=float, help="Peak learning rate (default: the method's usual one; see the README's method table).")
 @click.option("--rank", type=click.IntRange(min=1), help="LoRA/DoRA rank.")
+@click.option("--init-adapter", help="Continue training a PEFT LoRA/DoRA adapter (folder or hub id); its base unless --model is given.")
 @click.option("--quantize-bits", type=click.Choice(["4", "8"]), help="Quantize the frozen base at load (QLoRA).")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue a run from its last checkpoint.")
 @click.option("--allow-changed-inputs", is_flag=True, help="With --resume: continue even though the base model or data changed since the checkpoint.")
@@ -165,6 +175,7 @@ def lora(
       macft lora --model Qwen/Qwen3-0.6B --data data/ --method qlora --rank 16
       macft lora --model ollama:qwen3:0.6b --data data/ --epochs auto
       macft lora --resume runs/quickstart-20260101-120000
+      macft lora --init-adapter org/peft-adapter --data data/
       macft lora my.yaml --hosts 192.168.1.10,192.168.1.11
 
     With --hosts or --hostfile every host needs macft at the same path and the recipe and data
@@ -186,6 +197,11 @@ def lora(
         resolved, notes = None, []
     else:
         resolved, notes = resolve_recipe(recipe, resume, list(overrides), options)
+        if resolved.method.init_adapter and not resume:
+            from macft.adapters.peft import peft_recipe
+
+            resolved, peft_notes = peft_recipe(resolved, *given_method_and_model(options, overrides, resolved))
+            notes.extend(peft_notes)
     if resume:
         resolved = shared_recipe(world, resolved)
     title = f"{resolved.name} · {resolved.method.name}" + (f" · {world.size} ranks ({world.backend})" if world.size > 1 else "")

@@ -48,6 +48,11 @@ OPTIONS = (
         f"the linear layers to adapt, by name ({ALL_LINEAR} for every one)",
     ),
     NUM_LAYERS,
+    Option(
+        "init_adapter", str | None, None,
+        "start from this Hugging Face PEFT LoRA/DoRA adapter (a folder or a hub id; macft.adapters.peft)",
+        resolve=lambda value, recipe_dir: str((recipe_dir / value).resolve()) if isinstance(value, str) and (recipe_dir / value).exists() else value,
+    ),
 )
 
 

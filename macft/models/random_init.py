@@ -3,7 +3,9 @@
 The tests and benchmarks need models without a network: ``build_random_model("llama", dir)``
 writes an HF/MLX model directory (config.json, model.safetensors, tokenizer files with a chat
 template) that ``mlx_lm.load`` opens like any downloaded model. The tokenizer is a byte-level BPE
-trained here on a small English corpus, so its merges and ids are real, not invented.
+trained here on a small English corpus, so its merges and ids are real, not invented. With
+``hf_layout=True`` the weights are stored as transformers stores them, where mlx-lm's layout differs
+(mlx-lm's ``sanitize`` turns them back on load), so transformers loads the same folder as the same model.
 
     python -c "from macft.models.random_init import build_random_model; build_random_model('qwen3', 'tiny-qwen3')"
 """
@@ -100,8 +102,10 @@ def build_random_model(
     layers: int = 2,
     seed: int = 0,
     dtype: str = "float32",
+    hf_layout: bool = False,
 ) -> Path:
-    """Write a randomly initialised ``family`` model with a trained tokenizer to ``out_dir``."""
+    """Write a randomly initialised ``family`` model with a trained tokenizer to ``out_dir``
+    (``hf_layout``: in the layout transformers reads, see the module docstring)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
@@ -125,5 +129,42 @@ def build_random_model(
         else:
             value = 0.08 * mx.random.normal(value.shape)
         weights[name] = value.astype(getattr(mx, dtype))
-    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    if hf_layout and family in HF_LAYOUTS:
+        weights, config = HF_LAYOUTS[family](weights, config)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt" if hf_layout else "mlx"})
     return out
+
+
+def _experts_per_module(weights: dict, config: dict) -> tuple[dict, dict]:
+    """Qwen3-MoE: mlx-lm stacks the experts (``switch_mlp.*``: experts × out × in); the checkpoints
+    transformers reads keep one linear layer per expert (``experts.E.*``)."""
+    out = {}
+    for name, value in weights.items():
+        stack, marker, rest = name.partition(".switch_mlp.")
+        if marker:
+            out.update({f"{stack}.experts.{e}.{rest}": value[e] for e in range(value.shape[0])})
+        else:
+            out[name] = value
+    return out, config
+
+
+def _qwen3_5_checkpoint(weights: dict, config: dict) -> tuple[dict, dict]:
+    """Qwen3.5: transformers' names lack mlx-lm's ``language_model.`` prefix, its RMSNorm weights
+    are w where mlx-lm holds 1 + w, its conv1d kernel is (channels, 1, width) where mlx-lm's is
+    (channels, width, 1); the config nests the decoder's keys under ``text_config``."""
+    norms = (".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight", ".q_norm.weight", ".k_norm.weight")
+    out = {}
+    for name, value in weights.items():
+        if name.endswith(norms):
+            value = value - 1.0
+        elif name.endswith(".conv1d.weight"):
+            value = value.moveaxis(2, 1)
+        out[name.removeprefix("language_model.")] = value
+    text = {k: v for k, v in config.items() if k != "architectures"} | {"model_type": "qwen3_5_text"}
+    nested = {"model_type": "qwen3_5", "architectures": config["architectures"], "tie_word_embeddings": config["tie_word_embeddings"]}
+    return out, {**nested, "text_config": text}
+
+
+# families whose mlx-lm layout differs from the checkpoints transformers reads
+HF_LAYOUTS = {"qwen3_moe": _experts_per_module, "qwen3_5": _qwen3_5_checkpoint}

@@ -24,6 +24,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from macft import __version__
+from macft.adapters.peft import init_from_peft
 from macft.backend import detect
 from macft.config import Recipe
 from macft.data.shapes import Batches, Splits, content
@@ -138,6 +139,8 @@ def settle(recipe: Recipe, world: Any) -> RunPlan:
 
     # Only method.init_text needs the tokenizer (soft prompts start from its tokens).
     model = apply_method(loaded.model, recipe.method, loaded.tokenizer if recipe.method.init_text else None)
+    if recipe.method.init_adapter:  # continue a PEFT adapter: its weights into the layers just inserted
+        model = init_from_peft(model, recipe.method.init_adapter, recipe.model.path)
     if count_parameters(model)[0] == 0:
         raise MacftError(f"Method '{recipe.method.name}' left nothing to train; check method.num_layers and method.target_modules.")
     reference = frozen_copy(recipe) if memory.reference_copy else None
