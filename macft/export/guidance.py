@@ -66,7 +66,7 @@ def base_layers(model) -> dict:
 def _float(layer) -> np.ndarray:
     import mlx.core as mx
 
-    from macft.methods.lora import QUANTIZED, float_weight
+    from macft.models.quantized import QUANTIZED, float_weight
 
     weight = float_weight(layer) if isinstance(layer, QUANTIZED) else layer.weight
     return np.array(weight.astype(mx.float32))
