@@ -8,8 +8,8 @@ Both reuse the quickstart's sentences about people (``make_demo_data.py``):
   nothing but the rule tells chosen from rejected: both colours are chosen equally often (one token
   each), and the question names them in either order. The base answers with the colour named first,
   so it starts at chance, and what DPO teaches shows in its greedy answers.
-- ``recipes/data/prefer-city-kto``: the same questions as unpaired feedback for KTO, each with one
-  answer labelled desirable (the rule's colour) or undesirable (the other), half of each.
+- ``recipes/data/prefer-city-kto``: the same kind of questions as feedback for KTO: each question's two
+  answers on lines of their own, the rule's colour labelled desirable and the other undesirable.
 - ``recipes/data/grpo-age``: "Sentence: …\\nAge:" prompts with the age as ``answer``; the recipe's
   reward (``rewards.py``) pays for the right number alone on the first line (" 46", not " 46 years").
 
@@ -49,12 +49,12 @@ def pair(rng: random.Random, templates: list[str], index: int) -> dict:
     return {"prompt": prompt, "chosen": f" {chosen} team.", "rejected": f" {rejected} team."}
 
 
-def feedback(rng: random.Random, templates: list[str], index: int) -> dict:
-    """A pair's prompt with one of its answers: the chosen one labelled desirable on every other line,
-    the rejected one labelled undesirable on the rest."""
-    row = pair(rng, templates, index // 2 * 2 + rng.randint(0, 1))
-    desirable = index % 2 == 0
-    return {"prompt": row["prompt"], "completion": row["chosen" if desirable else "rejected"], "label": desirable}
+def as_feedback(pairs: list[dict]) -> list[dict]:
+    """Each pair's question twice, once with each answer: the chosen one labelled desirable, the other
+    undesirable (as an app logs a thumbs-up on one reply and a thumbs-down on another)."""
+    return [
+        {"prompt": row["prompt"], "completion": row[key], "label": key == "chosen"} for row in pairs for key in ("chosen", "rejected")
+    ]
 
 
 def age_prompt(rng: random.Random, templates: list[str], index: int) -> dict:
@@ -90,7 +90,9 @@ def main() -> None:
     datasets = {
         "prefer-city": make_splits(pair, args.seed, train=256, valid=32, test=40),
         "grpo-age": make_splits(age_prompt, args.seed + 1, train=128, valid=24, test=24),
-        "prefer-city-kto": make_splits(feedback, args.seed + 2, train=256, valid=32, test=40),
+        "prefer-city-kto": {
+            split: as_feedback(rows) for split, rows in make_splits(pair, args.seed + 2, train=128, valid=16, test=20).items()
+        },
     }
     for folder, splits in datasets.items():
         (args.out / folder).mkdir(parents=True, exist_ok=True)
