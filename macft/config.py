@@ -289,6 +289,8 @@ def validate(recipe: Recipe) -> Recipe:
             "prompt, P- and prefix tuning need one example per row; set data.packing: false.",
         ),
         (recipe.train.warmup_steps >= 0, "train.warmup_steps must be 0 or more."),
+        (0 <= recipe.train.seed < 2**32, "train.seed must be between 0 and 4294967295."),
+        (0 <= recipe.data.split_seed < 2**32, "data.split_seed must be between 0 and 4294967295."),
         (recipe.align.beta > 0, "align.beta must be positive."),
         (0.0 <= recipe.align.label_smoothing < 0.5, "align.label_smoothing must be in [0, 0.5)."),
         (recipe.align.group_size >= 2, "align.group_size must be at least 2 (GRPO compares completions within a group)."),
@@ -369,7 +371,7 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
         try:
             number = float(value) if hint is float else _to_int(value)
         except (TypeError, ValueError):
-            kind = "an integer" if hint is int else "a number"
+            kind = "an integer that fits in 64 bits" if hint is int else "a number"
             raise MacftError(f"{where}: '{key}' must be {kind}; got '{value}'.") from None
         return number
     if hint is str:
@@ -381,7 +383,7 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
 
 def _to_int(value: Any) -> int:
     number = float(value)
-    if not number.is_integer():
+    if not number.is_integer() or abs(number) >= 2**63:  # MLX and numpy hold 64 bits; more ends in std::bad_cast
         raise ValueError(value)
     return int(number)
 

@@ -323,6 +323,7 @@ def read_model_shape(spec: str) -> ModelShape:
     """The shape of a model spec (see ``macft.models.load``) without loading its weights."""
     from macft.config import DEFAULT_MODEL
     from macft.discovery import resolve_app_model
+    from macft.models.claims import check_config_claims, check_folder_claims
     from macft.models.gguf_import.reader import is_gguf_file
 
     spec = resolve_app_model(spec)  # ollama:NAME / lmstudio:NAME -> their GGUF file
@@ -339,10 +340,13 @@ def read_model_shape(spec: str) -> ModelShape:
         config_file = path / "config.json"
         if not config_file.exists():
             raise MacftError(f"{path} has no config.json; pass a model folder, a .gguf file or a hub id.")
+        check_folder_claims(path)
         return shape_from_config(json.loads(config_file.read_text()), name=str(path))
     if spec.count("/") != 1:
         raise MacftError(f"Model '{spec}' not found: pass a model folder, a .gguf file, a hub id or '{DEFAULT_MODEL}'.")
-    return shape_from_config(_hub_config(spec), name=spec)
+    config = _hub_config(spec)
+    check_config_claims(config, spec)
+    return shape_from_config(config, name=spec)
 
 
 def _hub_config(repo_id: str) -> dict:

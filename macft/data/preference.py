@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from macft.data.formats import LineError, Record, _chat, _string, json_object
+from macft.data.formats import MAX_LINE_BYTES, LineError, Record, _chat, _string, json_object
 from macft.data.templates import Encoder, Example
 
 PAIR_SHAPE = '{"prompt", "chosen", "rejected"} (each a string or a list of messages, optional "system")'
@@ -132,10 +132,10 @@ def longer(pair: PairExample) -> Example:
 def dataset_kind(path) -> str:
     """"pairs", "prompts" or "sft", judged by the first line that is a JSON object."""
     with open(path, "rb") as fh:
-        for raw in fh:
+        for raw in iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""):
             try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                obj = json.loads(raw) if len(raw) <= MAX_LINE_BYTES else None
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 return "sft"  # the SFT reader reports the line
             if not isinstance(obj, dict):
                 return "sft"

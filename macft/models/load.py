@@ -21,6 +21,7 @@ from typing import Any
 from macft.config import DEFAULT_MODEL
 from macft.errors import MacftError
 from macft.families import for_model_type
+from macft.models.claims import check_folder_claims
 from macft.models.tokenizer_cache import LazyTokenizer
 from macft.phases import phase
 
@@ -82,12 +83,14 @@ def resolve_model_dir(spec: str, *, revision: str | None = None, dequantize: boo
     if path.is_dir():
         if not (path / "config.json").exists():
             raise MacftError(f"{path} is not a model directory (no config.json); pass a model folder, a .gguf file or a hub id.")
+        check_folder_claims(path)
         return path, weights_hash(path)
     if path.exists():
         raise MacftError(f"{path} is neither a model directory nor a .gguf file.")
     if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
         raise MacftError(f"Model '{spec}' not found: pass a model folder, a .gguf file, a hub id (org/name) or '{DEFAULT_MODEL}'.")
     model_dir = download(spec, revision)
+    check_folder_claims(model_dir)
     return model_dir, weights_hash(model_dir)
 
 

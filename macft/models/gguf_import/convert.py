@@ -21,6 +21,7 @@ from gguf import GGMLQuantizationType
 
 from macft.errors import MacftError
 from macft.families import Family
+from macft.models.claims import check_gguf_claims
 from macft.models.gguf_import.families import family_for, hf_name, import_config
 from macft.models.load import check_finite
 from macft.models.gguf_import.quants import GROUP_SIZE, quantize_exact, to_float
@@ -38,6 +39,7 @@ def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_f
 
     family = family_for(gguf)
     config = import_config(gguf, family)
+    check_gguf_claims(gguf, config)  # before check_names builds the model the metadata describes
     weights: dict[str, mx.array] = {}
     per_module: dict[str, dict | bool] = {}
     exact: Counter[str] = Counter()
