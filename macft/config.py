@@ -118,6 +118,7 @@ class AlignConfig:
     # GRPO rewards, summed: built-ins (exact_match[=field], json_valid, json_keys=a,b, regex=PATTERN,
     # length_penalty=TOKENS) or your own "module:function" / "file.py:function" (completion, example) -> float
     rewards: tuple[str, ...] = ("exact_match",)
+    reward_timeout: float = 5.0  # GRPO: seconds one reward call may take before the run stops with an error
 
 
 @dataclass(frozen=True)
@@ -295,6 +296,7 @@ def validate(recipe: Recipe) -> Recipe:
         (0.0 <= recipe.align.label_smoothing < 0.5, "align.label_smoothing must be in [0, 0.5)."),
         (recipe.align.group_size >= 2, "align.group_size must be at least 2 (GRPO compares completions within a group)."),
         (recipe.align.max_completion_tokens >= 1, "align.max_completion_tokens must be at least 1."),
+        (recipe.align.reward_timeout > 0, "align.reward_timeout must be a positive number of seconds."),
         (
             recipe.train.objective == "sft" or not recipe.data.packing,
             "alignment objectives score whole answers one per row; set data.packing: false.",

@@ -71,7 +71,8 @@ def alignment_batches(recipe: Recipe, splits: AlignSplits) -> tuple[int, Callabl
 def alignment_loss(recipe: Recipe, model: nn.Module, tokenizer: Any, chunk_size: int, reference: nn.Module | None = None):
     objective = recipe.train.objective
     if objective == "grpo":
-        return GRPOLoss(recipe.align, model, tokenizer, load_rewards(recipe.align.rewards), chunk_size, reference)
+        rewards = load_rewards(recipe.align.rewards, recipe.align.reward_timeout)
+        return GRPOLoss(recipe.align, model, tokenizer, rewards, chunk_size, reference)
     return PreferenceLoss(recipe.align, objective, chunk_size, reference)
 
 

@@ -15,7 +15,7 @@ reference is the base with adapters switched off, or a loaded copy for full fine
 Validation samples one greedy answer per held-out prompt; its loss is the negative mean reward, so
 the best checkpoint and early stopping follow the held-out reward.
 
-    loss = GRPOLoss(recipe.align, model, tokenizer, load_rewards(recipe.align.rewards), chunk_size=512)
+    loss = GRPOLoss(recipe.align, model, tokenizer, load_rewards(recipe.align.rewards, recipe.align.reward_timeout), chunk_size=512)
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import mlx.nn as nn
 import numpy as np
 
 from macft.align.logps import row_sums, trained_positions
-from macft.align.rewards import Reward, score
+from macft.align.rewards import RewardProcess, score
 from macft.config import AlignConfig
 from macft.data.batching import build_batch
 from macft.data.templates import Example
@@ -92,7 +92,7 @@ class GRPOLoss:
         cfg: AlignConfig,
         model: nn.Module,
         tokenizer: Any,
-        rewards: list[Reward],
+        rewards: RewardProcess,
         chunk_size: int,
         reference: nn.Module | None = None,
     ):
