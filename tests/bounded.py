@@ -67,14 +67,16 @@ def run_bounded(
     timeout: float = 120,
     address_space: int = ADDRESS_SPACE,
     interrupt_when: Callable[[], bool] | None = None,
+    env: dict | None = None,
 ) -> Outcome:
-    """Run ``command`` (see ``macft_command``) to its end or ``timeout``; with ``interrupt_when``, send
-    SIGINT (Ctrl-C) as soon as it returns true and time the rest from there."""
+    """Run ``command`` (see ``macft_command``) to its end or ``timeout``, with ``env`` added to this
+    process's; with ``interrupt_when``, send SIGINT (Ctrl-C) as soon as it returns true and time the
+    rest from there."""
 
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
 
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MACFT_OPENBLAS": "0"}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MACFT_OPENBLAS": "0", **(env or {})}
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=cap)
         start = time.monotonic()

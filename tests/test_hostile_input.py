@@ -9,8 +9,10 @@ command that would grow to 10 GB fails at the cap instead, and its peak memory i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import gguf
@@ -160,3 +162,46 @@ def test_ctrl_c_while_a_reward_runs_stops_at_once_and_the_run_resumes(tiny_model
     resumed = macft("lora", "--resume", run, cwd=tmp_path, timeout=300)
     assert resumed.returncode == 0 and "Traceback" not in resumed.output, resumed.summary()
     assert json.loads((run / "checkpoints" / "last" / "progress.json").read_text())["step"] == 2
+
+
+# ---------------------------------------------------------------------------- planted cache files
+
+PLANT = """import numpy as np, os, pickle, sys
+from pathlib import Path
+class Planted:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[2],))
+payload = pickle.dumps(Planted())
+for entry in Path(sys.argv[1]).rglob("*"):
+    if entry.is_file():
+        if entry.suffix == ".npz":
+            with entry.open("wb") as fh:
+                np.savez(fh, **{name: np.array([Planted()], dtype=object) for name in ("tokens", "state", "mask", "lengths", "labels")})
+        else:
+            entry.write_bytes(payload)
+"""
+
+
+def test_files_planted_in_the_caches_cannot_run_code(tiny_model_dir, tmp_path):
+    """A rerun reads each data file's tokens and the tokenizer from <home>/tokenized/ and
+    <home>/tokenizers/; replaced there by pickles (or .npz files of pickled objects) that would run
+    a command when unpickled, they are refused and rebuilt, and the run trains the same."""
+    home = tmp_path / "home"
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}", "completion": f" A{i}"}) + "\n" for i in range(6)))
+
+    def train(name: str) -> list:
+        args = ["lora", "--model", tiny_model_dir, "--data", data, "--iters", 2, "--out-dir", tmp_path / "runs", "--name", name,
+                "--set", "demo.count=0", "--json"]
+        outcome = run_bounded(macft_command(*args), tmp_path, env={"MACFT_HOME": str(home)})
+        assert not marker.exists(), "a cache file ran code"
+        assert outcome.returncode == 0, outcome.summary()
+        return [(r["kind"], r.get("train_loss")) for r in map(json.loads, (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines())]
+
+    marker = tmp_path / "code-ran"
+    first = train("first")
+    entries = {folder: list((home / folder).iterdir()) for folder in ("tokenized", "tokenizers")}
+    assert all(entries.values()), entries
+    for folder in entries:
+        assert run_bounded([sys.executable, "-c", PLANT, str(home / folder), str(marker)], tmp_path).returncode == 0
+    assert train("again") == first
