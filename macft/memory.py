@@ -335,7 +335,10 @@ def read_model_shape(spec: str) -> ModelShape:
     if is_gguf_file(path):
         if not path.is_file():
             raise MacftError(f"GGUF file {path} does not exist.")
-        return shape_from_gguf(path)
+        try:
+            return shape_from_gguf(path)
+        except (TypeError, ValueError, ZeroDivisionError) as exc:  # a size of the wrong type, or zero heads
+            raise MacftError(f"{path}: GGUF metadata holds a size the memory planner cannot read ({exc}).") from None
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.exists():

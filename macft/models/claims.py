@@ -26,8 +26,8 @@ MAX_DIMENSION = 2**31 - 1  # MLX's shape dimensions are int32
 # Without weights to count, a claimed depth is taken up to this; released models have at most a few hundred layers.
 MAX_LAYERS_UNSEEN = 1024
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own limit on a header
-# The sizes mlx-lm builds modules from: each must be a whole number (or absent / null where the
-# architecture allows it).
+# The sizes mlx-lm builds modules from: each must be a whole number of at least 1 (or absent / null
+# where the architecture allows it).
 SIZE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
              "num_key_value_heads", "head_dim", "vocab_size")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -62,8 +62,8 @@ def check_config_claims(config: dict, where: str, layers_present: int | None = N
     for section in _sections(config):
         for key in SIZE_KEYS:
             value = section.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise MacftError(f"{where}: '{key}' must be a whole number, not {_short(value)}; the model's configuration is damaged.")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise MacftError(f"{where}: '{key}' must be a whole number of at least 1, not {_short(value)}; the model's configuration is damaged.")
     for key, value in _integers(config):
         if abs(value) > MAX_DIMENSION:
             raise MacftError(

@@ -158,10 +158,11 @@ def load_model(
                 model, config = mlx_load_model(model_dir, trust_remote_code=trust_remote_code)
             else:  # QLoRA reads the weights lazily so that each layer is quantized as it is read
                 model, config, stored = load_lazily(model_dir, trust_remote_code)
-        except ValueError as exc:
-            raise MacftError(f"Could not build the model in {model_dir}: {str(exc).splitlines()[0]}") from None
         except RuntimeError as exc:  # MLX's safetensors reader: a truncated or damaged weights file
             raise unreadable_weights(model_dir, exc) from None
+        except Exception as exc:  # mlx-lm checks no config value itself: a zero or a wrong type fails anywhere
+            reason = (str(exc).splitlines() or [""])[0][:200]
+            raise MacftError(f"Could not build the model in {model_dir}: {type(exc).__name__}: {reason}") from None
         family = model_family(config)
         try:
             if quantize_bits is not None:

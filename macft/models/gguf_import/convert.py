@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -51,7 +53,8 @@ def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_f
         rows = gguf.rows(name)
         packed = None
         if not dequantize and len(info.shape) in (2, 3) and hf.endswith(".weight") and family.keeps_blocks(hf, config):  # 3-D: stacked experts
-            packed = quantize_exact(family.import_rows(hf, rows, config), info.qtype)
+            with fitting(gguf, name):
+                packed = quantize_exact(family.import_rows(hf, rows, config), info.qtype)
         module = hf.removesuffix(".weight")
         if packed is not None:
             stacked = (*info.shape[:-1], -1)
@@ -61,7 +64,8 @@ def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_f
             per_module[module] = {"group_size": GROUP_SIZE, "bits": packed.bits}
             exact[info.qtype.name] += 1
             continue
-        values = family.import_float(hf, family.import_columns(hf, family.import_rows(hf, to_float(rows, info.qtype, info.shape), config), config))
+        with fitting(gguf, name):
+            values = family.import_float(hf, family.import_columns(hf, family.import_rows(hf, to_float(rows, info.qtype, info.shape), config), config))
         array = mx.array(np.ascontiguousarray(values))
         if len(info.shape) in (2, 3) and hf.endswith(".weight"):
             per_module[module] = False
@@ -92,13 +96,27 @@ def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_f
     return {"exact": dict(exact), "float": dict(floats)}
 
 
+@contextmanager
+def fitting(gguf: GGUFFile, name: str) -> Iterator[None]:
+    """A tensor that does not fit the model its file's metadata describes (3 heads in rows of 4) is one line."""
+    try:
+        yield
+    except (ValueError, TypeError, IndexError, ZeroDivisionError) as exc:
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        raise MacftError(f"{gguf.path}: tensor '{name}' does not fit the model its metadata describes ({type(exc).__name__}: {reason}).") from None
+
+
 def check_names(family: Family, config: dict, weights: dict) -> None:
     """Compare the converted tensors with the parameters mlx-lm's architecture expects."""
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
-    model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))  # parameters stay lazy: nothing is allocated
+    try:
+        model_class, args_class = _get_classes(config)
+        model = model_class(args_class.from_dict(config))  # parameters stay lazy: nothing is allocated
+    except Exception as exc:  # mlx-lm checks nothing itself: a zero, a wrong type or a missing key fails anywhere
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        raise MacftError(f"This {family.gguf_arch} GGUF's metadata does not describe a model mlx-lm can build ({type(exc).__name__}: {reason}).") from None
     expected = {name for name, _ in tree_flatten(model.parameters())}
     if config.get("tie_word_embeddings"):
         expected.discard(f"{family.weights_prefix}lm_head.weight")
