@@ -31,7 +31,7 @@ class Outcome:
     returncode: int
     output: str
     seconds: float  # from the start, or from the interrupt when one was sent
-    peak_rss: int  # bytes
+    peak_rss: int  # bytes: the child's own high-water mark, sampled every 20 ms
     timed_out: bool
 
     @property
@@ -80,8 +80,9 @@ def run_bounded(
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=cap)
         start = time.monotonic()
-        status, usage, timed_out = None, None, False
+        status, usage, timed_out, peak = None, None, False, 0
         while status is None:
+            peak = max(peak, _high_water(process.pid))
             pid, waited, rusage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 status, usage = waited, rusage
@@ -99,4 +100,15 @@ def run_bounded(
         process.returncode = os.waitstatus_to_exitcode(status)
         log.seek(0)
         output = log.read().decode(errors="replace")
-    return Outcome(process.returncode, output, seconds, usage.ru_maxrss * 1024, timed_out)
+    # wait4's ru_maxrss also counts the memory this process had when it forked the child (Linux carries
+    # it across exec), so the child's own high-water mark is read while it runs where /proc has it
+    return Outcome(process.returncode, output, seconds, peak or usage.ru_maxrss * 1024, timed_out)
+
+
+def _high_water(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM, bytes), 0 where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
