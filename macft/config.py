@@ -75,6 +75,7 @@ class TrainConfig:
             (self.iters >= 0, "train.iters must be 0 (use epochs) or positive."),
             (self.iters > 0 or self.epochs == "auto" or self.epochs > 0, "set train.iters or train.epochs above 0 (or train.epochs: auto)."),
             (self.warmup_steps >= 0, "train.warmup_steps must be 0 or more."),
+            (0 <= self.seed < 2**32, "train.seed must be between 0 and 4294967295."),
         ]
         return [message for ok, message in checks if not ok]
 
@@ -315,7 +316,7 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
         try:
             number = float(value) if hint is float else _to_int(value)
         except (TypeError, ValueError):
-            kind = "an integer" if hint is int else "a number"
+            kind = "an integer that fits in 64 bits" if hint is int else "a number"
             raise MacftError(f"{where}: '{key}' must be {kind}; got '{value}'.") from None
         return number
     if hint is str:
@@ -327,7 +328,7 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
 
 def _to_int(value: Any) -> int:
     number = float(value)
-    if not number.is_integer():
+    if not number.is_integer() or abs(number) >= 2**63:  # MLX and numpy hold 64 bits; more ends in std::bad_cast
         raise ValueError(value)
     return int(number)
 

@@ -217,10 +217,12 @@ def eval_records(path: str | Path) -> list:
 
 def is_eval_report(path: Path) -> bool:
     """Whether ``path`` looks like a report `macft eval --report` wrote (JSONL rows with prompt and reference)."""
+    from macft.data.formats import MAX_LINE_BYTES
+
     try:
         with Path(path).open() as fh:
-            first = json.loads(fh.readline())
-    except (OSError, ValueError, UnicodeDecodeError):
+            first = json.loads(fh.readline(MAX_LINE_BYTES))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return False
     return isinstance(first, dict) and {"prompt", "reference"} <= first.keys()
 

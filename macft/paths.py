@@ -66,6 +66,29 @@ def prune_cache(folder: Path, budget_bytes: int, keep: Path) -> None:
         total -= size
 
 
+def write_arrays(target: Path, arrays: dict) -> None:
+    """Write numpy arrays as an uncompressed ``.npz`` file, atomically (``read_arrays`` reads it back)."""
+    import numpy as np
+
+    with atomic_path(target) as tmp, tmp.open("wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def read_arrays(path: Path) -> dict:
+    """The arrays of an ``.npz`` file, read without pickle (numbers, booleans and bytes only, so a planted
+    file cannot run code) and only if stored uncompressed (so none holds more than the file's own size).
+    A file that breaks either rule raises ``ValueError``; a missing one ``FileNotFoundError``."""
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(path) as archive:
+        if any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist()):
+            raise ValueError(f"{path} holds compressed arrays")
+    with np.load(path, allow_pickle=False) as stored:
+        return {name: stored[name] for name in stored.files}
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds.

@@ -26,7 +26,7 @@ from macft.methods import method_spec
 from macft.paths import PROJECT_ROOT, atomic_path
 
 # method -> (recipe method name, 4-bit base, method options). Each trains at its registry learning rate
-# (macft.method_registry: the method's usual order of magnitude, not tuned on this data); soft prompts
+# (macft.methods: the method's usual order of magnitude, not tuned on this data); soft prompts
 # start from the words of an instruction, as prompt-tuning practice recommends over random tokens.
 INSTRUCTION = "Translate the question about the table into an SQL query."
 METHODS = {

@@ -207,8 +207,7 @@ def test_rewards_built_ins_user_functions_and_errors(tmp_path):
 
     module = tmp_path / "my_rewards.py"
     module.write_text("def shout(completion, example):\n    return float(completion.isupper()) + len(example['answer'])\n")
-    user = load_reward(f"{module}:shout")
-    assert score([user], ["HI", "hi"], [example] * 2, ["a", "b"]).tolist() == [3.0, 2.0]
+    assert score(load_rewards([f"{module}:shout"]), ["HI", "hi"], [example] * 2, ["a", "b"]).tolist() == [3.0, 2.0]
 
     with pytest.raises(MacftError, match="neither a built-in"):
         load_reward("nonsense")
@@ -217,7 +216,9 @@ def test_rewards_built_ins_user_functions_and_errors(tmp_path):
     with pytest.raises(MacftError, match="importing no_such_module_xyz failed"):
         load_reward("no_such_module_xyz:f")
     with pytest.raises(MacftError, match=r"Reward 'exact_match=label' failed on train.jsonl:7 \(KeyError"):
-        score([load_reward("exact_match=label")], ["x"], [example], ["train.jsonl:7"])
+        score(load_rewards(["exact_match=label"]), ["x"], [example], ["train.jsonl:7"])
+    with pytest.raises(MacftError, match="has no function 'missing'"):
+        load_rewards([f"{module}:missing"])  # loaded in the rewards' own process, refused in one line
 
 
 def test_pair_and_prompt_lines_validate_with_one_line_errors(tmp_path, tiny_model_dir):

@@ -476,6 +476,102 @@ def _byte_level_chars() -> dict[int, str]:
     return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
 
 
+# ---------------------------------------------------------------------------- llama.cpp's test vocabularies
+
+# llama-cpp-python's source distribution carries llama.cpp's models/ggml-vocab-*.gguf with the inputs
+# (.inp) and the token ids llama.cpp's test-tokenizer-0 expects for them (.out).
+LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
+VOCABULARIES = ("llama-spm", "llama-bpe", "qwen2", "qwen35", "phi-3", "gpt-2", "gemma-4")
+VECTOR_SEPARATOR = "\n__ggml_vocab_test__\n"
+
+
+@pytest.fixture(scope="session")
+def llama_vocabularies(request, tmp_path_factory) -> Path:
+    """The test vocabularies and their vectors, taken once from the sdist (``pip download``, the
+    package index pip is configured with) into pytest's cache folder."""
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir("llama-cpp-vocabularies-0.3.36") if cache is not None else tmp_path_factory.mktemp("vocabularies")
+    wanted = {f"ggml-vocab-{name}.gguf{suffix}" for name in VOCABULARIES for suffix in ("", ".inp", ".out")}
+    if all((folder / name).is_file() for name in wanted):
+        return folder
+    with tempfile.TemporaryDirectory() as download:
+        command = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--quiet", LLAMA_CPP_SDIST, "-d", download]
+        if subprocess.run(command, capture_output=True, timeout=900).returncode != 0:
+            pytest.skip(f"could not download {LLAMA_CPP_SDIST}'s source distribution for llama.cpp's test vocabularies")
+        with tarfile.open(next(Path(download).glob("*.tar.gz"))) as sdist:
+            for member in sdist:
+                name = Path(member.name).name
+                if name in wanted and member.name.endswith(f"vendor/llama.cpp/models/{name}"):
+                    (folder / f".{name}.part").write_bytes(sdist.extractfile(member).read())
+                    (folder / f".{name}.part").rename(folder / name)
+    assert all((folder / name).is_file() for name in wanted), sorted(wanted - {p.name for p in folder.iterdir()})
+    return folder
+
+
+def vocabulary_vectors(folder: Path, name: str) -> list[tuple[str, list[int]]]:
+    """(text, token ids) pairs, split as llama.cpp's test-tokenizer-0 splits them (bytes as written, no newline translation)."""
+    raw = (folder / f"ggml-vocab-{name}.gguf.inp").read_bytes().decode("utf-8")
+    texts, at = [], 0
+    while at < len(raw):  # a separator at the very end ends the list
+        end = raw.find(VECTOR_SEPARATOR, at)
+        texts.append(raw[at:] if end < 0 else raw[at:end])
+        at = len(raw) if end < 0 else end + len(VECTOR_SEPARATOR)
+    lines = (folder / f"ggml-vocab-{name}.gguf.out").read_text().split("\n")
+    if lines and lines[-1] == "":  # getline() yields no line after a final newline
+        lines.pop()
+    assert len(texts) == len(lines) and texts, (name, len(texts), len(lines))
+    return [(text, [int(t) for t in line.split()]) for text, line in zip(texts, lines)]
+
+
+def imported_tokenizer(path: Path, out: Path):
+    """The tokenizer a GGUF import builds and macft then loads (bytes read as given, as for every import)."""
+    from macft.models.gguf_import.tokenizer import save_tokenizer
+    from macft.models.tokenizer_cache import LazyTokenizer
+
+    out.mkdir()
+    save_tokenizer(read_gguf(path), out)
+    return LazyTokenizer(out, as_given=True).get()
+
+
+@pytest.mark.parametrize("name", [name for name in VOCABULARIES if name != "gemma-4"])  # gemma-4: through `macft import` below
+def test_vocabularies_tokenize_as_llama_cpp_test_vectors_say(name, llama_vocabularies, tmp_path):
+    tokenizer = imported_tokenizer(llama_vocabularies / f"ggml-vocab-{name}.gguf", tmp_path / "tokenizer")
+    vectors = vocabulary_vectors(llama_vocabularies, name)
+    wrong = [(text, expected, got) for text, expected in vectors if (got := tokenizer.encode(text, add_special_tokens=False)) != expected]
+    assert not wrong, f"{len(wrong)} of {len(vectors)} differ, first: {wrong[0]}"
+
+
+def gemma4_vocabulary(folder: Path) -> dict:
+    """Gemma 4's tokenizer fields, as a real Gemma 4 GGUF carries them (``write_gguf``'s ``vocab``)."""
+    meta = read_gguf(folder / "ggml-vocab-gemma-4.gguf").metadata
+    field = {key: meta[f"tokenizer.ggml.{key}"] for key in ("model", "tokens", "merges", "scores")}
+    ids = {short: meta[f"tokenizer.ggml.{key}_token_id"] for short, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))}
+    return {**field, "types": meta["tokenizer.ggml.token_type"], "ids": ids, "template": meta["tokenizer.chat_template"]}
+
+
+def test_a_gemma4_gguf_imports_with_its_own_tokenizer(tiny_models, llama_vocabularies, tmp_path):
+    """A Gemma 4 GGUF declares ``tokenizer.ggml.model = gemma4`` (262,144 tokens); `macft import` takes
+    it, tokenizes as llama.cpp's vectors say, and stops generation at Gemma 4's end of turn."""
+    from macft.cli import cli
+
+    path = write_gguf(tiny_models["llama"], tmp_path / "gemma4-vocab.gguf", vocab=gemma4_vocabulary(llama_vocabularies),
+                      quant=lambda name, shape: Q.Q8_0 if name == "token_embd.weight" else Q.F32)
+    result = CliRunner().invoke(cli, ["import", str(path), "--out", str(tmp_path / "imported")])
+    assert result.exit_code == 0, result.output
+    loaded = load_model(str(tmp_path / "imported"))
+    vectors = vocabulary_vectors(llama_vocabularies, "gemma-4")
+    wrong = [(text, expected, got) for text, expected in vectors if (got := loaded.tokenizer.encode(text, add_special_tokens=False)) != expected]
+    assert not wrong, f"{len(wrong)} of {len(vectors)} differ, first: {wrong[0]}"
+    assert loaded.tokenizer.encode("Hi")[0] == 2  # BOS, as llama.cpp adds it for Gemma 4
+    stops = json.loads((tmp_path / "imported" / "generation_config.json").read_text())["eos_token_id"]
+    assert {1, 106} <= set(stops), stops  # <eos> and <turn|>
+
+
 def test_llama3_rope_scaling_is_recovered():
     from mlx_lm.models.rope_utils import Llama3RoPE
 

@@ -150,7 +150,7 @@ def test_any_change_that_can_change_tokens_tokenizes_again(model, data, loads, c
 def test_a_damaged_entry_is_encoded_again(model, data, loads, tmp_path):
     cfg = DataConfig(train=str(data), max_seq_length=64)
     first = load_splits(cfg, lazy(model))
-    entries = sorted((tmp_path / "home" / "tokenized").glob("*.pickle"))
+    entries = sorted((tmp_path / "home" / "tokenized").glob("*.npz"))
     assert len(entries) == 3  # train, valid, test
     for entry in entries:
         entry.write_bytes(entry.read_bytes()[:20])
@@ -191,7 +191,7 @@ def test_tokenizer_files_changed_before_the_tokenizer_loads_are_refused(model, d
     (model / "chat_template.jinja").write_text("{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}")
     with pytest.raises(MacftError, match="changed while macft was running"):
         load_splits(DataConfig(train=str(data)), tokenizer)
-    assert list(cache_dir("tokenized").glob("*.pickle")) == []
+    assert list(cache_dir("tokenized").glob("*.npz")) == []
 
 
 def test_caches_keep_the_most_recently_used_entries_within_their_budget(tmp_path, monkeypatch):
@@ -221,7 +221,7 @@ def test_caches_keep_the_most_recently_used_entries_within_their_budget(tmp_path
     entries = cache_dir("tokenized")
     token_cache.cached_examples(files[0], "k", {}, encode)
     token_cache.cached_examples(files[1], "k", {}, encode)
-    first, second = (entries / f"{token_cache.entry_key(f, 'k', {})}.pickle" for f in files[:2])
+    first, second = (entries / f"{token_cache.entry_key(f, 'k', {})}.npz" for f in files[:2])
     os.utime(first, (1000, 1000))
     os.utime(second, (2000, 2000))
     token_cache.cached_examples(files[0], "k", {}, encode)  # a read: the first entry is now the recent one

@@ -44,7 +44,7 @@ def test_second_load_comes_from_the_cache_and_behaves_like_mlx_lm(tiny_model_dir
     first = load_tokenizer(tiny_model_dir, eos_token_ids=[2])
     second = load_tokenizer(tiny_model_dir, eos_token_ids=[2])
     assert len(counted) == 1  # the files were parsed once
-    assert len(list((tmp_path / "home" / "tokenizers").glob("*.pickle"))) == 1
+    assert len(list((tmp_path / "home" / "tokenizers").glob("*.npz"))) == 1
     same_behaviour(second, mlx_lm_load(tiny_model_dir, eos_token_ids=[2]))
     same_behaviour(first, second)
     load_tokenizer(tiny_model_dir, eos_token_ids=[1])  # other EOS ids: another entry
@@ -69,7 +69,7 @@ def test_a_damaged_cache_entry_is_rebuilt(tiny_model_dir, tmp_path, monkeypatch,
     monkeypatch.setenv("MACFT_HOME", str(tmp_path / "home"))
     counted, _ = counted
     load_tokenizer(tiny_model_dir)
-    entry = tmp_path / "home" / "tokenizers" / f"{cache_key(tiny_model_dir, None)}.pickle"
+    entry = tmp_path / "home" / "tokenizers" / f"{cache_key(tiny_model_dir, None)}.npz"
     entry.write_bytes(entry.read_bytes()[:100])  # a truncated file
     rebuilt = load_tokenizer(tiny_model_dir)
     assert len(counted) == 2

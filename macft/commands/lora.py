@@ -214,11 +214,12 @@ def lora(
     if not world.main:  # rank 0 reports for every rank; a failing status here would make mlx.launch stop it first
         return
     if result.stop_reason == "interrupted":
-        message = f"{result.message} Resume with: macft lora --resume {outcome.run_dir}"
+        resumable = (outcome.run_dir / "checkpoints" / "last").is_dir()
+        resume = f"macft lora --resume {outcome.run_dir}" if resumable else None
         if as_json:
-            click.echo(json.dumps({**outcome.summary.to_dict(), "resume_command": f"macft lora --resume {outcome.run_dir}"}, indent=2))
+            click.echo(json.dumps({**outcome.summary.to_dict(), "resume_command": resume}, indent=2))
         else:
-            click.echo(message)
+            click.echo(f"{result.message} Resume with: {resume}" if resume else result.message)
         raise SystemExit(130)
     demo = None if result.failed else run_demo(outcome)
     if as_json:

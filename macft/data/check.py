@@ -22,6 +22,7 @@ from macft.data.batching import batch_order, plan_padding
 from macft.data.templates import Example
 
 
+PREVIEW_TOKENS = (384, 128)  # the preview's first and last tokens of a longer example
 # the batching strategies whose padding the report compares
 PLANS = {"random": {"bucket_by_length": False}, "bucketed": {}, "packed": {"packing": True}}
 
@@ -108,13 +109,22 @@ def preview_example(examples: list[Example]) -> Example:
 
 def token_runs(example: Example, tokenizer: Any) -> list[tuple[str, bool]]:
     """The example's text as runs of (text, trained); each run is decoded as a whole so that
-    multi-byte characters split across tokens decode correctly."""
+    multi-byte characters split across tokens decode correctly. A long example shows its first
+    and last ``PREVIEW_TOKENS`` tokens around a note of how many are left out."""
+    tokens, mask = example.tokens, example.mask
+    head, tail = PREVIEW_TOKENS
+    if len(tokens) <= head + tail:
+        return _runs(tokens, mask, tokenizer)
+    hidden = f" [... {len(tokens) - head - tail:,} tokens not shown ...] "
+    return [*_runs(tokens[:head], mask[:head], tokenizer), (hidden, False), *_runs(tokens[-tail:], mask[-tail:], tokenizer)]
+
+
+def _runs(tokens: list[int], mask: list[bool], tokenizer: Any) -> list[tuple[str, bool]]:
     runs: list[tuple[str, bool]] = []
     start = 0
-    for end in range(1, len(example.tokens) + 1):
-        if end == len(example.tokens) or example.mask[end] != example.mask[start]:
-            text = tokenizer.decode(example.tokens[start:end], skip_special_tokens=False)
-            runs.append((text, example.mask[start]))
+    for end in range(1, len(tokens) + 1):
+        if end == len(tokens) or mask[end] != mask[start]:
+            runs.append((tokenizer.decode(tokens[start:end], skip_special_tokens=False), mask[start]))
             start = end
     return runs
 

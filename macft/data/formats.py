@@ -10,7 +10,9 @@ The format is detected per line, so one file may mix shapes:
        (an assistant message with "weight": 0 is kept as context but not trained on)
     {"conversations": [{"from": "human", "value": "..."}, ...]}  -> kind "chat" (ShareGPT)
 
-A bad line raises ``MacftError("train.jsonl line 7: <problem>; <what to do>")``.
+A bad line raises ``MacftError("train.jsonl line 7: <problem>; <what to do>")``. A line is read
+only up to ``MAX_LINE_BYTES`` and nested at most ``MAX_DEPTH`` levels deep, so a huge or deeply
+nested line is one such error, in time and memory bounded by the limits, not by the line.
 
     records = read_records(Path("data/train.jsonl"))
 """
@@ -24,6 +26,9 @@ from typing import Any, Callable
 
 from macft.errors import MacftError
 
+# Examples are cut at data.max_seq_length tokens; 2 MiB is about half a million tokens of text.
+MAX_LINE_BYTES = 2 << 20
+MAX_DEPTH = 64  # real lines nest a dozen levels (messages, tool calls, their arguments)
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 SHAPES = (
@@ -68,7 +73,12 @@ def read_records(path: Path, parse: Callable[[str, str], Any] | None = None) -> 
         raise MacftError(f"Data file {path} does not exist.")
     records = []
     with path.open("rb") as fh:
-        for number, raw in enumerate(fh, start=1):
+        for number, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise MacftError(
+                    f"{path.name} line {number} is longer than {MAX_LINE_BYTES >> 20} MiB, the most macft reads in one line "
+                    "(an example is cut at data.max_seq_length tokens anyway); shorten it or split it into several examples."
+                )
             if not raw.strip():
                 continue
             source = f"{path.name}:{number}"
@@ -85,12 +95,12 @@ def first_object(path: Path) -> dict | None:
     """The first line of a JSONL file as a JSON object, or None when it is not one (the readers
     report such a line) or the file is empty."""
     with open(path, "rb") as fh:
-        for raw in fh:
+        for raw in iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""):
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
+                obj = json.loads(raw) if len(raw) <= MAX_LINE_BYTES else None
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 return None
             return obj if isinstance(obj, dict) else None
     return None
@@ -111,6 +121,10 @@ def json_object(line: str, shapes: str) -> dict:
     except json.JSONDecodeError as exc:
         where = "at the end of the line" if exc.pos >= len(line.rstrip()) else f"at column {exc.pos + 1}"
         raise LineError(f"not valid JSON ({exc.msg} {where}); write one JSON object per line") from None
+    except RecursionError:  # deeper than Python's parser goes
+        obj = _TOO_DEEP
+    if obj is _TOO_DEEP or _deeper_than(obj, MAX_DEPTH):
+        raise LineError(f"nested more than {MAX_DEPTH} levels deep; each line must be {shapes}")
     if not isinstance(obj, dict):
         raise LineError(f"expected a JSON object, got {_kind(obj)}; each line must be {shapes}")
     return obj
@@ -232,6 +246,19 @@ def _string(obj: dict, key: str, allow_empty: bool = False) -> str:
     if not allow_empty and not value.strip():
         raise LineError(f"'{key}' is empty; remove the line or fill it in")
     return value
+
+
+_TOO_DEEP = object()
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists and objects nest more than ``limit`` levels in ``value`` (walked without recursion)."""
+    level = [value]
+    for _ in range(limit + 1):
+        level = [child for item in level if isinstance(item, (list, dict)) for child in (item.values() if isinstance(item, dict) else item)]
+        if not level:
+            return False
+    return True
 
 
 def _kind(value: Any) -> str:

@@ -51,6 +51,7 @@ class DataConfig:
         checks = [
             (self.max_seq_length >= 8, "data.max_seq_length must be at least 8."),
             (0.0 <= self.split_valid < 1.0, "data.split_valid must be a fraction in [0, 1)."),
+            (0 <= self.split_seed < 2**32, "data.split_seed must be between 0 and 4294967295."),
         ]
         return [message for ok, message in checks if not ok]
 

@@ -12,8 +12,10 @@ encoded examples (at full length: truncation and hold-out run every time, they a
   (chat templates render with it).
 
 Any change gives a new name, so an entry is never stale; entries are written atomically, and one
-that cannot be read is encoded again. The folder keeps the most recently used entries within
-``CACHE_BYTES``; older ones are deleted when a new one is written.
+that cannot be read is encoded again. An entry is a plain ``.npz`` of token ids, masks, lengths and
+a JSON list of sources and formats, read without pickle: a file planted in the folder cannot run
+code, only be encoded again. The folder keeps the most recently used entries within ``CACHE_BYTES``;
+older ones are deleted when a new one is written.
 
     examples = cached_examples(path, lazy_tokenizer.key, {"mask_prompt": True}, encode)
 """
@@ -22,14 +24,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from macft.data.templates import Example
 from macft.errors import DiskFullError
-from macft.paths import atomic_path, cache_dir, mark_used, prune_cache
+from macft.paths import cache_dir, mark_used, prune_cache, read_arrays, write_arrays
 
 PACKAGE = Path(__file__).resolve().parent.parent
 CACHE_BYTES = 1 << 30  # 1 GiB of tokenized files (a 1,000-example file takes about 0.5 MB)
@@ -65,24 +68,50 @@ def cached_examples(path: Path, tokenizer_key: str, options: dict, encode: Calla
     tokenizer with these ``options`` (JSON-able: whatever else changes the tokens), else encoded and stored."""
     path = Path(path)
     key = entry_key(path, tokenizer_key, options)
-    entry = cache_dir("tokenized") / f"{key}.pickle"
+    entry = cache_dir("tokenized") / f"{key}.npz"
     try:
-        with entry.open("rb") as fh:
-            examples = [Example(tokens, mask, source, fmt) for tokens, mask, source, fmt in pickle.load(fh)]
+        examples = stored_examples(read_arrays(entry))
         mark_used(entry)
         return examples
     except FileNotFoundError:
         pass
-    except Exception:  # noqa: BLE001  (a damaged entry of our own cache is encoded again below)
+    except Exception:  # noqa: BLE001  (a damaged or foreign entry of our own cache is encoded again below)
         entry.unlink(missing_ok=True)
     examples = encode(path)
     # Stored only if the file did not change while it was being read, so the name matches the tokens.
     if entry_key(path, tokenizer_key, options) == key:
-        rows = [(e.tokens, e.mask, e.source, e.format) for e in examples]
         try:
-            with atomic_path(entry) as tmp:
-                tmp.write_bytes(pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL))
+            write_arrays(entry, example_arrays(examples))
             prune_cache(entry.parent, CACHE_BYTES, keep=entry)
         except (OSError, DiskFullError):
             pass  # a full or read-only cache: the next run tokenizes again
     return examples
+
+
+def example_arrays(examples: list[Example]) -> dict[str, np.ndarray]:
+    """Examples as flat arrays: every example's tokens and mask one after the other, their lengths,
+    and their sources and formats as JSON text."""
+    labels = json.dumps({"sources": [e.source for e in examples], "formats": [e.format for e in examples]})
+    return {
+        "tokens": np.array([t for e in examples for t in e.tokens], np.int32),
+        "mask": np.array([m for e in examples for m in e.mask], np.bool_),
+        "lengths": np.array([len(e.tokens) for e in examples], np.int64),
+        "labels": np.frombuffer(labels.encode(), np.uint8),
+    }
+
+
+def stored_examples(arrays: dict[str, np.ndarray]) -> list[Example]:
+    """``example_arrays`` read back; ``ValueError`` for arrays that do not fit together."""
+    tokens, mask, lengths = arrays["tokens"], arrays["mask"], arrays["lengths"]
+    labels = json.loads(arrays["labels"].tobytes())
+    sources, formats = labels["sources"], labels["formats"]
+    if not (tokens.dtype == np.int32 and mask.dtype == np.bool_ and lengths.dtype == np.int64):
+        raise ValueError("unexpected array types")
+    if len(tokens) != len(mask) or int(lengths.sum()) != len(tokens) or not len(lengths) == len(sources) == len(formats) or (lengths < 0).any():
+        raise ValueError("arrays of different lengths")
+    token_list, mask_list, ends = tokens.tolist(), mask.tolist(), np.cumsum(lengths).tolist()
+    starts = [0, *ends[:-1]]
+    return [
+        Example(token_list[a:b], mask_list[a:b], str(source), str(fmt))
+        for a, b, source, fmt in zip(starts, ends, sources, formats)
+    ]

@@ -20,6 +20,7 @@ from typing import Any
 
 from macft.errors import MacftError
 from macft.families import for_model_type
+from macft.models.claims import check_folder_claims
 from macft.models.spec import DEFAULT_MODEL, locate
 from macft.models.tokenizer_cache import LazyTokenizer
 from macft.models.weights import check_finite
@@ -93,6 +94,7 @@ def resolve_model_dir(spec: str, *, revision: str | None = None, dequantize: boo
         report = import_gguf_report(Path(where.target), dequantize=dequantize)
         return report.path, report.sha256
     model_dir = Path(where.target) if where.kind == "folder" else download(where.target, revision)
+    check_folder_claims(model_dir)
     return model_dir, weights_hash(model_dir)
 
 
@@ -160,10 +162,11 @@ def load_model(
                 model, config = mlx_load_model(model_dir, trust_remote_code=trust_remote_code)
             else:  # QLoRA reads the weights lazily so that each layer is quantized as it is read
                 model, config, stored = load_lazily(model_dir, trust_remote_code)
-        except ValueError as exc:
-            raise MacftError(f"Could not build the model in {model_dir}: {str(exc).splitlines()[0]}") from None
         except RuntimeError as exc:  # MLX's safetensors reader: a truncated or damaged weights file
             raise unreadable_weights(model_dir, exc) from None
+        except Exception as exc:  # mlx-lm checks no config value itself: a zero or a wrong type fails anywhere
+            reason = (str(exc).splitlines() or [""])[0][:200]
+            raise MacftError(f"Could not build the model in {model_dir}: {type(exc).__name__}: {reason}") from None
         family = model_family(config)
         try:
             if quantize_bits is not None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from macft.errors import MacftError
 from macft.families import lookup
+from macft.models.claims import check_config_claims, check_folder_claims
 from macft.models.spec import DEFAULT_MODEL, locate
 
 EXPERT_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -183,14 +184,22 @@ def _gguf_experts(gguf) -> dict[str, int]:
 
 
 def read_model_shape(spec: str) -> ModelShape:
-    """The shape of a model spec (``macft.models.spec``) without loading its weights."""
+    """The shape of a model spec (``macft.models.spec``) without loading its weights; a config that claims
+    more than its weights hold (or than any model has, for a hub id's config alone) is refused."""
     where = locate(spec)
     if where.kind == "gguf":
-        shape = shape_from_gguf(Path(where.target))
+        path = Path(where.target)
+        try:
+            shape = shape_from_gguf(path)
+        except (TypeError, ValueError, ZeroDivisionError) as exc:  # a size of the wrong type, or zero heads
+            raise MacftError(f"{path}: GGUF metadata holds a size the memory planner cannot read ({exc}).") from None
         return dataclasses.replace(shape, name=DEFAULT_MODEL) if spec == DEFAULT_MODEL else shape
     if where.kind == "folder":
+        check_folder_claims(Path(where.target))
         return shape_from_config(json.loads((Path(where.target) / "config.json").read_text()), name=where.target)
-    return shape_from_config(_hub_config(where.target), name=where.target)
+    config = _hub_config(where.target)
+    check_config_claims(config, where.target)
+    return shape_from_config(config, name=where.target)
 
 
 def _hub_config(repo_id: str) -> dict:

@@ -2,11 +2,17 @@
 
 mlx-lm's ``load_tokenizer`` parses a 262k-word ``tokenizer.json`` three times (its own decoder check,
 transformers' added-token scan, the Rust tokenizer) and walks the vocabulary three more times; that
-is most of a run's start-up on a small model. The finished ``TokenizerWrapper`` is pickled into
+is most of a run's start-up on a small model. The finished ``TokenizerWrapper`` is stored in
 ``<macft home>/tokenizers/`` under a key made of the tokenizer files' contents, the EOS ids asked for,
-and the versions of the libraries whose objects the pickle holds; a changed file or upgraded library
-makes a new key, and a cache that cannot be read is rebuilt. The folder keeps the most recently used
+and the versions of the libraries whose objects it holds; a changed file or upgraded library makes a
+new key, and a cache that cannot be read is rebuilt. The folder keeps the most recently used
 tokenizers within ``CACHE_BYTES``; older ones are deleted when a new one is written.
+
+An entry is data, not code: a ``.npz`` (read without pickle) holding the Rust tokenizer's own JSON,
+the detokenizer's byte table, and a JSON description of the Python objects around them
+(``store_state``). Reading it back creates only objects of the classes mlx-lm and transformers build
+tokenizers from, and sets their attributes; functions are named, and taken only from mlx-lm's tool
+parsers and chat templates. A file planted in the folder can at worst be refused and rebuilt.
 
 ``LazyTokenizer`` defers even that: a training run whose tokenized data is cached
 (``macft.data.token_cache``) needs no tokenizer before its first step, so it loads one only when
@@ -19,15 +25,16 @@ something asks for it; its ``key`` names what the tokenizer encodes to without l
 from __future__ import annotations
 
 import hashlib
+import importlib
+import inspect
 import json
-import pickle
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from macft.errors import DiskFullError, MacftError
-from macft.paths import atomic_path, cache_dir, mark_used, prune_cache
+from macft.paths import cache_dir, mark_used, prune_cache, read_arrays, write_arrays
 
 # Everything mlx-lm's load_tokenizer reads from a local model folder (tokenizer_config.json names the
 # chat template; config.json is read for the model type's tokenizer defaults).
@@ -65,26 +72,157 @@ def load_tokenizer(model_dir: str | Path, eos_token_ids: Any = None, key: str | 
     """mlx-lm's ``TokenizerWrapper`` for a local model folder, from the cache when it has this one
     (``key``: its ``cache_key``, when the caller already has it)."""
     model_dir = Path(model_dir)
-    cached = cache_dir("tokenizers") / f"{key or cache_key(model_dir, eos_token_ids)}.pickle"
+    cached = cache_dir("tokenizers") / f"{key or cache_key(model_dir, eos_token_ids)}.npz"
     try:
-        with cached.open("rb") as fh:
-            tokenizer = pickle.load(fh)
+        tokenizer = load_state(read_arrays(cached))
         mark_used(cached)
         return tokenizer
     except FileNotFoundError:
         pass
-    except Exception:  # noqa: BLE001  (a damaged or stale entry of our own cache is rebuilt below)
+    except Exception:  # noqa: BLE001  (a damaged, stale or foreign entry of our own cache is rebuilt below)
         cached.unlink(missing_ok=True)
     from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
 
     tokenizer = mlx_lm_load_tokenizer(model_dir, eos_token_ids=eos_token_ids)
     try:
-        with atomic_path(cached) as tmp:
-            tmp.write_bytes(pickle.dumps(tokenizer, protocol=pickle.HIGHEST_PROTOCOL))
+        write_arrays(cached, store_state(tokenizer))
         prune_cache(cached.parent, CACHE_BYTES, keep=cached)
-    except (OSError, DiskFullError, pickle.PicklingError, TypeError, AttributeError):
-        pass  # a tokenizer that cannot be pickled, or a full or read-only cache, loads the slow way next time
+    except (OSError, DiskFullError, Unstorable):
+        pass  # a tokenizer holding what the format cannot say, or a full or read-only cache, loads the slow way next time
     return tokenizer
+
+
+# ---------------------------------------------------------------------------- the stored form
+
+# The only classes a stored tokenizer may hold, besides the Rust tokenizer and its AddedToken: mlx-lm's
+# wrapper and detokenizers, and tokenizer classes of transformers (or mlx-lm's own subclasses of them).
+_MODULES = ("mlx_lm.tokenizer_utils", "transformers.")
+# mlx-lm names these by model type: a tokenizer may hold their functions
+_FUNCTION_MODULES = ("mlx_lm.tool_parsers.", "mlx_lm.chat_templates.")
+_DEPTH = 64
+_ADDED_TOKEN_FIELDS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
+
+
+class Unstorable(Exception):
+    """The tokenizer holds something the stored form cannot say."""
+
+
+def _allowed_class(cls: Any) -> bool:
+    from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
+    from transformers import PreTrainedTokenizerBase
+    from transformers.tokenization_utils_base import AddedToken
+
+    module = getattr(cls, "__module__", "")
+    return (
+        isinstance(cls, type)
+        and module.startswith(_MODULES)
+        and (cls is TokenizerWrapper or cls is AddedToken or issubclass(cls, (StreamingDetokenizer, PreTrainedTokenizerBase)))
+    )
+
+
+def store_state(tokenizer: Any) -> dict:
+    """``tokenizer`` as arrays for ``write_arrays``: "state" (JSON describing every object) and
+    "blob<i>" / "lengths<i>" (the large parts: the Rust tokenizer's JSON, byte tables)."""
+    import numpy as np
+    import tokenizers
+
+    blobs: dict[str, np.ndarray] = {}
+    seen: dict[int, int] = {}  # id(object) -> its number, so shared objects stay shared
+
+    def blob(data: bytes, lengths: list[int] | None = None) -> int:
+        index = len(blobs) // 2
+        blobs[f"blob{index}"] = np.frombuffer(data, np.uint8)
+        blobs[f"lengths{index}"] = np.array(lengths or [], np.int64)
+        return index
+
+    def encode(value: Any, depth: int = 0) -> Any:
+        if depth > _DEPTH:
+            raise Unstorable("nested too deeply")
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, bytes):
+            return {"bytes": blob(value)}
+        if isinstance(value, (list, tuple, set, frozenset)):
+            items = list(value)
+            if items and isinstance(value, list) and all(isinstance(item, bytes) for item in items):
+                return {"bytes_list": blob(b"".join(items), [len(item) for item in items])}
+            kind = {list: "list", tuple: "tuple", set: "set", frozenset: "set"}.get(type(value))
+            if kind is None:
+                raise Unstorable(type(value).__name__)
+            return {kind: [encode(item, depth + 1) for item in items]}
+        if type(value) is dict:
+            return {"dict": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in value.items()]}
+        if isinstance(value, tokenizers.Tokenizer):
+            return {"rust_tokenizer": blob(value.to_str().encode())}
+        if isinstance(value, tokenizers.AddedToken):
+            return {"added_token": value.__getstate__()}
+        if inspect.isfunction(value) and value.__module__.startswith(_FUNCTION_MODULES):
+            return {"function": f"{value.__module__}:{value.__qualname__}"}
+        if _allowed_class(type(value)):
+            if id(value) in seen:
+                return {"ref": seen[id(value)]}
+            seen[id(value)] = len(seen)
+            cls = type(value)
+            return {"object": [f"{cls.__module__}:{cls.__qualname__}", encode(vars(value), depth + 1)]}
+        raise Unstorable(type(value).__name__)
+
+    state = json.dumps(encode(tokenizer))
+    return {"state": np.frombuffer(state.encode(), np.uint8), **blobs}
+
+
+def load_state(arrays: dict) -> Any:
+    """The tokenizer ``store_state`` stored; ``ValueError`` for anything it would not have written."""
+    import tokenizers
+
+    objects: list[Any] = []
+
+    def blob(index: int) -> bytes:
+        return arrays[f"blob{int(index)}"].tobytes()
+
+    def decode(value: Any) -> Any:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if not isinstance(value, dict) or len(value) != 1:
+            raise ValueError("not a stored tokenizer")
+        (kind, payload), = value.items()
+        if kind in ("list", "tuple", "set"):
+            items = [decode(item) for item in payload]
+            return {"list": list, "tuple": tuple, "set": set}[kind](items)
+        if kind == "dict":
+            return {decode(k): decode(v) for k, v in payload}
+        if kind == "bytes":
+            return blob(payload)
+        if kind == "bytes_list":
+            data, ends = blob(payload), arrays[f"lengths{int(payload)}"].cumsum().tolist()
+            return [data[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+        if kind == "rust_tokenizer":
+            return tokenizers.Tokenizer.from_str(blob(payload).decode())
+        if kind == "added_token":  # the Rust class checks its fields' types
+            return tokenizers.AddedToken(**{k: v for k, v in payload.items() if k in _ADDED_TOKEN_FIELDS})
+        if kind == "function":
+            module, _, name = str(payload).partition(":")
+            fn = getattr(importlib.import_module(module), name, None) if module.startswith(_FUNCTION_MODULES) else None
+            if not inspect.isfunction(fn):
+                raise ValueError(f"function {payload} is not one a tokenizer holds")
+            return fn
+        if kind == "ref":
+            return objects[int(payload)]
+        if kind == "object":
+            name, attributes = payload
+            module, _, qualname = str(name).partition(":")
+            cls = getattr(importlib.import_module(module), qualname, None) if module.startswith(_MODULES) and qualname.isidentifier() else None
+            if not _allowed_class(cls):
+                raise ValueError(f"class {name} is not one a tokenizer is built from")
+            obj = cls.__new__(cls)
+            objects.append(obj)
+            fields = decode(attributes)
+            if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
+                raise ValueError("malformed attributes")
+            vars(obj).update(fields)
+            return obj
+        raise ValueError(f"unknown kind {kind!r}")
+
+    return decode(json.loads(arrays["state"].tobytes()))
 
 
 class LazyTokenizer:

@@ -15,7 +15,7 @@ reference is the base with adapters switched off, or a loaded copy for full fine
 Validation samples one greedy answer per held-out prompt; its loss is the negative mean reward, so
 the best checkpoint and early stopping follow the held-out reward.
 
-    loss = GRPOLoss(recipe.align, model, tokenizer, load_rewards(recipe.align.rewards), chunk_size=512)
+    loss = GRPOLoss(recipe.align, model, tokenizer, load_rewards(recipe.align.rewards, recipe.align.reward_timeout), chunk_size=512)
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from macft.methods import adapters_disabled
 from macft.models.head import position_losses
 from macft.models.tokenizer_cache import eager
 from macft.objectives.base import LossContext, Metric, Objective
-from macft.objectives.rewards import Reward, beside_recipe, load_rewards, score
+from macft.objectives.rewards import RewardProcess, beside_recipe, load_rewards, score
 from macft.objectives.sequences import row_sums, trained_positions
 from macft.options import Option
 
@@ -80,7 +80,7 @@ class GRPOLoss:
         cfg: Any,
         model: nn.Module,
         tokenizer: Any,
-        rewards: list[Reward],
+        rewards: RewardProcess,
         chunk_size: int,
         reference: nn.Module | None = None,
     ):
@@ -162,12 +162,17 @@ OPTIONS = (
         "or your own module:function / file.py:function (completion, example) -> float",
         resolve=beside_recipe,
     ),
+    Option(
+        "reward_timeout", float, 5.0, "seconds one reward call may take (rewards run in a process of their own)",
+        valid=lambda t: t > 0, must="positive",
+    ),
 )
 
 
 def grpo_loss(context: LossContext) -> GRPOLoss:
     settings = context.settings
-    return GRPOLoss(settings, context.model, eager(context.tokenizer), load_rewards(settings.rewards), context.chunk_size, context.reference)
+    rewards = load_rewards(settings.rewards, settings.reward_timeout)
+    return GRPOLoss(settings, context.model, eager(context.tokenizer), rewards, context.chunk_size, context.reference)
 
 
 OBJECTIVE = Objective(

@@ -12,8 +12,14 @@ and their scores are summed:
     my_rewards:score       score(completion, example) from an importable module
     rewards.py:score       ... or from a Python file (relative to where macft runs)
 
-    rewards = load_rewards(["exact_match", "json_keys=name,age"])
+    rewards = load_rewards(["exact_match", "json_keys=name,age"], timeout=5.0)
     scores = score(rewards, completions, examples, sources)    # [n] float
+
+A reward is code the user wrote, so it runs in a child process of its own (``RewardProcess``): each
+call has ``align.reward_timeout`` seconds, and one that raises, exits, kills its process or runs
+past its time is a one-line error naming it and the prompt's line, never a hang or an exit of
+macft. While macft waits for a reward, Ctrl-C interrupts at once (nothing of the step has changed
+yet, so the run keeps a checkpoint of the step before). What a reward prints is not shown.
 """
 
 from __future__ import annotations
@@ -22,15 +28,25 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import re
+import select
+import signal
+import subprocess
 import sys
+import threading
+import time
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from macft.errors import MacftError
+
+IMPORT_SECONDS = 60.0  # for the child to start and import the rewards' modules
 
 RewardFn = Callable[[str, dict], float]
 
@@ -149,23 +165,185 @@ def beside_recipe(specs: Any, recipe_dir: Path) -> Any:
     return resolved
 
 
-def load_rewards(specs: tuple[str, ...] | list[str]) -> list[Reward]:
+def load_rewards(specs: tuple[str, ...] | list[str], timeout: float = 5.0) -> RewardProcess:
+    """The rewards of ``specs``, loaded in a child process; every call of one gets ``timeout`` seconds."""
     if not specs:
         raise MacftError("GRPO needs at least one reward: set align.rewards (e.g. [exact_match]).")
-    return [load_reward(spec) for spec in specs]
+    return RewardProcess(list(specs), timeout)
 
 
-def score(rewards: list[Reward], completions: list[str], examples: list[dict], sources: list[str]) -> np.ndarray:
-    """The summed reward of each completion; a failing or non-numeric reward is a one-line error
+def score(rewards: RewardProcess, completions: list[str], examples: list[dict], sources: list[str]) -> np.ndarray:
+    """The summed reward of each completion; a failing, slow or non-numeric reward is a one-line error
     naming the function and the example's line."""
     totals = np.zeros(len(completions), np.float64)
-    for i, (completion, example, source) in enumerate(zip(completions, examples, sources)):
-        for reward in rewards:
-            try:
-                value = float(reward.fn(completion, example))
-            except Exception as exc:
-                raise MacftError(f"Reward '{reward.name}' failed on {source} ({type(exc).__name__}: {exc}).") from None
+    replies = rewards.run(completions, examples, sources)
+    for i, source in enumerate(sources):
+        for name in rewards.specs:
+            reply = next(replies)
+            if "error" in reply:
+                rewards.close()  # it may still be answering the rest of the batch
+                raise MacftError(f"Reward '{name}' failed on {source} ({reply['error']}).")
+            value = reply["value"]
             if not math.isfinite(value):
-                raise MacftError(f"Reward '{reward.name}' returned {value} on {source}; return a finite number.")
+                raise MacftError(f"Reward '{name}' returned {value} on {source}; return a finite number.")
             totals[i] += value
     return totals
+
+
+class RewardProcess:
+    """The rewards of ``specs``, run by a child Python process that reads requests (one JSON line
+    each) from one pipe and answers on another, so nothing a reward prints can garble them."""
+
+    def __init__(self, specs: list[str], timeout: float):
+        self.specs, self.timeout = specs, timeout
+        to_child, self._requests = os.pipe()
+        self._replies, from_child = os.pipe()
+        # Run this file itself, not ``-m``: importing macft.objectives would load MLX into the child.
+        command = [sys.executable, "-c", _START_WORKER, __file__, str(to_child), str(from_child)]
+        self._process = subprocess.Popen(
+            command, pass_fds=(to_child, from_child), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(to_child)
+        os.close(from_child)
+        self._buffer = b""
+        self._finalizer = weakref.finalize(self, _stop, self._process, self._requests, self._replies)
+        self._send({"load": specs})
+        reply = self._reply(max(timeout, IMPORT_SECONDS), lambda: f"loading {', '.join(specs)}")
+        if "error" in reply:
+            self.close()
+            raise MacftError(reply["error"])
+
+    def run(self, completions: list[str], examples: list[dict], sources: list[str]) -> Iterator[dict]:
+        """Each completion's replies, one per reward in order: {"value": float} or {"error": "..."}."""
+        self._send({"completions": completions, "examples": examples})
+        for source in sources:
+            for name in self.specs:
+                yield self._reply(self.timeout, lambda: f"Reward '{name}' on {source}")
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def _send(self, request: dict) -> None:
+        if self._process.poll() is not None:
+            raise MacftError(f"The rewards' process has ended ({self._exit()}); run the command again.")
+        try:
+            os.write(self._requests, (json.dumps(request) + "\n").encode())
+        except OSError:
+            raise MacftError(f"The rewards' process has ended ({self._exit()}); run the command again.") from None
+
+    def _reply(self, seconds: float, what: Callable[[], str]) -> dict:
+        deadline = time.monotonic() + seconds
+        with interrupted_at_once():
+            while b"\n" not in self._buffer:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.close()
+                    raise MacftError(f"{what()} did not return within {seconds:g} s; make it faster or raise align.reward_timeout.")
+                if select.select([self._replies], [], [], min(left, 0.25))[0]:
+                    chunk = os.read(self._replies, 1 << 20)
+                    if not chunk:
+                        self._process.wait()
+                        self.close()
+                        raise MacftError(f"{what()} ended its process ({self._exit()}); a reward must return a number, not exit.")
+                    self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return json.loads(line)
+
+    def _exit(self) -> str:
+        code = self._process.poll()
+        if code is None:
+            return "still running"
+        return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+
+
+def _stop(process: subprocess.Popen, *fds: int) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+@contextmanager
+def interrupted_at_once() -> Iterator[None]:
+    """Ctrl-C (or SIGTERM) raises KeyboardInterrupt at once while macft waits for user code, even
+    inside a training step whose loop would otherwise wait for the step to end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# ---------------------------------------------------------------------------- the child process
+
+_START_WORKER = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='macft_reward_worker')"
+
+
+def _serve(requests: int, replies: int) -> None:
+    """The child's loop: load the rewards, then answer each batch with one reply per call."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; macft decides
+    _end_with_parent()
+    out = os.fdopen(replies, "w", buffering=1)
+    rewards: list[Reward] = []
+
+    def answer(reply: dict) -> None:
+        out.write(json.dumps(reply) + "\n")
+
+    for line in os.fdopen(requests):
+        request = json.loads(line)
+        if "load" in request:
+            try:
+                rewards = [load_reward(spec) for spec in request["load"]]
+            except MacftError as exc:
+                answer({"error": str(exc)})
+                continue
+            except BaseException as exc:  # noqa: BLE001  (a module that exits or raises while importing)
+                answer({"error": f"align.rewards: importing the rewards failed ({_described(exc)})."})
+                continue
+            answer({"ok": True})
+            continue
+        for completion, example in zip(request["completions"], request["examples"]):
+            for reward in rewards:
+                try:
+                    answer({"value": float(reward.fn(completion, example))})
+                except BaseException as exc:  # noqa: BLE001  (sys.exit() included: a reward cannot end macft)
+                    answer({"error": _described(exc)})
+
+
+def _described(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r}); a reward must return a number"
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+
+
+def _end_with_parent() -> None:
+    """Exit when macft does, even if it was killed and a reward is still running."""
+    parent = os.getppid()
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+if __name__ == "macft_reward_worker":
+    _serve(int(sys.argv[2]), int(sys.argv[3]))

@@ -323,7 +323,7 @@ def train(
     window = {"loss": 0.0, "count": 0.0, "tokens": 0, "seconds": 0.0, "stats": []}
     last_loss = last_val = None
     stop_reason, message = "finished", ""
-    in_step = False
+    in_step, updates = False, 0
 
     def save(kind: str) -> None:
         if checkpoints is not None:
@@ -333,6 +333,7 @@ def train(
         try:
             while progress.step < config.iters:
                 blas.adjust()
+                updates = optimizer.step.item()
                 in_step = True
                 tick = time.perf_counter()
                 mx.random.seed((config.seed * 1_000_003 + progress.step) * world.size + world.rank)
@@ -425,8 +426,11 @@ def train(
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             stop_reason = "interrupted"
-            if in_step:
-                message = f"Interrupted in the middle of step {progress.step + 1}; the last saved checkpoint is kept."
+            # A step changes the weights and the optimizer only in its update, which also counts the update.
+            if in_step and optimizer.step.item() != updates:
+                kept = checkpoints is not None and checkpoints.path("last").is_dir()
+                saved = "the last saved checkpoint is kept" if kept else "no checkpoint had been saved yet, so there is nothing to resume"
+                message = f"Interrupted in the middle of step {progress.step + 1}; {saved}."
             else:
                 progress.elapsed += time.perf_counter() - started
                 save("last")

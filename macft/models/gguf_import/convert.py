@@ -14,13 +14,16 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
 from macft.errors import MacftError
 from macft.families import Family
+from macft.models.claims import check_gguf_claims
 from macft.models.gguf_import.affine import GROUP_SIZE, quantize_exact
 from macft.models.gguf_import.families import family_for, hf_name, import_config
 from macft.models.gguf_import.reader import GGUFFile
@@ -39,6 +42,7 @@ def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_f
 
     family = family_for(gguf)
     config = import_config(gguf, family)
+    check_gguf_claims(gguf, config)  # before check_names builds the model the metadata describes
     weights: dict[str, mx.array] = {}
     per_module: dict[str, dict | bool] = {}
     exact: Counter[str] = Counter()
@@ -50,7 +54,8 @@ def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_f
         rows = gguf.rows(name)
         packed = None
         if not dequantize and len(info.shape) in (2, 3) and hf.endswith(".weight") and family.keeps_blocks(hf, config):  # 3-D: stacked experts
-            packed = quantize_exact(family.import_rows(hf, rows, config), info.qtype)
+            with fitting(gguf, name):
+                packed = quantize_exact(family.import_rows(hf, rows, config), info.qtype)
         module = hf.removesuffix(".weight")
         if packed is not None:
             stacked = (*info.shape[:-1], -1)
@@ -60,7 +65,8 @@ def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_f
             per_module[module] = {"group_size": GROUP_SIZE, "bits": packed.bits}
             exact[info.qtype.name] += 1
             continue
-        values = family.import_float(hf, family.import_columns(hf, family.import_rows(hf, decode(rows, info.qtype).reshape(info.shape), config), config))
+        with fitting(gguf, name):
+            values = family.import_float(hf, family.import_columns(hf, family.import_rows(hf, decode(rows, info.qtype).reshape(info.shape), config), config))
         array = mx.array(np.ascontiguousarray(values))
         if len(info.shape) in (2, 3) and hf.endswith(".weight"):
             per_module[module] = False
@@ -91,13 +97,27 @@ def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_f
     return {"exact": dict(exact), "float": dict(floats)}
 
 
+@contextmanager
+def fitting(gguf: GGUFFile, name: str) -> Iterator[None]:
+    """A tensor that does not fit the model its file's metadata describes (3 heads in rows of 4) is one line."""
+    try:
+        yield
+    except (ValueError, TypeError, IndexError, ZeroDivisionError) as exc:
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        raise MacftError(f"{gguf.path}: tensor '{name}' does not fit the model its metadata describes ({type(exc).__name__}: {reason}).") from None
+
+
 def check_names(family: Family, config: dict, weights: dict) -> None:
     """Compare the converted tensors with the parameters mlx-lm's architecture expects."""
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
-    model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))  # parameters stay lazy: nothing is allocated
+    try:
+        model_class, args_class = _get_classes(config)
+        model = model_class(args_class.from_dict(config))  # parameters stay lazy: nothing is allocated
+    except Exception as exc:  # mlx-lm checks nothing itself: a zero, a wrong type or a missing key fails anywhere
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        raise MacftError(f"This {family.gguf_arch} GGUF's metadata does not describe a model mlx-lm can build ({type(exc).__name__}: {reason}).") from None
     expected = {name for name, _ in tree_flatten(model.parameters())}
     if config.get("tie_word_embeddings"):
         expected.discard(f"{family.weights_prefix}lm_head.weight")

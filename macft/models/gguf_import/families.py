@@ -20,6 +20,9 @@ from macft.models.gguf_import.reader import GGUFFile
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
 _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# config.json counts a model needs at least one of, and the metadata keys they come from
+_COUNTS = {"hidden_size": "embedding_length", "num_hidden_layers": "block_count", "intermediate_size": "feed_forward_length",
+           "num_attention_heads": "attention.head_count", "num_key_value_heads": "attention.head_count_kv"}
 
 
 def hf_name(family: Family, name: str) -> str:
@@ -65,7 +68,14 @@ def import_config(gguf: GGUFFile, family: Family) -> dict:
             config[key.replace("padding", "pad")] = int(value)
     if gguf.arch_key("rope.scaling.type") == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": float(gguf.arch_key("rope.scaling.factor", 1.0))}
-    return config | family.import_config(gguf, config)
+    for key, name in _COUNTS.items():
+        if config[key] < 1:
+            raise MacftError(f"{gguf.path}: its metadata gives {gguf.architecture}.{name} = {config[key]}; a model needs at least 1.")
+    try:
+        return config | family.import_config(gguf, config)
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError) as exc:  # a family's own keys, damaged
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        raise MacftError(f"{gguf.path}: the {family.gguf_arch} metadata is damaged ({type(exc).__name__}: {reason}).") from None
 
 
 def _first_layer_int(gguf: GGUFFile, family: Family, key: str) -> int:

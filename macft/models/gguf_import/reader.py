@@ -25,6 +25,7 @@ from macft.errors import MacftError
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
+MAX_DIMENSION = 2**31 - 1  # MLX's shape dimensions are int32
 
 # struct format and size of each fixed-size metadata value type (GGUF is little-endian)
 _SCALARS = {
@@ -179,6 +180,8 @@ class _Parser:
             if not 1 <= n_dims <= MAX_DIMS:
                 raise _Truncated(f"tensor '{name}' has {n_dims} dimensions")
             dims = [self.scalar("<Q", name) for _ in range(n_dims)]
+            if max(dims) > MAX_DIMENSION:
+                raise _Truncated(f"tensor '{name}' has a dimension of {max(dims)}, more than MLX holds ({MAX_DIMENSION})")
             raw_type = self.scalar("<I", name)
             offset = self.scalar("<Q", name)
             entries.append((name, dims, raw_type, offset))

@@ -1,10 +1,13 @@
 """Rebuild a Hugging Face fast tokenizer from a GGUF file's ``tokenizer.ggml.*`` metadata.
 
 transformers already knows how llama.cpp's vocabularies map onto its tokenizers (SentencePiece
-``llama``, with Gemma's and Phi-3's quirks, and byte-level BPE ``gpt2`` with the pre-tokenizer
-named by ``tokenizer.ggml.pre``); we hand it the metadata read by our own reader (its GGUF reader
-needs torch), then write ``tokenizer.json`` and ``tokenizer_config.json`` with the special
-tokens, ``add_bos_token``/``add_eos_token`` and the chat template, so ``mlx_lm`` loads them.
+``llama``, with Gemma's and Phi-3's quirks; byte-level BPE ``gpt2`` with the pre-tokenizer named by
+``tokenizer.ggml.pre``; Gemma 4's ``gemma4``, a BPE on raw UTF-8 with "▁" for spaces and byte
+fallback); we hand it the metadata read by our own reader (its GGUF reader needs torch), then write
+``tokenizer.json`` and ``tokenizer_config.json`` with the special tokens, ``add_bos_token``/
+``add_eos_token`` (as llama.cpp reads them: Gemma 4 files say to add BOS) and the chat template, so
+``mlx_lm`` loads them. ``tests/test_gguf_import.py`` checks every kind against llama.cpp's own test
+vectors.
 
     save_tokenizer(gguf, model_dir)
 """
@@ -33,7 +36,8 @@ _SPECIAL_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_t
 # leaves that out, so words the merges would split otherwise (a Vietnamese "Việt") came out differently.
 WHOLE_WORD_PRE = frozenset({"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"})
 # end-of-turn tokens llama.cpp also stops on; a chat model that ends turns with one must stop there
-END_OF_TURN_TEXTS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<|eom_id|>")
+END_OF_TURN_TEXTS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<|eom_id|>",
+                     "<turn|>", "<|tool_response>")  # the last two: Gemma 4's end of turn, and its call for a tool's answer
 
 
 def save_tokenizer(gguf: GGUFFile, out_dir: Path) -> None:
@@ -45,8 +49,10 @@ def save_tokenizer(gguf: GGUFFile, out_dir: Path) -> None:
         raise MacftError(f"{gguf.path} carries no vocabulary (tokenizer.ggml.tokens); it cannot be used as a model.")
     tokenizer_dict = {name: meta[f"tokenizer.ggml.{key}"] for key, name in _CONVERTER_KEYS.items() if f"tokenizer.ggml.{key}" in meta}
     kind = tokenizer_dict.get("tokenizer_type")
-    if kind not in ("llama", "gpt2"):
-        raise MacftError(f"{gguf.path}: tokenizer type '{kind}' is not supported; GGUF import reads 'llama' (SentencePiece) and 'gpt2' (BPE).")
+    if kind not in ("llama", "gpt2", "gemma4"):
+        raise MacftError(
+            f"{gguf.path}: tokenizer type '{kind}' is not supported; GGUF import reads 'llama' (SentencePiece), 'gpt2' (BPE) and 'gemma4'."
+        )
     try:
         backend, _ = convert_gguf_tokenizer(gguf.architecture, tokenizer_dict)
     except Exception as exc:  # the tokenizers library raises a bare Exception for a damaged vocabulary
