@@ -20,7 +20,7 @@ from macft.config import Recipe
 from macft.data.batching import batch_order, build_batch
 from macft.chat_template import template_tokens
 from macft.data.formats import Record, read_records
-from macft.data.preference import PairExample, encode_pair, longer, parse_pair, parse_prompt
+from macft.data.preference import PairExample, drop_identical, encode_pair, longer, parse_pair, parse_prompt
 from macft.data.splits import SPLITS, data_files, hold_out, truncate
 from macft.data.templates import Encoder, Example, uses_chat_template
 from macft.errors import MacftError
@@ -33,6 +33,8 @@ class AlignSplits:
     test: list
     truncated: dict[str, int] = field(default_factory=dict)  # split -> pairs with a side cut at max_seq_length
     dropped: dict[str, int] = field(default_factory=dict)  # split -> pairs or prompts left with nothing to train on
+    identical: dict[str, int] = field(default_factory=dict)  # split -> pairs left out for chosen == rejected
+    total: dict[str, int] = field(default_factory=dict)  # split -> pairs before those were left out
     files: dict[str, str] = field(default_factory=dict)
 
 
@@ -68,6 +70,8 @@ def load_alignment_splits(recipe: Recipe, tokenizer: Any) -> AlignSplits:
         items = getattr(splits, name)
         if pairs:
             kept, splits.truncated[name], splits.dropped[name] = truncate_pairs(items, limit)
+            splits.total[name] = len(kept)
+            kept, splits.identical[name] = drop_identical(kept, name, recipe.train.objective)
         else:
             room = limit - recipe.align.max_completion_tokens
             kept = [p for p in items if len(p.tokens) <= room]

@@ -22,6 +22,7 @@ from typing import Any
 
 from macft.data.formats import LineError, Record, _chat, _string, json_object
 from macft.data.templates import Encoder, Example
+from macft.errors import MacftError
 
 PAIR_SHAPE = '{"prompt", "chosen", "rejected"} (each a string or a list of messages, optional "system")'
 PROMPT_SHAPE = '{"prompt": "...", ...} (a string or a list of messages, optional "system"; other fields reach the rewards)'
@@ -122,6 +123,29 @@ def parse_prompt(line: str, source: str) -> PromptRecord:
 
 def encode_pair(encoder: Encoder, pair: PairRecord) -> PairExample:
     return PairExample(encoder.encode(pair.chosen), encoder.encode(pair.rejected), pair.source)
+
+
+def drop_identical(pairs: list[PairExample], split: str, objective: str) -> tuple[list[PairExample], int]:
+    """The pairs to train on, and how many have the same chosen and rejected answer. Such a pair gives
+    a preference loss a constant value (DPO's ln 2) and no gradient, so it is left out, except for
+    ORPO, whose language-model term still learns the chosen answer from it."""
+    kept = [p for p in pairs if not p.identical]
+    if objective != "orpo" and pairs and not kept and split == "train":
+        raise MacftError(
+            f"Every training pair ({len(pairs)}) has the same chosen and rejected answer ({pairs[0].source}), so there is no "
+            "preference to learn; fix the data (`macft data check` counts such pairs)."
+        )
+    return (pairs if objective == "orpo" else kept), len(pairs) - len(kept)
+
+
+def identical_pairs_note(identical: dict[str, int], total: dict[str, int], objective: str) -> str | None:
+    """What training says about the pairs ``drop_identical`` counted, per split."""
+    parts = [f"{count} of {total[name]} {name}" for name, count in identical.items() if count]
+    if not parts:
+        return None
+    if objective == "orpo":
+        return f"{' and '.join(parts)} pairs have the same chosen and rejected answer: ORPO learns only the answer from them, no preference."
+    return f"Left out {' and '.join(parts)} pairs whose chosen and rejected answers are the same: they teach nothing (constant loss, no gradient)."
 
 
 def longer(pair: PairExample) -> Example:

