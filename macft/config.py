@@ -101,6 +101,7 @@ class TrainConfig:
     compile: bool = True
     lanes: int = 0  # CPU: split each batch across this many streams run side by side; 0 = one per core (one for a quantized base)
     objective: Objective = "sft"  # sft, or preference pairs (dpo, orpo, simpo), or rewards (grpo); see align
+    step_timeout: float = 900.0  # with several ranks: seconds a step (with its validation and checkpoint) may take before a stalled rank stops the run; 0 = wait forever
 
 
 @dataclass(frozen=True)
@@ -289,6 +290,7 @@ def validate(recipe: Recipe) -> Recipe:
             "prompt, P- and prefix tuning need one example per row; set data.packing: false.",
         ),
         (recipe.train.warmup_steps >= 0, "train.warmup_steps must be 0 or more."),
+        (recipe.train.step_timeout >= 0, "train.step_timeout must be 0 (no deadline) or a number of seconds."),
         (recipe.align.beta > 0, "align.beta must be positive."),
         (0.0 <= recipe.align.label_smoothing < 0.5, "align.label_smoothing must be in [0, 0.5)."),
         (recipe.align.group_size >= 2, "align.group_size must be at least 2 (GRPO compares completions within a group)."),

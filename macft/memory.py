@@ -349,9 +349,13 @@ def _hub_config(repo_id: str) -> dict:
     """config.json of a hub model: the local cache first, then a download of that one file."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
+    from macft.hub import unreachable
+
     cached = try_to_load_from_cache(repo_id, "config.json")
     if isinstance(cached, str):
         return json.loads(Path(cached).read_text())
+    if reason := unreachable():
+        raise MacftError(f"config.json of '{repo_id}' is not in the Hugging Face cache and {reason}; connect, or pass a local model folder or .gguf file.")
     try:
         return json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
     except Exception as exc:  # the hub client raises many types; the user needs one line

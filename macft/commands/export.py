@@ -25,7 +25,7 @@ def export():
 @click.option("--name", default=None, help="general.name stored in the file (default: the file name).")
 @click.option("--force", is_flag=True, help="Replace --out even when it is not an earlier macft export.")
 @click.option("--plain/--guided", "plain", default=None, help="--plain: quantize as llama-quantize does; --guided: use the run's importance matrix and delta-aware types. Default: guided for q4_k_m, q5_k_m and q4_0, plain for the rest.")
-@click.option("--fidelity", "fidelity_examples", type=click.IntRange(min=0), default=16, show_default=True, help="Validation examples the fidelity report scores the file on (0: none).")
+@click.option("--fidelity", "fidelity_examples", type=click.IntRange(min=0), default=16, show_default=True, help="Validation examples the fidelity report scores the file on; 0 skips the report, often most of a run's export time.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, lm_studio, name, force, plain, fidelity_examples, as_json):
     """Write a GGUF file that llama.cpp and Ollama run, without needing llama.cpp.

@@ -202,7 +202,7 @@ def lora(
             click.echo(json.dumps({**outcome.summary.to_dict(), "resume_command": f"macft lora --resume {outcome.run_dir}"}, indent=2))
         else:
             click.echo(message)
-        raise SystemExit(130)
+        raise SystemExit(128 + (result.signal or 2))  # 130 after Ctrl-C, 143 after SIGTERM, as the shell reports them
     demo = None if result.failed else run_demo(outcome)
     if as_json:
         payload = outcome.summary.to_dict()

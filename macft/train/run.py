@@ -281,7 +281,7 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
     kept = "Rank 0 keeps the last complete checkpoint."
     if checkpoints:
         kept = f"The last complete checkpoint is {checkpoints.path('last')}; resume with: macft lora --resume {run_dir}"
-    result = peer_errors(world, kept)(train)(
+    result = peer_errors(world, kept, cfg.step_timeout)(train)(
         model,
         optimizer,
         train_batches,
