@@ -48,7 +48,7 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except MacftError as exc:
             raise click.ClickException(str(exc)) from None
-        except (OSError, MemoryError, RuntimeError) as exc:
+        except (OSError, MemoryError, RuntimeError, ImportError) as exc:
             # a full or read-only disk outside macft's atomic writes (an appended log, a cache), or no memory
             raise click.ClickException(system_error_message(exc, ctx.invoked_subcommand)) from None
 

@@ -92,10 +92,14 @@ def model_bytes(model_dir: Path, float_bytes: int) -> int:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """MemoryError, ENOMEM, or MLX's failed allocation or read of a buffer it could not get."""
+    """MemoryError, ENOMEM, MLX's failed allocation, and under a memory limit what else a refused
+    mapping looks like: a library that cannot be loaded, a thread that cannot be started."""
     if isinstance(exc, MemoryError):
         return True
     if isinstance(exc, OSError):
         return exc.errno == errno.ENOMEM
     text = str(exc)
-    return isinstance(exc, RuntimeError) and ("Unable to allocate" in text or "[malloc" in text or "std::bad_alloc" in text)
+    if isinstance(exc, RuntimeError) and ("Unable to allocate" in text or "[malloc" in text or "std::bad_alloc" in text):
+        return True
+    limited = limit_bytes() is not None
+    return limited and ("failed to map segment" in text or isinstance(exc, RuntimeError) and "Resource temporarily unavailable" in text)

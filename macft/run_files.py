@@ -64,8 +64,10 @@ def safetensors_header(path: Path, *, fix: str = "download or write it again") -
         with path.open("rb") as fh:
             prefix = fh.read(8)
             length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-            if length < 2 or length > min(HEADER_LIMIT, size - 8):
-                raise damaged(path, f"{size} bytes, too short for its header" if size < 8 + max(length, 2) else "not a safetensors file", fix)
+            if length < 2 or length > HEADER_LIMIT:
+                raise damaged(path, "not a safetensors file" if size >= 10 else f"{size} bytes, too short for a safetensors file", fix)
+            if 8 + length > size:
+                raise damaged(path, f"{size} bytes, too short for its header", fix)
             header = json.loads(fh.read(length))
     except FileNotFoundError:
         raise MacftError(f"{path} is missing; {fix}.") from None
