@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -159,6 +160,10 @@ def connect(timeout: float | None = None) -> World:
     error if the ranks have not met within ``timeout`` seconds."""
     if not launched():
         return World()
+    # `macft lora --hosts` starts mlx.launch ignoring Ctrl-C and SIGTERM (it passes them on itself);
+    # a rank takes them back, so that they stop it while it starts and save a checkpoint once it trains.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     backend = launcher_backend()
     if not mx.distributed.is_available(backend):
         raise MacftError(f"mlx.launch asked for the {backend} backend, which this MLX build lacks; launch with --backend ring.")

@@ -1,6 +1,8 @@
 """``macft lora --hosts a,b`` / ``--hostfile F``: run this same ``macft`` command once per host under
 ``mlx.launch``, which starts the ranks (over ssh, or locally for 127.0.0.1), sets up the backend
-and relays their output; it stops every rank when one fails.
+and relays their output; it stops every rank when one fails. The hosts are checked first (two at
+least), the launch ends soon after a rank fails even when stopping the others over ssh hangs, and
+Ctrl-C or SIGTERM reaches the ranks (which save a checkpoint) without mlx.launch's tracebacks.
 
     code = launch_ranks("192.168.1.10,192.168.1.11", None)     # the exit status of the run
 """
@@ -86,9 +88,8 @@ def launch_ranks(hosts: str | None, hostfile: str | None, argv: list[str] | None
     check_hosts(hosts, hostfile)
     where = ["--hostfile", hostfile] if hostfile else ["--hosts", hosts]
     command = [launcher(), *where, "--starting-port", str(free_port()), "--", *rank_command(sys.argv[1:] if argv is None else argv)]
-    # Its own session, so that the terminal's Ctrl-C reaches the ranks through ``relay_status`` alone (not
-    # mlx.launch's threads, which print tracebacks), with SIGINT and SIGTERM ignored until a rank's
-    # training loop handles them (by saving a checkpoint).
+    # Its own session, so that the terminal's Ctrl-C reaches the ranks through ``relay_status`` alone, and
+    # SIGINT and SIGTERM ignored, so that mlx.launch's threads print no tracebacks (each rank takes them back).
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True, preexec_fn=_ignore_stops)
     return relay_status(process)
 
