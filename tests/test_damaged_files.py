@@ -8,36 +8,12 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import pytest
-from click.testing import CliRunner
-
-from macft.cli import cli
+from test_harden import ROWS, macft, no_blas_note, one_line_error  # noqa: F401 (no_blas_note is an autouse fixture)
 from test_output_paths import cli_in_subprocess
-
-ROWS = [{"prompt": f"Q: {i} plus one?", "completion": f" {i + 1}"} for i in range(24)]
-
-
-@pytest.fixture(autouse=True)
-def no_blas_note(monkeypatch):
-    monkeypatch.setenv("MACFT_OPENBLAS", "0")
-
-
-def macft(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_line_error(result) -> str:
-    return error_line(result.exit_code, result.output)
-
-
-def error_line(code: int, output: str) -> str:
-    """The error, after checking it is the only line besides `macft lora`'s progress notes ("· ...")."""
-    assert code == 1, output
-    lines = [line for line in output.strip().splitlines() if not line.startswith("· ")]
-    assert "Traceback" not in output and len(lines) == 1, output
-    return lines[0]
 
 
 def write_rows(folder: Path, rows: list[dict], split: int) -> Path:
@@ -196,5 +172,5 @@ def test_a_memory_limit_too_small_is_one_line_not_a_crash(trained, tmp_path):
     (code, estimate), *refused = cli_in_subprocess(commands, prelude=LIMIT)
     assert code == 0 and json.loads(estimate)["available_bytes"] < 400 << 20, estimate
     for code, output in refused:
-        line = error_line(code, output)
+        line = one_line_error(SimpleNamespace(exit_code=code, output=output))
         assert "needs about 1.25 GiB, but this process's memory limit (ulimit -v) is" in line and "raise it" in line, line

@@ -13,22 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from macft.cli import cli
 from macft.models.random_init import build_random_model
+from test_harden import ROWS, macft, no_blas_note  # noqa: F401 (no_blas_note is an autouse fixture)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ROWS = [{"prompt": f"Q: {i} plus one?", "completion": f" {i + 1}"} for i in range(24)]
-
-
-@pytest.fixture(autouse=True)
-def no_blas_note(monkeypatch):
-    monkeypatch.setenv("MACFT_OPENBLAS", "0")
-
-
-def macft(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 @pytest.mark.parametrize("command", [["estimate"], ["generate", "-p", "hi"]])

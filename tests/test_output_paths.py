@@ -15,28 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from macft.cli import cli
+from test_harden import ROWS, macft, no_blas_note, one_line_error  # noqa: F401 (no_blas_note is an autouse fixture)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ROWS = [{"prompt": f"Q: {i} plus one?", "completion": f" {i + 1}"} for i in range(24)]
-
-
-@pytest.fixture(autouse=True)
-def no_blas_note(monkeypatch):
-    monkeypatch.setenv("MACFT_OPENBLAS", "0")
-
-
-def macft(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.strip().splitlines() if not line.startswith("· ")]
-    assert "Traceback" not in result.output and len(lines) == 1, result.output
-    return lines[0]
 
 
 def digest(path: Path) -> dict[str, str]:
