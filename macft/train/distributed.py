@@ -185,7 +185,10 @@ def connect(timeout: float | None = None) -> World:
 
 # Waits for its input to end, each read restarting the clock; when argv[1] seconds pass without
 # one, prints argv[2] (if any) and kills argv[3] (a process blocked inside MLX runs no Python to stop itself).
+# Ctrl-C and SIGTERM, which reach it with its rank, are for the rank: it ends when the rank closes its input.
 WATCHDOG = """import os, select, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
 while select.select([sys.stdin], [], [], float(sys.argv[1]))[0]:
     if not os.read(sys.stdin.fileno(), 4096):
         sys.exit()
@@ -219,7 +222,10 @@ class Watchdog:
 
     def disarm(self) -> None:
         if self.process is not None:
-            self.process.stdin.close()  # the watchdog exits on end of input
+            try:
+                self.process.stdin.close()  # the watchdog exits on end of input
+            except OSError:  # it is gone already (killed with the rank's process group)
+                pass
             self.process.wait()
             self.process = None
 

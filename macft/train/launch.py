@@ -100,7 +100,7 @@ def _ignore_stops() -> None:
 
 
 # mlx.launch exits with 0 whatever its ranks do, and reports a failed rank on its standard error.
-RANK_FAILED = re.compile(r"Node with rank \d+ (?:exited with code (-?\d+)|was killed)")
+RANK_FAILED = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Once a rank failed, the seconds mlx.launch gets to stop the others (over ssh, which may hang on a host
 # that is down) before the whole launch is killed.
@@ -108,14 +108,15 @@ STOP_GRACE = 10.0
 
 
 def relay_status(process: subprocess.Popen) -> int:
-    """Pass the ranks' standard error through; return the first failing rank's status (or 0).
+    """Pass the ranks' standard error through; return rank 0's status, else the first failing rank's (or 0).
 
     mlx.launch's own report of a failed rank is left out (the rank said why), and the launch is
     ended ``STOP_GRACE`` seconds after a failure. The first Ctrl-C (or SIGTERM) is passed to every
     rank, which saves a checkpoint after its step; a second one kills them all."""
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [*map(lines.put, process.stderr), lines.put(None)], daemon=True).start()
-    status, stop_by, signals, handled = 0, None, [], 0
+    failures: dict[int, int] = {}  # rank -> exit status, in the order mlx.launch reports them
+    stop_by, signals, handled = None, [], 0
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: signals.append(signum))
     try:
         while True:
@@ -126,8 +127,8 @@ def relay_status(process: subprocess.Popen) -> int:
                     break
                 failed = RANK_FAILED.search(ANSI.sub("", line))
                 if failed:
-                    code = int(failed.group(1) or 1)
-                    status = status or (code if code > 0 else 1)
+                    code = int(failed.group(2) or 1)
+                    failures[int(failed.group(1))] = code if code > 0 else 1
                     stop_by = stop_by or time.monotonic() + STOP_GRACE
                 else:
                     sys.stderr.write(line)
@@ -149,8 +150,8 @@ def relay_status(process: subprocess.Popen) -> int:
             _signal_group(process, signal.SIGKILL)
         process.wait()
         _signal_group(process, signal.SIGKILL)  # nothing of the launch outlives it (an ssh to a host that is down)
-    if status:
-        return status
+    if failures:  # rank 0's own status (130 after Ctrl-C) over the others', which mlx.launch then stops
+        return failures.get(0) or next(iter(failures.values()))
     if signals:
         return 128 + signals[0]
     return process.returncode if process.returncode >= 0 else 1
