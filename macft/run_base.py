@@ -11,12 +11,12 @@ revision, GGUF dequantization), and its weights' sha256 must be the one recorded
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from macft.errors import MacftError
+from macft.run_files import ADAPTER_FIX, read_json
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ def recorded_base(run_dir: str | Path) -> RecordedBase:
     from macft.adapters.files import adapter_files
 
     weights, config_file = adapter_files(Path(run_dir))
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file, fix=ADAPTER_FIX)
     base = config.get("base_model") or {}
     options: dict[str, Any] = {"quantize_bits": config.get("quantize_bits"), "group_size": config.get("quantize_group_size") or 64}
     recipe_file = weights.parent / "recipe.yaml"

@@ -197,7 +197,7 @@ class TrainingView:
         if len(self.losses) > 1:
             trend = " ↓" if self.losses[-1] < self.losses[-2] else " ↑"
         table.add_row("step", f"{info['step']}/{info['iters']}  (epoch {info['epoch']:.2f})")
-        table.add_row("train loss", f"{info['train_loss']:.4f}{trend}  {sparkline(self.losses)}")
+        table.add_row("train loss", f"{info['train_loss']:.4f}{trend}  {sparkline(self.losses)}  (mean since the last report)")
         if self.valid:
             best = self.valid["best_val_loss"]
             table.add_row("val loss", f"{self.valid['val_loss']:.4f}  (best {best:.4f})" if best is not None else f"{self.valid['val_loss']:.4f}")
@@ -288,7 +288,7 @@ def show_summary(summary: Any, out: Console | None = None, curve: tuple[list, li
         ("result", summary.message),
         ("steps", f"{summary.steps}/{summary.iters}"),
         ("best val loss", f"{best:.4f} (step {summary.best_step})" if best is not None else "no validation data"),
-        ("final train loss", f"{summary.final_train_loss:.4f}" if summary.final_train_loss is not None else "-"),
+        ("train loss, last step", f"{summary.final_train_loss:.4f}" if summary.final_train_loss is not None else "-"),
         ("tokens seen", f"{summary.tokens_seen:,}"),
         ("throughput", f"{summary.tokens_per_second:.0f} trained tokens/s"),
         ("peak memory", format_bytes(summary.peak_memory_bytes)),

@@ -30,7 +30,7 @@ def main() -> None:
     from gguf import quants as gguf_quants
 
     from macft.models.gguf_import.reader import read_gguf
-    from macft.models.load import embedded_default_gguf
+    from macft.models.spec import embedded_default_gguf
     from macft.quants import decode
 
     gguf = read_gguf(embedded_default_gguf())

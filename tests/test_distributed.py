@@ -274,3 +274,115 @@ def test_live_view_and_launcher_arguments():
     assert throughput({"tokens_per_second": 300.0, "ranks": 1}) == "300 tok/s"
     argv = ["lora", "r.yaml", "--hosts", "a,b", "--iters", "3", "--hostfile=h.json", "--json"]
     assert rank_command(argv) == [sys.executable, "-m", "macft.cli", "lora", "r.yaml", "--iters", "3", "--json"]
+
+
+# ---------------------------------------------------------------------------- issue #27: hosts, hangs, signals
+
+
+def test_hosts_that_make_no_two_ranks_are_one_line(tiny_model_dir, data_dir, tmp_path):
+    """Before: an empty hostfile exited 0 having done nothing; one host printed a JSON parse error and WARN lines."""
+    from click.testing import CliRunner
+
+    from macft.cli import cli
+
+    empty, one, broken = tmp_path / "empty.json", tmp_path / "one.json", tmp_path / "broken.json"
+    empty.write_text('{"hosts": []}')
+    one.write_text('{"hosts": [{"ssh": "mac1", "ips": ["10.0.0.1"]}]}')
+    broken.write_text('[{"ips": ["10.0.0.1"]}, {"ips": ["10.0.0.2"]}]')
+    cases = [
+        (["--hostfile", empty], "lists 0 hosts; data-parallel training needs at least two"),
+        (["--hostfile", one], "lists 1 host; data-parallel training needs at least two"),
+        (["--hostfile", broken], "is not an mlx.launch hostfile (an entry lacks 'ssh')"),
+        (["--hosts", "127.0.0.1"], "names 1 host; data-parallel training needs at least two"),
+        (["--hosts", "127.0.0.1,"], "has an empty host name"),
+    ]
+    for where, expected in cases:
+        args = ["lora", "--model", str(tiny_model_dir), "--data", str(data_dir), "--out-dir", str(tmp_path / "runs"), *map(str, where)]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and expected in result.output, result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_frozen_rank_ends_the_run_at_the_step_deadline(tiny_model_dir, data_dir, tmp_path, ranks):
+    """A rank that stops responding without exiting held the others forever; with train.step_timeout
+    every rank ends within the deadline, rank 0 with one line naming the checkpoint to resume."""
+    group = ranks(2)
+    args = [*recipe_flags(tiny_model_dir, data_dir, tmp_path / "runs", "frozen", 100_000), "--set", "train.step_timeout=4"]
+    first, second = group.start(0, args), group.start(1, args)
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while checkpoint_step(tmp_path / "runs" / "frozen") < 2:
+        assert time.monotonic() < deadline and first.poll() is None, first.stderr.read() if first.poll() is not None else "no checkpoint"
+        time.sleep(0.02)
+    second.send_signal(signal.SIGSTOP)
+    frozen = time.monotonic()
+    _, err = first.communicate(timeout=60)
+    assert time.monotonic() - frozen < 30 and second.wait(timeout=30) == -signal.SIGKILL  # its own watchdog ended it too
+    lines = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and "No training step finished within train.step_timeout=4 s" in lines[0], err[-2000:]
+    assert f"resume with: macft lora --resume {tmp_path / 'runs' / 'frozen'}" in lines[0] and "Traceback" not in err
+    assert checkpoint_step(tmp_path / "runs" / "frozen") >= 2
+
+
+@pytest.fixture
+def reaper(tmp_path):
+    """Kills, after the test, every process whose command line names the test's folder (a launch
+    that did not end: mlx.launch runs its ranks in a session of its own)."""
+    yield
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(tmp_path).encode() in cmdline.read_bytes():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
+def test_the_launcher_ends_soon_after_an_unreachable_host(tiny_model_dir, data_dir, tmp_path, reaper):
+    """Before: after an unreachable host's one-line error, mlx.launch hung two more minutes on ssh
+    (stopping the rank there). Here `ssh` hangs like a host that is down."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "ssh").write_text(f"#!/bin/sh\necho $$ >> {tmp_path / 'ssh-pids'}\nexec {sys.executable} -c 'import time; time.sleep(600)' {tmp_path}\n")
+    (fake / "ssh").chmod(0o755)
+    env = environment(PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", MACFT_CONNECT_TIMEOUT="2")
+    args = recipe_flags(tiny_model_dir, data_dir, tmp_path / "runs", "far", 8)
+    command = [sys.executable, "-m", "macft.cli", "lora", *args, "--hosts", "127.0.0.1,10.255.255.1"]
+    started = time.monotonic()
+    far = subprocess.run(command, env=env, capture_output=True, text=True, timeout=STEP_TIMEOUT)
+    assert far.returncode == 1 and time.monotonic() - started < 90, far.stderr[-2000:]
+    lines = far.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Could not reach the other ranks within 2 s" in lines[0], far.stderr[-2000:]
+    pids = [int(pid) for pid in (tmp_path / "ssh-pids").read_text().split()]
+    deadline = time.monotonic() + 10  # a SIGKILL takes effect at once, but is not reported synchronously
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pids and not any(map(running, pids))  # no ssh left behind
+
+
+def running(pid: int) -> bool:
+    """Whether a process exists and has not exited (a killed one may wait as a zombie to be reaped)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_launcher_passes_sigterm_to_the_ranks(tiny_model_dir, data_dir, tmp_path, reaper):
+    """Before: mlx.launch shared the terminal's signals and printed its threads' tracebacks; the exit status was 130."""
+    command = [sys.executable, "-m", "macft.cli", "lora", *recipe_flags(tiny_model_dir, data_dir, tmp_path / "runs", "term", 100_000)]
+    launcher = subprocess.Popen([*command, "--hosts", "127.0.0.1,127.0.0.1"], env=environment(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while checkpoint_step(tmp_path / "runs" / "term") < 2:
+            assert time.monotonic() < deadline and launcher.poll() is None, "no checkpoint"
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGTERM)
+        out, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert launcher.returncode == 143 and "Traceback" not in err and "[WARN]" not in err, err[-2000:]
+    summary = json.loads(out[out.index("{") :])
+    assert summary["stop_reason"] == "interrupted" and summary["steps"] == checkpoint_step(tmp_path / "runs" / "term")

@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten
 from macft.errors import MacftError
 from macft.methods import MethodConfig, apply_method
 from macft.paths import atomic_path
+from macft.run_files import ADAPTER_FIX, check_adapter_files, load_safetensors, read_json
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -64,6 +65,7 @@ def adapter_files(path: Path) -> tuple[Path, Path]:
         raise MacftError(f"No adapter weights at {weights}; pass a run directory from `macft lora` or its adapters.safetensors.")
     if not config.is_file():
         raise MacftError(f"No {CONFIG_FILE} beside {weights}; the adapter cannot be re-applied without it.")
+    check_adapter_files(weights, config)
     return weights, config
 
 
@@ -80,9 +82,9 @@ def method_config(config: dict) -> Any:
 def load_adapter(model: nn.Module, path: Path) -> tuple[nn.Module, dict]:
     """Re-apply the method recorded beside ``path`` to ``model`` and load its trained weights."""
     weights_file, config_file = adapter_files(path)
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file, fix=ADAPTER_FIX, keys=("method",))
     model = apply_method(model, method_config(config), None)
-    weights = mx.load(str(weights_file))
+    weights = load_safetensors(weights_file, fix=ADAPTER_FIX, finite=True)
     expected = dict(tree_flatten(model.parameters()))
     unknown = sorted(set(weights) - set(expected))
     if unknown:

@@ -39,7 +39,7 @@ def evaluate(model_spec, adapter, data, max_examples, max_tokens, no_generate, c
 
     if report:
         inputs = [data, adapter, model_spec, *Path(data).glob("*.jsonl")]  # a data folder's files too
-        check_output(Path(report), "eval", made_by=is_eval_report, inputs=inputs, force=force, option="--report")
+        report = check_output(report, "eval", made_by=is_eval_report, inputs=inputs, force=force, option="--report")
     records = eval_records(data)
     opened = open_model(model_spec, adapter)
     for warning in opened.warnings:

@@ -25,7 +25,7 @@ def export():
 @click.option("--name", default=None, help="general.name stored in the file (default: the file name).")
 @click.option("--force", is_flag=True, help="Replace --out even when it is not an earlier macft export.")
 @click.option("--plain/--guided", "plain", default=None, help="--plain: quantize as llama-quantize does; --guided: use the run's importance matrix and delta-aware types. Default: guided for q4_k_m, q5_k_m and q4_0, plain for the rest.")
-@click.option("--fidelity", "fidelity_examples", type=click.IntRange(min=0), default=16, show_default=True, help="Validation examples the fidelity report scores the file on (0: none).")
+@click.option("--fidelity", "fidelity_examples", type=click.IntRange(min=0), default=16, show_default=True, help="Validation examples the fidelity report scores the file on; 0 skips the report, often most of a run's export time.")
 @click.option("--push-to-hub", "repo", default=None, metavar="REPO", help="Also upload the GGUF to this Hugging Face model repo (owner/name), with a model card; needs `hf auth login` or HF_TOKEN.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, lm_studio, name, force, plain, fidelity_examples, repo, as_json):
@@ -46,7 +46,7 @@ def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, lm_studio, name,
     report: the file against the fused float model on the run's validation examples.
     """
     from macft.adapters.peft import adapter_run, is_peft_source, source_name
-    from macft.export.hub import hub_token
+    from macft.hub import hub_token
     from macft.export.pipeline import export_gguf
 
     token = hub_token(repo) if repo else None  # before any work
@@ -73,7 +73,8 @@ def gguf(model_spec, run_dir, quant, out, adapter_only, ollama, lm_studio, name,
         from pathlib import Path
 
         from macft.export.fuse import read_adapter_config
-        from macft.export.hub import model_card, push_files, run_facts
+        from macft.export.hub import model_card, run_facts
+        from macft.hub import push_files
 
         path = Path(report.gguf["path"])
         base = (read_adapter_config(Path(run_dir)).get("base_model") or {}).get("source") if run_dir else model_spec

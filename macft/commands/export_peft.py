@@ -31,7 +31,7 @@ def peft(run_dir, out, base, repo, force, as_json):
     """
     from macft.adapters.peft import PEFT_CONFIG, PEFT_WEIGHTS, peft_method
     from macft.export.fuse import read_adapter_config
-    from macft.export.hub import hub_token, push_files
+    from macft.hub import hub_token, push_files
     from macft.export.peft import CARD_FILE, export_peft
 
     token = None

@@ -31,7 +31,8 @@ def fuse(run_dir, model_spec, out, dequantize, quantize_bits, group_size, force,
     """
     from macft.adapters.peft import adapter_run, is_peft_source, source_name
     from macft.export.fuse import FUSE_RECORD, fuse_adapter
-    from macft.export.hub import folder_files, hub_token, model_card, push_files, run_facts
+    from macft.export.hub import folder_files, model_card, run_facts
+    from macft.hub import hub_token, push_files
 
     token = hub_token(repo) if repo else None  # before any work
     if is_peft_source(run_dir):

@@ -220,7 +220,7 @@ def lora(
             click.echo(json.dumps({**outcome.summary.to_dict(), "resume_command": resume}, indent=2))
         else:
             click.echo(f"{result.message} Resume with: {resume}" if resume else result.message)
-        raise SystemExit(130)
+        raise SystemExit(128 + (result.signal or 2))  # 130 after Ctrl-C, 143 after SIGTERM, as the shell reports them
     demo = None if result.failed else run_demo(outcome)
     if as_json:
         payload = outcome.summary.to_dict()

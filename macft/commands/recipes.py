@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -36,12 +37,37 @@ def list_recipes(as_json: bool) -> None:
     rows = []
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         recipe = load_recipe(path)
-        method = recipe.method.name + (f" ({recipe.model.quantize_bits}-bit base)" if recipe.model.quantize_bits else "")
-        rows.append({"name": path.stem, "model": recipe.model.path, "method": method, "description": recipe.description, "path": str(path)})
+        rows.append({"name": path.stem, "model": recipe.model.path, "method": method_label(recipe), "description": recipe.description, "path": str(path)})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     ui.show_recipes(rows)
+
+
+def method_label(recipe) -> str:
+    """The method as `macft lora --method` names it (LoRA on a quantized base is QLoRA), with the base's quantization."""
+    base = base_quantization(recipe.model)
+    name = "qlora" if base and recipe.method.name == "lora" else recipe.method.name
+    return f"{name} ({base})" if base else name
+
+
+def base_quantization(model) -> str | None:
+    """How a recipe's frozen base is quantized while training: by model.quantize_bits, or as a quantized GGUF file kept so."""
+    from macft.models.spec import DEFAULT_MODEL
+    from macft.discovery import describe_gguf
+    from macft.models.gguf_import.reader import is_gguf_file
+
+    if model.quantize_bits:
+        return f"{model.quantize_bits}-bit base"
+    if model.dequantize:
+        return None
+    if model.path == DEFAULT_MODEL:
+        return "Q4_K_M GGUF base"  # the embedded model's package holds a Q4_K_M file (not assembled just to list)
+    path = Path(model.path).expanduser()
+    if not (is_gguf_file(path) and path.is_file()):
+        return None
+    kind = describe_gguf(path, path.name, "recipe").quantization
+    return f"{kind} GGUF base" if kind and kind not in ("F32", "F16", "BF16") else None
 
 
 @recipes.command("show")

@@ -150,9 +150,22 @@ def load(data_cfg: DataConfig, tokenizer: Any, settings: Any = None) -> Splits:
     """Read and tokenize every split's pairs, cut to ``data.max_seq_length``."""
     encoder = Encoder(eager(tokenizer), use_chat_template=data_cfg.use_chat_template, mask_prompt=True)
     splits = read_split_items(data_cfg, lambda path: [encode_pair(encoder, r) for r in read_records(path, parse_pair)])
+    identical = []
     for name in SPLITS:
         kept, splits.truncated[name], splits.dropped[name] = truncate_pairs(getattr(splits, name), data_cfg.max_seq_length)
-        setattr(splits, name, kept)
+        # A pair whose two answers are the same holds no preference: a preference loss is constant on it
+        # (DPO's ln 2) and has no gradient, so it is left out, and said.
+        differing = [p for p in kept if not p.identical]
+        if len(differing) < len(kept):
+            identical.append(f"{len(kept) - len(differing)} of {len(kept)} {name}")
+            if name == "train" and not differing:
+                raise MacftError(
+                    f"Every training pair ({len(kept)}) has the same chosen and rejected answer ({kept[0].source}), so there is no "
+                    "preference to learn; fix the data (`macft data check` counts such pairs)."
+                )
+        setattr(splits, name, differing)
+    if identical:
+        splits.notes.append(f"Left out {' and '.join(identical)} pairs whose chosen and rejected answers are the same: they teach nothing.")
     if not splits.train:
         raise MacftError(f"No training pair fits within data.max_seq_length={data_cfg.max_seq_length}; raise it or shorten the data.")
     return splits

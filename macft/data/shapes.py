@@ -35,6 +35,7 @@ class Splits:
     truncated: dict[str, int] = field(default_factory=dict)  # split -> items cut to max_seq_length
     dropped: dict[str, int] = field(default_factory=dict)  # split -> items left with nothing to train on
     files: dict[str, str] = field(default_factory=dict)  # split -> file it came from ("held out" for split_valid)
+    notes: list[str] = field(default_factory=list)  # what else loading left out or changed, for the user
 
     @property
     def counts(self) -> dict[str, int]:

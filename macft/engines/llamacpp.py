@@ -101,10 +101,12 @@ class LlamaCppModel:
     """A llama.cpp context over one GGUF file; ``stream_tokens`` mirrors ``mlx_lm.stream_generate``."""
 
     def __init__(self, path: Path, context_length: int):
-        llama_cpp = require_llama_cpp()
+        from macft.export.fidelity import open_llama
+
+        require_llama_cpp()
         self.path = path
-        self.llama = llama_cpp.Llama(
-            model_path=str(path),
+        self.llama = open_llama(
+            path,
             n_ctx=min(context_length, MAX_CONTEXT),
             n_gpu_layers=-1,  # all layers on Metal where the wheel has it; ignored by CPU builds
             # Threads stay at llama-cpp-python's default (half the cores): with more threads than free

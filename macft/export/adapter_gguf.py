@@ -78,12 +78,13 @@ def write_adapter_gguf(run_dir: str | Path, out: Path) -> AdapterGGUFResult:
 
     from macft.adapters.files import adapter_files
     from macft.models.load import model_family
+    from macft.run_files import ADAPTER_FIX, load_safetensors
 
     start = time.time()
     run_dir = Path(run_dir)
     adapter_cfg = read_adapter_config(run_dir)
     weights_file, _ = adapter_files(run_dir)
-    weights = {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(weights_file)).items()}
+    weights = {k: np.array(v.astype(mx.float32)) for k, v in load_safetensors(weights_file, fix=ADAPTER_FIX, finite=True).items()}
     config = base_config(adapter_cfg)
     family = model_family(config)
     check_exportable(adapter_cfg, list(weights), families.export_family(family).weights_prefix)

@@ -13,6 +13,7 @@ weights in the float model's architecture.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,22 @@ DEFAULT_EXAMPLES = 16
 MIN_AGREEMENT = 0.99  # below this share of completion tokens, the export warns
 MAX_LOSS_RATIO = 2.0  # ... or when its loss exceeds this multiple of the float model's
 LOSS_SLACK = 0.01  # nats per token tolerated on top, so near-zero float losses do not warn on noise
+
+
+def open_llama(path: Path, **options):
+    """``llama_cpp.Llama`` on ``path`` with llama.cpp's own log silenced: llama-cpp-python's
+    ``verbose=False`` still prints llama.cpp's warnings (it maps ggml's log levels one off)."""
+    import llama_cpp
+
+    llama_cpp.llama_log_set(discard_logs(), None)
+    return llama_cpp.Llama(model_path=str(path), verbose=False, **options)
+
+
+@functools.cache  # one callback for the process: llama.cpp keeps calling the pointer it was given
+def discard_logs():
+    import llama_cpp
+
+    return llama_cpp.llama_log_callback(lambda level, text, user_data: None)
 
 
 @dataclass
@@ -82,10 +99,8 @@ def mlx_positions(model, examples: list) -> Positions:
 
 
 def llama_cpp_positions(path: Path, examples: list) -> Positions:
-    import llama_cpp
-
     context = max(len(e.tokens) for e in examples) + 8
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, logits_all=True, verbose=False)
+    llm = open_llama(path, n_ctx=context, n_batch=context, logits_all=True)
     out = Positions()
     try:
         for example in examples:

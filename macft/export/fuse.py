@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from macft.errors import MacftError
-from macft.outputs import check_output, has_record
+from macft.outputs import IMPORT_RECORD, check_output, manifest
 from macft.paths import atomic_path
 from macft.phases import phase
+from macft.run_files import ADAPTER_FIX, read_json
 
 FUSE_RECORD = "macft_fuse.json"
-IMPORT_RECORD = "macft_import.json"  # written by macft.models.gguf_import
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -58,7 +58,7 @@ def read_adapter_config(run_dir: Path) -> dict:
     from macft.adapters.files import adapter_files
 
     _, config_file = adapter_files(Path(run_dir))
-    return json.loads(config_file.read_text())
+    return read_json(config_file, fix=ADAPTER_FIX)
 
 
 def load_fused(run_dir: str | Path, *, dequantize: bool = False, on_base=None):
@@ -133,10 +133,7 @@ def fuse_adapter(
         raise MacftError("--quantize takes 2, 3, 4, 5, 6 or 8 bits.")
     start = time.time()
     run_dir = Path(run_dir)
-    out = Path(out) if out is not None else run_dir / "fused"
-    base = read_adapter_config(run_dir).get("base_model") or {}
-    inputs = [run_dir, base.get("source"), base.get("path")]
-    check_output(out, "fuse", made_by=has_record(FUSE_RECORD), inputs=inputs, force=force, folder=True)
+    out = check_output(run_dir / "fused" if out is None else out, "fuse", record=FUSE_RECORD, inputs=run_inputs(run_dir), force=force)
     loaded, adapter_cfg, merged = load_fused(run_dir, dequantize=dequantize or quantize_bits is not None)
     model, config = loaded.model, dict(loaded.config)
     config.pop("quantization", None)
@@ -164,9 +161,17 @@ def fuse_adapter(
             "base_model": loaded.identity,
             "tokenizer_gguf": str(source) if (source := origin_gguf(loaded.path)) else None,
             "quantization": mode,
+            "files": manifest(tmp),
         }
         (tmp / FUSE_RECORD).write_text(json.dumps(record, indent=2))
     return FuseResult(out, loaded.identity["source"], adapter_cfg.get("method", "?"), merged, mode, time.time() - start)
+
+
+def run_inputs(run_dir: Path) -> list[Path | str | None]:
+    """What a command reading a run depends on: the run, and its base (spec, model folder, GGUF origin)."""
+    base = read_adapter_config(run_dir).get("base_model") or {}
+    folder = base.get("path")
+    return [run_dir, base.get("source"), folder, origin_gguf(Path(folder)) if folder else None]
 
 
 def origin_gguf(model_dir: Path) -> Path | None:

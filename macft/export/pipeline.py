@@ -14,6 +14,7 @@ a sample of the run's validation data (``fidelity``).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def export_gguf(
         out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix != ".gguf":
         raise MacftError(f"The output file should end in .gguf (got {out}).")
-    check_export_outputs(out, model, adapter, ollama, force)
+    out = check_export_outputs(out, model, adapter, ollama, force)
     if adapter_only:
         return _adapter_only(Path(adapter), out, ollama)
 
@@ -129,8 +130,11 @@ def export_gguf(
         )
     report = ExportReport(result.to_dict(), notes=notes)
     if adapter is not None and fidelity_examples > 0:
-        with phase(f"Scoring {out.name} against the float model"):
+        started = time.monotonic()
+        with phase(f"Fidelity report: scoring {out.name} against the float model (--fidelity 0 skips it)"):
             report.fidelity = _fidelity(Path(adapter), out, loaded, quant, fidelity_examples, report.notes)
+        if report.fidelity:
+            report.notes.append(f"the fidelity report took {time.monotonic() - started:.0f} s of the export (--fidelity 0 skips it)")
     if tokenizer_gguf is not None:
         report.notes.append(f"tokenizer copied from {tokenizer_gguf}")
     if ollama:
@@ -177,22 +181,23 @@ def _fidelity(run_dir: Path, out: Path, loaded, quant: str, count: int, notes: l
     return report.to_dict()
 
 
-def check_export_outputs(out: Path, model: str | None, adapter: str | None, ollama: bool | str, force: bool) -> None:
-    """Refuse, before any work, to write over an input or over files `macft export gguf` did not write."""
-    from macft.export.fuse import origin_gguf, read_adapter_config
+def check_export_outputs(out: Path, model: str | None, adapter: str | None, ollama: bool | str, force: bool) -> Path:
+    """Refuse, before any work, to write over an input or over files `macft export gguf` did not write;
+    return the path to write."""
+    from macft.export.fuse import origin_gguf, run_inputs
     from macft.export.gguf_writer import is_exported_gguf
     from macft.export.modelfile import is_exported_modelfile
     from macft.outputs import check_output
 
-    inputs: list[Path | str | None] = [model, adapter]
-    if model is not None and Path(model).is_dir():
-        inputs.append(origin_gguf(Path(model)))
+    inputs: list[Path | str | None] = [model]
+    if model is not None and Path(model).expanduser().is_dir():
+        inputs.append(origin_gguf(Path(model).expanduser()))
     if adapter is not None:
-        base = read_adapter_config(Path(adapter)).get("base_model") or {}
-        inputs += [base.get("source"), base.get("path")]
-    check_output(out, "export gguf", made_by=is_exported_gguf, inputs=inputs, force=force)
+        inputs += run_inputs(Path(adapter))
+    out = check_output(out, "export gguf", made_by=is_exported_gguf, inputs=inputs, force=force)
     if ollama:
         check_output(out.with_suffix(".Modelfile"), "export gguf", made_by=is_exported_modelfile, inputs=inputs, force=force)
+    return out
 
 
 def _adapter_only(run_dir: Path, out: Path, ollama: bool | str) -> ExportReport:

@@ -327,10 +327,10 @@ def template_failure(tokenizer: Any, messages: list[dict], exc: Exception) -> st
 
 def template_owner(tokenizer: Any) -> str:
     """The model the template came from: the GGUF file of an import, else the model folder."""
-    from macft.models.gguf_import.convert import SUMMARY_FILE
+    from macft.outputs import IMPORT_RECORD
 
     folder = Path(str(getattr(tokenizer, "name_or_path", "") or getattr(getattr(tokenizer, "_tokenizer", None), "name_or_path", "")))
     try:
-        return json.loads((folder / SUMMARY_FILE).read_text())["source"]
+        return json.loads((folder / IMPORT_RECORD).read_text())["source"]
     except (OSError, ValueError, KeyError):
         return str(folder) if str(folder) not in ("", ".") else "this model"

@@ -22,6 +22,7 @@ from macft.errors import MacftError
 from macft.families import for_model_type
 from macft.models.claims import check_folder_claims
 from macft.models.spec import DEFAULT_MODEL, locate
+from macft.memory_limit import check_room, is_out_of_memory, limit_bytes, model_bytes, out_of_memory_message
 from macft.models.tokenizer_cache import LazyTokenizer
 from macft.models.weights import check_finite
 from macft.phases import phase
@@ -79,9 +80,9 @@ class LoadedModel:
 
 def model_tokenizer(model_dir: Path, config: dict) -> LazyTokenizer:
     """The tokenizer of an MLX model directory, not yet loaded; a GGUF import's tokenizes as llama.cpp does."""
-    from macft.models.gguf_import.convert import SUMMARY_FILE
+    from macft.outputs import IMPORT_RECORD
 
-    return LazyTokenizer(model_dir, config.get("eos_token_id"), as_given=(Path(model_dir) / SUMMARY_FILE).is_file())
+    return LazyTokenizer(model_dir, config.get("eos_token_id"), as_given=(Path(model_dir) / IMPORT_RECORD).is_file())
 
 
 def resolve_model_dir(spec: str, *, revision: str | None = None, dequantize: bool = False) -> tuple[Path, str]:
@@ -101,7 +102,14 @@ def resolve_model_dir(spec: str, *, revision: str | None = None, dequantize: boo
 def download(repo_id: str, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
+    from macft.hub import unreachable
+
     patterns = ["*.json", "model*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+    if reason := unreachable():  # the cache alone, at once, instead of the client's retries
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached, in whichever form the client says it
+            raise MacftError(f"'{repo_id}' is not in the Hugging Face cache and {reason}; connect, or pass a local model folder or .gguf file.") from None
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # the hub client raises many types; the user needs one line
@@ -156,6 +164,7 @@ def load_model(
     from macft.backend import compute_dtype
 
     model_dir, sha = resolve_model_dir(spec, revision=revision, dequantize=dequantize)
+    check_room(model_bytes(model_dir, 1 if quantize_bits else compute_dtype().size), f"loading {spec}")
     with phase(f"Loading {spec}"):
         try:
             if quantize_bits is None:
@@ -182,6 +191,8 @@ def load_model(
 
 
 def unreadable_weights(model_dir, exc: Exception) -> MacftError:
+    if is_out_of_memory(exc) or limit_bytes() is not None and str(exc).startswith("[read]"):  # a buffer it could not get
+        return MacftError(out_of_memory_message(f"loading {model_dir}"))
     return MacftError(
         f"Could not read the weights in {model_dir} ({str(exc).splitlines()[0]}); download, import or convert the model again."
     )

@@ -18,6 +18,7 @@ from mlx.utils import tree_unflatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from macft.backend import detect
+from macft.memory_limit import check_room
 
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)
 
@@ -83,11 +84,16 @@ def float_linear(weight: mx.array, bias: mx.array | None, dtype: mx.Dtype) -> nn
 def dequantize_model(model: nn.Module, dtype: mx.Dtype | None = None) -> nn.Module:
     """Replace every quantized linear and embedding layer of ``model`` by a float one, in place;
     ``dtype`` None keeps each layer's own float dtype."""
+    sizes = [m.weight.size * (32 // m.bits) * (dtype or float_dtype(m)).size for _, m in model.named_modules() if isinstance(m, QUANTIZED)]
+    # Each layer is evaluated before the next, so the peak is the float copies plus one layer's
+    # temporaries; under a memory limit MLX would crash mid-way, so that is checked first.
+    check_room(sum(sizes) + max(sizes, default=0) // 2, "dequantizing the model's quantized layers")
     swaps = []
     for path, module in model.named_modules():
         if not isinstance(module, QUANTIZED):
             continue
         weight = float_weight(module).astype(dtype or float_dtype(module))
+        mx.eval(weight)
         if isinstance(module, nn.QuantizedEmbedding):
             layer = nn.Embedding(*weight.shape)
         elif isinstance(module, QuantizedSwitchLinear):  # a mixture-of-experts stack

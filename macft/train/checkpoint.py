@@ -27,7 +27,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from macft.config import Recipe
 from macft.errors import MacftError
 from macft.adapters.files import ADAPTER_FILE, CONFIG_FILE, save_adapter
+from macft.outputs import record_run_base
 from macft.paths import atomic_path
+from macft.run_files import check_safetensors, damaged, load_safetensors, read_json
 
 
 @dataclass
@@ -45,6 +47,8 @@ class Progress:
 
 
 INPUTS_FILE = "inputs.json"  # what the checkpoint was trained on: {"base_sha256", "data_sha256"}
+PROGRESS_FILE = "progress.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 class Checkpoints:
@@ -53,6 +57,7 @@ class Checkpoints:
         self.recipe = recipe
         self.identity = identity
         self.inputs = {"base_sha256": identity.get("sha256"), "data_sha256": data_fingerprint}
+        record_run_base(run_dir, identity)  # so that no command's --force writes over the base this run needs
 
     def path(self, kind: str) -> Path:
         return self.root / kind
@@ -62,36 +67,59 @@ class Checkpoints:
         with atomic_path(self.path(kind)) as tmp:
             save_adapter(model, tmp, self.recipe.method, self.identity, self.recipe.model.recorded)
             if optimizer is not None:
-                mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+                mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
             state = dataclasses.asdict(progress)
             kind_, keys, pos, has_gauss, cached = np.random.get_state()
             state["numpy_rng"] = [kind_, keys.tolist(), pos, has_gauss, cached]
-            (tmp / "progress.json").write_text(json.dumps(state))
+            (tmp / PROGRESS_FILE).write_text(json.dumps(state))
             (tmp / INPUTS_FILE).write_text(json.dumps(self.inputs))
         return self.path(kind)
 
     def changed_inputs(self, kind: str = "last") -> list[str]:
-        """What differs between this run's base model and data and those checkpoint ``kind`` was trained on."""
-        folder = self.path(kind)
+        """What differs between this run's base model and data and those checkpoint ``kind`` was trained
+        on; a checkpoint that does not record them counts as changed (nothing says it is the same run)."""
+        path = self.path(kind) / INPUTS_FILE
         try:
-            recorded = json.loads((folder / INPUTS_FILE).read_text())
-        except (OSError, ValueError):  # a checkpoint from before inputs were recorded: its adapter config names the base
-            recorded = {"base_sha256": (json.loads((folder / CONFIG_FILE).read_text()).get("base_model") or {}).get("sha256")}
+            recorded = read_json(path, fix="")
+        except MacftError:
+            state = "missing" if not path.exists() else "damaged"
+            return [f"possibly the base model and data ({path}, which records them, is {state})"]
         labels = {"base_sha256": "the base model's weights", "data_sha256": "the training or validation data"}
-        return [label for key, label in labels.items() if recorded.get(key) and self.inputs.get(key) and recorded[key] != self.inputs[key]]
+        return [label for key, label in labels.items() if self.inputs.get(key) and recorded.get(key) != self.inputs[key]]
 
     def restore(self, model: nn.Module, optimizer: optim.Optimizer, kind: str = "last") -> Progress:
         """Load weights, optimizer state and RNG state from checkpoint ``kind``; return its progress."""
         folder = self.path(kind)
-        needed = [folder / ADAPTER_FILE, folder / "optimizer.safetensors", folder / "progress.json"]
-        missing = [p.name for p in needed if not p.exists()]
-        if missing:
-            raise MacftError(f"Cannot resume: {folder} lacks {', '.join(missing)}; the run saved no complete checkpoint.")
-        model.load_weights(list(mx.load(str(folder / ADAPTER_FILE)).items()), strict=False)
-        optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+        progress, rng = check_checkpoint(folder)
+        model.load_weights(list(load_safetensors(folder / ADAPTER_FILE, fix=RESUME_FIX, finite=True).items()), strict=False)
+        optimizer.state = tree_unflatten(list(load_safetensors(folder / OPTIMIZER_FILE, fix=RESUME_FIX).items()))
         optimizer.init(model.trainable_parameters())
-        state = json.loads((folder / "progress.json").read_text())
-        kind_, keys, pos, has_gauss, cached = state.pop("numpy_rng")
-        np.random.set_state((kind_, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        np.random.set_state(rng)
         mx.eval(model.parameters(), optimizer.state)
-        return Progress(**state)
+        return progress
+
+
+RESUME_FIX = "this checkpoint cannot be resumed: start a new run (the run's adapters.safetensors still serves chat, fuse and export)"
+
+
+def check_checkpoint(folder: Path) -> tuple[Progress, tuple]:
+    """A checkpoint's files are whole (checked before any model loads): its progress and numpy RNG state."""
+    needed = [folder / ADAPTER_FILE, folder / OPTIMIZER_FILE, folder / PROGRESS_FILE]
+    missing = [p.name for p in needed if not p.exists()]
+    if missing:
+        raise MacftError(f"Cannot resume: {folder} lacks {', '.join(missing)}; the run saved no complete checkpoint.")
+    read_json(folder / CONFIG_FILE, fix=RESUME_FIX, keys=("method",))
+    for name in (ADAPTER_FILE, OPTIMIZER_FILE):
+        check_safetensors(folder / name, fix=RESUME_FIX)
+    state = read_json(folder / PROGRESS_FILE, fix=RESUME_FIX, keys=("step", "numpy_rng"))
+    try:
+        kind_, keys, pos, has_gauss, cached = state.pop("numpy_rng")
+        rng = (str(kind_), np.array(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached))
+        if rng[1].shape != (624,):
+            raise ValueError
+        progress = Progress(**state)
+        if not all(isinstance(getattr(progress, f.name), (int, float, type(None))) for f in dataclasses.fields(Progress)):
+            raise TypeError
+    except (TypeError, ValueError, OverflowError):
+        raise damaged(folder / PROGRESS_FILE, "its entries are not what macft writes", RESUME_FIX) from None
+    return progress, rng

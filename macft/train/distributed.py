@@ -20,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -49,6 +51,7 @@ class World:
     size: int = 1
     group: Any = None  # mx.distributed.Group when size > 1
     backend: str = "single process"
+    watch: "Watchdog | None" = None  # the step deadline, when size > 1 (see ``peer_errors``)
 
     @property
     def main(self) -> bool:
@@ -63,9 +66,12 @@ class World:
         return grads if self.size == 1 else nn.average_gradients(grads, group=self.group)
 
     def any(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any (Ctrl-C may reach one rank only)."""
+        """True on every rank when ``flag`` is true on any (Ctrl-C may reach one rank only).
+        The loop asks once per step, so each call also tells the step deadline that a step ended."""
         if self.size == 1:
             return flag
+        if self.watch is not None:
+            self.watch.beat()
         return self.all_sum(mx.array(int(flag), mx.int32)).item() > 0
 
     def broadcast(self, tree: Any) -> Any:
@@ -145,6 +151,10 @@ def connect(timeout: float | None = None) -> World:
     error if the ranks have not met within ``timeout`` seconds."""
     if not launched():
         return World()
+    # `macft lora --hosts` starts mlx.launch ignoring Ctrl-C and SIGTERM (it passes them on itself);
+    # a rank takes them back, so that they stop it while it starts and save a checkpoint once it trains.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     backend = launcher_backend()
     if not mx.distributed.is_available(backend):
         raise MacftError(f"mlx.launch asked for the {backend} backend, which this MLX build lacks; launch with --backend ring.")
@@ -153,24 +163,62 @@ def connect(timeout: float | None = None) -> World:
         f"Error: Could not reach the other ranks within {timeout:g} s ({peer_addresses()}); check that every host is up, "
         "reachable on those addresses and running the same command (MACFT_CONNECT_TIMEOUT sets the wait)."
     )
-    watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(timeout), message, str(os.getpid())], stdin=subprocess.PIPE)
+    watchdog = Watchdog()
+    watchdog.arm(timeout, message)
     try:
         group = mx.distributed.init(strict=True, backend=backend)
     except Exception as exc:  # noqa: BLE001 - any failure to start is the user's to fix
         raise MacftError(f"Could not start distributed training ({backend}): {str(exc).splitlines()[0]}.") from None
     finally:
-        watchdog.stdin.close()  # the watchdog exits on end of input
-        watchdog.wait()
-    return World(rank=group.rank(), size=group.size(), group=group, backend=backend)
+        watchdog.disarm()
+    return World(rank=group.rank(), size=group.size(), group=group, backend=backend, watch=Watchdog())
 
 
-# Waits for its input to end; if it has not after argv[1] seconds, prints argv[2] and kills argv[3].
+# Waits for its input to end, each read restarting the clock; when argv[1] seconds pass without
+# one, prints argv[2] (if any) and kills argv[3] (a process blocked inside MLX runs no Python to stop itself).
+# Ctrl-C and SIGTERM, which reach it with its rank, are for the rank: it ends when the rank closes its input.
 WATCHDOG = """import os, select, signal, sys
-if not select.select([sys.stdin], [], [], float(sys.argv[1]))[0]:
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+while select.select([sys.stdin], [], [], float(sys.argv[1]))[0]:
+    if not os.read(sys.stdin.fileno(), 4096):
+        sys.exit()
+if sys.argv[2]:
     sys.stderr.write(sys.argv[2] + "\\n")
     sys.stderr.flush()
-    os.kill(int(sys.argv[3]), signal.SIGKILL)
+os.kill(int(sys.argv[3]), signal.SIGKILL)
 """
+
+
+class Watchdog:
+    """A deadline for a wait inside MLX: ``arm`` starts a process that ends this one with a message
+    when ``seconds`` pass without a ``beat``; ``disarm`` stops it. It bounds the ranks' first meeting
+    (``connect``) and each training step: a rank that freezes (stopped, swapping, a stalled link)
+    without dying would leave the others blocked in their next collective forever; instead each
+    rank's watchdog ends its own rank, and the last complete checkpoint stays resumable."""
+
+    def __init__(self):
+        self.process: subprocess.Popen | None = None
+
+    def arm(self, seconds: float, message: str) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(seconds), message, str(os.getpid())], stdin=subprocess.PIPE)
+
+    def beat(self) -> None:
+        if self.process is not None:
+            try:
+                self.process.stdin.write(b".")
+                self.process.stdin.flush()
+            except OSError:  # the watchdog is gone: nothing left to tell
+                pass
+
+    def disarm(self) -> None:
+        if self.process is not None:
+            try:
+                self.process.stdin.close()  # the watchdog exits on end of input
+            except OSError:  # it is gone already (killed with the rank's process group)
+                pass
+            self.process.wait()
+            self.process = None
 
 
 def digest(value: Any) -> str:
@@ -254,8 +302,15 @@ def share_state(world: World, model: nn.Module, optimizer: Any, progress: Progre
 
 
 @contextmanager
-def peer_errors(world: World, where: str) -> Iterator[None]:
-    """Turn a lost connection to another rank into a one-line error naming what is kept."""
+def peer_errors(world: World, where: str, step_timeout: float = 0) -> Iterator[None]:
+    """Turn a lost connection to another rank into a one-line error naming what is kept; with
+    ``step_timeout`` seconds, so is a step that never ends because another rank froze (``Watchdog``)."""
+    watching = world.size > 1 and world.watch is not None and 0 < step_timeout < math.inf
+    if watching:  # rank 0 says why; the others end quietly, as for any failure of a peer
+        world.watch.arm(step_timeout, (
+            f"Error: No training step finished within train.step_timeout={step_timeout:g} s: a rank stopped responding "
+            f"(frozen, or the network stalled). {where}"
+        ) if world.main else "")  # fmt: skip
     try:
         yield
     except RuntimeError as exc:
@@ -265,3 +320,6 @@ def peer_errors(world: World, where: str) -> Iterator[None]:
             f"Rank {world.rank} lost the connection to another rank ({str(exc).splitlines()[0]}): a rank exited or the "
             f"network failed. {where}"
         ) from None
+    finally:
+        if watching:
+            world.watch.disarm()

@@ -33,7 +33,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from typing import Any, Callable, Iterable, Iterator
 
@@ -74,6 +74,7 @@ class TrainResult:
     peak_memory: int  # bytes, mx.get_peak_memory() over this session
     last_train_loss: float | None
     last_val_loss: float | None
+    signal: int = 0  # the signal that interrupted the run (SIGINT for Ctrl-C, SIGTERM for `kill`)
 
     @property
     def failed(self) -> bool:
@@ -204,11 +205,11 @@ def deferred_interrupt() -> Iterator[Callable[[], bool]]:
     def handler(signum, frame):
         if pressed:
             raise KeyboardInterrupt
-        pressed.append(True)
+        pressed.append(signum)
 
     previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield lambda: bool(pressed)
+        yield lambda: pressed[0] if pressed else 0  # the signal, for the exit status
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
@@ -435,7 +436,8 @@ def train(
                 progress.elapsed += time.perf_counter() - started
                 save("last")
                 message = f"Interrupted after step {progress.step}; saved a checkpoint to resume from."
-            return _result(progress, stop_reason, message, steps, steady_seconds, steady_tokens, last_loss, last_val)
+            result = _result(progress, stop_reason, message, steps, steady_seconds, steady_tokens, last_loss, last_val)
+            return replace(result, signal=interrupted() or signal.SIGINT)
 
     progress.elapsed += time.perf_counter() - started
     if stop_reason not in ("nan", "diverged"):

@@ -250,7 +250,7 @@ def epochs_and_cadence(method: MethodSpec, train: Any, examples: int, batches_pe
 def data_notes(splits: Splits, objective: Objective) -> list[str]:
     """What the user should know about the data before training: cut, dropped, no validation, overlap."""
     items = objective.data.name
-    notes = []
+    notes = list(splits.notes)
     for name in ("train", "valid"):
         truncated, dropped = splits.truncated.get(name, 0), splits.dropped.get(name, 0)
         if truncated or dropped:

@@ -33,9 +33,10 @@ from macft.models.head import describe_loss
 from macft.models.quantized import dequantize_for_generation, has_quantized_layers
 from macft.models.tokenizer_cache import LazyTokenizer
 from macft.objectives import objective_named
+from macft.outputs import check_run_name
 from macft.paths import atomic_path, recover
 from macft.plot import loss_curve_png
-from macft.train.checkpoint import Checkpoints
+from macft.train.checkpoint import Checkpoints, check_checkpoint
 from macft.train.distributed import World, connect, peer_errors, share_state
 from macft.train.guard import LossGuard
 from macft.train.loop import Callback, TrainResult, train
@@ -75,8 +76,9 @@ def run_dir_for(recipe: Recipe) -> Path:
         recover(folder / "checkpoints" / "last")  # a save killed between its two renames left it aside
         if not (folder / "checkpoints" / "last").is_dir():
             raise MacftError(f"Cannot resume: {folder} has no checkpoints/last; pass a run directory made by `macft lora`.")
+        check_checkpoint(folder / "checkpoints" / "last")  # a damaged file is found before the model loads
         return folder
-    name = recipe.output.name or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = check_run_name(recipe.output.name) if recipe.output.name else f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path(recipe.output.runs_dir).expanduser() / name
 
 
@@ -152,7 +154,7 @@ def _train_in(run_dir: Path | None, recipe: Recipe, view: Callback, world: World
         save_recipe(recipe, run_dir / "recipe.yaml")
         log = MetricsLog(run_dir / "metrics.jsonl", view, progress.step if progress else 0)
     kept = f"The last complete checkpoint is {checkpoints.path('last')}; resume with: macft lora --resume {run_dir}" if checkpoints else "Rank 0 keeps the last complete checkpoint."
-    result = peer_errors(world, kept)(train)(
+    result = peer_errors(world, kept, cfg.step_timeout)(train)(
         plan.model,
         plan.optimizer,
         plan.batches.train,

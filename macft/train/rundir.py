@@ -19,6 +19,8 @@ from typing import Iterator
 
 from macft.errors import MacftError
 from macft.adapters.files import ADAPTER_FILE, CONFIG_FILE
+from macft.outputs import check_parent
+from macft.paths import unwritable
 
 LOCK_FILE = ".macft-lock"
 # What a run writes at its top level; a new run may reuse a folder holding nothing else.
@@ -28,8 +30,18 @@ RUN_FILES = {LOCK_FILE, "recipe.yaml", "metrics.jsonl", "summary.json", "loss.pn
 @contextmanager
 def claim_run_dir(folder: Path, *, resume: bool) -> Iterator[Path]:
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    if not resume:  # before anything is created: a refused folder is left as it was
+        check_parent(folder, "--out-dir")
+        if folder.is_dir():
+            check_new_run_dir(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        had_lock = (folder / LOCK_FILE).exists()
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise unwritable(folder, exc) from None
+    refused = True
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -43,9 +55,16 @@ def claim_run_dir(folder: Path, *, resume: bool) -> Iterator[Path]:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         if not resume:
             check_new_run_dir(folder)
+        refused = False
         yield folder
     finally:
         os.close(fd)  # releases the lock
+        if refused:  # leave no trace in a folder this run did not take
+            if not had_lock:
+                (folder / LOCK_FILE).unlink(missing_ok=True)
+            for made in created:
+                if made.is_dir() and not any(made.iterdir()):
+                    made.rmdir()
 
 
 def check_new_run_dir(folder: Path) -> None:

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from macft.errors import MacftError
-from macft.models.gguf_import.convert import SUMMARY_FILE, convert_gguf
+from macft.models.gguf_import.convert import convert_gguf
 from macft.models.gguf_import.reader import read_gguf
-from macft.outputs import check_output, has_record
+from macft.outputs import IMPORT_RECORD, check_output, manifest
 from macft.paths import atomic_path, cache_dir
 from macft.phases import phase
 
@@ -73,7 +73,8 @@ def import_gguf_report(path: str | Path, *, dequantize: bool = False, out: str |
     previous = _read_summary(target)
     if previous and (previous.get("sha256"), previous.get("dequantized"), previous.get("format")) == (sha, dequantize, FORMAT):
         return _report(target, source, previous, cached=True, start=start)
-    check_output(target, "import", made_by=has_record(SUMMARY_FILE), inputs=[source], force=force, folder=True)
+    if out is not None:  # the cache's own folders are macft's to replace
+        target = check_output(target, "import", record=IMPORT_RECORD, inputs=[source], force=force)
 
     gguf = read_gguf(source)
     sibling = cache_dir("gguf") / (sha if dequantize else f"{sha}-dequantized")  # the other variant's tokenizer
@@ -88,8 +89,9 @@ def import_gguf_report(path: str | Path, *, dequantize: bool = False, out: str |
             "architecture": gguf.architecture,
             "dequantized": dequantize,
             "summary": summary,
+            "files": manifest(tmp),
         }
-        (tmp / SUMMARY_FILE).write_text(json.dumps(record, indent=2))
+        (tmp / IMPORT_RECORD).write_text(json.dumps(record, indent=2))
     return _report(target, source, record, cached=False, start=start)
 
 
@@ -118,7 +120,7 @@ def file_sha256(path: Path) -> str:
 
 def _read_summary(target: Path) -> dict | None:
     try:
-        return json.loads((target / SUMMARY_FILE).read_text())
+        return json.loads((target / IMPORT_RECORD).read_text())
     except (OSError, ValueError):
         return None
 

@@ -22,6 +22,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from macft.errors import MacftError
+from macft.outputs import IMPORT_RECORD
 from macft.families import Family
 from macft.models.claims import check_gguf_claims
 from macft.models.gguf_import.affine import GROUP_SIZE, quantize_exact
@@ -31,7 +32,6 @@ from macft.models.gguf_import.tokenizer import save_tokenizer, stop_token_ids
 from macft.models.weights import check_finite
 from macft.quants import decode
 
-SUMMARY_FILE = "macft_import.json"
 
 
 def convert_gguf(gguf: GGUFFile, out_dir: Path, *, dequantize: bool, tokenizer_from: Path | None = None) -> dict:
