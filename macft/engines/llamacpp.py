@@ -111,7 +111,6 @@ class LlamaCppModel:
             n_gpu_layers=-1,  # all layers on Metal where the wheel has it; ignored by CPU builds
             # Threads stay at llama-cpp-python's default (half the cores): with more threads than free
             # cores, llama.cpp's spinning threads wait on each other and generation slows many times over.
-            verbose=False,
         )
 
     def stream_tokens(self, tokenizer, tokens: list[int], sampling) -> Iterator[Piece]:

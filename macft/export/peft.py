@@ -43,7 +43,7 @@ def export_peft(
     from macft.adapters.peft import peft_method, to_peft, write_peft
     from macft.export.fuse import read_adapter_config
     from macft.export.hub import model_card, run_facts
-    from macft.outputs import check_output, has_record
+    from macft.outputs import check_output, manifest
     from macft.paths import atomic_path
 
     run_dir = Path(run_dir)
@@ -52,7 +52,7 @@ def export_peft(
     out = Path(out) if out is not None else run_dir / "peft"
     recorded = config.get("base_model") or {}
     inputs = [run_dir, recorded.get("source"), recorded.get("path")]
-    check_output(out, "export peft", made_by=has_record(EXPORT_RECORD), inputs=inputs, force=force, folder=True)
+    check_output(out, "export peft", record=EXPORT_RECORD, inputs=inputs, force=force)
     base_name, revision, notes = peft_base_name(run_dir, base)
     files = to_peft(run_dir, base_name, revision)
     card = model_card(base_name, run_facts(run_dir), kind="peft", title=repo or out.resolve().name, location=repo or str(out))
@@ -60,7 +60,7 @@ def export_peft(
         tmp.mkdir()
         write_peft(files, tmp)
         (tmp / CARD_FILE).write_text(card)
-        (tmp / EXPORT_RECORD).write_text(json.dumps({"run": str(run_dir.resolve()), "base_model": recorded}, indent=2))
+        (tmp / EXPORT_RECORD).write_text(json.dumps({"run": str(run_dir.resolve()), "base_model": recorded, "files": manifest(tmp)}, indent=2))
     return PeftExport(out, base_name, files.method, int(config["rank"]), float(config["alpha"]), files.modules, tuple(notes))
 
 
