@@ -18,6 +18,8 @@ COMMANDS = {
     "import": ("macft.commands.import_gguf", "import_gguf", "Import a GGUF file as an MLX model directory."),
     "fuse": ("macft.commands.fuse", "fuse", "Merge a trained adapter into its base model."),
     "export": ("macft.commands.export", "export", "Export a model or adapter (GGUF, Ollama Modelfile, Hugging Face PEFT)."),
+    "merge": ("macft.commands.merge", "merge", "Merge LoRA adapters trained on the same base into one (PEFT's methods)."),
+    "serve": ("macft.commands.serve", "serve", "Serve a base and its adapters over an OpenAI-compatible HTTP API."),
     "generate": ("macft.commands.generate", "generate", "Generate text once from a prompt."),
     "chat": ("macft.commands.chat", "chat", "Chat with a model and adapter in the terminal."),
     "eval": ("macft.commands.evaluate", "evaluate", "Loss, perplexity and task metrics, base vs tuned."),
@@ -28,7 +30,7 @@ COMMANDS = {
 }
 
 # Commands that run a model, and so are many times slower on Linux without OpenBLAS.
-COMPUTE_COMMANDS = {"lora", "generate", "chat", "eval", "fuse", "export", "data"}
+COMPUTE_COMMANDS = {"lora", "generate", "chat", "eval", "fuse", "export", "data", "serve", "merge"}
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

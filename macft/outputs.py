@@ -14,7 +14,8 @@ list in the macft home), a folder holding any of those, and the home, working an
 ``check_output`` returns the path to write: ``~`` expanded and a symbolic link replaced by what it
 points to, so the output lands where it was checked. How each command recognises its own earlier
 output: ``fuse`` by the ``macft_fuse.json`` record in the folder, ``import`` by
-``macft_import.json`` (each listing the files it wrote: ``manifest``), ``export gguf`` by the
+``macft_import.json``, ``merge`` by ``macft_merge.json``, ``export peft`` by ``macft_peft.json`` (each
+listing the files it wrote: ``manifest``), ``export gguf`` by the
 ``macft.command`` key it stores in every GGUF's metadata and by the comment line it ends each
 Modelfile with.
 """
@@ -60,7 +61,9 @@ def check_output(
     path = Path(os.path.realpath(given.expanduser())) if given.expanduser().is_symlink() else given.expanduser()
     where = path.resolve()
     check_parent(path, option)
-    refuse_protected(given, where, inputs, option)
+    # A folder holding this command's own record is its earlier output (a merged run is also a run
+    # directory), so only the other protections apply to it.
+    refuse_protected(given, where, inputs, option, own_output=record is not None and (path / record).is_file())
     if not path.exists():
         return path
     folder = record is not None
@@ -106,7 +109,7 @@ def check_parent(path: Path, option: str) -> None:
             return
 
 
-def refuse_protected(given: Path, where: Path, inputs: Iterable[Path | str | None], option: str) -> None:
+def refuse_protected(given: Path, where: Path, inputs: Iterable[Path | str | None], option: str, own_output: bool = False) -> None:
     """Paths no command writes onto or replaces, ``--force`` or not."""
     never = "; --force does not change that, so choose another " + option + "."
     for source in inputs:
@@ -116,7 +119,7 @@ def refuse_protected(given: Path, where: Path, inputs: Iterable[Path | str | Non
         if where == source or where in source.parents:
             what = "is" if where == source else "holds"
             raise MacftError(f"{option} {given} {what} this command's input {source}; writing there would destroy it{never}")
-    if (run := run_holding(where)) is not None:
+    if (run := run_holding(where)) is not None and not (own_output and run == where):
         part = "is the run directory" if where == run else "is part of the state of the run in"
         raise MacftError(f"{option} {given} {part} {run}; replacing it would break that run's resume, chat and export{never}")
     for base, runs in recorded_bases().items():
@@ -139,8 +142,9 @@ def keep_folders() -> set[Path]:
 
 
 def is_run_dir(folder: Path) -> bool:
-    """A folder `macft lora` trains in: it holds a checkpoint folder, an adapter config or the run lock."""
-    return (folder / "checkpoints").is_dir() or (folder / "adapter_config.json").is_file() or (folder / ".macft-lock").is_file()
+    """A folder `macft lora` trains in: it holds a checkpoint folder, macft's adapter weights or the run
+    lock (a PEFT export's adapter_config.json sits beside adapter_model.safetensors instead)."""
+    return (folder / "checkpoints").is_dir() or (folder / "adapters.safetensors").is_file() or (folder / ".macft-lock").is_file()
 
 
 def run_holding(where: Path) -> Path | None:

@@ -121,7 +121,8 @@ def test_an_unreachable_or_refusing_hub_costs_one_request_and_no_token_is_writte
         server.close()
     assert expected in one_line(result)
     # one request of macft's, no retry storm (huggingface_hub's own once-a-day registry fetch may precede it)
-    assert [r for r in server.requests if "agent-harnesses" not in r] == ["GET /api/whoami-v2 HTTP/1.1"]
+    # (the reachability probe before it is a bare TCP connection, which sends no request line)
+    assert [r for r in server.requests if r and "agent-harnesses" not in r] == ["GET /api/whoami-v2 HTTP/1.1"]
     assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()  # what was exported stays
     assert SECRET not in result.output
     for folder in (run, tmp_path, isolated_home):

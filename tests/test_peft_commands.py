@@ -122,7 +122,8 @@ def test_export_peft_refusals_and_overwrite_policy(setup, tmp_path):
     save_adapter(apply_method(load_model(str(setup["model"])).model, recipe.method), run, recipe.method, loaded.identity, recipe.model.recorded)
     mx.eval()
     assert invoke("export", "peft", "--adapter", run).exit_code == 0 and (run / "peft" / "adapter_model.safetensors").is_file()
-    assert invoke("export", "peft", "--adapter", run).exit_code == 0  # its own earlier output: replaced
+    again = invoke("export", "peft", "--adapter", run)
+    assert again.exit_code == 0, again.output  # its own earlier output: replaced
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")

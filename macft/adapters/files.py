@@ -56,8 +56,8 @@ def save_adapter(model: nn.Module, run_dir: Path, settings: Any, identity: dict,
     return run_dir / ADAPTER_FILE
 
 
-def adapter_files(path: Path) -> tuple[Path, Path]:
-    """(weights, config) for a run dir, a checkpoint dir or an adapters.safetensors file."""
+def adapter_paths(path: Path) -> tuple[Path, Path]:
+    """(weights, config) for a run dir, a checkpoint dir or an adapters.safetensors file, both present."""
     path = Path(path)
     weights = path if path.suffix == ".safetensors" else path / ADAPTER_FILE
     config = weights.parent / CONFIG_FILE
@@ -65,6 +65,12 @@ def adapter_files(path: Path) -> tuple[Path, Path]:
         raise MacftError(f"No adapter weights at {weights}; pass a run directory from `macft lora` or its adapters.safetensors.")
     if not config.is_file():
         raise MacftError(f"No {CONFIG_FILE} beside {weights}; the adapter cannot be re-applied without it.")
+    return weights, config
+
+
+def adapter_files(path: Path) -> tuple[Path, Path]:
+    """``adapter_paths``, with both files checked whole before any model is loaded for them."""
+    weights, config = adapter_paths(path)
     check_adapter_files(weights, config)
     return weights, config
 

@@ -147,28 +147,110 @@ class LlamaCppModel:
         yield Piece(detokenizer.last_segment, token, count, count / elapsed if elapsed > 0 else 0.0)
 
 
-def open_llamacpp(model_spec: str | None, adapter: str | Path | None = None):
-    """An ``OpenedModel`` whose ``model`` is a ``LlamaCppModel`` (no MLX weights are loaded once cached)."""
-    from macft.models.tokenizer_cache import LazyTokenizer
-
-    from macft.engines import OpenedModel
+def open_base(model_spec: str | None, adapter: str | Path | None):
+    """(spec, sha256, LoadedModel without weights) of the base that ``adapter`` was trained on (with
+    its recorded load options), else of ``model_spec``."""
     from macft.models.load import LoadedModel, model_family, resolve_model_dir
     from macft.models.spec import DEFAULT_MODEL
+    from macft.models.tokenizer_cache import LazyTokenizer
     from macft.run_base import recorded_base
 
-    require_llama_cpp()
     options: dict = {}
     if adapter is not None:
         recorded = recorded_base(adapter)
-        if model_spec is not None and model_spec != recorded.spec:
-            raise MacftError(f"--engine llama.cpp runs {adapter} on the base it was trained on ({recorded.spec}); drop --model.")
-        model_spec, options = recorded.spec, recorded.options
+        model_spec, options = model_spec or recorded.spec, recorded.options
     model_spec = model_spec or DEFAULT_MODEL
     model_dir, sha = resolve_model_dir(model_spec, revision=options.get("revision"), dequantize=bool(options.get("dequantize")))
     config = json.loads((model_dir / "config.json").read_text())
     tokenizer = LazyTokenizer(model_dir, config.get("eos_token_id"))
-    path, _ = cached_gguf(model_spec, None if adapter is None else Path(adapter), sha)
     identity = {"source": model_spec, "path": str(model_dir), "family": model_family(config), "sha256": sha}
-    loaded = LoadedModel(None, tokenizer, model_dir, config, identity)
-    engine = LlamaCppModel(path, int(config.get("max_position_embeddings") or MAX_CONTEXT))
+    return model_spec, sha, LoadedModel(None, tokenizer, model_dir, config, identity)
+
+
+def context_length(config: dict) -> int:
+    return int(config.get("max_position_embeddings") or MAX_CONTEXT)
+
+
+def open_llamacpp(model_spec: str | None, adapter: str | Path | None = None):
+    """An ``OpenedModel`` whose ``model`` is a ``LlamaCppModel`` (no MLX weights are loaded once cached)."""
+    from macft.engines import OpenedModel
+    from macft.run_base import recorded_base
+
+    require_llama_cpp()
+    if adapter is not None and model_spec is not None and model_spec != (recorded := recorded_base(adapter)).spec:
+        raise MacftError(f"--engine llama.cpp runs {adapter} on the base it was trained on ({recorded.spec}); drop --model.")
+    model_spec, sha, loaded = open_base(model_spec, adapter)
+    path, _ = cached_gguf(model_spec, None if adapter is None else Path(adapter), sha)
+    engine = LlamaCppModel(path, context_length(loaded.config))
     return OpenedModel(loaded, engine, adapter=None if adapter is None else Path(adapter))
+
+
+def cached_adapter_gguf(run_dir: Path, base_sha256: str) -> Path:
+    """The run's LoRA as an adapter GGUF (float32, for llama.cpp's runtime LoRA), exported on first use."""
+    from macft.export.adapter_gguf import write_adapter_gguf
+    from macft.paths import atomic_path, cache_dir
+
+    entry = cache_dir("llama.cpp") / f"{cache_key(base_sha256, run_dir)}-lora"
+    if (entry / "adapter.gguf").is_file():
+        return entry / "adapter.gguf"
+    with atomic_path(entry) as tmp:
+        tmp.mkdir()
+        write_adapter_gguf(run_dir, tmp / "adapter.gguf")
+    return entry / "adapter.gguf"
+
+
+class LlamaCppAdapters:
+    """``macft serve --engine llama.cpp``: the base's cached Q8_0 GGUF in one llama.cpp context, and
+    each LoRA adapter loaded once as an adapter GGUF and switched at runtime, so the base is read once
+    and a switch costs no reload. llama.cpp adds the float32 adapter to the Q8_0 base (``generate
+    --engine llama.cpp`` fuses first, then rounds), so answers can differ from it past near-ties."""
+
+    name = "llama.cpp"
+
+    def __init__(self, model_spec: str | None, adapters: dict[str, Path]):
+        from macft.adapters.files import adapter_files
+
+        self.llama_cpp = require_llama_cpp()
+        if not hasattr(self.llama_cpp, "llama_set_adapters_lora"):
+            raise MacftError("This llama-cpp-python cannot switch LoRA adapters at runtime; upgrade it (pip install -U llama-cpp-python) or serve with --engine mlx.")
+        spec, self.base_sha256, self.loaded = open_base(model_spec, next(iter(adapters.values()), None))
+        base_gguf, _ = cached_gguf(spec, None, self.base_sha256)
+        self.model = LlamaCppModel(base_gguf, context_length(self.loaded.config))
+        self.handles = {}
+        for name, run_dir in adapters.items():
+            method = json.loads(adapter_files(run_dir)[1].read_text()).get("method")
+            if method != "lora":
+                raise MacftError(f"Adapter '{name}' is a '{method}' adapter; llama.cpp switches LoRA adapters only, so serve it with --engine mlx.")
+            path = cached_adapter_gguf(Path(run_dir), self.base_sha256)
+            # llama-cpp-python keeps the model and context pointers on private members; they stay alive with self.model.
+            handle = self.llama_cpp.llama_adapter_lora_init(self.model.llama._model.model, str(path).encode())
+            if not handle:
+                raise MacftError(f"llama.cpp could not load the adapter GGUF of '{name}' ({path}).")
+            self.handles[name] = handle  # freed with the model
+        self.current: str | None = None
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def use(self, adapter: str | None) -> None:
+        import ctypes
+
+        if adapter == self.current:
+            return
+        context = self.model.llama._ctx.ctx
+        if adapter is None:
+            status = self.llama_cpp.llama_set_adapters_lora(context, None, 0, None)
+        else:
+            handles = (self.llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.handles[adapter])
+            status = self.llama_cpp.llama_set_adapters_lora(context, handles, 1, (ctypes.c_float * 1)(1.0))
+        if status != 0:
+            raise MacftError(f"llama.cpp refused to switch to '{adapter or 'the base'}' (status {status}).")
+        self.model.llama.reset()  # the cached keys and values were computed with the previous adapter
+        self.current = adapter
+
+    def seed(self, value: int) -> None:
+        self.model.llama.set_seed(value)
+
+    def stream(self, tokens: list[int], sampling) -> Iterator[Piece]:
+        return self.model.stream_tokens(self.loaded.tokenizer, tokens, sampling)

@@ -55,10 +55,11 @@ class FuseResult:
 
 
 def read_adapter_config(run_dir: Path) -> dict:
-    from macft.adapters.files import adapter_files
+    """The adapter's config alone, so a method a command cannot take is refused before its weights are read."""
+    from macft.adapters.files import adapter_paths
 
-    _, config_file = adapter_files(Path(run_dir))
-    return read_json(config_file, fix=ADAPTER_FIX)
+    _, config_file = adapter_paths(Path(run_dir))
+    return read_json(config_file, fix=ADAPTER_FIX, keys=("method",))
 
 
 def load_fused(run_dir: str | Path, *, dequantize: bool = False, on_base=None):
@@ -67,13 +68,14 @@ def load_fused(run_dir: str | Path, *, dequantize: bool = False, on_base=None):
     ``on_base(model)`` is called with the base model before the adapter touches it."""
     from mlx.utils import tree_flatten
 
-    from macft.adapters.files import load_adapter
+    from macft.adapters.files import adapter_files, load_adapter
     from macft.methods import fuse_model, method_spec
     from macft.run_base import load_run_base
 
     run_dir = Path(run_dir)
     adapter_cfg = read_adapter_config(run_dir)
     method_spec(adapter_cfg.get("method", "lora")).refuse_fusing()  # before loading any weights
+    adapter_files(run_dir)  # damaged adapter weights are one line before the base loads
     loaded = load_run_base(run_dir)
     if on_base is not None:
         on_base(loaded.model)
