@@ -111,6 +111,21 @@ def cpu_busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def report_header(script: str) -> dict:
+    """The command that reproduces this run of ``script`` (a path under scripts/), the date and the machine."""
+    return {
+        "command": f"python {script} " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",
+    }
+
+
+def print_and_write(report: dict, path: Path | None) -> None:
+    if path:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
 def busy_processes(seconds: float = 1.0, threshold: float = 0.05) -> list[dict]:
     """Processes other than this one that used more than ``threshold`` of a core over ``seconds``."""
 

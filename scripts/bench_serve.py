@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import print_and_write, report_header
 
 import macft  # noqa: F401  (loads OpenBLAS before mlx is imported)
 
@@ -141,16 +141,12 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 results.append(row)
     report = {
-        "command": "python scripts/bench_serve.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",
+        **report_header("scripts/bench_serve.py"),
         "requests": args.requests,
         "max_tokens": args.max_tokens,
         "results": results,
     }
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    print_and_write(report, args.json)
 
 
 if __name__ == "__main__":

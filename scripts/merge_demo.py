@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench import print_and_write, report_header
 
 from macft.paths import PROJECT_ROOT, RECIPES_DIR
 
@@ -97,18 +97,14 @@ def main() -> None:
     table = score(args.runs_dir, [*TASKS, *(f"merge-{name}" for name in MERGES)], args.engine, max_tokens)
     trained = {task: round(json.loads((args.runs_dir / task / "summary.json").read_text())["train_seconds"], 1) for task in TASKS}
     result = {
-        "command": "python scripts/merge_demo.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores",
+        **report_header("scripts/merge_demo.py"),
         "engine": args.engine,
         "training_seconds": trained,
         "total_seconds": round(time.time() - started, 1),
         "merges": {name: " ".join(options) for name, options in MERGES.items()},
         "exact_match": table,
     }
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print_and_write(result, args.json)
 
 
 if __name__ == "__main__":
