@@ -108,10 +108,12 @@ class Served:
         raise ApiError(404, f"The model '{model}' is not served here; GET /v1/models lists {', '.join(self.ids())}.", "model", "model_not_found")
 
 
-def adapter_specs(specs: list[str]) -> dict[str, Path]:
-    """name -> run directory from ``--adapter`` values: ``name=RUN``, ``RUN`` (named after its folder) or
-    a folder of runs (each named after its subfolder)."""
+def adapter_specs(specs: list[str], model_spec: str | None = None) -> dict[str, Path]:
+    """name -> run directory from ``--adapter`` values: ``name=RUN``, ``RUN`` (named after its folder), a
+    folder of runs (each named after its subfolder), or a PEFT adapter folder or hub id (converted for
+    ``model_spec``, else its own base, as every ``--adapter`` takes one)."""
     from macft.adapters.files import ADAPTER_FILE, CONFIG_FILE, adapter_files
+    from macft.adapters.peft import adapter_run, is_peft_source, source_name
 
     found: dict[str, Path] = {}
 
@@ -125,8 +127,11 @@ def adapter_specs(specs: list[str]) -> dict[str, Path]:
 
     for spec in specs:
         name, sep, value = spec.partition("=")
-        path = Path(value if sep else spec).expanduser()
-        if sep:
+        source = value if sep else spec
+        path = Path(source).expanduser()
+        if is_peft_source(source):
+            add(name if sep else source_name(source), adapter_run(source, model_spec))
+        elif sep:
             add(name, path)
         elif (path / ADAPTER_FILE).is_file():
             add(path.resolve().name, path)
@@ -134,7 +139,7 @@ def adapter_specs(specs: list[str]) -> dict[str, Path]:
             for run in runs:
                 add(run.name, run)
         else:
-            raise MacftError(f"--adapter {spec}: no run directory there (adapters.safetensors + adapter_config.json), nor a folder of them.")
+            raise MacftError(f"--adapter {spec}: no run directory there (adapters.safetensors + adapter_config.json), nor a folder of them, nor a PEFT adapter.")
     return found
 
 
@@ -144,7 +149,7 @@ def open_served(model_spec: str | None, specs: list[str], engine: str = "mlx") -
     from macft.models.spec import DEFAULT_MODEL
     from macft.run_base import recorded_base
 
-    adapters = adapter_specs(specs)
+    adapters = adapter_specs(specs, model_spec)
     first = next(iter(adapters.values()), None)
     base_id = model_spec or (recorded_base(first).spec if first is not None else DEFAULT_MODEL)
     if base_id in adapters:

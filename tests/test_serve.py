@@ -242,6 +242,18 @@ def test_startup_refusals(runs, tiny_model_dir, tmp_path):
         open_served(str(tiny_model_dir), [str(tmp_path / "empty")])
 
 
+def test_a_peft_adapter_is_served_as_the_run_it_came_from(runs, tiny_model_dir, tmp_path, references):
+    """A run exported to Hugging Face PEFT's format and served from that folder answers as the run does."""
+    from macft.export.peft import export_peft
+
+    export_peft(runs["first"], tmp_path / "peft", base=str(tiny_model_dir))
+    served = open_served(str(tiny_model_dir), [f"travelled={tmp_path / 'peft'}"])
+    assert served.adapters["travelled"].parent.name == "peft"  # converted once into macft's cache
+    with running(served) as server:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+        assert chat(client, "travelled").choices[0].message.content == references["first"][0]
+
+
 def test_serve_command_in_a_subprocess(runs, tiny_model_dir, tmp_path, references):
     """`macft serve` with a folder of runs on a free port: answers, then stops cleanly on SIGTERM;
     a taken port is one line."""

@@ -9,7 +9,7 @@ from macft.engines import ENGINES
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "-m", "model_spec", default=None, help="Hub id, model folder, .gguf file or gemma3-270m (default: the first adapter's base, else gemma3-270m).")
-@click.option("--adapter", "-a", "adapters", multiple=True, help="NAME=RUN, a run directory (named after its folder) or a folder of runs; repeat for more.")
+@click.option("--adapter", "-a", "adapters", multiple=True, help="NAME=RUN, a run directory (named after its folder), a folder of runs, or a PEFT adapter (folder or hub id); repeat for more.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; only this machine can connect to 127.0.0.1. 0.0.0.0 opens it to your network, without authentication.")
 @click.option("--port", "-p", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on (0: any free port).")
 @click.option("--engine", type=click.Choice(ENGINES), default="mlx", show_default=True, help="llama.cpp: the base's cached Q8_0 GGUF with LoRA adapters switched at runtime (LoRA only).")
