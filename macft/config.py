@@ -55,6 +55,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     grad_checkpoint: bool = False
+    # Queries per attention block: each block's scores are recomputed in the backward pass instead of
+    # kept, so no layer holds an L × L matrix (macft.models.attention); 0 = the memory planner's
+    # choice, -1 = MLX's fused attention.
+    attention_block: int = 0
     seed: int = 0
     eval_every: int = 50  # validate every N optimizer steps; 0 = only at the end
     eval_batches: int = -1  # -1 = the whole validation set
@@ -71,6 +75,7 @@ class TrainConfig:
         checks = [
             (self.batch_size > 0, "train.batch_size must be at least 1."),
             (self.grad_accumulation > 0, "train.grad_accumulation must be at least 1."),
+            (self.attention_block >= -1, "train.attention_block must be -1 (fused), 0 (planned) or a number of query rows."),
             (self.lanes >= 0, "train.lanes must be 0 (one per CPU core) or positive."),
             (self.learning_rate is None or self.learning_rate > 0, "train.learning_rate must be positive."),
             (self.iters >= 0, "train.iters must be 0 (use epochs) or positive."),
