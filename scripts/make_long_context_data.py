@@ -25,13 +25,10 @@ import json
 import random
 from pathlib import Path
 
+from make_demo_data import CITIES  # scripts/ is on the path when a script here runs
+
 VESSELS = ["Aurora", "Kestrel", "Meridian", "Halcyon", "Marlin", "Osprey", "Tern", "Calypso", "Sirocco", "Pelican"]
-PORTS = [
-    "Lisbon", "Nairobi", "Osaka", "Toronto", "Accra", "Madrid", "Dublin", "Mumbai", "Lima", "Lyon",
-    "Kyiv", "Lagos", "Porto", "Shanghai", "Boston", "Cairo", "Athens", "Bogota", "Berlin", "Chennai",
-    "Sydney", "Prague", "Tehran", "Oslo", "Dakar", "Vienna", "Tunis", "Geneva", "Bergen", "Santiago",
-    "Denver", "Manila", "Seoul", "Hanoi", "Quito", "Warsaw", "Zurich", "Austin", "Krakow", "Turin",
-]
+PORTS = CITIES  # the quickstart demo's cities
 GOODS = [
     "copper", "tea", "wool", "salt", "coffee", "rice", "timber", "cotton", "sugar", "pepper", "tin", "silk",
     "olive oil", "marble", "glass", "paper", "cocoa", "rubber", "iron", "wine", "cinnamon", "linen", "coal",
