@@ -145,3 +145,47 @@ def test_recipe_gets_the_planners_settings(tiny_model_dir):
     assert again.train == planned.train
     with pytest.raises(MacftError, match="memory budget"):
         fit_budget(recipe.replace(train={"attention_block": -1, "grad_checkpoint": False}))
+
+
+@pytest.mark.parametrize(
+    "text,size",
+    [("16GiB", 16 * GIB), ("12GB", 12 * 10**9), ("5.5G", int(5.5 * GIB)), ("800MiB", 800 * 2**20), (" 2 gib ", 2 * GIB), ("1024", 1024)],
+)
+def test_sizes_read_as_people_write_them(text, size):
+    assert size_bytes(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "16 parsecs", "-1GiB", "1e9", "inf", "nan"])
+def test_what_is_not_a_size_is_refused(text):
+    with pytest.raises(ValueError):
+        size_bytes(text)
+
+
+def test_a_memory_budget_that_is_not_a_size_is_one_line(tiny_model_dir, tmp_path):
+    data = write_rows(tmp_path / "data", 2, 40)
+    result = CliRunner().invoke(cli, ["lora", "--model", str(tiny_model_dir), "--data", str(data), "--memory-budget", "lots"])
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1 and "train.memory_budget must be a size such as 16GiB" in result.output
+
+
+def test_prefix_tuning_keeps_mlx_attention(tiny_model_dir):
+    """Prefix tuning hands every layer its own cache of virtual keys: the planner leaves its attention alone."""
+    recipe = load_recipe("quickstart", [f"model.path={tiny_model_dir}", "model.dequantize=false", "data.max_seq_length=2048", "method.name=prefix"])
+    planned, _ = fit_budget(recipe)
+    assert planned.train.attention_block == -1
+    lora, _ = fit_budget(recipe.replace(method={"name": "lora"}))
+    assert lora.train.attention_block > 0
+
+
+def test_a_long_run_trains_in_blocks_and_records_the_choice(tiny_model_dir, tmp_path):
+    """From 1,024 tokens on the planner picks block attention; the run's recipe.yaml records the settled
+    choice (no setting left open) and the summary says the model trained that way."""
+    data = write_rows(tmp_path / "data", 2, 1400)
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(cli, ["lora", "--model", str(tiny_model_dir), "--data", str(data), "--iters", "1", "--batch-size", "1",
+                                      "--set", "data.max_seq_length=1100", "--memory-budget", "4GiB", "--out-dir", str(runs), "--name", "long", "--json"])
+    assert result.exit_code == 0, result.output
+    saved = load_recipe(runs / "long" / "recipe.yaml")
+    assert saved.train.attention_block > 0 and saved.train.grad_checkpoint is False and saved.train.memory_budget == "4GiB"
+    summary = json.loads((runs / "long" / "summary.json").read_text())
+    assert any(f"attention in blocks of {saved.train.attention_block} queries" in path for path in summary["fast_paths"])
