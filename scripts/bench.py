@@ -344,14 +344,15 @@ def run_command(command: list[str], extra: dict[str, str], pattern: re.Pattern, 
 
 def kill_over(proc: subprocess.Popen, rss_cap: int | None, time_cap: float | None, watched: dict) -> None:
     """Kill ``proc`` once its resident memory passes ``rss_cap`` bytes or it has run ``time_cap``
-    seconds; ``watched`` keeps the largest resident size seen and why it was killed."""
+    seconds; ``watched`` keeps its resident peak so far (the kernel's VmHWM) and why it was killed."""
     status, started = Path(f"/proc/{proc.pid}/status"), time.perf_counter()
     while proc.poll() is None:
         try:
-            rss = next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith("VmRSS:"))
-        except (OSError, StopIteration, ValueError):
+            sizes = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith(("VmRSS:", "VmHWM:"))}
+            rss = sizes["VmRSS"]
+        except (OSError, KeyError, ValueError):
             return
-        watched["rss"] = max(watched["rss"], rss)
+        watched["rss"] = max(watched["rss"], sizes.get("VmHWM", rss))
         over = "memory" if rss_cap and rss > rss_cap else "time" if time_cap and time.perf_counter() - started > time_cap else None
         if over:
             watched["killed"] = over

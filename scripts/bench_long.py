@@ -15,7 +15,7 @@ step's own report), and macft's memory plan with the planner's predicted peak. A
 finished", with the resident peak seen until then. macft trains without a validation split (the
 validation pass would add a forward pass at the same length). Runs go one at a time; memory is what
 this benchmark is about, so it takes /tmp/macft-bigmem.lock itself (shared machines: one big job at
-a time; do not wrap it in flock).
+a time; do not wrap it in flock; --no-lock for a run small enough to go beside a big one).
 
     python scripts/bench_long.py                                          # 1k, 2k, 4k, 8k tokens; 3 systems
     python scripts/bench_long.py --lengths 4096 --systems macft --memory-budget 5GiB
@@ -114,7 +114,8 @@ def run_all(args: argparse.Namespace, scratch: Path) -> dict:
     probe_dir.mkdir()
     (probe_dir / "sitecustomize.py").write_text(bench.PROBE)
     report = {"machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores", "model": args.model,
-              "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg(), "rss_cap": args.rss_cap, "runs": []}
+              "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg(),
+              "mlx_bfs_max_width": os.environ.get("MLX_BFS_MAX_WIDTH", "macft's default (backend.EVAL_ORDER_WIDTH on a CPU)"), "rss_cap": args.rss_cap, "runs": []}
     print(f"{'tokens':>7} {'system':<11}{'RSS GiB':>9}{'MLX GiB':>9}{'tok/s':>8}  plan / outcome", flush=True)
     for length in map(int, args.lengths.split(",")):
         data = long_rows(scratch, length, args.steps)
@@ -128,7 +129,8 @@ def run_all(args: argparse.Namespace, scratch: Path) -> dict:
             line, env = command(system, cfg, run_dir, tools)
             pattern = bench.MACFT_STEP if system == "macft" else bench.MLX_LM_STEP
             with LOCK.open("w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+                if args.lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
                 result = bench.run_command(line, env, pattern, run_dir, probe_dir, macft=system == "macft",
                                            rss_cap=int(args.rss_cap * 2**30), time_cap=args.time_cap * 60, min_steps=args.steps)
             row = {"system": system, "tokens": length, "rss_peak_bytes": result.get("rss_peak_bytes"),
@@ -166,6 +168,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16, help="LoRA on the last N layers")
     parser.add_argument("--memory-budget", help="macft's --memory-budget (default: the machine's memory)")
     parser.add_argument("--rss-cap", type=float, default=20.0, help="GiB of resident memory past which a run counts as out of memory")
+    parser.add_argument("--no-lock", dest="lock", action="store_false", help="run without taking the lock (a small run beside a big one)")
     parser.add_argument("--time-cap", type=float, default=60.0, help="minutes after which a run is stopped and reported as not finished")
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
     args = parser.parse_args()
