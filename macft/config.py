@@ -32,6 +32,7 @@ from macft.models.spec import DEFAULT_MODEL
 from macft.objectives import OBJECTIVE_NAMES, OBJECTIVES, AlignConfig, objective_named
 from macft.options import names_literal
 from macft.paths import RECIPES_DIR, atomic_path
+from macft.units import size_bytes
 
 __all__ = [
     "DEFAULT_MODEL", "AlignConfig", "DataConfig", "DemoConfig", "MethodConfig", "ModelConfig", "OutputConfig", "Recipe",
@@ -54,7 +55,16 @@ class TrainConfig:
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    grad_checkpoint: bool = False
+    # Recompute each layer's forward pass in the backward pass instead of keeping its activations;
+    # unset: the memory planner turns it on when the run would not fit its budget without it.
+    grad_checkpoint: bool | None = None
+    # Queries per attention block: each block's scores are recomputed in the backward pass instead of
+    # kept, so no layer holds an L × L matrix (macft.models.attention); 0 = the memory planner's
+    # choice, -1 = MLX's fused attention.
+    attention_block: int = 0
+    # The memory a run may use ("16GiB", "12GB", "5.5G"); unset: this machine's memory. The planner
+    # chooses the settings left to it (checkpointing, attention blocks, micro-batches) to fit.
+    memory_budget: str | None = None
     seed: int = 0
     eval_every: int = 50  # validate every N optimizer steps; 0 = only at the end
     eval_batches: int = -1  # -1 = the whole validation set
@@ -71,6 +81,8 @@ class TrainConfig:
         checks = [
             (self.batch_size > 0, "train.batch_size must be at least 1."),
             (self.grad_accumulation > 0, "train.grad_accumulation must be at least 1."),
+            (self.memory_budget is None or _is_size(self.memory_budget), "train.memory_budget must be a size such as 16GiB, 12GB or 5.5G."),
+            (self.attention_block >= -1, "train.attention_block must be -1 (fused), 0 (planned) or a number of query rows."),
             (self.lanes >= 0, "train.lanes must be 0 (one per CPU core) or positive."),
             (self.learning_rate is None or self.learning_rate > 0, "train.learning_rate must be positive."),
             (self.iters >= 0, "train.iters must be 0 (use epochs) or positive."),
@@ -80,6 +92,13 @@ class TrainConfig:
             (self.step_timeout >= 0, "train.step_timeout must be 0 (no deadline) or a number of seconds."),
         ]
         return [message for ok, message in checks if not ok]
+
+
+def _is_size(text: str) -> bool:
+    try:
+        return size_bytes(text) > 0
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,14 @@ the method's own count (``macft.methods``).
     est = estimate(shape, Plan(method="qlora", batch=4, seq=512))
     print(est.total_bytes, est.fits, est.suggestions)
 
+Given a budget, ``choose_settings`` picks the cheapest settings that fit (attention in query blocks,
+layer checkpointing, micro-batches with accumulation, a 4-bit base only when allowed), each with its
+reason; ``fitting_limits`` and ``refusal`` name the longest sequence and largest batch that would fit
+when nothing does. ``macft.train.plan`` applies the choice to a run's recipe before loading weights.
+
+    choice = choose_settings(shape, Plan(batch=1, seq=32768), 16 * GIB)
+    choice.plan.attention_block, choice.plan.grad_checkpoint, choice.reasons
+
 With ``Plan(ranks=N)`` the plan is for one of N data-parallel ranks: ``batch`` is the global batch,
 each rank holds its share of it and a whole copy of the model, gradients and optimizer state.
 
@@ -24,6 +32,7 @@ keeps the prediction within 20% of them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable
@@ -68,6 +77,18 @@ MULTI_CHUNK_LOGIT_COPIES = 2.5
 # Attention without a fused backward materialises the probabilities (kept) and, for the layer in
 # its backward pass, two more batch × heads × L × L buffers.
 ATTENTION_TRANSIENT = 2
+# Block attention (``macft.models.attention``) keeps nothing between layers; the backward pass
+# through one block of queries holds about this many float32 copies of batch × heads × rows × L
+# (scores, probabilities, their gradients), measured.
+ATTENTION_BLOCK_COPIES = 5.5
+# Gemma 4's per-layer inputs (the per-layer embedding rows and the projection of the embeddings,
+# ``hidden_size_per_layer_input`` wide for every layer) are formed before the first block and kept
+# until the backward pass reaches the embeddings: copies per token, layer and width, measured.
+PER_LAYER_INPUT_COPIES = 3
+# Qwen3.5's linear attention runs its recurrence one token at a time (mlx-lm's ``gated_delta_ops``
+# in training) and keeps each step's state (value heads × key dim × value dim, float32) for the
+# backward pass: copies of the state per token, measured.
+LINEAR_STATE_COPIES = 4
 
 @dataclass(frozen=True)
 class Plan:
@@ -80,6 +101,9 @@ class Plan:
     quantize_bits: int | None = None  # QLoRA base precision (method "qlora" means 4 when unset)
     group_size: int = 64
     grad_checkpoint: bool = False
+    # Queries per attention block (``macft.models.attention``), as train.attention_block means it
+    # once chosen; None = MLX's fused attention, which keeps every layer's L × L probabilities.
+    attention_block: int | None = None
     # Positions per loss chunk as train.loss_chunk_size means it (0 = the trainer's automatic size);
     # None = a plain loss over the whole batch's logits.
     loss_chunk_size: int | None = 0
@@ -156,9 +180,10 @@ def weight_bytes(shape: ModelShape, plan: Plan) -> int:
     return shape.params * plan.compute_bytes
 
 
-def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None) -> Estimate:
+def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None, suggest: bool = True) -> Estimate:
     """Predict the peak memory of one training step of ``plan`` on a model of ``shape`` (an unknown
-    method is a one-line error)."""
+    method is a one-line error); with ``suggest``, a plan that does not fit comes with the changes
+    that would make it fit."""
     if available_bytes is None:
         from macft.backend import machine_memory_bytes
 
@@ -177,14 +202,24 @@ def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None) 
     saved_intermediate = SAVED_INTERMEDIATE + (family.saved_extra_intermediate if family else 0)
     mlp_width = shape.intermediate * max(shape.experts_per_token, 1)  # each token runs through k experts
     per_token_layer = (saved_hidden * shape.hidden + SAVED_KV * shape.kv_dim + saved_intermediate * mlp_width) * d
-    attention_probs = plan.rank_batch * shape.heads * plan.seq * plan.seq * d
+    attention_layers = shape.layers - shape.linear_layers
+    if plan.attention_block:
+        # Nothing is kept per layer; the block in its backward pass is the only transient.
+        attention_probs = 0
+        attention_transient = int(ATTENTION_BLOCK_COPIES * plan.rank_batch * shape.heads * min(plan.attention_block, plan.seq) * plan.seq * 4)
+    else:
+        attention_probs = plan.rank_batch * shape.heads * plan.seq * plan.seq * d
+        attention_transient = ATTENTION_TRANSIENT * attention_probs
+    # A linear-attention block keeps its recurrent state per token instead of attention probabilities.
+    state = tokens * LINEAR_STATE_COPIES * shape.linear_state * 4
     layers = shape.layers
     if plan.grad_checkpoint:
         # Only each block's input survives the forward pass; one block is recomputed at a time.
-        saved = layers * tokens * shape.hidden * d + tokens * per_token_layer + attention_probs
+        saved = layers * tokens * shape.hidden * d + tokens * per_token_layer + max(attention_probs if attention_layers else 0, state)
     else:
-        saved = layers * (tokens * per_token_layer + attention_probs)
-    backward = tokens * BACKWARD_HIDDEN * shape.hidden * d + ATTENTION_TRANSIENT * attention_probs
+        saved = layers * tokens * per_token_layer + attention_layers * attention_probs + shape.linear_layers * state
+    saved += tokens * PER_LAYER_INPUT_COPIES * layers * shape.per_layer_input * d
+    backward = tokens * BACKWARD_HIDDEN * shape.hidden * d + (attention_transient if attention_layers else 0)
     if plan.loss_chunk_size is None:
         logits = tokens * shape.vocab * 4 * LOGIT_COPIES
     else:
@@ -218,7 +253,7 @@ def estimate(shape: ModelShape, plan: Plan, available_bytes: int | None = None) 
     }
     notes = _notes(shape, plan, parts) + _replica_notes(parts, int(available_bytes))
     result = Estimate(shape.name, plan, parts, int(available_bytes), notes)
-    if not result.fits:
+    if suggest and not result.fits:
         result = dataclasses.replace(result, suggestions=suggestions(shape, plan, int(available_bytes)))
     return result
 
@@ -267,10 +302,13 @@ def suggestions(shape: ModelShape, plan: Plan, available_bytes: int) -> list[str
     """Settings that bring ``plan`` under ``available_bytes``, cheapest change first."""
 
     def fits(**changes: Any) -> bool:
+        # Without suggestions of its own: each candidate's would try candidates again, exponentially.
         candidate = dataclasses.replace(plan, **changes)
-        return estimate(shape, candidate, available_bytes).fits
+        return estimate(shape, candidate, available_bytes, suggest=False).fits
 
     found = []
+    if not plan.attention_block and fits(attention_block=default_block_rows(shape, plan)):
+        found.append("compute attention in blocks of queries (--set train.attention_block=0, the default)")
     if not plan.grad_checkpoint and fits(grad_checkpoint=True):
         found.append("turn on gradient checkpointing (--set train.grad_checkpoint=true)")
     if plan.loss_chunk_size is None and fits(loss_chunk_size=0):
@@ -293,6 +331,177 @@ def suggestions(shape: ModelShape, plan: Plan, available_bytes: int) -> list[str
     if not found:
         found.append("no single change fits; combine QLoRA, batch size 1, gradient checkpointing and shorter sequences, or pick a smaller model")
     return found
+
+
+# ---------------------------------------------------------------------------- choosing settings
+
+# What each saving costs in step time, as a share of a step (docs/benchmarks.md): the planner takes
+# the cheapest combination that fits its budget.
+CHECKPOINT_COST = 0.30  # every layer's forward pass runs twice
+MICRO_BATCH_COST = 0.05  # per halving of the rows computed at once (smaller products, more steps' overhead)
+BLOCK_HALVING_COST = 0.01  # per halving of the attention block below its default (more, smaller products)
+QUANTIZE_COST = 1.0  # QLoRA: a 4-bit base, dequantized for every product on a CPU; only when allowed
+# From this length on block attention is chosen even where MLX's fused attention would fit: on a CPU
+# it is faster (it skips the masked half of the scores), and it never holds more.
+BLOCK_ATTENTION_FROM = 1024
+DEFAULT_BLOCK_BYTES = 64 * 1024**2  # one block's float32 scores, when nothing asks for smaller
+MIN_BLOCK_ROWS = 16
+SHORTEST_SEQ = 8  # the shortest sequence the planner considers when it names what would fit
+
+
+@dataclass(frozen=True)
+class Freedom:
+    """What the planner may change in a plan: what the recipe left unset (or allows)."""
+
+    checkpoint: bool = True  # train.grad_checkpoint unset
+    attention: bool = True  # train.attention_block 0
+    micro_batches: bool = True  # split a batch into micro-batches with gradient accumulation
+    quantize: bool = False  # model.allow_qlora: quantize the frozen base to 4 bits
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The settings the planner chose: the plan, its estimate, micro-batches per batch, and why."""
+
+    plan: Plan
+    estimate: Estimate
+    accumulation: int = 1  # micro-batches of ``plan.batch`` rows per batch of the asked plan
+    reasons: tuple[str, ...] = ()
+
+
+def default_block_rows(shape: ModelShape, plan: Plan) -> int:
+    """Query rows per attention block so that one block's scores take ``DEFAULT_BLOCK_BYTES``."""
+    rows = DEFAULT_BLOCK_BYTES // max(1, plan.rank_batch * shape.heads * plan.seq * 4)
+    return int(min(plan.seq, max(MIN_BLOCK_ROWS, rows // MIN_BLOCK_ROWS * MIN_BLOCK_ROWS)))
+
+
+def _options(shape: ModelShape, plan: Plan, free: Freedom) -> list[tuple[float, Plan, int]]:
+    """Every candidate plan with its time cost and micro-batches per batch, cheapest first (the
+    last is the leanest)."""
+    if free.attention:
+        blocks: list[tuple[float, int | None]] = [] if plan.seq >= BLOCK_ATTENTION_FROM else [(0.0, None)]
+        rows, cost = default_block_rows(shape, plan), 0.0
+        while True:
+            blocks.append((cost, rows))
+            if rows <= MIN_BLOCK_ROWS:
+                break
+            rows, cost = max(MIN_BLOCK_ROWS, rows // 2 // MIN_BLOCK_ROWS * MIN_BLOCK_ROWS), cost + BLOCK_HALVING_COST
+    else:
+        blocks = [(0.0, plan.attention_block)]
+    checkpoints = [(0.0, False), (CHECKPOINT_COST, True)] if free.checkpoint and not plan.grad_checkpoint else [(0.0, plan.grad_checkpoint)]
+    splits, parts = [(0.0, 1)], 1
+    while free.micro_batches and plan.ranks == 1 and plan.batch % (parts * 2) == 0:
+        parts *= 2
+        splits.append((MICRO_BATCH_COST * math.log2(parts), parts))
+    bases = [(0.0, plan.method, plan.quantize_bits)]
+    if free.quantize and plan.method in ("lora", "dora") and plan.quantize_bits is None and shape.stored_bits is None:
+        bases.append((QUANTIZE_COST, "qlora" if plan.method == "lora" else "dora", 4))
+    options = [
+        (base_cost + checkpoint_cost + split_cost + block_cost,
+         dataclasses.replace(plan, method=method, quantize_bits=bits, grad_checkpoint=checkpoint, batch=plan.batch // parts, attention_block=rows),
+         parts)
+        for base_cost, method, bits in bases
+        for checkpoint_cost, checkpoint in checkpoints
+        for split_cost, parts in splits
+        for block_cost, rows in blocks
+    ]  # fmt: skip
+    return sorted(options, key=lambda option: option[0])
+
+
+def choose_settings(shape: ModelShape, plan: Plan, available_bytes: int | None = None, free: Freedom = Freedom()) -> Choice:
+    """The cheapest settings within ``free`` under which ``plan`` fits ``available_bytes`` (the machine's
+    memory when None), with one line per change saying why; when nothing fits, the leanest settings
+    (``choice.estimate.fits`` is False, with suggestions)."""
+    if available_bytes is None:
+        from macft.backend import machine_memory_bytes
+
+        available_bytes = machine_memory_bytes()
+    leanest = None
+    for _, candidate, parts in _options(shape, plan, free):
+        result = estimate(shape, candidate, available_bytes, suggest=False)
+        if result.fits:
+            return Choice(candidate, result, parts, tuple(_reasons(shape, plan, candidate, parts, available_bytes)))
+        if leanest is None or result.total_bytes < leanest[1].total_bytes:
+            leanest = (candidate, result, parts)
+    candidate, result, parts = leanest
+    return Choice(candidate, estimate(shape, candidate, available_bytes), parts, tuple(_reasons(shape, plan, candidate, parts, available_bytes)))
+
+
+def _reasons(shape: ModelShape, asked: Plan, chosen: Plan, parts: int, available_bytes: int) -> list[str]:
+    """One line per setting the planner changed: what, and what it saves or costs."""
+
+    def without(**changes: Any) -> str:
+        return format_bytes(estimate(shape, dataclasses.replace(chosen, **changes), available_bytes, suggest=False).total_bytes)
+
+    reasons = []
+    if chosen.attention_block and chosen.attention_block != asked.attention_block:
+        scores = chosen.rank_batch * shape.heads * chosen.seq * chosen.seq * chosen.compute_bytes
+        reasons.append(
+            f"attention in blocks of {chosen.attention_block} queries, recomputed in the backward pass "
+            f"(MLX's fused attention would keep {format_bytes(scores)} of scores per layer; peak {without(attention_block=None)} with it)"
+        )
+    if chosen.grad_checkpoint and not asked.grad_checkpoint:
+        reasons.append(
+            f"layer checkpointing: each layer's forward pass is recomputed in the backward pass, about "
+            f"{CHECKPOINT_COST:.0%} more time (peak without it {without(grad_checkpoint=False)})"
+        )
+    if parts > 1:
+        reasons.append(
+            f"micro-batches of {chosen.batch} rows, {parts} accumulated per step: the same batch of {asked.batch} "
+            f"(peak {without(batch=asked.batch)} at once)"
+        )
+    if chosen.quantize_bits and not asked.quantize_bits:
+        reasons.append(
+            f"QLoRA: the frozen base quantized to {chosen.quantize_bits} bits, as model.allow_qlora permits "
+            f"(peak {without(quantize_bits=None, method=asked.method)} in float)"
+        )
+    return reasons
+
+
+def fitting_limits(shape: ModelShape, plan: Plan, available_bytes: int, free: Freedom = Freedom()) -> tuple[int | None, int | None]:
+    """(the longest sequence that fits at ``plan.batch``, the largest batch that fits at ``plan.seq``),
+    each with the planner free to choose what ``free`` allows; None where not even the smallest fits.
+    Memory grows with both, so each is found by bisection: a bounded number of estimates."""
+
+    def fits(**changes: Any) -> bool:
+        leanest = _options(shape, dataclasses.replace(plan, **changes), free)[-1][1]
+        return estimate(shape, leanest, available_bytes, suggest=False).fits
+
+    def largest(low: int, high: int, key: str) -> int | None:
+        if not fits(**{key: low}):
+            return None
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(**{key: middle}) else (low, middle - 1)
+        return low
+
+    return largest(SHORTEST_SEQ, plan.seq, "seq"), largest(1, plan.batch, "batch")
+
+
+def refusal(shape: ModelShape, plan: Plan, leanest: Choice, free: Freedom) -> str:
+    """One line: why ``plan`` cannot fit its budget even with every saving ``free`` allows, and what would."""
+    budget = leanest.estimate.available_bytes
+    longest, largest = fitting_limits(shape, plan, budget, free)
+    savings = [
+        *(["layer checkpointing"] if leanest.plan.grad_checkpoint else []),
+        *([f"attention in blocks of {leanest.plan.attention_block} queries"] if leanest.plan.attention_block else []),
+        *([f"micro-batches of {leanest.plan.batch}"] if leanest.accumulation > 1 else []),
+        *([f"a {leanest.plan.quantize_bits}-bit base"] if leanest.plan.quantize_bits else []),
+    ]
+    with_savings = f" even with {', '.join(savings)}" if savings else ""
+    options = []
+    if longest is not None:
+        options.append(f"at batch {plan.batch} it fits up to {longest:,} tokens (--set data.max_seq_length={longest})")
+    if largest is not None and largest < plan.batch:
+        options.append(f"at {plan.seq:,} tokens up to batch {largest} (--set train.batch_size={largest})")
+    elif largest is None and longest is not None:
+        options.append(f"at {plan.seq:,} tokens not even batch 1 fits")
+    elif longest is None:
+        options.append("not even 8 tokens per row fit: pick a smaller model" + ("" if free.quantize else " or allow QLoRA (--set model.allow_qlora=true)"))
+    return (
+        f"{shape.name}: batch {plan.batch} × {plan.seq:,} tokens needs about {format_bytes(leanest.estimate.total_bytes)}{with_savings}, "
+        f"over the {format_bytes(budget)} memory budget; {'; '.join(options)}."
+    )
 
 
 # ---------------------------------------------------------------------------- machines and steps
@@ -325,15 +534,17 @@ MAC_SETTINGS = {"compute_bytes": 2, "polynomial_exp": False}  # Apple Silicon: b
 LIMIT_HEADROOM = 1.25
 
 
-def step_budget(shape: ModelShape, plan: Plan) -> Callable[[int, int], int]:
+def step_budget(shape: ModelShape, plan: Plan, cap: int | None = None) -> Callable[[int, int], int]:
     """``budget(batch, length)``: the memory limit the trainer holds during one training step of
     ``plan`` on a batch of that many rows padded to that many tokens: the predicted peak plus
-    ``LIMIT_HEADROOM``. MLX waits for memory once over the limit, so a step needing more runs slower
-    but still runs; its real peak lands a little above the limit (the allocation that crossed it)."""
+    ``LIMIT_HEADROOM``, at most ``cap`` (the run's memory budget). MLX waits for memory once over the
+    limit, so a step needing more runs slower but still runs; its real peak lands a little above the
+    limit (the allocation that crossed it)."""
 
     @lru_cache(maxsize=None)
     def budget(batch: int, length: int) -> int:
         step = dataclasses.replace(plan, batch=batch, seq=length, ranks=1, rows_per_example=1)
-        return int(estimate(shape, step, available_bytes=1 << 62).total_bytes * LIMIT_HEADROOM)
+        limit = int(estimate(shape, step, available_bytes=1 << 62, suggest=False).total_bytes * LIMIT_HEADROOM)
+        return limit if cap is None else min(limit, cap)
 
     return budget

@@ -297,9 +297,12 @@ def run_once(cfg: dict, run_dir: Path, tools: dict, probe_dir: Path) -> dict:
     return run_command(command, extra, pattern, run_dir, probe_dir, macft=cfg["system"].startswith("macft"))
 
 
-def run_command(command: list[str], extra: dict[str, str], pattern: re.Pattern, run_dir: Path, probe_dir: Path, macft: bool) -> dict:
+def run_command(command: list[str], extra: dict[str, str], pattern: re.Pattern, run_dir: Path, probe_dir: Path, macft: bool,
+                rss_cap: int | None = None, time_cap: float | None = None, min_steps: int = 3) -> dict:
     """Run one benchmark process (``extra``: environment on top of this one's; ``probe_dir`` goes first
-    on its PYTHONPATH), timestamp the step reports ``pattern`` matches, and measure the process."""
+    on its PYTHONPATH), timestamp the step reports ``pattern`` matches, and measure the process. Past
+    ``rss_cap`` resident bytes the process is killed and the result says "out of memory"; past
+    ``time_cap`` seconds it is killed and says "not finished" (with the resident peak seen so far)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(probe_dir), extra.get("PYTHONPATH"), os.environ.get("PYTHONPATH")) if p)
     watch = Watch()
@@ -326,6 +329,9 @@ def run_command(command: list[str], extra: dict[str, str], pattern: re.Pattern, 
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
+    watched = {"rss": 0, "killed": None}
+    if rss_cap or time_cap:
+        threading.Thread(target=kill_over, args=(proc, rss_cap, time_cap, watched), daemon=True).start()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
     reader.join(timeout=10)
@@ -336,11 +342,38 @@ def run_command(command: list[str], extra: dict[str, str], pattern: re.Pattern, 
     result = {"exit_status": os.waitstatus_to_exitcode(status), "wall_seconds": wall, "rss_peak_bytes": rss_peak or usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024),
               "mlx_peak_bytes": mlx_peak, "steps": steps, "load_start": watch.load_start, "load_end": load_end,
               "other_cores": others}
-    if result["exit_status"] != 0 or len(steps) < 3:
+    if watched["killed"] == "time":
+        result["rss_peak_bytes"] = max(watched["rss"], result["rss_peak_bytes"] or 0)
+        result["error"] = f"not finished: over {time_cap / 60:.0f} min"
+        return result
+    if watched["killed"] == "memory" or result["exit_status"] == -9:  # our cap, or the kernel's out-of-memory killer
+        result["error"] = "out of memory" + (f" (over {rss_cap / 2**30:.1f} GiB resident)" if watched["killed"] else " (killed)")
+        return result
+    if result["exit_status"] != 0 or len(steps) < min_steps:
         result["error"] = " | ".join(tail[-5:])
         return result
-    result.update(step_metrics(steps))
+    if len(steps) >= 3:
+        result.update(step_metrics(steps))
     return result
+
+
+def kill_over(proc: subprocess.Popen, rss_cap: int | None, time_cap: float | None, watched: dict) -> None:
+    """Kill ``proc`` once its resident memory passes ``rss_cap`` bytes or it has run ``time_cap``
+    seconds; ``watched`` keeps its resident peak so far (the kernel's VmHWM) and why it was killed."""
+    status, started = Path(f"/proc/{proc.pid}/status"), time.perf_counter()
+    while proc.poll() is None:
+        try:
+            sizes = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith(("VmRSS:", "VmHWM:"))}
+            rss = sizes["VmRSS"]
+        except (OSError, KeyError, ValueError):
+            return
+        watched["rss"] = max(watched["rss"], sizes.get("VmHWM", rss))
+        over = "memory" if rss_cap and rss > rss_cap else "time" if time_cap and time.perf_counter() - started > time_cap else None
+        if over:
+            watched["killed"] = over
+            proc.kill()
+            return
+        time.sleep(0.5)
 
 
 def attach_macft_tokens(steps: list[dict], run_dir: Path) -> None:

@@ -38,6 +38,7 @@ def flag_changes(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "name": ("output", "name"),
         "iters": ("train", "iters"),
         "init_adapter": ("method", "init_adapter"),
+        "memory_budget": ("train", "memory_budget"),
     }
     for option, (section, key) in simple.items():
         if options.get(option) is not None:
@@ -145,6 +146,7 @@ def shared_recipe(world, recipe):
 @click.option("--rank", type=click.IntRange(min=1), help="LoRA/DoRA rank.")
 @click.option("--init-adapter", help="Continue training a PEFT LoRA/DoRA adapter (folder or hub id); its base unless --model is given.")
 @click.option("--quantize-bits", type=click.Choice(["4", "8"]), help="Quantize the frozen base at load (QLoRA).")
+@click.option("--memory-budget", metavar="SIZE", help="Memory the run may use, e.g. 16GiB (default: this machine's); the planner picks checkpointing, attention blocks and micro-batches to fit.")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue a run from its last checkpoint.")
 @click.option("--allow-changed-inputs", is_flag=True, help="With --resume: continue even though the base model or data changed since the checkpoint.")
 @click.option("--out-dir", help="Folder that holds run directories (default: runs).")
@@ -174,6 +176,7 @@ def lora(
       macft lora quickstart --iters 40 --set train.learning_rate=5e-4
       macft lora --model Qwen/Qwen3-0.6B --data data/ --method qlora --rank 16
       macft lora --model ollama:qwen3:0.6b --data data/ --epochs auto
+      macft lora long-context --memory-budget 16GiB --set data.max_seq_length=32768
       macft lora --resume runs/quickstart-20260101-120000
       macft lora --init-adapter org/peft-adapter --data data/
       macft lora my.yaml --hosts 192.168.1.10,192.168.1.11

@@ -1,11 +1,13 @@
 """Packing: several examples per row, and the attention mask that keeps them apart.
 
 ``pack_rows`` assigns examples to rows of a fixed number of positions (best-fit decreasing).
-``packing_cache(model, segment_ids)`` gives an mlx-lm model a per-layer "cache" whose only job is
-to supply a block-diagonal causal mask (sliding-window where the layer asks for one): a token
-attends only to earlier tokens of its own example. The cache leaves keys and values untouched and
-has offset 0, so RoPE positions run across the row; RoPE scores depend only on the distance
-between tokens, so every example sees exactly the attention scores it would see unpacked.
+``packing_cache(model, segment_ids)`` gives an mlx-lm model a per-layer "cache"
+(``macft.models.attention.MaskSource``) whose only job is to supply a block-diagonal causal mask
+(sliding-window where the layer asks for one): a token attends only to earlier tokens of its own
+example. With block attention on (``enable_block_attention``) the mask is described, not built, so
+long packed rows never hold an L × L array. The cache leaves keys and values untouched and has
+offset 0, so RoPE positions run across the row; RoPE scores depend only on the distance between
+tokens, so every example sees exactly the attention scores it would see unpacked.
 
     logits = model(batch.inputs, cache=packing_cache(model, batch.segment_ids))
 """
@@ -18,6 +20,7 @@ from typing import Any
 import mlx.core as mx
 
 from macft.errors import MacftError
+from macft.models.attention import MaskSource, block_rows, masks_cache
 
 
 def has_recurrent_blocks(model: Any) -> bool:
@@ -49,47 +52,11 @@ def pack_rows(lengths: list[int], capacity: int, order: list[int]) -> list[list[
     return rows
 
 
-def segment_mask(segment_ids: mx.array, window_size: int | None = None) -> mx.array:
-    """[B, 1, L, L] boolean mask: causal, within one segment, and within ``window_size`` if given.
-
-    Padding (segment 0) attends causally to other padding, so no row of the mask is empty and
-    the softmax never produces NaN there (a NaN times a zero loss weight would still be NaN).
-    """
-    length = segment_ids.shape[1]
-    positions = mx.arange(length)
-    causal = positions[:, None] >= positions[None, :]
-    if window_size is not None:
-        causal = causal & (positions[:, None] < positions[None, :] + window_size)
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return mx.expand_dims(same & causal, 1)
-
-
-class PackedSegments:
-    """A stand-in for an mlx-lm KV cache during a full-sequence forward pass over packed rows."""
-
-    offset = 0
-
-    def __init__(self, segment_ids: mx.array):
-        self.segment_ids = segment_ids
-        self._masks: dict[int | None, mx.array] = {}
-
-    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None) -> mx.array:
-        if N != self.segment_ids.shape[1]:
-            raise ValueError(f"packed segment ids cover {self.segment_ids.shape[1]} positions, the input has {N}")
-        if window_size not in self._masks:
-            self._masks[window_size] = segment_mask(self.segment_ids, window_size)
-        return self._masks[window_size]
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        return keys, values
-
-
-def packing_cache(model: Any, segment_ids: mx.array | None) -> list[PackedSegments] | None:
+def packing_cache(model: Any, segment_ids: mx.array | None) -> list[MaskSource | None] | None:
     """The ``cache=`` argument that makes ``model`` attend within packed segments only; ``None``
     (the model's own causal mask) when the batch is not packed."""
     if segment_ids is None:
         return None
     if has_recurrent_blocks(model):
         raise MacftError("This model's linear-attention blocks carry their state from one packed example into the next; set data.packing: false.")
-    shared = PackedSegments(segment_ids)
-    return [shared] * len(model.layers)
+    return masks_cache(model, segment_ids, block_rows(model))

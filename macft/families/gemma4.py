@@ -201,7 +201,7 @@ def _global_rope(gguf, dims: int, theta: float) -> dict:
 
 def planner_shape(config: dict) -> dict:
     config = text_config(config)
-    return {"intermediate": max(ffn_lengths(config))}
+    return {"intermediate": max(ffn_lengths(config)), "per_layer_input": int(config.get("hidden_size_per_layer_input") or 0)}
 
 
 GEMMA4_TURNS = ChatFormat(

@@ -53,6 +53,13 @@ def tiny_config(common: dict) -> dict:
     }
 
 
+def planner_shape(config: dict) -> dict:
+    """The linear-attention blocks (all but every ``full_attention_interval``-th) and their state size."""
+    layers, interval = int(config["num_hidden_layers"]), int(config.get("full_attention_interval", 4))
+    state = int(config["linear_num_value_heads"]) * int(config["linear_key_head_dim"]) * int(config["linear_value_head_dim"])
+    return {"linear_layers": layers - layers // interval, "linear_state": state}
+
+
 def import_config(gguf, common: dict) -> dict:
     if gguf.arch_key("nextn_predict_layers"):
         raise MacftError(f"{gguf.path}: this Qwen3.5 GGUF carries multi-token-prediction blocks, which mlx-lm's qwen3_5 has no place for.")
@@ -200,6 +207,7 @@ FAMILY = HybridFamily(
         "ssm_dt.bias": "linear_attn.dt_bias",
     },
     weights_prefix="language_model.",
+    planner_shape=planner_shape,
     export_renames={".dt_bias": ".dt_proj.bias"},
     writes_head_dim=True,
     gated_mlps={"qwen3_next.Qwen3NextMLP": "silu"},

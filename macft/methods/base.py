@@ -45,6 +45,9 @@ class MethodSpec:
     # outputs (the demo's base answers, DPO's reference); full fine-tuning changes the base itself.
     switchable: bool = True
     packing_refused: str = ""  # why packed rows cannot train it ("" = they can)
+    # Its model's attention can run in query blocks (``macft.models.attention``); prefix tuning hands
+    # every layer its own cache of virtual keys, so its attention stays MLX's.
+    block_attention: bool = True
 
     @property
     def option_names(self) -> tuple[str, ...]:

@@ -146,5 +146,6 @@ METHODS = (
         not_fusable_because="Prefix tuning has nothing to merge into the base weights (it trains attention keys and values "
         "placed before every input); " + AS_ADAPTER,
         packing_refused=ONE_EXAMPLE_PER_ROW,
+        block_attention=False,
     ),
 )

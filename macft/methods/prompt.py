@@ -27,10 +27,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from macft.data.packing import PackedSegments
 from macft.errors import MacftError
 from macft.methods.base import AS_ADAPTER, MethodSpec
 from macft.methods.backbone import WrappedBackbone, install_cache_factory
+from macft.models.attention import MaskSource
 from macft.options import Option
 
 INIT_TEXT = Option("init_text", str | None, None, "initialise the virtual tokens from this text's tokens (default: random vocabulary rows)")
@@ -57,7 +57,7 @@ def virtual_token_ids(tokenizer, init_text: str | None, count: int, vocab_size: 
 
 def refuse_packed(cache) -> None:
     """Virtual tokens sit before one example; a packed row holds several, so refuse it plainly."""
-    if cache is not None and isinstance(cache[0], PackedSegments):
+    if cache is not None and isinstance(cache[0], MaskSource):  # only packing hands a body mask sources
         raise MacftError(
             "Prompt, P- and prefix tuning cannot train on packed rows (the virtual tokens would precede only "
             "the first example of each row); set data.packing: false."

@@ -36,6 +36,7 @@ class ModelConfig:
     revision: str | None = None  # hub revision
     quantize_bits: int | None = None  # QLoRA: quantize the frozen base to 4 or 8 bits at load
     quantize_group_size: int = 64
+    allow_qlora: bool = False  # the memory planner may quantize the frozen base to 4 bits when nothing else fits
     dequantize: bool = False  # GGUF import: a float model instead of exact quantized weights
     trust_remote_code: bool = False
 

@@ -45,6 +45,9 @@ class ModelShape:
     # computing weights): families whose blocks differ from the common one (Gemma 4's per-layer
     # embedding table, Qwen3.5's linear-attention blocks) are only approximated by the formula.
     counted_params: int | None = None
+    per_layer_input: int = 0  # Gemma 4: each layer's per-layer input width (hidden_size_per_layer_input)
+    linear_layers: int = 0  # Qwen3.5: blocks of linear attention (a recurrent state, no KV cache)
+    linear_state: int = 0  # values of one such block's state per row: value heads × key dim × value dim
 
     @property
     def q_dim(self) -> int:

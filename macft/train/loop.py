@@ -44,6 +44,7 @@ from mlx.utils import tree_map
 
 from macft.backend import blas_threads_fitted
 from macft.config import TrainConfig
+from macft.models.attention import enable_block_attention
 from macft.train.checkpoint import Checkpoints, Progress
 from macft.train.distributed import World
 from macft.train.guard import LossGuard
@@ -311,6 +312,8 @@ def train(
     guard = guard or LossGuard()
     if config.grad_checkpoint:
         enable_grad_checkpoint(model)
+    if config.attention_block > 0:
+        enable_block_attention(model, config.attention_block)
     optimizer.init(model.trainable_parameters())
     model.train()
     lanes = max(1, config.lanes)

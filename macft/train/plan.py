@@ -2,13 +2,17 @@
 
 Everything a recipe leaves open is decided here, once, and said aloud: the method's usual learning
 rate, ``--epochs auto`` and the step count, the validation cadence, the lanes each batch splits into,
-whether the objective's reference model is a second copy of the base, and whether the run fits in
-memory (refused before training when it cannot). The plan also holds what it was settled on: the
+whether the objective's reference model is a second copy of the base, and how the run fits its
+memory budget: the settings the recipe leaves to the planner (layer checkpointing, attention
+blocks, micro-batches with accumulation, a 4-bit base where ``model.allow_qlora``) are chosen from
+the model's config before any weight loads, the cheapest that fit, and a run that cannot fit is
+refused there, naming the longest sequence and the largest batch that would. The plan also holds what it was settled on: the
 loaded base, the model with its method applied, the objective's loss and the optimizer. The training
 loop only reads it, and the run's ``recipe.yaml`` records exactly ``plan.recipe``, so a resume
 repeats every decision.
 
     plan = settle(recipe, world)          # raises MacftError for missing data or a run that cannot fit
+    recipe, choice = fit_budget(recipe)   # the memory settings alone, from the config (no weights)
     plan.recipe.train.iters, plan.recipe.train.lanes, plan.notes
 """
 
@@ -30,17 +34,17 @@ from macft.config import Recipe
 from macft.data.shapes import Batches, Splits, content
 from macft.data.splits import data_files
 from macft.errors import MacftError
-from macft.memory import Estimate, Plan, backend_settings, estimate, step_budget
+from macft.memory import Choice, Estimate, Freedom, Plan, backend_settings, choose_settings, estimate, refusal, step_budget
 from macft.methods import apply_method, count_parameters, method_spec
 from macft.methods.base import MethodSpec
 from macft.models.head import auto_chunk_size, vocab_size
 from macft.models.load import load_model
-from macft.models.shape import ModelShape, loaded_shape
+from macft.models.shape import ModelShape, loaded_shape, read_model_shape
 from macft.objectives import objective_named, refuse_other_data
 from macft.objectives.base import LossContext, Objective
 from macft.train.distributed import check_same, items_digest, peer_errors, recipe_digest
 from macft.train.schedule import build_schedule
-from macft.units import format_bytes
+from macft.units import format_bytes, size_bytes
 
 MAX_AUTO_EPOCHS = 5
 # With --epochs auto and a validation set: validate about this many times, and stop after this many
@@ -94,6 +98,8 @@ def settle(recipe: Recipe, world: Any) -> RunPlan:
         raise MacftError(f"train.batch_size {train.batch_size} is the global batch and must be at least the {world.size} ranks.")
     if world.size > 1 and not objective.distributed:
         raise MacftError(f"train.objective {objective.name} runs on one process; train it without --hosts.")
+    recipe, choice = fit_budget(recipe, world.size)  # before any weight loads
+    train, budget = recipe.train, choice.estimate.available_bytes
     mx.random.seed(train.seed)
     np.random.seed(train.seed)
     loaded = load_model(recipe.model.path, **recipe.model.load_options)
@@ -106,7 +112,7 @@ def settle(recipe: Recipe, world: Any) -> RunPlan:
     with peer_errors(world, "Training had not started."):
         check_same(world, facts)
 
-    notes = data_notes(splits, objective)
+    notes = data_notes(splits, objective) + [f"Memory plan ({format_bytes(budget)} budget): {reason}." for reason in choice.reasons]
     rate = train.learning_rate if train.learning_rate is not None else method.learning_rate
     if train.learning_rate is None:
         notes.insert(0, f"Learning rate {rate:g}: the usual one for {method.title}; set --lr to choose another.")
@@ -120,7 +126,7 @@ def settle(recipe: Recipe, world: Any) -> RunPlan:
     recipe = recipe.replace(train=changes)
 
     memory = replace(memory_plan(recipe), ranks=world.size)
-    predicted = estimate(shape, memory)
+    predicted = estimate(shape, memory, budget)
     if not predicted.fits:
         hint = predicted.suggestions[0] if predicted.suggestions else "use a smaller batch, sequence length or model"
         raise MacftError(
@@ -148,7 +154,7 @@ def settle(recipe: Recipe, world: Any) -> RunPlan:
     loss = objective.loss(LossContext(model, recipe.align, loaded.lazy_tokenizer, chunk_size, reference))
     return RunPlan(
         recipe, method, objective, loaded, model, loss, make_optimizer(recipe), batches, shape, memory, predicted,
-        step_budget(shape, memory) if objective.planned_step else None, reference_note, tuple(notes),
+        step_budget(shape, memory, cap=budget) if objective.planned_step else None, reference_note, tuple(notes),
     )
 
 
@@ -158,6 +164,50 @@ def frozen_copy(recipe: Recipe) -> Any:
     reference.freeze()
     reference.eval()
     return reference
+
+
+def memory_budget(recipe: Recipe) -> int:
+    """The memory a recipe's run may use: train.memory_budget, else this machine's memory."""
+    if recipe.train.memory_budget:
+        return size_bytes(recipe.train.memory_budget)
+    from macft.backend import machine_memory_bytes
+
+    return machine_memory_bytes()
+
+
+def config_shape(recipe: Recipe) -> ModelShape:
+    """The shape of a recipe's model from its config alone, held as the recipe loads it (a GGUF
+    imported with model.dequantize is held in float)."""
+    shape = read_model_shape(recipe.model.path)
+    return replace(shape, stored_bits=None) if recipe.model.dequantize else shape
+
+
+def fit_budget(recipe: Recipe, ranks: int = 1) -> tuple[Recipe, Choice]:
+    """``(recipe, choice)``: the recipe with the settings it left to the memory planner chosen to fit
+    its budget (train.grad_checkpoint unset, train.attention_block 0, micro-batches, a 4-bit base where
+    model.allow_qlora), and the planner's ``Choice`` with its reasons. Reads the model's config only,
+    so a run that cannot fit is refused (one line) before any weight loads. A recipe that fixes every
+    setting (a resumed run's) comes back as it was."""
+    shape, method = config_shape(recipe), method_spec(recipe.method.name)
+    plan = replace(memory_plan(recipe), ranks=ranks)
+    free = Freedom(
+        checkpoint=recipe.train.grad_checkpoint is None,
+        attention=recipe.train.attention_block == 0 and method.block_attention,
+        quantize=recipe.model.allow_qlora,
+    )
+    choice = choose_settings(shape, plan, memory_budget(recipe), free)
+    if not choice.estimate.fits:
+        raise MacftError(refusal(shape, plan, choice, free))
+    chosen = choice.plan
+    return recipe.replace(
+        train={
+            "grad_checkpoint": chosen.grad_checkpoint,
+            "attention_block": chosen.attention_block or -1,
+            "batch_size": chosen.batch,
+            "grad_accumulation": recipe.train.grad_accumulation * choice.accumulation,
+        },
+        model={"quantize_bits": chosen.quantize_bits},
+    ), choice
 
 
 def make_optimizer(recipe: Recipe) -> optim.Optimizer:
@@ -182,7 +232,8 @@ def memory_plan(recipe: Recipe, settings: dict[str, Any] | None = None) -> Plan:
         settings=recipe.method,
         quantize_bits=recipe.model.quantize_bits,
         group_size=recipe.model.quantize_group_size,
-        grad_checkpoint=recipe.train.grad_checkpoint,
+        grad_checkpoint=bool(recipe.train.grad_checkpoint),
+        attention_block=recipe.train.attention_block if recipe.train.attention_block > 0 else None,
         loss_chunk_size=recipe.train.loss_chunk_size,
         objective=objective.name,
         rows_per_example=objective.rows_per_example(recipe.align),

@@ -29,6 +29,7 @@ from macft.data.splits import data_files, data_fingerprint
 from macft.errors import DiskFullError, MacftError
 from macft.methods import count_parameters
 from macft.methods.recompute import RecomputingMLP
+from macft.models.attention import block_rows
 from macft.models.head import describe_loss
 from macft.models.quantized import dequantize_for_generation, has_quantized_layers
 from macft.models.tokenizer_cache import LazyTokenizer
@@ -40,7 +41,7 @@ from macft.train.checkpoint import Checkpoints, check_checkpoint
 from macft.train.distributed import World, connect, peer_errors, share_state
 from macft.train.guard import LossGuard
 from macft.train.loop import Callback, TrainResult, train
-from macft.train.plan import RunPlan, load_base, settle, training_file
+from macft.train.plan import RunPlan, fit_budget, load_base, settle, training_file
 from macft.train.rundir import claim_run_dir
 from macft.train.summary import RunSummary
 
@@ -125,6 +126,7 @@ def run_training(
     A resume refuses a base model or data that changed since the checkpoint unless ``allow_changed_inputs``."""
     training_file(recipe)  # missing data, or another objective's, is reported before anything loads
     world = world or connect()
+    fit_budget(recipe, world.size)  # a run that cannot fit is refused before its folder is made (settle chooses again)
     run_dir = run_dir_for(recipe) if world.main else None  # only rank 0 writes the run directory
     with claim_run_dir(run_dir, resume=bool(recipe.output.resume)) if run_dir else nullcontext():
         try:
@@ -244,6 +246,10 @@ def fast_paths(model: nn.Module, result: TrainResult, chunk_size: int, memory_li
     paths.append(describe_loss(model, chunk_size))
     if memory_limit:
         paths.append("memory limit held a quarter above each step's predicted peak")
+    if rows := block_rows(model):
+        paths.append(f"attention in blocks of {rows} queries, recomputed in the backward pass")
+    if any(type(layer).__name__.startswith("Checkpointed") for layer in model.layers):
+        paths.append("layer checkpointing: each layer recomputed in the backward pass")
     recomputed = sum(isinstance(m, RecomputingMLP) for _, m in model.named_modules())
     if recomputed:
         paths.append(f"gated MLP activation recomputed in the backward pass ({recomputed} layers)")
