@@ -175,11 +175,15 @@ def _checkpointed_class(base: type) -> type:
     return type(f"Checkpointed{base.__name__}", (base,), {"__call__": __call__})
 
 
+def is_checkpointed(layer: nn.Module) -> bool:
+    return type(layer).__name__.startswith("Checkpointed")
+
+
 def enable_grad_checkpoint(model: nn.Module) -> None:
     """Recompute each transformer block's activations in the backward pass instead of keeping them.
     Only these block instances change class; other models of the same architecture are untouched."""
     for layer in model.layers:
-        if not type(layer).__name__.startswith("Checkpointed"):
+        if not is_checkpointed(layer):
             layer.__class__ = _checkpointed_class(type(layer))
 
 

@@ -40,7 +40,7 @@ from macft.plot import loss_curve_png
 from macft.train.checkpoint import Checkpoints, check_checkpoint
 from macft.train.distributed import World, connect, peer_errors, share_state
 from macft.train.guard import LossGuard
-from macft.train.loop import Callback, TrainResult, train
+from macft.train.loop import Callback, TrainResult, is_checkpointed, train
 from macft.train.plan import RunPlan, fit_budget, load_base, settle, training_file
 from macft.train.rundir import claim_run_dir
 from macft.train.summary import RunSummary
@@ -248,7 +248,7 @@ def fast_paths(model: nn.Module, result: TrainResult, chunk_size: int, memory_li
         paths.append("memory limit held a quarter above each step's predicted peak")
     if rows := block_rows(model):
         paths.append(f"attention in blocks of {rows} queries, recomputed in the backward pass")
-    if any(type(layer).__name__.startswith("Checkpointed") for layer in model.layers):
+    if any(is_checkpointed(layer) for layer in model.layers):
         paths.append("layer checkpointing: each layer recomputed in the backward pass")
     recomputed = sum(isinstance(m, RecomputingMLP) for _, m in model.named_modules())
     if recomputed:
